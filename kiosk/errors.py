@@ -1,0 +1,53 @@
+"""The errors a user can see, and the exit codes they map to.
+
+Exit codes: 0 success, 2 invalid input (spec, arguments), 1 anything else.
+Only these exceptions reach the user as text; anything else is an internal error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One thing wrong with the input: where (JSON pointer), what, and how to fix it."""
+
+    pointer: str
+    message: str
+    fix: str = ""
+
+    def line(self, source: str) -> str:
+        where = self.pointer or "/"
+        text = f"{source}: {where}: {self.message}"
+        return f"{text}; {self.fix}" if self.fix else text
+
+
+class KioskError(Exception):
+    """A failure the user can act on; printed as one message, exit status 1."""
+
+    exit_code = 1
+
+
+class UsageError(KioskError):
+    """Bad command-line input; exit status 2."""
+
+    exit_code = 2
+
+
+class InvalidSpec(KioskError):
+    """A spec with one or more problems; every problem is reported, exit status 2."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[Problem], detail: str = ""):
+        self.source = source
+        self.problems = sorted(set(problems))
+        self.detail = detail  # extra lines shown after the problems (e.g. a caret under a syntax error)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        lines = [p.line(self.source) for p in self.problems]
+        if self.detail:
+            lines.append(self.detail)
+        return "\n".join(lines)

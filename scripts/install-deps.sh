@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs the host packages kiosk needs on Debian/Ubuntu and makes foreign-arch
+# binaries runnable (binfmt_misc). Idempotent: does nothing that is already done.
+#   scripts/install-deps.sh build   what `kiosk build` and `kiosk flash` need
+#   scripts/install-deps.sh test    that, plus what the test suite needs
+set -euo pipefail
+mode=${1:-build}
+
+build_pkgs=(mmdebstrap qemu-user-static binfmt-support arch-test dosfstools mtools fdisk
+            e2fsprogs zstd xz-utils ca-certificates tzdata dpkg-dev cpio kmod python3-venv
+            python3-pip git openssh-client bmap-tools util-linux)
+test_pkgs=(qemu-system-arm qemu-system-x86 qemu-utils openssh-server dnsutils avahi-utils
+           iproute2 procps)
+
+pkgs=("${build_pkgs[@]}")
+[ "$mode" = test ] && pkgs+=("${test_pkgs[@]}")
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else
+        echo "kiosk: needs root for: $*" >&2
+        sudo "$@"
+    fi
+}
+
+missing=()
+for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "kiosk: installing ${missing[*]}" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+# Foreign-arch maintainer scripts run under qemu-user: binfmt_misc must be mounted and enabled.
+if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
+    as_root mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc || true
+fi
+for fmt in qemu-aarch64 qemu-arm; do
+    if [ ! -e "/proc/sys/fs/binfmt_misc/$fmt" ]; then
+        as_root update-binfmts --enable "$fmt" >/dev/null 2>&1 || true
+    fi
+done
+for arch in arm64 armhf armel; do
+    if ! arch-test "$arch" >/dev/null 2>&1; then
+        echo "kiosk: warning: cannot run $arch binaries here (binfmt_misc/qemu-user); builds for that arch will fail" >&2
+    fi
+done
