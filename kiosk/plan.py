@@ -1,0 +1,75 @@
+"""Spec + board -> Plan: everything a build needs to know, decided in one place.
+
+The package set is the cache key of the base root filesystem, so it is
+sorted and contains only what packages decide; configuration (host name,
+keys, Wi-Fi, program arguments) never enters it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from kiosk.hardware import load_board
+
+# Every kiosk: init, networking, SSH, the display stack, and what the device-side
+# kiosk package needs (Debian's own python3 libraries, git for configuration.git).
+BASE_PACKAGES = (
+    "systemd-sysv", "udev", "dbus", "libpam-systemd", "kmod", "iproute2", "ca-certificates",
+    "openssh-server", "wpasupplicant", "wireless-regdb", "locales", "tzdata", "fdisk", "e2fsprogs",
+    "cage", "fonts-dejavu-core", "plymouth", "plymouth-themes",
+    "git", "python3", "python3-jsonschema", "python3-git", "python3-zeroconf", "python3-requests",
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    spec: dict                      # the validated spec, defaults filled in
+    board: dict                     # hardware/<board>.json
+    architecture: str
+    suite: str
+    mirror: str
+    packages: tuple[str, ...]       # sorted; the whole set given to mmdebstrap
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def package_key(self) -> str:
+        """Cache key of the base root filesystem: (suite, architecture, mirror, package set)."""
+        blob = json.dumps([self.suite, self.architecture, self.mirror, list(self.packages)])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def summary(self) -> dict:
+        return {
+            "board": self.board["name"],
+            "description": self.board["description"],
+            "architecture": self.architecture,
+            "kernel": self.board["kernelPackage"],
+            "bootloader": self.board["bootloader"],
+            "suite": self.suite,
+            "mirror": self.mirror,
+            "packages": list(self.packages),
+            "packageKey": self.package_key,
+            "canBuildItself": self.board["canBuildItself"],
+        }
+
+
+def make_plan(spec: dict) -> Plan:
+    board = load_board(spec["hardware"])
+    packages = set(BASE_PACKAGES)
+    packages.add(board["kernelPackage"])
+    packages.update(board["firmwarePackages"])
+    if spec.get("raspberryPi", {}).get("enableExtraFirmware"):
+        packages.update(board["extraFirmwarePackages"])
+    if spec.get("raspberryPi", {}).get("cecSupport") and board["bootloader"] == "raspi-firmware":
+        packages.add("cec-utils")
+    packages.add(spec["program"]["package"])
+    packages.update(spec.get("packages", []))
+    return Plan(
+        spec=spec,
+        board=board,
+        architecture=board["architecture"],
+        suite=spec["debian"]["suite"],
+        mirror=spec["debian"]["mirror"],
+        packages=tuple(sorted(packages)),
+    )
