@@ -6,7 +6,14 @@ Only these exceptions reach the user as text; anything else is an internal error
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
+
+
+def one_line(text: str) -> str:
+    """Escape control and line-separator characters so a problem never spans two lines."""
+    return "".join(c if not unicodedata.category(c).startswith(("C", "Zl", "Zp")) else
+                   (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}") for c in text)
 
 
 @dataclass(frozen=True, order=True)
@@ -20,7 +27,7 @@ class Problem:
     def line(self, source: str) -> str:
         where = self.pointer or "/"
         text = f"{source}: {where}: {self.message}"
-        return f"{text}; {self.fix}" if self.fix else text
+        return one_line(f"{text}; {self.fix}" if self.fix else text)
 
 
 class KioskError(Exception):

@@ -197,6 +197,8 @@ def _suggest(word: str, choices, cutoff: float = 0.6) -> str:
     if word.lower() in lowered:
         return lowered[word.lower()]
     close = difflib.get_close_matches(word, choices, n=10, cutoff=cutoff)
+    if not close and len(word) >= 3:  # an abbreviation: "cec" for "cecSupport"
+        close = [c for c in choices if c.lower().startswith(word.lower())]
     return min(close, key=lambda c: (_edit_distance(word, c), abs(len(c) - len(word)))) if close else ""
 
 
@@ -236,12 +238,10 @@ def _explain(error) -> list[Problem]:
         close = _suggest(value, error.validator_value) if isinstance(value, str) else ""
         hint = f"did you mean \"{close}\"?" if close else fix
         return [Problem(where, f"{_show(value)} is not a valid choice", hint)]
-    if kind == "propertyNames":
-        # jsonschema reports the offending key as the instance, at the parent's path
-        inner = error.context[0].validator if error.context else ""
-        name = value if isinstance(value, str) else str(value)
-        what = "is empty" if inner == "minLength" else "is too long (an SSID has at most 32 characters)"
-        return [Problem(pointer(path + [name]), f"the name {_show(name)} {what}", "use the network's exact SSID")]
+    if "propertyNames" in error.relative_schema_path:
+        # jsonschema reports an object key that breaks propertyNames at the object's path, the key as instance
+        what = "is empty" if kind == "minLength" else "is too long (an SSID has at most 32 characters)"
+        return [Problem(pointer(path + [value]), f"the name {_show(value)} {what}", "use the network's exact SSID")]
     if kind == "pattern":
         return [Problem(where, f"{_show(value)} is not in the right form", fix)]
     if kind == "minLength":

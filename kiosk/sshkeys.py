@@ -12,12 +12,28 @@ import binascii
 import struct
 from dataclasses import dataclass
 
-# Types bookworm's OpenSSH 9.2 accepts by default (ssh-dss is disabled there).
-KEY_TYPES = (
-    "ssh-ed25519", "ssh-rsa",
-    "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
-    "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
-)
+# Types bookworm's OpenSSH 9.2 accepts by default (ssh-dss is disabled there), with the
+# number of length-prefixed fields their wire-format blob holds (the type name included).
+KEY_FIELDS = {
+    "ssh-ed25519": 2, "ssh-rsa": 3,
+    "ecdsa-sha2-nistp256": 3, "ecdsa-sha2-nistp384": 3, "ecdsa-sha2-nistp521": 3,
+    "sk-ssh-ed25519@openssh.com": 3, "sk-ecdsa-sha2-nistp256@openssh.com": 4,
+}
+KEY_TYPES = tuple(KEY_FIELDS)
+
+
+def _fields(blob: bytes) -> list[bytes] | None:
+    """Split an SSH wire-format blob into its length-prefixed fields; None if it does not split exactly."""
+    fields, at = [], 0
+    while at < len(blob):
+        if at + 4 > len(blob):
+            return None
+        (n,) = struct.unpack(">I", blob[at:at + 4])
+        if at + 4 + n > len(blob):
+            return None
+        fields.append(blob[at + 4:at + 4 + n])
+        at += 4 + n
+    return fields
 
 
 class BadKey(ValueError):
@@ -56,8 +72,11 @@ def parse_public_key(text: str) -> PublicKey:
         raise BadKey("has a key body that is not valid base64 (truncated or mangled paste?)") from None
     if len(blob) < 4:
         raise BadKey("has a key body too short to be a key")
-    (n,) = struct.unpack(">I", blob[:4])
-    embedded = blob[4:4 + n]
-    if n > len(blob) - 4 or embedded.decode("ascii", "replace") != ktype:
+    fields = _fields(blob)
+    if fields and fields[0] != ktype.encode():
         raise BadKey(f"says {ktype} but its body is not a {ktype} key")
+    if fields is None or len(fields) != KEY_FIELDS[ktype] or (ktype == "ssh-ed25519" and len(fields[1]) != 32):
+        if fields is None and blob[4:4 + len(ktype)] != ktype.encode():
+            raise BadKey(f"says {ktype} but its body is not a {ktype} key")
+        raise BadKey("has a key body that is cut short or has extra bytes (truncated paste?)")
     return PublicKey(ktype, blob, parts[2] if len(parts) > 2 else "")

@@ -1,0 +1,58 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() == 0:
+        return
+    skip = pytest.mark.skip(reason="needs root (the CI runs as root)")
+    for item in items:
+        if "root" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fake_mirror(tmp_path_factory):
+    """A local Debian mirror over real HTTP; specs point debian.mirror at it."""
+    from fake_mirror import Server, write_mirror
+
+    root = tmp_path_factory.mktemp("mirror")
+    write_mirror(root)
+    server = Server(root)
+    yield server.url
+    server.close()
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test worker has its own kiosk cache, never the user's."""
+    cache = tmp_path_factory.getbasetemp() / "kiosk-cache"
+    monkeypatch.setenv("KIOSK_CACHE_DIR", str(cache))
+    return cache
+
+
+def kiosk_cli(*args, cwd=None, env=None, input=None):
+    """Run the real `kiosk` command as a user would."""
+    full_env = dict(os.environ, **(env or {}))
+    exe = shutil.which("kiosk", path=str(Path(sys.executable).parent)) or "kiosk"
+    return subprocess.run([exe, *args], cwd=cwd, env=full_env, input=input, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_offline():
+    """Never touch the network (fuzzing would otherwise fetch arbitrary mirrors)."""
+    old = os.environ.get("KIOSK_OFFLINE")
+    os.environ["KIOSK_OFFLINE"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("KIOSK_OFFLINE", None)
+    else:
+        os.environ["KIOSK_OFFLINE"] = old

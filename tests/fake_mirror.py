@@ -1,0 +1,49 @@
+"""A tiny Debian archive served over real HTTP, for tests that check package names offline."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import lzma
+import threading
+from pathlib import Path
+
+COMMON = ["cog", "epiphany-browser", "foot", "htop", "busybox", "kodi", "retroarch", "cage", "exim4-daemon-light",
+          "raspi-firmware", "firmware-brcm80211", "python3-zeroconf"]
+ARMV7_PLUS = ["chromium", "firefox-esr"]
+ARCHES = {"armel": COMMON, "armhf": COMMON + ARMV7_PLUS, "arm64": COMMON + ARMV7_PLUS,
+          "amd64": COMMON + ARMV7_PLUS}
+
+
+def write_mirror(root: Path, suite: str = "bookworm") -> None:
+    for arch, names in ARCHES.items():
+        stanzas = []
+        for name in names:
+            stanza = f"Package: {name}\nVersion: 1.0-1\nArchitecture: {arch}\n"
+            if name == "exim4-daemon-light":
+                stanza += "Provides: mail-transport-agent\n"
+            stanzas.append(stanza)
+        directory = root / "dists" / suite / "main" / f"binary-{arch}"
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "Packages.xz").write_bytes(lzma.compress("\n".join(stanzas).encode()))
+
+
+class Server:
+    def __init__(self, root: Path):
+        handler = functools.partial(_QuietHandler, directory=str(root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/debian"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def translate_path(self, path):
+        return super().translate_path(path.removeprefix("/debian"))
+
+    def log_message(self, *args):
+        pass
