@@ -16,7 +16,7 @@ from kiosk.hardware import load_board
 # Every kiosk: init, networking, SSH, the display stack, and what the device-side
 # kiosk package needs (Debian's own python3 libraries, git for configuration.git).
 BASE_PACKAGES = (
-    "systemd-sysv", "udev", "dbus", "libpam-systemd", "kmod", "iproute2", "ca-certificates",
+    "systemd-sysv", "systemd-resolved", "udev", "dbus", "libpam-systemd", "kmod", "iproute2", "ca-certificates",
     "openssh-server", "wpasupplicant", "wireless-regdb", "locales", "tzdata", "fdisk", "e2fsprogs",
     "cage", "fonts-dejavu-core", "plymouth", "plymouth-themes",
     "git", "python3", "python3-jsonschema", "python3-git", "python3-zeroconf", "python3-requests",
