@@ -1,0 +1,227 @@
+"""Spec -> configuration layer: every file the spec decides, and nothing else.
+
+A pure function of (spec, board): no clock, no randomness, no reading of the
+machine it runs on. The image build renders generation 1 with it and the device
+renders generation N on every push, so both always agree. Secrets (the Wi-Fi
+PSKs, authorized keys) get their modes here, not later.
+"""
+
+from __future__ import annotations
+
+import json
+
+from kiosk import __version__
+from kiosk.hardware import load_board
+from kiosk.layer import Layer, directory, file, symlink
+from kiosk.sshkeys import parse_public_key
+from kiosk.spec import network_psk
+
+UNIT_DIR = "/etc/systemd/system"
+LIB_UNITS = "/lib/systemd/system"
+KIOSK_USER = "kiosk"
+KIOSK_UID = 990  # fixed, so image bytes and file ownership do not depend on build order
+HEADER = "# Written by kiosk from nixiosk.json; edit nixiosk.json and git push instead.\n"
+
+
+def systemd_quote(arg: str) -> str:
+    """One argv element as systemd's ExecStart= reads it back, byte for byte.
+
+    systemd splits ExecStart itself (no shell), but it expands %specifiers and
+    $VARIABLES and C-unescapes quoted words; all three are neutralised here.
+    """
+    out = []
+    for c in arg:
+        if c in '\\"':
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\t":
+            out.append("\\t")
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\x{ord(c):02x}")
+        elif c == "%":
+            out.append("%%")
+        elif c == "$":
+            out.append("$$")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
+def program_argv(spec: dict) -> list[str]:
+    """The exact argv cage starts: cage, its end-of-options, then the program and its args."""
+    program = spec["program"]
+    return ["/usr/bin/cage", "-d", "--", program["executable"], *program["args"]]
+
+
+def _wants(target: str, unit: str, unit_file: str) -> tuple[str, object]:
+    """Enable `unit` for `target`, as `systemctl enable` would: a symlink in <target>.wants/."""
+    return f"{UNIT_DIR}/{target}.wants/{unit}", symlink(unit_file)
+
+
+def render(spec: dict) -> Layer:
+    """The configuration layer for a validated spec (defaults filled in)."""
+    board = load_board(spec["hardware"])
+    layer: Layer = {}
+    layer.update(_identity(spec))
+    layer.update(_locale(spec))
+    layer.update(_network(spec))
+    layer.update(_ssh(spec))
+    layer.update(_users(spec))
+    layer.update(_display(spec, board))
+    layer.update(_agent())
+    layer.update(_boot_settings(spec, board))
+    return layer
+
+
+def _identity(spec: dict) -> Layer:
+    host = spec["hostName"]
+    return {
+        "/etc/hostname": file(f"{host}\n"),
+        "/etc/hosts": file(f"127.0.0.1\tlocalhost\n127.0.1.1\t{host}\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+                           "ff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"),
+        "/etc/kiosk/release.json": file(json.dumps({"kioskVersion": __version__, "hostName": host,
+                                                    "hardware": spec["hardware"]}, sort_keys=True) + "\n"),
+    }
+
+
+def _locale(spec: dict) -> Layer:
+    locale = spec["locale"]
+    lang, charset = locale["lang"], "UTF-8"
+    return {
+        "/etc/default/locale": file(f"LANG={lang}\n"),
+        "/etc/locale.gen": file(HEADER + f"{lang} {charset}\n"),
+        "/etc/timezone": file(f"{locale['timeZone']}\n"),
+        "/etc/localtime": symlink(f"/usr/share/zoneinfo/{locale['timeZone']}"),
+        # Nixiosk sets the regulatory domain through cfg80211, and wpa_supplicant agrees (country=).
+        "/etc/modprobe.d/kiosk-regdom.conf": file(HEADER + f"options cfg80211 ieee80211_regdom={locale['regDom']}\n"),
+    }
+
+
+def _network(spec: dict) -> Layer:
+    layer: Layer = {
+        # DHCP on every wired-ish link (eth*, en*, and usb0: QEMU's raspi machines) and on Wi-Fi.
+        "/etc/systemd/network/20-kiosk-wired.network": file(
+            HEADER + "[Match]\nName=eth* en* usb*\n\n[Network]\nDHCP=yes\nIPv6AcceptRA=yes\nLinkLocalAddressing=yes\n"),
+        "/etc/systemd/network/25-kiosk-wireless.network": file(
+            HEADER + "[Match]\nName=wlan*\n\n[Network]\nDHCP=yes\nIPv6AcceptRA=yes\nLinkLocalAddressing=yes\n"
+            "IgnoreCarrierLoss=3s\n"),
+        # The device agent answers mDNS; resolved must not bind 5353 too.
+        "/etc/systemd/resolved.conf.d/kiosk.conf": file(HEADER + "[Resolve]\nMulticastDNS=no\nLLMNR=no\n"),
+        "/etc/resolv.conf": symlink("/run/systemd/resolve/stub-resolv.conf"),
+    }
+    # No wait-online: a kiosk without network must still show its program at once.
+    for target, unit in (("multi-user.target", "systemd-networkd.service"), ("sockets.target", "systemd-networkd.socket"),
+                         ("multi-user.target", "systemd-resolved.service")):
+        path, link = _wants(target, unit, f"{LIB_UNITS}/{unit}")
+        layer[path] = link
+    networks = spec["networks"]
+    if networks:
+        blocks = []
+        for ssid in sorted(networks):
+            psk = network_psk(ssid, networks[ssid])
+            # ssid as hex: no quoting rules for the SSID's characters to get wrong.
+            lines = [f"\t# ssid {json.dumps(ssid, ensure_ascii=True)}", f"\tssid={ssid.encode().hex()}",
+                     "\tscan_ssid=1"]
+            lines += [f"\tpsk={psk}", "\tkey_mgmt=WPA-PSK"] if psk else ["\tkey_mgmt=NONE"]
+            blocks.append("network={\n" + "\n".join(lines) + "\n}\n")
+        conf = (HEADER + "ctrl_interface=DIR=/run/wpa_supplicant GROUP=netdev\nupdate_config=0\n"
+                f"country={spec['locale']['regDom']}\n\n" + "\n".join(blocks))
+        layer["/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"] = file(conf, mode=0o600)
+        path, link = _wants("multi-user.target", "wpa_supplicant@wlan0.service", f"{LIB_UNITS}/wpa_supplicant@.service")
+        layer[path] = link
+    return layer
+
+
+def _ssh(spec: dict) -> Layer:
+    keys = "".join(parse_public_key(k).line() + "\n" for k in spec["authorizedKeys"])
+    return {
+        "/etc/ssh/sshd_config.d/kiosk.conf": file(
+            HEADER + "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitEmptyPasswords no\n"
+            "AuthenticationMethods publickey\nPermitRootLogin prohibit-password\n"
+            "AuthorizedKeysFile .ssh/authorized_keys\n"),
+        # Host keys are made on the device at first start, never baked into an image.
+        f"{UNIT_DIR}/ssh.service.d/kiosk-host-keys.conf": file(
+            HEADER + "[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n"),
+        "/root/.ssh": directory(0o700),
+        "/root/.ssh/authorized_keys": file(keys, mode=0o600),
+    }
+
+
+def _users(spec: dict) -> Layer:
+    shell = "/bin/bash" if spec["allowKioskLogin"] else "/usr/sbin/nologin"
+    layer: Layer = {
+        # systemd-sysusers creates the user with a locked password ("!*"): no hash anywhere.
+        "/etc/sysusers.d/kiosk.conf": file(
+            HEADER + f'u {KIOSK_USER} {KIOSK_UID} "Kiosk display" /home/{KIOSK_USER} {shell}\n'
+            f"m {KIOSK_USER} video\nm {KIOSK_USER} render\nm {KIOSK_USER} input\nm {KIOSK_USER} audio\n"),
+        "/etc/tmpfiles.d/kiosk.conf": file(HEADER + f"d /home/{KIOSK_USER} 0700 {KIOSK_USER} {KIOSK_USER} -\n"),
+    }
+    if spec["allowKioskLogin"]:
+        # A console for debugging: the unprivileged kiosk user, still no password.
+        layer[f"{UNIT_DIR}/serial-getty@.service.d/kiosk-autologin.conf"] = file(
+            HEADER + f"[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin {KIOSK_USER} --keep-baud "
+            "115200,57600,38400,9600 - $TERM\n")
+        layer[f"{UNIT_DIR}/getty@tty2.service.d/kiosk-autologin.conf"] = file(
+            HEADER + f"[Service]\nExecStart=\nExecStart=-/sbin/agetty --autologin {KIOSK_USER} --noclear - $TERM\n")
+        path, link = _wants("getty.target", "getty@tty2.service", f"{LIB_UNITS}/getty@.service")
+        layer[path] = link
+    else:
+        # No login prompt anywhere: not on the screen, not on the serial line.
+        for unit in ("getty@.service", "serial-getty@.service", "autovt@.service", "console-getty.service"):
+            layer[f"{UNIT_DIR}/{unit}"] = symlink("/dev/null")
+    return layer
+
+
+def _display(spec: dict, board: dict) -> Layer:
+    cage, *rest = program_argv(spec)
+    argv = " ".join([cage] + [systemd_quote(a) for a in rest])
+    unit = (HEADER + "[Unit]\n"
+            f"Description=Kiosk: {spec['program']['package']} full-screen under cage\n"
+            "After=systemd-user-sessions.service plymouth-quit-wait.service systemd-logind.service\n"
+            "Conflicts=getty@tty1.service\nStartLimitIntervalSec=0\n\n"
+            "[Service]\n"
+            f"User={KIOSK_USER}\nPAMName=login\nTTYPath=/dev/tty1\nTTYReset=yes\nTTYVHangup=yes\n"
+            "TTYVTDisallocate=yes\nStandardInput=tty-fail\nStandardOutput=journal\nStandardError=journal\n"
+            "UtmpIdentifier=tty1\nUtmpMode=user\n"
+            f"WorkingDirectory=/home/{KIOSK_USER}\n"
+            "Environment=XDG_SESSION_TYPE=wayland\n"
+            # Software rendering where the board has no GPU driver (QEMU); harmless on real boards.
+            "Environment=WLR_RENDERER_ALLOW_SOFTWARE=1\n"
+            "Environment=WLR_NO_HARDWARE_CURSORS=1\n"
+            f"ExecStart={argv}\n"
+            "Restart=always\nRestartSec=2\n\n"
+            "[Install]\nWantedBy=graphical.target\n")
+    layer: Layer = {
+        f"{UNIT_DIR}/kiosk.service": file(unit),
+        f"{UNIT_DIR}/default.target": symlink(f"{LIB_UNITS}/graphical.target"),
+        "/etc/plymouth/plymouthd.conf": file(HEADER + "[Daemon]\nTheme=spinner\nShowDelay=0\n"),
+        "/etc/kiosk/program.json": file(json.dumps(program_argv(spec)) + "\n"),
+    }
+    path, link = _wants("graphical.target", "kiosk.service", f"{UNIT_DIR}/kiosk.service")
+    layer[path] = link
+    return layer
+
+
+def _agent() -> Layer:
+    unit = (HEADER + "[Unit]\nDescription=Kiosk device agent: <hostName>.local over mDNS\n"
+            "After=network.target\nWants=network.target\n\n"
+            "[Service]\nExecStart=/usr/bin/kiosk agent\nRestart=always\nRestartSec=2\n"
+            "NoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\n\n"
+            "[Install]\nWantedBy=multi-user.target\n")
+    path, link = _wants("multi-user.target", "kiosk-agent.service", f"{UNIT_DIR}/kiosk-agent.service")
+    return {f"{UNIT_DIR}/kiosk-agent.service": file(unit), path: link}
+
+
+def _boot_settings(spec: dict, board: dict) -> Layer:
+    """What raspi-firmware's own hooks read when a kernel update regenerates config.txt on the device."""
+    if board["bootloader"] != "raspi-firmware":
+        return {}
+    custom = "\n".join(board["configTxt"]) + "\n"
+    extra = spec["raspberryPi"]["firmwareConfig"]
+    if extra:
+        custom += "# raspberryPi.firmwareConfig from nixiosk.json\n" + extra.rstrip("\n") + "\n"
+    return {
+        "/etc/default/raspi-firmware-custom": file(HEADER + custom),
+        "/etc/default/raspi-extra-cmdline": file(" ".join(board["cmdline"] + ["quiet", "splash"]) + "\n"),
+    }
