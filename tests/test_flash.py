@@ -1,0 +1,964 @@
+"""`kiosk flash`: every refusal rule on fake kernel trees, real writes to loop devices and files,
+verification that catches a flipped byte, bmaptool interop, Ctrl-C, exact messages and exit codes."""
+
+import errno
+import hashlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from test_bmap import make_disk_image
+
+from kiosk import bmap as bm
+from kiosk import cli, flash
+from kiosk.flash import Refused, Roots
+
+MiB = 1 << 20
+root_only = pytest.mark.root
+needs_bmaptool = pytest.mark.skipif(not shutil.which("bmaptool"), reason="bmap-tools not installed")
+
+
+# =============================================================================================
+# Fake kernel trees
+
+USB = "devices/pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0/host6/target6:0:0/6:0:0:0"
+SATA = "devices/pci0000:00/0000:00:17.0/ata1/host0/target0:0:0/0:0:0:0"
+MMC = "devices/platform/soc/fe340000.mmc/mmc_host/mmc0/mmc0:aaaa"
+VIRTUAL = "devices/virtual"
+BASE_MOUNTINFO = ("22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+                  "23 27 0:22 / /sys rw,relatime - sysfs sysfs rw\n"
+                  "24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw\n")
+
+
+class FakeSystem:
+    """A sysfs, /dev, mountinfo and /proc/swaps laid out as the kernel does, in a temp directory."""
+
+    def __init__(self, root: Path):
+        self.sys, self.dev = root / "sys", root / "dev"
+        self.mountinfo, self.swaps = root / "mountinfo", root / "swaps"
+        (self.sys / "class" / "block").mkdir(parents=True)
+        (self.sys / "dev" / "block").mkdir(parents=True)
+        self.dev.mkdir()
+        self.mountinfo.write_text(BASE_MOUNTINFO)
+        self.swaps.write_text("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n")
+        self.roots = Roots(self.sys, self.dev, self.mountinfo, self.swaps)
+
+    def _node(self, path: Path, name: str, number: str, size: int, **files):
+        path.mkdir(parents=True)
+        (path / "holders").mkdir()
+        (path / "slaves").mkdir()
+        (path / "dev").write_text(number + "\n")
+        (path / "size").write_text(f"{size // 512}\n")
+        for key, value in files.items():
+            (path / key).write_text(f"{value}\n")
+        (self.sys / "class" / "block" / name).symlink_to(os.path.relpath(path, self.sys / "class" / "block"))
+        (self.sys / "dev" / "block" / number).symlink_to(os.path.relpath(path, self.sys / "dev" / "block"))
+        (self.dev / name).touch()
+
+    def disk(self, kname, number, size=16 << 30, bus=USB, removable=0, ro=0, **device):
+        path = self.sys / bus / "block" / kname
+        self._node(path, kname, number, size, ro=ro, removable=removable)
+        if bus != VIRTUAL:
+            for key, value in device.items():
+                (self.sys / bus / key).write_text(value + "\n")
+            (path / "device").symlink_to("../..")
+        return kname
+
+    def partition(self, disk, number, devnum, size=1 << 30):
+        name = f"{disk}p{number}" if disk[-1].isdigit() else f"{disk}{number}"
+        base = Path(os.path.realpath(self.sys / "class" / "block" / disk))
+        self._node(base / name, name, devnum, size, partition=number, ro=0)
+        return name
+
+    def holder(self, under, name, devnum, uuid=None, dm_name=None, size=1 << 30):
+        path = self.sys / VIRTUAL / "block" / name
+        if not path.exists():
+            self._node(path, name, devnum, size, ro=0, removable=0)
+            if uuid is not None:
+                (path / "dm").mkdir()
+                (path / "dm" / "uuid").write_text(uuid + "\n")
+                (path / "dm" / "name").write_text(dm_name + "\n")
+                (self.dev / "mapper").mkdir(exist_ok=True)
+                (self.dev / "mapper" / dm_name).symlink_to(f"../{name}")
+        under_path = Path(os.path.realpath(self.sys / "class" / "block" / under))
+        (under_path / "holders" / name).symlink_to(os.path.relpath(path, under_path / "holders"))
+        (path / "slaves" / under).symlink_to(os.path.relpath(under_path, path / "slaves"))
+        return name
+
+    def loop(self, kname, number, backing):
+        self.disk(kname, number, bus=VIRTUAL)
+        (self.sys / VIRTUAL / "block" / kname / "loop").mkdir()
+        (self.sys / VIRTUAL / "block" / kname / "loop" / "backing_file").write_text(backing + "\n")
+
+    def mount(self, devnum, point, source, fstype="ext4"):
+        escaped = point.replace("\\", "\\134").replace(" ", "\\040")
+        with self.mountinfo.open("a") as f:
+            f.write(f"40 27 {devnum} / {escaped} rw,relatime shared:5 - {fstype} {source} rw\n")
+
+    def swap(self, path):
+        with self.swaps.open("a") as f:
+            f.write(f"{path}\t\t\t\tpartition\t1048572\t\t0\t\t-2\n")
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return FakeSystem(tmp_path / "fake")
+
+
+def refusal(fn, *args, **kw) -> str:
+    with pytest.raises(Refused) as info:
+        fn(*args, **kw)
+    assert info.value.exit_code == 2
+    text = str(info.value)
+    assert "\n" not in text
+    return text
+
+
+def laptop(fake):
+    """sda: the system disk (/, /boot/efi, /home on LUKS+LVM, swap); sdb: a USB card reader with a card."""
+    fake.disk("sda", "8:0", 512 << 30, bus=SATA, vendor="ATA", model="Samsung SSD 870")
+    fake.partition("sda", 1, "8:1", 512 << 20)
+    fake.partition("sda", 2, "8:2", 100 << 30)
+    fake.partition("sda", 3, "8:3", 400 << 30)
+    fake.mount("8:2", "/", "/dev/sda2")
+    fake.mount("8:1", "/boot/efi", "/dev/sda1", "vfat")
+    fake.disk("sdb", "8:16", 32 << 30, bus=USB, vendor="Generic", model="STORAGE DEVICE")
+    fake.partition("sdb", 1, "8:17", 256 << 20)
+    fake.partition("sdb", 2, "8:18", 31 << 30)
+    return fake
+
+
+# =============================================================================================
+# The rules, one by one
+
+def test_a_partition_is_refused_naming_its_disk(fake):
+    laptop(fake)
+    fake.disk("mmcblk0", "179:0", bus=MMC)
+    fake.partition("mmcblk0", 1, "179:1")
+    assert refusal(flash.check_whole_disk, "sdb1", fake.roots) == (
+        "refusing to write /dev/sdb1: it is a partition of /dev/sdb; "
+        "flash the whole disk instead: kiosk flash IMAGE /dev/sdb")
+    assert refusal(flash.check_whole_disk, "mmcblk0p1", fake.roots) == (
+        "refusing to write /dev/mmcblk0p1: it is a partition of /dev/mmcblk0; "
+        "flash the whole disk instead: kiosk flash IMAGE /dev/mmcblk0")
+    flash.check_whole_disk("sdb", fake.roots)
+    assert refusal(flash.check_whole_disk, "sdz", fake.roots) == (
+        f"refusing to write /dev/sdz: no such disk in {fake.sys}/class/block; pass the card's device (see lsblk)")
+
+
+def test_a_disk_with_a_mounted_partition_is_refused(fake):
+    laptop(fake)
+    flash.check_not_mounted("sdb", fake.roots)
+    fake.mount("8:17", "/media/me/BOOT FS", "/dev/sdb1", "vfat")
+    assert refusal(flash.check_not_mounted, "sdb", fake.roots) == (
+        "refusing to write /dev/sdb: /dev/sdb1 is mounted on /media/me/BOOT FS; "
+        "unmount it first: umount '/media/me/BOOT FS'")
+
+
+def test_a_disk_mounted_whole_or_through_a_holder_is_refused(fake):
+    laptop(fake)
+    fake.holder("sdb2", "dm-3", "254:3", uuid="CRYPT-LUKS2-abc-secret", dm_name="secret")
+    fake.mount("254:3", "/mnt/secret", "/dev/mapper/secret")
+    assert refusal(flash.check_not_mounted, "sdb", fake.roots) == (
+        "refusing to write /dev/sdb: /dev/sdb2 (through /dev/dm-3) is mounted on /mnt/secret; "
+        "unmount it first: umount /mnt/secret")
+    fake.disk("sdc", "8:32", bus=USB)
+    fake.mount("8:32", "/mnt/stick", "/dev/sdc", "vfat")
+    assert refusal(flash.check_not_mounted, "sdc", fake.roots) == (
+        "refusing to write /dev/sdc: /dev/sdc is mounted on /mnt/stick; unmount it first: umount /mnt/stick")
+
+
+def test_loop_devices_set_up_on_the_disk_are_followed(fake):
+    laptop(fake)
+    fake.loop("loop3", "7:3", "/dev/sdb")  # losetup -P /dev/sdb; then loop3p2 is mounted
+    fake.partition("loop3", 2, "259:7")
+    fake.mount("259:7", "/mnt/x", "/dev/loop3p2")
+    fake.loop("loop4", "7:4", "/home/me/other.img")
+    assert refusal(flash.check_not_mounted, "sdb", fake.roots) == (
+        "refusing to write /dev/sdb: /dev/sdb (through /dev/loop3p2) is mounted on /mnt/x; "
+        "unmount it first: umount /mnt/x")
+
+
+def test_the_disk_holding_root_or_boot_is_refused(fake):
+    laptop(fake)
+    assert refusal(flash.check_not_system_disk, "sda", fake.roots) == (
+        "refusing to write /dev/sda: it holds / of the running system (/dev/sda2); "
+        "this is not an SD card: pick the card's device (see lsblk)")
+    flash.check_not_system_disk("sdb", fake.roots)
+
+
+def test_home_on_btrfs_is_found_by_its_source_not_its_anonymous_devnum(fake):
+    fake.disk("nvme0n1", "259:0", bus=SATA)
+    fake.partition("nvme0n1", 2, "259:2")
+    fake.mount("0:31", "/home", "/dev/nvme0n1p2", "btrfs")
+    assert refusal(flash.check_not_system_disk, "nvme0n1", fake.roots) == (
+        "refusing to write /dev/nvme0n1: it holds /home of the running system (/dev/nvme0n1p2); "
+        "this is not an SD card: pick the card's device (see lsblk)")
+
+
+def test_a_disk_with_swap_is_refused(fake):
+    laptop(fake)
+    fake.swap("/dev/sda3")
+    assert refusal(flash.check_not_swap, "sda", fake.roots) == (
+        "refusing to write /dev/sda: /dev/sda3 is in use as swap of the running system; this is not an SD card: "
+        "pick the card's device (see lsblk), or run 'swapoff /dev/sda3' first if you really mean it")
+    flash.check_not_swap("sdb", fake.roots)
+
+
+def test_swap_on_lvm_is_traced_to_its_disk(fake):
+    laptop(fake)
+    fake.holder("sdb2", "dm-1", "254:1", uuid="LVM-Kx1", dm_name="vg-swap")
+    fake.swap("/dev/mapper/vg-swap")
+    assert refusal(flash.check_not_swap, "sdb", fake.roots) == (
+        "refusing to write /dev/sdb: /dev/sdb2 is in use as swap of the running system; this is not an SD card: "
+        "pick the card's device (see lsblk), or run 'swapoff /dev/mapper/vg-swap' first if you really mean it")
+
+
+@pytest.mark.parametrize("holder, uuid, dm_name, what, fix", [
+    ("dm-0", "LVM-aaaabbbbcccc", "my--vg-root", "LVM volume /dev/mapper/my--vg-root",
+     "deactivate its volume group first: vgchange -an my-vg"),
+    ("dm-0", "CRYPT-LUKS2-0123-secret", "secret", "LUKS/dm-crypt volume /dev/mapper/secret",
+     "close it first: cryptsetup close secret"),
+    ("dm-0", "mpath-3600", "mpatha", "device-mapper volume /dev/mapper/mpatha", "remove it first: dmsetup remove mpatha"),
+    ("md0", None, None, "RAID array /dev/md0", "stop it first: mdadm --stop /dev/md0"),
+])
+def test_lvm_md_and_luks_members_are_refused(fake, holder, uuid, dm_name, what, fix):
+    laptop(fake)
+    flash.check_no_holders("sdb", fake.roots)
+    fake.holder("sdb2", holder, "254:0", uuid=uuid, dm_name=dm_name)
+    assert refusal(flash.check_no_holders, "sdb", fake.roots) == \
+        f"refusing to write /dev/sdb: /dev/sdb2 is in use by {what}; {fix}"
+
+
+def test_a_whole_disk_pv_and_a_stacked_device_are_refused(fake):
+    laptop(fake)
+    fake.disk("sdc", "8:32", bus=USB)
+    fake.holder("sdc", "dm-2", "254:2", uuid="LVM-pv", dm_name="data-lv")
+    assert refusal(flash.check_no_holders, "sdc", fake.roots) == (
+        "refusing to write /dev/sdc: /dev/sdc is in use by LVM volume /dev/mapper/data-lv; "
+        "deactivate its volume group first: vgchange -an data")
+    assert refusal(flash.check_no_holders, "dm-2", fake.roots) == (
+        "refusing to write /dev/dm-2: it is a virtual device on top of /dev/sdc; pick the card's own device (see lsblk)")
+
+
+def test_a_disk_smaller_than_the_image_is_refused(fake):
+    fake.disk("sdb", "8:16", 32 * MiB, bus=USB)
+    fake.disk("sdc", "8:32", 0, bus=USB)
+    flash.check_size("sdb", 32 * MiB, fake.roots)
+    assert refusal(flash.check_size, "sdb", 64 * MiB, fake.roots) == (
+        "refusing to write /dev/sdb: it holds 32.0 MiB but the image is 64.0 MiB; use a card of at least 64.0 MiB")
+    assert refusal(flash.check_size, "sdc", 64 * MiB, fake.roots) == (
+        "refusing to write /dev/sdc: it holds nothing (no medium?) but the image is 64.0 MiB; "
+        "use a card of at least 64.0 MiB")
+
+
+def test_a_read_only_disk_is_refused(fake):
+    fake.disk("mmcblk0", "179:0", bus=MMC, ro=1)
+    fake.disk("mmcblk1", "179:8", bus=MMC, ro=0)
+    flash.check_writable("mmcblk1", fake.roots)
+    assert refusal(flash.check_writable, "mmcblk0", fake.roots) == (
+        "refusing to write /dev/mmcblk0: the kernel reports it read-only; "
+        "slide the SD card's lock switch away from LOCK and insert it again")
+
+
+def test_disk_kinds(fake):
+    laptop(fake)
+    fake.disk("mmcblk0", "179:0", bus=MMC)
+    fake.disk("sdc", "8:32", bus=SATA.replace("ata1", "ata2"), removable=1)  # a built-in card reader
+    fake.disk("loop0", "7:0", bus=VIRTUAL)
+    kinds = {n: flash.disk_kind(n, fake.roots) for n in ("sda", "sdb", "mmcblk0", "sdc", "loop0")}
+    assert kinds == {"sda": None, "sdb": "USB", "mmcblk0": "SD/MMC", "sdc": "removable", "loop0": None}
+
+
+def test_a_fixed_disk_needs_the_flag(fake):
+    laptop(fake)
+    asked = []
+    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=False, ask=asked.append) == (
+        "refusing to write /dev/sda: it is a fixed disk (not removable, not SD/MMC, not USB); "
+        "if you really mean it, pass --allow-fixed-disk")
+    assert asked == []
+    flash.check_removable("sdb", fake.roots, allow_fixed=False, ask=asked.append)  # USB: no question
+    assert asked == []
+
+
+def test_a_fixed_disk_with_the_flag_needs_its_name_typed_exactly(fake):
+    laptop(fake)
+    prompts = []
+
+    def typing(answer):
+        def ask(prompt):
+            prompts.append(prompt)
+            return answer
+        return ask
+
+    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing("sda")) == (
+        "refusing to write /dev/sda: it is a fixed disk and 'sda' was typed, not /dev/sda; "
+        "type /dev/sda exactly to confirm")
+    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing("/dev/sdb")) == (
+        "refusing to write /dev/sda: it is a fixed disk and '/dev/sdb' was typed, not /dev/sda; "
+        "type /dev/sda exactly to confirm")
+    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing(None)) == (
+        "refusing to write /dev/sda: it is a fixed disk and no device name was typed; "
+        "type /dev/sda at the prompt to confirm")
+    flash.check_removable("sda", fake.roots, allow_fixed=True, ask=typing("/dev/sda"))
+    assert prompts[-1] == "/dev/sda is a fixed disk: everything on it will be lost. Type /dev/sda to write it: "
+
+
+def test_check_disk_gives_the_most_specific_reason_first_and_describes_before_asking(fake):
+    laptop(fake)
+    fake.swap("/dev/sda3")
+    events = []
+    # The system disk: its / is named, not "fixed disk", and nothing is described or asked.
+    assert refusal(flash.check_disk, "sda", 64 * MiB, fake.roots, allow_fixed=True,
+                   ask=lambda p: events.append("ask"), describe=lambda: events.append("describe")
+                   ).startswith("refusing to write /dev/sda: it holds / of the running system")
+    assert events == []
+    fake.disk("sdc", "8:32", bus=SATA.replace("ata1", "ata3"))
+    flash.check_disk("sdc", 64 * MiB, fake.roots, allow_fixed=True,
+                     ask=lambda p: events.append("ask") or "/dev/sdc", describe=lambda: events.append("describe"))
+    assert events == ["describe", "ask"]
+    events.clear()
+    assert refusal(flash.check_disk, "sdc", 64 * MiB, fake.roots, allow_fixed=False,
+                   ask=lambda p: events.append("ask"), describe=lambda: events.append("describe")
+                   ).endswith("if you really mean it, pass --allow-fixed-disk")
+    assert events == []
+
+
+def test_describe_shows_model_size_partitions_and_labels(fake):
+    laptop(fake)
+    fake.disk("mmcblk0", "179:0", 30 << 30, bus=MMC, type="SD", name="SC32G")
+    info = {"sdb1": {"fstype": "vfat", "label": "bootfs"}, "sdb2": {"fstype": "ext4", "label": "root\nfs"}}
+    assert flash.describe_disk("sdb", fake.roots, lsblk=lambda dev: info) == [
+        "/dev/sdb: Generic STORAGE DEVICE, 32.0 GiB, USB",
+        "  /dev/sdb1  256.0 MiB  vfat  label 'bootfs'",
+        "  /dev/sdb2  31.0 GiB  ext4  label 'root\\nfs'",
+    ]
+    assert flash.describe_disk("mmcblk0", fake.roots, lsblk=None) == [
+        "/dev/mmcblk0: SD SC32G, 30.0 GiB, SD/MMC", "  no partitions"]
+
+
+def test_resolve_target_refuses_what_is_not_a_block_device(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert refusal(flash.resolve_target, str(tmp_path / "file")) == \
+        f"refusing to write {tmp_path}/file: not a block device; pass the card's device (see lsblk)"
+    assert refusal(flash.resolve_target, str(tmp_path / "none")) == \
+        f"refusing to write {tmp_path}/none: No such file or directory; pass the card's device (see lsblk)"
+
+
+# =============================================================================================
+# Progress and pieces
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class Stream(io.StringIO):
+    def __init__(self, tty):
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_on_a_terminal_is_one_updating_line():
+    clock, out = Clock(), Stream(tty=True)
+    p = flash.Progress("writing /dev/sdb", 100 * MiB, stream=out, clock=clock)
+    clock.now += 2
+    p.update(20 * MiB)
+    clock.now += 0.1
+    p.update(21 * MiB)  # too soon: not shown
+    clock.now += 2
+    p.update(40 * MiB)
+    p.close()
+    assert out.getvalue() == (
+        "\rwriting /dev/sdb:  20% 20.0 MiB of 100.0 MiB, 10.5 MB/s, 0:08 left\x1b[K"
+        "\rwriting /dev/sdb:  40% 40.0 MiB of 100.0 MiB, 10.2 MB/s, 0:06 left\x1b[K\n")
+
+
+def test_progress_in_a_log_is_a_line_every_few_seconds():
+    clock, out = Clock(), Stream(tty=False)
+    p = flash.Progress("verifying /dev/sdb", 10 * MiB, stream=out, clock=clock)
+    clock.now += 1
+    p.update(MiB)  # before the first interval: quiet
+    clock.now += 4
+    p.update(5 * MiB)
+    clock.now += 5
+    p.update(10 * MiB, force=True)
+    p.close()
+    assert out.getvalue() == ("verifying /dev/sdb:  50% 5.0 MiB of 10.0 MiB, 1.0 MB/s, 0:05 left\n"
+                              "verifying /dev/sdb: 100% 10.0 MiB of 10.0 MiB, 1.0 MB/s\n")
+
+
+def test_pieces_are_cut_at_4_mib_boundaries_and_clipped_to_the_image():
+    m = bm.BlockMap(9 * MiB + 10, 4096, ((0, 0, None), (1000, 2100, None), (2304, 2304, None)), 1103, None)
+    got = list(flash.pieces(m))
+    assert got == [(0, 4096, 0), (1000 * 4096, 4 * MiB, 1), (4 * MiB, 8 * MiB, 1), (8 * MiB, 2101 * 4096, 1),
+                   (9 * MiB, 9 * MiB + 10, 2)]
+    assert list(flash.pieces(m, MiB)) == got[1:]
+    assert list(flash.pieces(m, 0, MiB)) == got[:1]
+
+
+# =============================================================================================
+# Files as targets (no root needed) and the command's messages
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    img = make_disk_image(tmp_path_factory.mktemp("flashimg") / "kiosk.img")
+    bm.write_bmap(img, Path(str(img) + ".bmap"))
+    return img
+
+
+@pytest.fixture
+def run(monkeypatch, capsys):
+    """kiosk.cli.main with only the flash stage (other stages of this tree are not this file's business)."""
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash",))
+
+    def go(*argv):
+        code = cli.main(["flash", *map(str, argv)])
+        out, err = capsys.readouterr()
+        assert "Traceback" not in err
+        return SimpleNamespace(code=code, out=out, err=err)
+    return go
+
+
+def last_line(text):
+    return text.rstrip("\n").split("\n")[-1]
+
+
+def test_flash_to_a_file_is_a_sparse_identical_copy(image, tmp_path, run):
+    out = tmp_path / "card.img"
+    r = run(image, out)
+    assert r.code == 0, r.err
+    assert out.read_bytes() == image.read_bytes()
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    assert out.stat().st_blocks * 512 <= m.mapped_bytes + MiB  # holes stayed holes
+    assert re.fullmatch(rf"kiosk: wrote {re.escape(str(image))} to {re.escape(str(out))}: "
+                        rf"{re.escape(bm.human_size(m.mapped_bytes))} \(image 64.0 MiB\) in \d+\.\d s, "
+                        rf"\d+\.\d MB/s, verified\n", r.out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.img"]
+
+
+def test_flash_to_a_file_replaces_it_atomically(image, tmp_path, run):
+    out = tmp_path / "card.img"
+    out.write_text("old")
+    before = out.stat().st_ino
+    assert run(image, out).code == 0
+    assert out.stat().st_ino != before and out.read_bytes() == image.read_bytes()
+
+
+def test_without_a_bmap_the_data_extents_are_written(image, tmp_path, run):
+    bare = tmp_path / "bare.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(bare)], check=True)
+    r = run(bare, tmp_path / "out.img")
+    assert r.code == 0, r.err
+    assert r.err.startswith(f"kiosk: no block map ({bare}.bmap): writing the image's data extents\n")
+    assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
+
+
+@needs_bmaptool
+def test_flash_accepts_bmaptools_map(image, tmp_path, run):
+    theirs = tmp_path / "theirs.bmap"
+    subprocess.run(["bmaptool", "create", str(image), "-o", str(theirs)], check=True, capture_output=True)
+    r = run(image, tmp_path / "out.img", "--bmap", theirs)
+    assert r.code == 0, r.err
+    assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
+
+
+def test_an_image_that_does_not_match_its_map_is_an_error_and_leaves_nothing(image, tmp_path, run):
+    bad = tmp_path / "bad.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(bad)], check=True)
+    shutil.copy(str(image) + ".bmap", str(bad) + ".bmap")
+    m = bm.read_bmap(Path(str(bad) + ".bmap"))
+    first, last, digest = max(m.ranges, key=lambda r: r[1] - r[0])
+    with open(bad, "r+b") as f:
+        f.seek(first * 4096 + 5)
+        byte = f.read(1)
+        f.seek(first * 4096 + 5)
+        f.write(bytes([byte[0] ^ 1]))
+    actual = hashlib.sha256(bad.read_bytes()[first * 4096:(last + 1) * 4096]).hexdigest()
+    r = run(bad, tmp_path / "out.img")
+    assert r.code == 1
+    assert last_line(r.err) == (
+        f"kiosk: {bad} does not match its block map: blocks {first}-{last} (bytes {first * 4096}-"
+        f"{(last + 1) * 4096 - 1}) have sha256 {actual}, the map says {digest}; rebuild the image or its map")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.img", "bad.img.bmap"]
+
+
+def test_a_map_of_another_image_is_refused(image, tmp_path, run):
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(32 * MiB)
+    r = run(other, tmp_path / "out.img", "--bmap", str(image) + ".bmap")
+    assert r.code == 2
+    assert r.err == (f"kiosk: {image}.bmap describes an image of {64 * MiB} bytes but {other} has {32 * MiB}: "
+                     f"the map belongs to another image; pass the right one with --bmap or rebuild the image\n")
+
+
+def test_a_malformed_map_is_refused(image, tmp_path, run):
+    (tmp_path / "bad.bmap").write_text("<bmap")
+    r = run(image, tmp_path / "out.img", "--bmap", tmp_path / "bad.bmap")
+    assert r.code == 2
+    assert r.err.startswith(f"kiosk: {tmp_path}/bad.bmap: not a valid block map: XML error: ")
+    assert not (tmp_path / "out.img").exists()
+
+
+@pytest.mark.parametrize("case", ["missing image", "image is a directory", "target is the image",
+                                  "target is a directory", "target under /dev"])
+def test_bad_arguments(image, tmp_path, run, case):
+    argv, code, message = {
+        "missing image": ([tmp_path / "none.img", tmp_path / "o"], 2,
+                          f"kiosk: cannot read image {tmp_path}/none.img: No such file or directory"),
+        "image is a directory": ([tmp_path, tmp_path / "o"], 2, f"kiosk: {tmp_path} is not an image file"),
+        "target is the image": ([image, image], 2,
+                                f"kiosk: {image} is the image itself; pass another file or the card's device"),
+        "target is a directory": ([image, tmp_path], 2,
+                                  f"kiosk: {tmp_path} is neither a block device nor a regular file"),
+        "target under /dev": ([image, "/dev/kiosk-test-no-such-card"], 2,
+                              "kiosk: refusing to write /dev/kiosk-test-no-such-card: it is not a block device "
+                              "(is the card inserted?); pass the card's device, see lsblk"),
+    }[case]
+    r = run(*argv)
+    assert (r.code, r.err) == (code, message + "\n")
+    assert not Path("/dev/kiosk-test-no-such-card").exists()
+
+
+def test_ctrl_c_while_writing_a_file_leaves_nothing(image, tmp_path, run, monkeypatch):
+    calls = []
+
+    def interrupted(fd, view, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        os.pwrite(fd, view, offset)
+
+    monkeypatch.setattr(flash, "_pwrite_full", interrupted)
+    out = tmp_path / "card.img"
+    r = run(image, out)
+    assert r.code == 130
+    assert last_line(r.err) == f"kiosk: interrupted: {out} was not written; run the command again"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_io_error_is_exit_1_and_leaves_nothing(image, tmp_path, run, monkeypatch):
+    def failing(fd, view, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(flash, "_pwrite_full", failing)
+    out = tmp_path / "card.img"
+    r = run(image, out)
+    assert r.code == 1
+    assert last_line(r.err) == (f"kiosk: writing {out} failed: No space left on device; "
+                                f"{out} was not written; run the command again")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_head_last_order(image, tmp_path):
+    """Zero the first MiB, sync, write the rest, sync, then the image's first MiB, sync."""
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    events = []
+    real_pwrite, real_fsync = flash._pwrite_full, os.fsync
+
+    def pwrite(fd, view, offset):
+        events.append(("write", offset, len(view), bytes(view).count(0) == len(view)))
+        real_pwrite(fd, view, offset)
+
+    out = tmp_path / "dev.img"
+    with open(out, "wb") as f:
+        f.write(b"\xaa" * (64 * MiB))
+    src, dst = os.open(image, os.O_RDONLY), os.open(out, os.O_RDWR)
+    try:
+        flash._pwrite_full = pwrite
+        os.fsync = lambda fd: events.append(("sync",)) or real_fsync(fd)
+        written = flash.write_image(src, dst, m, head_last=True)
+    finally:
+        flash._pwrite_full, os.fsync = real_pwrite, real_fsync
+        os.close(src)
+        os.close(dst)
+    assert events[:2] == [("write", 0, MiB, True), ("sync",)]
+    syncs = [i for i, e in enumerate(events) if e == ("sync",)]
+    body = [e[1] for e in events[2:syncs[1]]]
+    head = [e[1] for e in events[syncs[1] + 1:syncs[2]]]
+    assert body == sorted(body) and min(body) >= MiB and head and max(head) < MiB
+    assert events[-1] == ("sync",) and len(syncs) == 3
+    assert written.bytes == m.mapped_bytes + MiB
+    data, img = out.read_bytes(), image.read_bytes()
+    assert data[:MiB] == img[:MiB]  # the head: the image's, holes zeroed
+    for start, end in m.byte_ranges():
+        assert data[start:end] == img[start:end]
+    hole = next(s for s in range(MiB, 64 * MiB, 4096) if all(not (a <= s < b) for a, b in m.byte_ranges()))
+    assert data[hole:hole + 4096] == b"\xaa" * 4096  # holes past the head are not written
+
+
+def test_verify_names_the_corrupted_range(image, tmp_path):
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    out = tmp_path / "card.img"
+    shutil.copy(image, out)
+    expected = [d for _, _, d in m.ranges]
+    assert flash.verify(str(out), m, expected, "sha256") == m.mapped_bytes
+    index = len(m.ranges) // 2
+    first, last, _ = m.ranges[index]
+    with open(out, "r+b") as f:
+        f.seek(last * 4096 + 4095)
+        byte = f.read(1)
+        f.seek(last * 4096 + 4095)
+        f.write(bytes([byte[0] ^ 0x80]))
+    with pytest.raises(flash.VerifyFailed) as info:
+        flash.verify(str(out), m, expected, "sha256")
+    assert info.value.exit_code == 1
+    assert str(info.value) == (
+        f"verification failed: {out} differs from the image in blocks {first}-{last} (bytes {first * 4096}-"
+        f"{last * 4096 + 4095}); write it again, and if it fails again the card is faulty or fake: use another card")
+
+
+def test_help_lists_the_options(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash",))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["flash", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("IMAGE", "TARGET", "--bmap FILE", "--yes", "--no-verify", "--allow-fixed-disk"):
+        assert option in out
+
+
+# =============================================================================================
+# Real block devices (loop devices)
+
+@pytest.fixture
+def loops(tmp_path):
+    made, mounted = [], []
+
+    def make(size=80 * MiB, fill=None, flags=(), backing=None):
+        if backing is None:
+            backing = tmp_path / f"card{len(made)}.img"
+            with open(backing, "wb") as f:
+                if fill is None:
+                    f.truncate(size)
+                else:
+                    f.write(fill * size)
+        dev = subprocess.run(["losetup", "--find", "--show", *flags, str(backing)], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        made.append(dev)
+        return dev
+
+    make.mounted = mounted
+    yield make
+    for point in mounted:
+        subprocess.run(["umount", str(point)], check=False)
+    for dev in made:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def read_dev(dev, size, offset=0):
+    fd = os.open(dev, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def typed(monkeypatch):
+    """Answer the prompts as a user would; records what was asked."""
+    def answer(text):
+        prompts = []
+
+        def ask(prompt):
+            prompts.append(prompt)
+            return text
+        monkeypatch.setattr(flash, "ask", ask)
+        return prompts
+    return answer
+
+
+@root_only
+def test_flash_a_loop_device_writes_only_the_data_and_verifies(image, loops, run, typed):
+    dev = loops(fill=b"\xaa")
+    name = Path(dev).name
+    prompts = typed(dev)
+    r = run(image, dev, "--allow-fixed-disk")
+    assert r.code == 0, r.err
+    assert prompts == [f"{dev} is a fixed disk: everything on it will be lost. Type {dev} to write it: "]
+    assert r.err.startswith(f"{dev}: unknown model, 80.0 MiB, fixed disk\n  no partitions\n")
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    assert re.fullmatch(rf"kiosk: wrote {re.escape(str(image))} to {dev}: "
+                        rf"{re.escape(bm.human_size(m.mapped_bytes + MiB))} \(image 64.0 MiB\) in \d+\.\d s, "
+                        rf"\d+\.\d MB/s, verified\n", r.out)
+    data, img = read_dev(dev, 80 * MiB), image.read_bytes()
+    assert data[:MiB] == img[:MiB]
+    for start, end in m.byte_ranges():
+        assert data[start:end] == img[start:end]
+    outside = bytearray(data)
+    for start, end in [(0, MiB)] + m.byte_ranges():
+        outside[start:end] = b"\xaa" * (end - start)
+    assert bytes(outside) == b"\xaa" * (80 * MiB)  # nothing else was touched
+    assert name.startswith("loop")
+
+
+@root_only
+def test_by_id_symlinks_resolve_to_the_disk(image, loops, run, typed, tmp_path):
+    dev = loops()
+    link = tmp_path / "usb-Generic_STORAGE_DEVICE-0:0"
+    link.symlink_to(dev)
+    prompts = typed(dev)
+    r = run(image, link, "--allow-fixed-disk")
+    assert r.code == 0, r.err
+    assert prompts[0].startswith(f"{dev} is a fixed disk")
+    assert f" to {dev}: " in r.out
+    assert read_dev(dev, 64 * MiB) == image.read_bytes()
+
+
+def partitioned_loop(image, loops, tmp_path, name):
+    backing = tmp_path / name
+    subprocess.run(["cp", "--sparse=always", str(image), str(backing)], check=True)
+    with open(backing, "r+b") as f:
+        f.truncate(80 * MiB)
+    dev = loops(flags=("--partscan",), backing=backing)
+    # Some kernels cannot parse an MBR themselves (CONFIG_MSDOS_PARTITION unset): partx adds them by BLKPG.
+    subprocess.run(["partx", "--add", dev], capture_output=True)
+    for _ in range(100):
+        if os.path.exists(f"{dev}p2"):
+            break
+        time.sleep(0.05)
+    return dev
+
+
+@root_only
+def test_a_partition_is_refused_naming_the_disk(image, loops, run, tmp_path):
+    dev = partitioned_loop(image, loops, tmp_path, "parted.img")
+    r = run(image, f"{dev}p1", "--yes")
+    assert (r.code, r.err) == (2, f"kiosk: refusing to write {dev}p1: it is a partition of {dev}; "
+                                  f"flash the whole disk instead: kiosk flash IMAGE {dev}\n")
+
+
+def try_mount(loops, source, point, options):
+    point.mkdir()
+    mount = subprocess.run(["mount", "-o", options, source, str(point)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount here: {mount.stderr.strip()}")
+    loops.mounted.append(point)
+
+
+@root_only
+def test_a_disk_with_a_mounted_partition_is_refused_for_real(image, loops, run, tmp_path):
+    dev = partitioned_loop(image, loops, tmp_path, "mounted.img")
+    point = tmp_path / "root fs"
+    try_mount(loops, f"{dev}p2", point, "ro")
+    r = run(image, dev, "--yes", "--allow-fixed-disk")
+    assert (r.code, r.err) == (2, f"kiosk: refusing to write {dev}: {dev}p2 is mounted on {point}; "
+                                  f"unmount it first: umount '{point}'\n")
+
+
+@root_only
+def test_a_mount_through_a_loop_device_on_the_disk_is_found(image, loops, run, tmp_path):
+    """`mount -o offset=` sets up a second loop device on the disk: no holder link, still found."""
+    backing = tmp_path / "stacked.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(backing)], check=True)
+    dev = loops(backing=backing)
+    point = tmp_path / "root"
+    try_mount(loops, dev, point, f"ro,offset={17 * MiB}")
+    upper = next(line.split()[0] for line in Path("/proc/self/mounts").read_text().splitlines()
+                 if line.split()[1] == str(point))
+    r = run(image, dev, "--yes", "--allow-fixed-disk")
+    assert (r.code, r.err) == (2, f"kiosk: refusing to write {dev}: {dev} (through {upper}) is mounted on "
+                                  f"{point}; unmount it first: umount {point}\n")
+
+
+@root_only
+def test_a_disk_held_open_exclusively_is_refused_by_the_kernel(image, loops, run, typed):
+    dev = loops()
+    typed(dev)
+    holder = os.open(dev, os.O_RDONLY | os.O_EXCL)
+    try:
+        r = run(image, dev, "--allow-fixed-disk")
+    finally:
+        os.close(holder)
+    assert (r.code, last_line(r.err)) == (2, (
+        f"kiosk: refusing to write {dev}: the kernel says it is in use (mounted, in LVM/RAID/LUKS, or open "
+        f"exclusively by another program); close whatever uses it, then run the command again"))
+    assert read_dev(dev, MiB) == b"\0" * MiB
+
+
+@root_only
+def test_too_small_and_read_only_disks_are_refused(image, loops, run):
+    small = loops(size=32 * MiB)
+    r = run(image, small, "--yes")
+    assert (r.code, r.err) == (2, f"kiosk: refusing to write {small}: it holds 32.0 MiB but the image is 64.0 MiB; "
+                                  f"use a card of at least 64.0 MiB\n")
+    ro = loops(flags=("--read-only",))
+    r = run(image, ro, "--yes")
+    assert (r.code, r.err) == (2, f"kiosk: refusing to write {ro}: the kernel reports it read-only; "
+                                  f"slide the SD card's lock switch away from LOCK and insert it again\n")
+
+
+@root_only
+def test_a_fixed_disk_is_refused_without_the_flag_or_with_a_wrong_name(image, loops, run, typed):
+    dev = loops()
+    r = run(image, dev, "--yes")
+    assert (r.code, r.err) == (2, f"kiosk: refusing to write {dev}: it is a fixed disk (not removable, not SD/MMC, "
+                                  f"not USB); if you really mean it, pass --allow-fixed-disk\n")
+    typed(Path(dev).name)
+    r = run(image, dev, "--yes", "--allow-fixed-disk")
+    assert (r.code, last_line(r.err)) == (2, f"kiosk: refusing to write {dev}: it is a fixed disk and "
+                                             f"'{Path(dev).name}' was typed, not {dev}; type {dev} exactly to confirm")
+    assert read_dev(dev, 80 * MiB) == b"\0" * (80 * MiB)
+
+
+@root_only
+def test_the_question_needs_a_terminal_or_yes(image, loops, run, typed, monkeypatch):
+    dev = loops()
+    monkeypatch.setattr(flash, "disk_kind", lambda name, roots=None: "USB")  # as if it were a USB card reader
+    monkeypatch.setattr(flash, "stdin_is_tty", lambda: False)
+    prompts = typed("y")
+    r = run(image, dev)
+    assert (r.code, last_line(r.err)) == (2, f"kiosk: refusing to write {dev}: there is no terminal to ask for "
+                                             f"confirmation; pass --yes to write without asking")
+    assert prompts == []
+    monkeypatch.setattr(flash, "stdin_is_tty", lambda: True)
+    typed("")
+    r = run(image, dev)
+    assert (r.code, last_line(r.err)) == (2, f"kiosk: refusing to write {dev}: not confirmed; "
+                                             f"nothing was written; answer y to write it")
+    assert read_dev(dev, 80 * MiB) == b"\0" * (80 * MiB)
+    prompts = typed("y")
+    r = run(image, dev)
+    assert r.code == 0, r.err
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    assert prompts == [f"Erase {dev} and write {image} ({bm.human_size(m.mapped_bytes)} of data)? [y/N] "]
+    assert read_dev(dev, 64 * MiB) == image.read_bytes()
+
+
+@root_only
+def test_yes_skips_the_question_not_the_refusals(image, loops, run, typed, monkeypatch):
+    dev = loops()
+    monkeypatch.setattr(flash, "disk_kind", lambda name, roots=None: "USB")
+    prompts = typed("no")
+    r = run(image, dev, "--yes", "--no-verify")
+    assert r.code == 0, r.err
+    assert prompts == [] and r.out.endswith(", NOT verified (--no-verify)\n")
+    assert read_dev(dev, 64 * MiB) == image.read_bytes()
+
+
+@root_only
+def test_a_flipped_byte_on_the_card_fails_verification(image, loops, run, typed, monkeypatch):
+    dev = loops()
+    typed(dev)
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    first, last, _ = max(m.ranges, key=lambda r: r[1] - r[0])
+    offset = (first + last) // 2 * 4096 + 123
+    real_verify = flash.verify
+
+    def corrupt_then_verify(path, *args, **kw):
+        fd = os.open(dev, os.O_RDWR)  # the card goes bad between writing and reading back
+        try:
+            byte = os.pread(fd, 1, offset)
+            os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return real_verify(path, *args, **kw)
+
+    monkeypatch.setattr(flash, "verify", corrupt_then_verify)
+    r = run(image, dev, "--allow-fixed-disk")
+    assert r.code == 1
+    assert last_line(r.err) == (
+        f"kiosk: verification failed: {dev} differs from the image in blocks {first}-{last} (bytes {first * 4096}-"
+        f"{(last + 1) * 4096 - 1}); write it again, and if it fails again the card is faulty or fake: "
+        f"use another card")
+    assert r.out == ""
+    # And directly: verify() on the device names the same range.
+    with pytest.raises(flash.VerifyFailed, match=rf"in blocks {first}-{last} \(bytes {first * 4096}-"):
+        real_verify(dev, m, [d for _, _, d in m.ranges], "sha256")
+
+
+@root_only
+@needs_bmaptool
+def test_bmaptool_copy_with_our_map_gives_the_same_card_as_kiosk_flash(image, loops, run, typed):
+    ours, theirs = loops(), loops()
+    typed(ours)
+    assert run(image, ours, "--allow-fixed-disk").code == 0
+    copy = subprocess.run(["bmaptool", "copy", "--bmap", str(image) + ".bmap", str(image), theirs],
+                          capture_output=True, text=True)
+    assert copy.returncode == 0, copy.stderr
+    assert subprocess.run(["cmp", ours, theirs]).returncode == 0
+    assert read_dev(theirs, 64 * MiB) == image.read_bytes()
+
+
+@root_only
+@needs_bmaptool
+def test_kiosk_flash_with_bmaptools_map_on_a_device(image, loops, run, typed, tmp_path):
+    dev = loops()
+    typed(dev)
+    theirs = tmp_path / "theirs.bmap"
+    subprocess.run(["bmaptool", "create", str(image), "-o", str(theirs)], check=True, capture_output=True)
+    r = run(image, dev, "--allow-fixed-disk", "--bmap", theirs)
+    assert r.code == 0, r.err
+    assert read_dev(dev, 64 * MiB) == image.read_bytes()
+
+
+@root_only
+def test_ctrl_c_while_writing_a_card_leaves_no_partition_table(image, loops, run, typed, monkeypatch):
+    dev = loops()
+    typed(dev)
+    assert run(image, dev, "--allow-fixed-disk").code == 0
+    assert read_dev(dev, 512)[510:] == b"\x55\xaa"  # a valid MBR from the first write
+    calls = []
+    real = flash._pwrite_full
+
+    def interrupted(fd, view, offset):
+        calls.append(offset)
+        if len(calls) == 3:  # after the head is zeroed and one chunk of the body is written
+            raise KeyboardInterrupt
+        real(fd, view, offset)
+
+    monkeypatch.setattr(flash, "_pwrite_full", interrupted)
+    r = run(image, dev, "--allow-fixed-disk")
+    assert r.code == 130
+    assert last_line(r.err) == (f"kiosk: interrupted: {dev} is partially written and will not boot; "
+                                f"run the command again")
+    assert read_dev(dev, MiB) == b"\0" * MiB  # no partition table points at half-written file systems
+    assert subprocess.run(["sfdisk", "--dump", dev], capture_output=True).returncode != 0
+
+
+@root_only
+def test_ctrl_c_while_verifying(image, loops, run, typed, monkeypatch):
+    dev = loops()
+    typed(dev)
+
+    def interrupted(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flash, "verify", interrupted)
+    r = run(image, dev, "--allow-fixed-disk")
+    assert (r.code, last_line(r.err)) == (130, f"kiosk: interrupted while verifying: {dev} is fully written but "
+                                               f"not verified; run the command again to write and verify it")
+    assert read_dev(dev, 64 * MiB) == image.read_bytes()
+
+
+@root_only
+def test_an_io_error_on_a_card_is_exit_1(image, loops, run, typed, monkeypatch):
+    dev = loops()
+    typed(dev)
+    calls = []
+
+    def failing(fd, view, offset):
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        flash.os.pwrite(fd, view, offset)
+
+    monkeypatch.setattr(flash, "_pwrite_full", failing)
+    r = run(image, dev, "--allow-fixed-disk")
+    assert (r.code, last_line(r.err)) == (1, f"kiosk: writing {dev} failed: Input/output error; {dev} is partially "
+                                             f"written and will not boot; run the command again")
