@@ -54,7 +54,8 @@ def build_image(path: Path, size: int) -> int:
     boot = min(256 * MiB, size // 8 // MiB * MiB)
     sh("sfdisk", "-q", str(path),
        input=f"label: dos\nstart=2048, size={boot // 512}, type=c\nstart={(MiB + boot) // 512}, type=83\n")
-    sh("mkfs.vfat", "-n", "BOOT", "--offset", "2048", str(path), str(boot // 1024))
+    fat = ["-F", "32", "-s", "1"] if boot >= 64 * MiB else []  # FAT32 like Raspberry Pi OS
+    sh("mkfs.vfat", "-n", "BOOT", *fat, "--offset", "2048", str(path), str(boot // 1024))
     # Random data in a few extents, as a root file system leaves them: kernel and firmware in
     # the boot partition, then system, libraries and the browser spread over the ext4 partition.
     extents = [(2 * MiB, 24 * MiB), (300 * MiB, 260 * MiB), (700 * MiB, 300 * MiB), (1500 * MiB, 150 * MiB)]

@@ -139,6 +139,12 @@ def block_map_of(image: Path, *, checksums: bool = True) -> BlockMap:
         size = os.fstat(fd).st_size
         if size == 0:
             raise InvalidBmap(f"{image}: the image is empty; rebuild it")
+        # Settle delayed allocation before asking where the data is (bmaptool's FIEMAP_FLAG_SYNC).
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EROFS):  # file systems without fsync
+                raise
         out = []
         mapped = 0
         for first, last in mapped_ranges(fd, size):

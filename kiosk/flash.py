@@ -528,6 +528,7 @@ class _Reader:
         for _ in range(depth):
             self.free.put(mmap.mmap(-1, CHUNK))  # page-aligned: usable for O_DIRECT
         self.ready = queue.Queue()
+        self.empty = queue.Empty
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kiosk-flash-reader", daemon=True)
         self.thread.start()
@@ -541,7 +542,7 @@ class _Reader:
                         return
                     try:
                         buf = self.free.get(timeout=0.1)
-                    except Exception:  # queue.Empty
+                    except self.empty:
                         buf = None
                 view = memoryview(buf)[:end - start]
                 _pread_full(self.fd, view, start, "the image")
@@ -617,7 +618,7 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
     # The head: read and hash it now (it comes first in every range's byte order), write it last.
     head = []
     for start, end, index in pieces(bmap, 0, head_end):
-        buf = mmap.mmap(-1, CHUNK)
+        buf = mmap.mmap(-1, end - start + (-(end - start) % 4096))
         view = memoryview(buf)[:end - start]
         _pread_full(src, view, start, label)
         hashers[index].update(view)
@@ -760,46 +761,61 @@ def _io_error(target: str, exc: OSError, state: str) -> KioskError:
 
 def flash_file(image_fd: int, image: Path, target: Path, bmap, args) -> int:
     """A plain file target: a sparse copy, written to a temp file and renamed only when complete and verified."""
+    import errno
     import tempfile
+
+    from kiosk.errors import UsageError
 
     target = target.absolute()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".kiosk-partial", dir=target.parent)
     except OSError as exc:
-        raise KioskError(one_line(f"cannot create a file in {target.parent}: {exc.strerror}")) from None
+        error = UsageError if exc.errno in (errno.ENOENT, errno.ENOTDIR) else KioskError
+        raise error(one_line(f"cannot create a file in {target.parent}: {exc.strerror}")) from None
     state = f"{target} was not written; run the command again"
-    progress = Progress(f"writing {target}", bmap.mapped_bytes)
+    renamed = False
+
+    def discard():
+        if not renamed:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
     try:
+        progress = Progress(f"writing {target}", bmap.mapped_bytes)
         try:
             os.ftruncate(fd, bmap.image_size)
             written = write_image(image_fd, fd, bmap, progress=progress, label=str(image))
-            progress.close()
-            if not args.no_verify:
-                check = Progress(f"verifying {target}", bmap.mapped_bytes)
-                try:
-                    verify(tmp, bmap, written.expected, written.kind, progress=check, label=str(target))
-                finally:
-                    check.close()
-            os.fchmod(fd, 0o644)
-            os.replace(tmp, target)
-            dfd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        except OSError as exc:
-            raise _io_error(str(target), exc, state) from None
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted: {state}") from None
         finally:
             progress.close()
-            os.close(fd)
-    except BaseException:
+        if not args.no_verify:
+            check = Progress(f"verifying {target}", bmap.mapped_bytes)
+            try:
+                verify(tmp, bmap, written.expected, written.kind, progress=check, label=str(target))
+            finally:
+                check.close()
+        os.fchmod(fd, 0o644)
+        os.replace(tmp, target)
+        renamed = True
+        dfd = os.open(target.parent, os.O_RDONLY)
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except KeyboardInterrupt:
+        discard()
+        if not renamed:
+            raise Interrupted(f"interrupted: {state}") from None
+    except OSError as exc:
+        discard()
+        raise _io_error(str(target), exc, state if not renamed else "it is complete but may not survive "
+                                                                    "a power cut: run sync") from None
+    except BaseException:
+        discard()
         raise
+    finally:
+        os.close(fd)
     _summary(image, str(target), bmap, written, verified=not args.no_verify)
     return 0
 
@@ -861,42 +877,50 @@ def flash_device(image_fd: int, image: Path, name: str, bmap, args, roots: Roots
             raise _refuse(name, "not confirmed", "nothing was written; answer y to write it")
 
     fd, direct = _open_device(name, roots)
-    size = os.lseek(fd, 0, os.SEEK_END)
-    if size < bmap.image_size:
-        os.close(fd)
-        raise _refuse(name, f"it holds {human(size)} but the image is {human(bmap.image_size)}",
-                      f"use a card of at least {human(bmap.image_size)}")
-    broken = f"{path} is partially written and will not boot; run the command again"
-    progress = Progress(f"writing {path}", bmap.mapped_bytes)
+    states = {
+        "checking": "nothing was written",
+        "writing": f"{path} is partially written and will not boot; run the command again",
+        "verifying": f"{path} is fully written but not verified; run the command again to write and verify it",
+    }
+    stage = "checking"
     try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < bmap.image_size:
+            raise _refuse(name, f"it holds {human(size)} but the image is {human(bmap.image_size)}",
+                          f"use a card of at least {human(bmap.image_size)}")
+        stage = "writing"
+        progress = Progress(f"writing {path}", bmap.mapped_bytes)
         try:
             written = write_image(image_fd, fd, bmap, progress=progress, head_last=True,
                                   direct_dst=direct, label=str(image))
-        except OSError as exc:
-            raise _io_error(path, exc, broken) from None
-        except KeyboardInterrupt:
-            raise Interrupted(f"interrupted: {broken}") from None
-        except KioskError as exc:
-            raise KioskError(f"{exc}; {broken}") from None
         finally:
             progress.close()
         if not args.no_verify:
+            stage = "verifying"
             check = Progress(f"verifying {path}", bmap.mapped_bytes)
             try:
                 verify(str(roots.dev / name), bmap, written.expected, written.kind, progress=check, label=path)
-            except OSError as exc:
-                raise KioskError(one_line(f"reading {path} back failed: {exc.strerror}; "
-                                          f"the card is written but unverified: try another card")) from None
-            except KeyboardInterrupt:
-                raise Interrupted(f"interrupted while verifying: {path} is fully written but not verified; "
-                                  f"run the command again to write and verify it") from None
             finally:
                 check.close()
+        stage = "done"
         try:
             import fcntl
             fcntl.ioctl(fd, _BLKRRPART)  # show the new partitions (best effort: loop devices say EINVAL)
         except OSError:
             pass
+    except KeyboardInterrupt:
+        if stage != "done":
+            during = " while verifying" if stage == "verifying" else ""
+            raise Interrupted(f"interrupted{during}: {states[stage]}") from None
+    except OSError as exc:
+        if stage == "verifying":
+            raise KioskError(one_line(f"reading {path} back failed: {exc.strerror or exc}; the card is written "
+                                      f"but unverified: try again, or another card")) from None
+        raise _io_error(path, exc, states.get(stage, "")) from None
+    except (Refused, VerifyFailed):
+        raise
+    except KioskError as exc:  # the image does not match its map: say what state the card is in
+        raise KioskError(f"{exc}; {states[stage]}") from None
     finally:
         os.close(fd)
         if direct is not None:

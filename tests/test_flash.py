@@ -962,3 +962,44 @@ def test_an_io_error_on_a_card_is_exit_1(image, loops, run, typed, monkeypatch):
     r = run(image, dev, "--allow-fixed-disk")
     assert (r.code, last_line(r.err)) == (1, f"kiosk: writing {dev} failed: Input/output error; {dev} is partially "
                                              f"written and will not boot; run the command again")
+
+
+@root_only
+def test_an_image_not_matching_its_map_on_a_card_says_the_card_state(image, loops, run, typed, tmp_path):
+    bad = tmp_path / "bad.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(bad)], check=True)
+    shutil.copy(str(image) + ".bmap", str(bad) + ".bmap")
+    m = bm.read_bmap(Path(str(bad) + ".bmap"))
+    first, last, digest = m.ranges[-1]
+    with open(bad, "r+b") as f:
+        f.seek(last * 4096)
+        f.write(b"\xff")
+    actual = hashlib.sha256(bad.read_bytes()[first * 4096:(last + 1) * 4096]).hexdigest()
+    dev = loops()
+    typed(dev)
+    r = run(bad, dev, "--allow-fixed-disk")
+    assert (r.code, last_line(r.err)) == (1, (
+        f"kiosk: {bad} does not match its block map: blocks {first}-{last} (bytes {first * 4096}-"
+        f"{(last + 1) * 4096 - 1}) have sha256 {actual}, the map says {digest}; rebuild the image or its map; "
+        f"{dev} is partially written and will not boot; run the command again"))
+    assert read_dev(dev, MiB) == b"\0" * MiB
+
+
+@root_only
+def test_ctrl_c_at_the_question_writes_nothing(image, loops, run, monkeypatch):
+    dev = loops(fill=b"\x11")
+    monkeypatch.setattr(flash, "disk_kind", lambda name, roots=None: "USB")
+    monkeypatch.setattr(flash, "stdin_is_tty", lambda: True)
+
+    def ctrl_c(prompt):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flash, "ask", ctrl_c)
+    r = run(image, dev)
+    assert (r.code, last_line(r.err)) == (130, "kiosk: interrupted: nothing was written")
+    assert read_dev(dev, 80 * MiB) == b"\x11" * (80 * MiB)
+
+
+def test_a_file_in_a_missing_directory_is_a_usage_error(image, tmp_path, run):
+    r = run(image, tmp_path / "no" / "card.img")
+    assert (r.code, r.err) == (2, f"kiosk: cannot create a file in {tmp_path}/no: No such file or directory\n")
