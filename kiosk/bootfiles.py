@@ -1,0 +1,458 @@
+"""What goes on the FAT partition: firmware, kernel, a native initramfs, device trees, config.txt, cmdline.txt.
+
+`boot_files(plan, root_dir, root=...)` returns {name on the FAT partition: bytes
+or a Path inside root_dir}; kiosk.image copies them in sorted order. It also
+writes into root_dir what the device needs to regenerate the same files
+itself after a kernel upgrade (raspi-firmware's hooks read
+/etc/default/raspi-firmware, /etc/default/raspi-firmware-custom and
+/etc/default/raspi-extra-cmdline), plus /boot/initrd.img-<version>.
+
+raspi-firmware boards: config.txt and cmdline.txt are exactly what Debian's
+/etc/kernel/postinst.d/z50-raspi-firmware writes from those files, so a kernel
+or firmware upgrade on the device reproduces them byte for byte; file names
+(vmlinuz-<version>, initrd.img-<version>, <soc>.dtb) are the hook's too.
+
+direct-kernel (the qemu target): vmlinuz, initrd.img and cmdline.txt, for
+`kiosk run` to pass as -kernel/-initrd/-append.
+
+The initramfs is built here, natively, in a second: busybox-static of the
+target architecture (installed by kiosk.rootfs), the kernel modules needed to
+reach and mount the root filesystem (with their dependencies, from the tree's
+modules.dep), and a short /init that loads them, waits for root= (UUID=,
+LABEL= or a /dev path), mounts it and switch_roots to /sbin/init. Running
+Debian's mkinitramfs under qemu-user instead costs ~10 minutes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+from typing import Callable
+
+from kiosk.errors import KioskError
+
+Log = Callable[[str], None]
+
+# Modules the initramfs loads, in this order, when the kernel has them as modules
+# (names as modules.dep spells them, '-' and '_' equivalent). Missing ones are skipped:
+# they are built in, or absent on this kernel flavour.
+FS_MODULES = ("crc16", "mbcache", "jbd2", "crc32c_generic", "crc32c_intel", "libcrc32c", "ext4")
+RASPI_MODULES = (
+    "mmc_core", "mmc_block",
+    "raspberrypi", "clk_raspberrypi", "reset_raspberrypi", "gpio_raspberrypi_exp", "raspberrypi_cpufreq",
+    "bcm2835_dma", "gpio_regulator", "pwrseq_simple",
+    "sdhci", "sdhci_pltfm", "sdhci_iproc", "bcm2835",  # bcm2835 = the sdhost SD controller
+)
+VIRTIO_MODULES = (
+    "virtio", "virtio_ring", "virtio_pci_legacy_dev", "virtio_pci_modern_dev", "virtio_pci", "virtio_mmio",
+    "virtio_blk", "virtio_scsi", "scsi_mod", "sd_mod", "ahci",
+)
+
+# The consoles the kernel logs to; the last one is /dev/console (boot messages, plymouth).
+def consoles(board: dict) -> list[str]:
+    return [board["serialConsole"], "tty1"]
+
+
+def kernel_version(root_dir: Path) -> str:
+    """The (newest) kernel version installed in the tree, from /boot/vmlinuz-<version>."""
+    found = sorted((p.name[len("vmlinuz-"):] for p in (root_dir / "boot").glob("vmlinuz-*")
+                    if not p.name.endswith((".dpkg-bak", ".old-dkms"))), key=_version_key)
+    if not found:
+        raise KioskError(f"boot files: no kernel in {root_dir}/boot (is the kernel package in the plan?)")
+    return found[-1]
+
+
+def _version_key(version: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version)]
+
+
+# --- modules ---------------------------------------------------------------------------------
+
+def _norm(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def _module_name(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    return _norm(re.sub(r"\.ko(\.(xz|zst|gz))?$", "", base))
+
+
+def read_modules_dep(moddir: Path) -> dict[str, tuple[str, list[str]]]:
+    """name -> (relative path, [dependency paths]) from the tree's modules.dep."""
+    deps: dict[str, tuple[str, list[str]]] = {}
+    text = (moddir / "modules.dep").read_text()
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        path, rest = line.split(":", 1)
+        deps[_module_name(path)] = (path, rest.split())
+    return deps
+
+
+def module_load_order(moddir: Path, wanted: list[str]) -> list[str]:
+    """Relative paths of the wanted modules and their dependencies, dependencies first."""
+    deps = read_modules_dep(moddir)
+    by_path = {path: name for name, (path, _) in deps.items()}
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in seen or name not in deps:
+            return
+        seen.add(name)
+        path, requires = deps[name]
+        # modules.dep lists a module's dependencies so that the last is loaded first
+        for dep in reversed(requires):
+            visit(by_path.get(dep, _module_name(dep)))
+        order.append(path)
+
+    for name in wanted:
+        visit(_norm(name))
+    return order
+
+
+def initramfs_modules(board: dict) -> list[str]:
+    if board["bootloader"] == "raspi-firmware":
+        return [*RASPI_MODULES, *VIRTIO_MODULES, *FS_MODULES]   # virtio: raspberryPi4 runs on QEMU's virt
+    return [*VIRTIO_MODULES, *FS_MODULES]
+
+
+# --- the initramfs ---------------------------------------------------------------------------
+
+INIT = r"""#!/bin/busybox sh
+# kiosk initramfs: load the modules that reach the root filesystem, mount it, switch_root.
+/bin/busybox mkdir -p /proc /sys /dev /run /root /tmp /sbin /usr/bin /usr/sbin
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc -o nosuid,nodev,noexec proc /proc
+mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
+mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
+mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
+
+root= ; rootfstype=auto ; rootflags= ; mode=rw ; init=/sbin/init ; rootdelay=90 ; quiet=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        root=*) root="${arg#root=}" ;;
+        rootfstype=*) rootfstype="${arg#rootfstype=}" ;;
+        rootflags=*) rootflags="${arg#rootflags=}" ;;
+        rootdelay=*) rootdelay="${arg#rootdelay=}" ;;
+        init=*) init="${arg#init=}" ;;
+        ro) mode=ro ;;
+        rw) mode=rw ;;
+        quiet) quiet=1 ;;
+    esac
+done
+say() { [ -n "$quiet" ] || echo "kiosk-initramfs: $*"; }
+fail() {
+    echo "kiosk-initramfs: $*"
+    echo "kiosk-initramfs: block devices: $(ls /sys/class/block 2>/dev/null | tr '\n' ' ')"
+    echo "kiosk-initramfs: kernel command line: $(cat /proc/cmdline)"
+    grep -q kiosk.shell /proc/cmdline && exec sh
+    echo "kiosk-initramfs: rebooting in 30 seconds (add kiosk.shell to the command line for a shell)"
+    sleep 30
+    reboot -f
+}
+
+say "loading modules"
+while read -r module; do
+    insmod "/lib/modules/$(uname -r)/$module" 2>/dev/null
+done < /etc/kiosk-modules
+# Anything else the hardware asks for (coldplug by modalias).
+for alias in $(cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u); do
+    modprobe -q "$alias" 2>/dev/null
+done
+
+say "waiting for root=$root"
+dev=
+waited=0
+while :; do
+    case "$root" in
+        UUID=*|LABEL=*) dev=$(findfs "$root" 2>/dev/null) ;;
+        /dev/*) [ -b "$root" ] && dev="$root" ;;
+        "") fail "no root= on the kernel command line" ;;
+        *) fail "root=$root: use UUID=, LABEL= or a /dev path" ;;
+    esac
+    [ -n "$dev" ] && [ -b "$dev" ] && break
+    [ "$waited" -ge $((rootdelay * 5)) ] && fail "root device $root did not appear in $rootdelay seconds"
+    # new devices (SD card detect, late probes) may need their modules
+    if [ $((waited % 10)) -eq 9 ]; then
+        for alias in $(cat /sys/bus/*/devices/*/modalias 2>/dev/null | sort -u); do modprobe -q "$alias" 2>/dev/null; done
+    fi
+    sleep 0.2
+    waited=$((waited + 1))
+done
+
+say "mounting $dev ($root) on /root"
+opts=$mode
+[ -n "$rootflags" ] && opts="$opts,$rootflags"
+if [ "$rootfstype" = auto ]; then
+    mount -o "$opts" "$dev" /root || fail "cannot mount $dev"
+else
+    mount -t "$rootfstype" -o "$opts" "$dev" /root || fail "cannot mount $dev as $rootfstype"
+fi
+[ -x "/root$init" ] || [ -L "/root$init" ] || fail "no $init on $dev"
+
+for fs in /dev /run /proc /sys; do
+    mkdir -p "/root$fs"
+    mount --move "$fs" "/root$fs" 2>/dev/null || umount -l "$fs"
+done
+say "switching to $init"
+exec switch_root /root "$init" "$@"
+"""
+
+
+def _cpio_newc(entries: list[tuple[str, int, bytes]], mtime: int) -> bytes:
+    """A newc cpio archive of (name, mode, data) in the given order: owner root, fixed times and inodes."""
+    out = bytearray()
+
+    def header(ino: int, mode: int, size: int, name: bytes, nlink: int = 1) -> None:
+        fields = [ino, mode, 0, 0, nlink, mtime, size, 0, 0, 0, 0, len(name) + 1, 0]
+        out.extend(b"070701" + b"".join(b"%08X" % f for f in fields))
+        out.extend(name + b"\0")
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (name, mode, data) in enumerate(entries, start=1):
+        header(ino, mode, len(data), name.encode(), 2 if stat.S_ISDIR(mode) else 1)
+        out.extend(data)
+        out.extend(b"\0" * (-len(out) % 4))
+    header(0, 0, 0, b"TRAILER!!!")
+    out.extend(b"\0" * (-len(out) % 512))
+    return bytes(out)
+
+
+def _depmod(entries: dict[str, tuple[int, bytes]], version: str) -> dict[str, bytes]:
+    """modules.dep, modules.alias... for the initramfs's modules, by the host's depmod (it reads any arch)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kiosk-depmod-") as tmp:
+        base = Path(tmp)
+        for name, (mode, data) in entries.items():
+            if name.startswith(f"lib/modules/{version}/"):
+                path = base / name
+                if stat.S_ISDIR(mode):
+                    path.mkdir(parents=True, exist_ok=True)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_bytes(data)
+        result = subprocess.run(["depmod", "-b", str(base), version], capture_output=True, text=True)
+        if result.returncode != 0:
+            return {}
+        out = {}
+        moddir = base / "lib/modules" / version
+        for f in sorted(moddir.glob("modules.*")):
+            if f.is_file() and not f.name.endswith(".bin") and f.name not in ("modules.order", "modules.builtin"):
+                out[f"lib/modules/{version}/{f.name}"] = f.read_bytes()
+        return out
+
+
+def build_initramfs(plan, root_dir: Path, version: str, *, epoch: int, log: Log) -> bytes:
+    """The gzip-compressed initramfs for the tree's kernel, made natively (reproducible bytes)."""
+    busybox = next((p for p in (root_dir / "usr/bin/busybox", root_dir / "bin/busybox") if p.is_file()), None)
+    if busybox is None:
+        raise KioskError("boot files: busybox-static is not installed in the root tree (kiosk.rootfs adds it)")
+    moddir = root_dir / "lib/modules" / version
+    if not (moddir / "modules.dep").is_file():
+        raise KioskError(f"boot files: {moddir}/modules.dep is missing (depmod did not run for {version})")
+    wanted = initramfs_modules(plan.board)
+    order = module_load_order(moddir, wanted)
+    files: dict[str, tuple[int, bytes]] = {}
+
+    def add_dir(path: str) -> None:
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            files.setdefault("/".join(parts[:i]), (stat.S_IFDIR | 0o755, b""))
+
+    for d in ("bin", "dev", "etc", "proc", "root", "run", "sbin", "sys", "tmp", "usr/bin", "usr/sbin",
+              f"lib/modules/{version}"):
+        add_dir(d)
+    files["bin/busybox"] = (stat.S_IFREG | 0o755, busybox.read_bytes())
+    files["init"] = (stat.S_IFREG | 0o755, INIT.encode())
+    for rel in order:
+        src = moddir / rel
+        add_dir(f"lib/modules/{version}/{rel.rsplit('/', 1)[0]}")
+        files[f"lib/modules/{version}/{rel}"] = (stat.S_IFREG | 0o644, src.read_bytes())
+    for extra in ("modules.builtin", "modules.builtin.modinfo", "modules.order"):
+        if (moddir / extra).is_file():
+            files[f"lib/modules/{version}/{extra}"] = (stat.S_IFREG | 0o644, (moddir / extra).read_bytes())
+    for name, data in _depmod(files, version).items():
+        files[name] = (stat.S_IFREG | 0o644, data)
+    files["etc/kiosk-modules"] = (stat.S_IFREG | 0o644, "".join(f"{rel}\n" for rel in order).encode())
+    # The initramfs modules must never be stale: record what they came from.
+    files["etc/kiosk-initramfs"] = (stat.S_IFREG | 0o644,
+                                    f"kernel {version}\nboard {plan.board['name']}\n".encode())
+    entries = [(name, mode, data) for name, (mode, data) in sorted(files.items())]
+    archive = _cpio_newc(entries, epoch)
+    packed = gzip.compress(archive, compresslevel=9, mtime=0)
+    found = {_module_name(r) for r in order}
+    log(f"boot files: initramfs for {version}: {len(order)} modules "
+        f"({', '.join(sorted(found & {_norm(m) for m in wanted}))}), {len(packed) // 1024} KiB")
+    return packed
+
+
+# --- raspi-firmware's config.txt and cmdline.txt ---------------------------------------------
+
+CONFIG_HEADER = """# Do not modify this file!
+#
+# It is automatically generated upon install or update of either the
+# firmware or the Linux kernel.
+#
+# If you need to set boot-time parameters, do so via the
+# /etc/default/raspi-firmware, /etc/default/raspi-firmware-custom or
+# /etc/default/raspi-extra-cmdline files.
+
+"""
+
+
+def firmware_custom(plan) -> str:
+    """/etc/default/raspi-firmware-custom when the layer does not bring one: board lines, then the spec's."""
+    text = "\n".join(plan.board["configTxt"]) + "\n"
+    extra = plan.spec.get("raspberryPi", {}).get("firmwareConfig", "")
+    if extra:
+        text += "# raspberryPi.firmwareConfig from nixiosk.json\n" + extra.rstrip("\n") + "\n"
+    return text
+
+
+def extra_cmdline(plan) -> str:
+    """/etc/default/raspi-extra-cmdline when the layer does not bring one."""
+    return " ".join(plan.board["cmdline"] + ["quiet", "splash"]) + "\n"
+
+
+def _shell_cat(text: str) -> str:
+    """What $(cat file) gives in the hook: trailing newlines removed."""
+    return text.rstrip("\n")
+
+
+def raspi_config_txt(arch: str, kernel: str, initrd: str, custom: str | None) -> str:
+    """config.txt as raspi-firmware's z50-raspi-firmware hook writes it (bookworm 1.20220830)."""
+    text = CONFIG_HEADER
+    if arch == "arm64":
+        text += "# Switch the CPU from ARMv7 into ARMv8 (aarch64) mode\narm_64bit=1\n\n"
+    text += f"enable_uart=1\nupstream_kernel=1\n\nkernel={kernel}\n"
+    text += ("# For details on the initramfs directive, see\n"
+             "# https://www.raspberrypi.org/forums/viewtopic.php?f=63&t=10532\n"
+             f"initramfs {initrd}\n")
+    if custom is not None:
+        text += f"\n# Inserted by /etc/default/raspi-firmware-custom\n{_shell_cat(custom)}\n"
+    return text
+
+
+def raspi_cmdline_txt(console_list: list[str], rootpart: str, *, pi4: bool, cma: str = "64M",
+                      extra: str | None = None) -> str:
+    """cmdline.txt as the same hook writes it, spaces and all."""
+    pre = "".join(f" console={c}" for c in console_list)
+    set_cma = "" if (cma == "64M" and pi4) or cma == "0" else f"cma={cma}"
+    post = _shell_cat(extra) if extra is not None else ""
+    return f"{pre} root={rootpart} rw fsck.repair=yes net.ifnames=0 {set_cma} rootwait {post}\n"
+
+
+def _set_default(text: str, key: str, value: str) -> str:
+    """Set KEY=value in a shell defaults file: replace the (commented) line, else append."""
+    line = f"{key}={value}"
+    pattern = re.compile(rf"^#?\s*{key}=.*$", re.M)
+    if re.search(rf"^{key}=", text, re.M):
+        return re.sub(rf"^{key}=.*$", line, text, count=1, flags=re.M)
+    if pattern.search(text):
+        return pattern.sub(line, text, count=1)
+    return text.rstrip("\n") + f"\n{line}\n"
+
+
+def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.kiosk-tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _dtb_dir(root_dir: Path, version: str) -> Path:
+    for candidate in (root_dir / "usr/lib" / f"linux-image-{version}", root_dir / "lib" / f"linux-image-{version}"):
+        if candidate.is_dir():
+            return candidate
+    raise KioskError(f"boot files: no device trees for kernel {version} (/usr/lib/linux-image-{version})")
+
+
+# --- the stage -------------------------------------------------------------------------------
+
+def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda m: None) -> dict[str, bytes | Path]:
+    """Files for the FAT partition, {name: bytes or a Path to copy}; writes the matching on-device config.
+
+    root is the root= value (e.g. "UUID=..."), as kiosk.image decides it.
+    """
+    board = plan.board
+    version = kernel_version(root_dir)
+    vmlinuz = root_dir / "boot" / f"vmlinuz-{version}"
+    initrd = build_initramfs(plan, root_dir, version, epoch=epoch, log=log)
+    # On the device, raspi-firmware's hooks copy /boot/initrd.img-* to the FAT partition: keep ours there.
+    _write(root_dir / "boot" / f"initrd.img-{version}", initrd)
+    files: dict[str, bytes | Path] = {}
+
+    if board["bootloader"] == "direct-kernel":
+        cmdline = " ".join([f"console={c}" for c in consoles(board)] + [f"root={root}", "rw"]
+                           + board["cmdline"] + ["quiet", "splash"]) + "\n"
+        files["vmlinuz"] = vmlinuz
+        files["initrd.img"] = initrd
+        files["cmdline.txt"] = cmdline.encode()
+        _install_direct_kernel_hook(root_dir)
+        log(f"boot files: kernel {version}, initrd.img, cmdline.txt (direct kernel boot)")
+        return files
+
+    firmware = root_dir / "usr/lib/raspi-firmware"
+    if not firmware.is_dir():
+        raise KioskError("boot files: /usr/lib/raspi-firmware is missing (raspi-firmware must be in the plan)")
+    for blob in sorted(firmware.iterdir()):
+        if blob.is_file():
+            files[blob.name] = blob
+    dtbs = _dtb_dir(root_dir, version)
+    for dtb in board["deviceTrees"]:
+        src = dtbs / dtb
+        if not src.is_file():
+            raise KioskError(f"boot files: device tree {dtb} is not in kernel {version} (hardware/{board['name']}.json)")
+        files[Path(dtb).name] = src
+    files[f"vmlinuz-{version}"] = vmlinuz
+    files[f"initrd.img-{version}"] = initrd
+
+    # The on-device settings, so raspi-firmware's hooks regenerate these same files after an upgrade.
+    defaults = root_dir / "etc/default/raspi-firmware"
+    text = defaults.read_text() if defaults.is_file() else ""
+    text = _set_default(text, "CONSOLES", f'"{" ".join(consoles(board))}"')
+    text = _set_default(text, "ROOTPART", f'"{root}"')
+    _write(defaults, text)
+    custom_path = root_dir / "etc/default/raspi-firmware-custom"
+    extra_path = root_dir / "etc/default/raspi-extra-cmdline"
+    if not custom_path.is_file():
+        _write(custom_path, firmware_custom(plan))
+    if not extra_path.is_file():
+        _write(extra_path, extra_cmdline(plan))
+    custom = custom_path.read_text()
+    extra = extra_path.read_text()
+    files["config.txt"] = raspi_config_txt(plan.architecture, f"vmlinuz-{version}", f"initrd.img-{version}",
+                                           custom).encode()
+    files["cmdline.txt"] = raspi_cmdline_txt(consoles(board), root, pi4=board["name"] == "raspberryPi4",
+                                             extra=extra).encode()
+    log(f"boot files: firmware ({sum(1 for p in firmware.iterdir())} files), kernel {version}, "
+        f"{len(board['deviceTrees'])} device trees, config.txt, cmdline.txt")
+    return files
+
+
+DIRECT_KERNEL_HOOK = """#!/bin/sh
+# kiosk: the qemu target boots the kernel QEMU is given (kiosk run reads it from the FAT
+# partition): after a kernel or initramfs update on the device, copy the newest there.
+set -e
+[ -d /boot/firmware ] && mountpoint -q /boot/firmware || exit 0
+latest=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V -r | head -1)
+[ -n "$latest" ] || exit 0
+version=${latest#/boot/vmlinuz-}
+cp "$latest" /boot/firmware/vmlinuz.new && mv /boot/firmware/vmlinuz.new /boot/firmware/vmlinuz
+if [ -e "/boot/initrd.img-$version" ]; then
+    cp "/boot/initrd.img-$version" /boot/firmware/initrd.img.new && mv /boot/firmware/initrd.img.new /boot/firmware/initrd.img
+fi
+"""
+
+
+def _install_direct_kernel_hook(root_dir: Path) -> None:
+    for hook_dir in ("etc/kernel/postinst.d", "etc/initramfs/post-update.d"):
+        _write(root_dir / hook_dir / "z50-kiosk-direct-kernel", DIRECT_KERNEL_HOOK, 0o755)

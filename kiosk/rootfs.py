@@ -1,0 +1,344 @@
+"""The base root filesystem: mmdebstrap of the plan's packages, cached by package set.
+
+`base_rootfs(plan)` returns an uncompressed tarball under
+`cache_dir()/rootfs/`, keyed by `plan.package_key` plus this module's recipe
+version. An uncompressed tar is what the rest of the build reuses fastest:
+unpacking ~700 MB takes a few seconds and needs no compression CPU (measured
+figures in notes/image.md).
+
+Things this recipe takes care of:
+
+- Downloaded .debs are kept in `cache_dir()/debs/<arch>/` and synced into the
+  chroot before apt runs (mmdebstrap's sync-in/sync-out hooks), so adding one
+  package downloads one package; the cache holds no apt lists, so apt always
+  resolves against the mirror's current index.
+- update-initramfs is diverted to a no-op while packages are installed: under
+  qemu-user one mkinitramfs run costs ~10 minutes. kiosk.bootfiles builds a
+  small initramfs natively instead. The diversion is removed at the end, so on
+  the device a kernel upgrade runs the real update-initramfs (natively there).
+- raspi-firmware's kernel hook finds no initrd during the build and exits
+  before writing anything; the blobs its postinst copies to /boot/firmware are
+  removed from the tree (the FAT partition is mounted there).
+- Reproducible: SOURCE_DATE_EPOCH is the suite's Release date (or the
+  caller's SOURCE_DATE_EPOCH), ssh host keys are removed (the device makes its
+  own on first start), /etc/hostname and /etc/resolv.conf get fixed contents,
+  PYTHONHASHSEED=0 for byte-compilation.
+"""
+
+from __future__ import annotations
+
+import collections
+import email.utils
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tarfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+from kiosk import resources
+from kiosk.errors import KioskError
+
+# Bump when the recipe below changes what ends up in the tarball.
+RECIPE_VERSION = "4"
+
+# Always installed on top of the plan's packages: busybox-static of the target
+# architecture is what the native initramfs (kiosk.bootfiles) is made of.
+RECIPE_PACKAGES = ("busybox-static",)
+
+COMPONENTS = ("main", "non-free-firmware")
+QEMU_BINFMT = {"arm64": "qemu-aarch64", "armhf": "qemu-arm", "armel": "qemu-arm"}
+FALLBACK_EPOCH = 1686355200  # 2023-06-10, the bookworm release, when the mirror gives no date
+
+Log = Callable[[str], None]
+
+
+def _noop_log(msg: str) -> None:
+    pass
+
+
+def host_arch() -> str:
+    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def rootfs_dir() -> Path:
+    return resources.cache_dir() / "rootfs"
+
+
+def deb_cache_dir() -> Path:
+    """Downloaded .debs of every architecture (arch: all ones are shared between boards)."""
+    return resources.cache_dir() / "debs"
+
+
+def cache_key(plan) -> str:
+    blob = json.dumps([plan.package_key, RECIPE_VERSION, list(RECIPE_PACKAGES)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def tarball_path(plan) -> Path:
+    return rootfs_dir() / f"{plan.suite}-{plan.architecture}-{cache_key(plan)}.tar"
+
+
+def metadata_path(tar: Path) -> Path:
+    return tar.with_suffix(".json")
+
+
+def read_metadata(tar: Path) -> dict:
+    """What was recorded when the tarball was built: epoch, packages, timings."""
+    return json.loads(metadata_path(tar).read_text())
+
+
+def release_epoch(mirror: str, suite: str, timeout: float = 20) -> int:
+    """The Date: of the suite's Release file, or the caller's SOURCE_DATE_EPOCH.
+
+    The Release date changes exactly when the package lock (the archive's state)
+    does, so a pinned snapshot mirror gives the same epoch, hence the same bytes.
+    """
+    if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
+        return int(os.environ["SOURCE_DATE_EPOCH"])
+    for name in ("InRelease", "Release"):
+        url = f"{mirror.rstrip('/')}/dists/{suite}/{name}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                head = response.read(4096).decode("utf-8", "replace")
+        except OSError:
+            continue
+        match = re.search(r"^Date: (.+)$", head, re.M)
+        if match:
+            return int(email.utils.parsedate_to_datetime(match.group(1).strip()).timestamp())
+    return FALLBACK_EPOCH
+
+
+def check_foreign_arch(arch: str) -> None:
+    """A foreign architecture needs qemu-user via binfmt_misc; say how to get it if missing."""
+    if arch == host_arch():
+        return
+    result = subprocess.run(["arch-test", arch], capture_output=True, text=True) if shutil.which("arch-test") \
+        else None
+    if result is not None and result.returncode == 0:
+        return
+    binfmt = Path("/proc/sys/fs/binfmt_misc")
+    hint = ""
+    if not (binfmt / "status").exists():
+        hint = " binfmt_misc is not mounted: mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc;"
+    name = QEMU_BINFMT.get(arch, "qemu-" + arch)
+    raise KioskError(f"rootfs: cannot run {arch} programs on this {host_arch()} machine;{hint} "
+                     f"install qemu-user-static and binfmt-support, then update-binfmts --enable {name} "
+                     f"(check with: arch-test {arch})")
+
+
+# The no-op that stands in for update-initramfs while packages are installed.
+_NOOP_UPDATE_INITRAMFS = """#!/bin/sh
+# kiosk: update-initramfs is diverted while the image is built (it would run
+# mkinitramfs under qemu-user for ~10 minutes); kiosk builds the initramfs natively.
+exit 0
+"""
+
+
+def mmdebstrap_command(plan, out: Path, *, epoch: int, verbose: bool = False) -> list[str]:
+    """The whole mmdebstrap invocation (also shown by `--verbose` for reproducing by hand)."""
+    debs = str(deb_cache_dir())
+    packages = sorted(set(plan.packages) | set(RECIPE_PACKAGES))
+    q = shlex.quote
+    divert = "/usr/sbin/update-initramfs"
+    noop = _NOOP_UPDATE_INITRAMFS.replace("'", "")
+    archives = '"$1"/var/cache/apt/archives/'
+    # Hard links where the cache and the chroot share a file system (instant), copies elsewhere.
+    sync_in = (f"mkdir -p {q(debs)} {archives}partial && "
+               f"find {q(debs)} -maxdepth 1 -type f \\( -name '*_{plan.architecture}.deb' -o -name '*_all.deb' \\) "
+               f"-exec sh -c 'cp -l -t \"$0\" \"$@\" 2>/dev/null || cp -t \"$0\" \"$@\"' {archives} {{}} +")
+    sync_out = (f"find {archives} -maxdepth 1 -type f -name '*.deb' "
+                f"-exec sh -c 'cp -l -n -t \"$0\" \"$@\" 2>/dev/null || cp -n -t \"$0\" \"$@\"' {q(debs)} {{}} +")
+    cmd = [
+        "mmdebstrap",
+        f"--mode={'root' if os.geteuid() == 0 else 'unshare'}",
+        "--variant=minbase",
+        "--format=tar",
+        f"--architectures={plan.architecture}",
+        f"--components={','.join(COMPONENTS)}",
+        "--include=" + ",".join(packages),
+        "--aptopt=Acquire::Languages \"none\"",
+        "--aptopt=APT::Install-Recommends \"false\"",
+        "--dpkgopt=force-confold",
+        # No manual pages, info, translations or documentation on a kiosk (copyright files stay:
+        # they are the licences the SBOM points to). Kept on the device for later upgrades too.
+        *[f"--dpkgopt=path-exclude={p}" for p in ("/usr/share/man/*", "/usr/share/info/*", "/usr/share/locale/*",
+                                                  "/usr/share/doc/*", "/usr/share/lintian/*")],
+        "--dpkgopt=path-include=/usr/share/locale/locale.alias",
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        # Keep downloaded .debs: put in before apt runs, taken out at the end.
+        "--skip=essential/unlink",
+        "--skip=download/empty",
+        f"--setup-hook={sync_in}",
+        # Divert update-initramfs before any package could call it.
+        f"--essential-hook=chroot \"$1\" dpkg-divert --quiet --local --rename "
+        f"--divert {divert}.kiosk-real --add {divert}",
+        f"--essential-hook=printf '%s' {q(noop)} > \"$1\"{divert} && chmod 755 \"$1\"{divert}",
+        f"--customize-hook={sync_out}",
+        # Give update-initramfs back to the device.
+        f"--customize-hook=rm -f \"$1\"{divert} && chroot \"$1\" dpkg-divert --quiet --local --rename "
+        f"--divert {divert}.kiosk-real --remove {divert}",
+        # Never bake secrets or host-specific files into an image.
+        "--customize-hook=rm -f \"$1\"/etc/ssh/ssh_host_*_key \"$1\"/etc/ssh/ssh_host_*_key.pub",
+        "--customize-hook=echo kiosk > \"$1\"/etc/hostname",
+        "--customize-hook=rm -f \"$1\"/etc/resolv.conf && : > \"$1\"/etc/resolv.conf",
+        # raspi-firmware's postinst copies its blobs here; the FAT partition is mounted over it.
+        "--customize-hook=if [ -d \"$1\"/boot/firmware ]; then find \"$1\"/boot/firmware -mindepth 1 -delete; fi",
+        # Record what is installed (parsed back by installed_packages()).
+        "--customize-hook=chroot \"$1\" dpkg-query -W "
+        "-f '${Package}\\t${Version}\\t${Architecture}\\t${source:Package}\\t${source:Version}\\n' "
+        f"> {q(str(out))}.dpkg-query",
+    ]
+    if verbose:
+        cmd.append("--verbose")
+    cmd += [plan.suite, str(out), plan.mirror]
+    return cmd
+
+
+def _lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def run_logged(cmd: list[str], *, stage: str, log: Log, verbose: bool, env: dict | None = None,
+               interesting: Callable[[str], bool] = lambda line: False, tail: int = 20) -> None:
+    """Run cmd, showing its output (all of it when verbose, else the interesting lines);
+    on failure raise a KioskError naming the stage with the last `tail` lines."""
+    last: collections.deque[str] = collections.deque(maxlen=tail)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, text=True, errors="replace", bufsize=1)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        # progress bars redraw with \r: keep the last state
+        line = line.rsplit("\r", 1)[-1]
+        if not line.strip():
+            continue
+        last.append(line)
+        if verbose or interesting(line):
+            log(f"  {line}")
+    code = proc.wait()
+    if code != 0:
+        raise KioskError(f"{stage} failed ({Path(cmd[0]).name} exited with status {code}); last lines:\n"
+                         + "\n".join(last))
+
+
+def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: bool = False) -> Path:
+    """The cached base tree of plan's package set, as an uncompressed tarball (built if missing)."""
+    tar = tarball_path(plan)
+    fd = _lock(tar.with_suffix(".lock"))
+    try:
+        if tar.exists() and metadata_path(tar).exists() and not rebuild:
+            log(f"rootfs: reusing {tar.name} ({plan.architecture}, {len(plan.packages)} packages)")
+            return tar
+        check_foreign_arch(plan.architecture)
+        if not shutil.which("mmdebstrap"):
+            raise KioskError("rootfs: mmdebstrap is not installed (apt install mmdebstrap)")
+        epoch = release_epoch(plan.mirror, plan.suite)
+        tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
+        cmd = mmdebstrap_command(plan, tmp, epoch=epoch, verbose=verbose)
+        env = dict(os.environ, SOURCE_DATE_EPOCH=str(epoch), PYTHONHASHSEED="0", LC_ALL="C.UTF-8",
+                   DEBIAN_FRONTEND="noninteractive")
+        debs = deb_cache_dir()
+        cached = len(list(debs.glob(f"*_{plan.architecture}.deb")) + list(debs.glob("*_all.deb"))) \
+            if debs.is_dir() else 0
+        log(f"rootfs: mmdebstrap {plan.suite} {plan.architecture}, {len(plan.packages)} packages "
+            f"from {plan.mirror} ({cached} .debs cached, SOURCE_DATE_EPOCH={epoch})")
+        started = time.monotonic()
+        try:
+            run_logged(cmd, stage="rootfs (mmdebstrap)", log=log, verbose=verbose, env=env,
+                       interesting=lambda line: line.startswith(("I: ", "E: ", "W: ")))
+            packages = _parse_dpkg_query(Path(f"{tmp}.dpkg-query").read_text())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            Path(f"{tmp}.dpkg-query").unlink(missing_ok=True)
+        elapsed = time.monotonic() - started
+        meta = {
+            "recipe": RECIPE_VERSION, "packageKey": plan.package_key, "suite": plan.suite,
+            "architecture": plan.architecture, "mirror": plan.mirror, "requested": list(plan.packages),
+            "sourceDateEpoch": epoch, "seconds": round(elapsed, 1),
+            "installed": [list(p) for p in packages],
+        }
+        metadata_path(tar).with_suffix(".json.tmp").write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, tar)
+        os.replace(metadata_path(tar).with_suffix(".json.tmp"), metadata_path(tar))
+        log(f"rootfs: built {tar.name} in {elapsed:.0f} s, {len(packages)} packages installed, "
+            f"{tar.stat().st_size / 2**20:.0f} MiB")
+        return tar
+    finally:
+        os.close(fd)
+
+
+def _parse_dpkg_query(text: str) -> list[tuple[str, str, str, str]]:
+    out = []
+    for line in text.splitlines():
+        name, version, arch, source, source_version = (line.split("\t") + [""] * 5)[:5]
+        out.append((name, version, arch, source or name))
+    return sorted(out)
+
+
+def parse_dpkg_status(text: str) -> list[tuple[str, str, str, str]]:
+    """(name, version, architecture, source) of every installed package in a dpkg status file."""
+    out = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line[:1].isspace() or ":" not in line:
+                continue
+            key, value = line.split(":", 1)
+            fields[key] = value.strip()
+        if not fields.get("Package") or "installed" not in fields.get("Status", "").split()[-1:]:
+            continue
+        source = fields.get("Source", fields["Package"]).split(" ", 1)[0]
+        out.append((fields["Package"], fields.get("Version", ""), fields.get("Architecture", ""), source))
+    return sorted(out)
+
+
+def installed_packages(tree_or_tar: Path | str) -> list[tuple[str, str, str, str]]:
+    """Installed packages (name, version, arch, source) of a root tree, a base tarball, or a status file."""
+    path = Path(tree_or_tar)
+    if path.is_dir():
+        return parse_dpkg_status((path / "var/lib/dpkg/status").read_text())
+    if path.suffix == ".tar":
+        meta = metadata_path(path)
+        if meta.exists():
+            return [tuple(p) for p in json.loads(meta.read_text())["installed"]]
+        with tarfile.open(path) as tf:
+            for name in ("./var/lib/dpkg/status", "var/lib/dpkg/status"):
+                try:
+                    member = tf.extractfile(name)
+                except KeyError:
+                    continue
+                if member:
+                    return parse_dpkg_status(member.read().decode())
+        raise KioskError(f"{path}: no var/lib/dpkg/status in this tarball")
+    return parse_dpkg_status(path.read_text())
+
+
+def extract(tar: Path, dest: Path, *, log: Log = _noop_log) -> None:
+    """Unpack a base tarball into dest (which must exist), keeping owners, modes and times.
+
+    /dev is left empty (devtmpfs is mounted there at boot), so this also works without root.
+    """
+    started = time.monotonic()
+    cmd = ["tar", "-C", str(dest), "--extract", "--file", str(tar), "--xattrs", "--xattrs-include=*",
+           "--numeric-owner", "--exclude=./dev/*"]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--same-owner")
+        cmd.insert(1, "--preserve-permissions")
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KioskError(f"rootfs: unpacking {tar} failed: {result.stderr.strip()[-2000:]}")
+    log(f"rootfs: unpacked {tar.name} in {time.monotonic() - started:.1f} s")
