@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from kiosk import __version__
-from kiosk.discover import KIOSK_TYPE, SSH_TYPE, ipv4_of, local_addresses, resolve
+from kiosk.discover import KIOSK_TYPE, SSH_TYPE, ipv4_of, local_addresses, resolve, tolerate_bad_packets
 from kiosk.errors import UsageError
 
 log = logging.getLogger("kiosk.agent")
@@ -151,6 +151,7 @@ class Agent:
         v4 = ipv4_of(addresses)
         self.bound = {a: iface for iface, addrs in addresses.items() for a in addrs if a in v4}
         self.zc = Zeroconf(interfaces=v4, ip_version=IPVersion.V4Only)
+        tolerate_bad_packets(self.zc, log)
         log.info("listening on %s", ", ".join(f"{a} ({i})" for a, i in self.bound.items()))
         self._claim_and_register(base)
 
@@ -254,6 +255,7 @@ class Agent:
         v4 = ipv4_of(addresses)
         self.bound = {a: iface for iface, addrs in addresses.items() for a in addrs if a in v4}
         self.zc = Zeroconf(interfaces=v4, ip_version=IPVersion.V4Only)
+        tolerate_bad_packets(self.zc, log)
         # The names are ours already (probed and defended by this process): no new probing.
         self._register([self._kiosk_info(), self._ssh_info()], cooperating_responders=True)
         if gone:

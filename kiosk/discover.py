@@ -101,6 +101,33 @@ def ipv4_of(addresses: dict[str, list[str]]) -> list[str]:
     return [a for addrs in addresses.values() for a in addrs if ":" not in a]
 
 
+def tolerate_bad_packets(zc, log=None) -> None:
+    """Count, don't print, errors escaping zeroconf's event loop.
+
+    Some malformed packets make bookworm's zeroconf 0.47.3 raise out of
+    datagram_received (a HINFO string that is not UTF-8 raises UnicodeDecodeError);
+    asyncio would log a traceback for each one. The loop carries on either way,
+    so: nothing on a user's terminal, and at most one line a minute in the agent's
+    log (`log`), with the count.
+    """
+    state = {"count": 0, "last": -60.0}
+
+    def handler(loop, context) -> None:
+        state["count"] += 1
+        if log is None:
+            return
+        exc = context.get("exception")
+        log.debug("error in zeroconf's event loop: %s", context.get("message"), exc_info=exc)
+        now = time.monotonic()
+        if now - state["last"] >= 60:
+            what = f"{type(exc).__name__}: {exc}" if exc else context.get("message")
+            log.warning("ignored %d packet(s) or event(s) zeroconf could not handle (latest: %s)",
+                        state["count"], one_line(str(what))[:200])
+            state["count"], state["last"] = 0, now
+
+    zc.loop.set_exception_handler(handler)
+
+
 # --- resolving <host>.local ------------------------------------------------------------------
 
 def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
@@ -123,6 +150,7 @@ def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
         zc = Zeroconf(interfaces=interfaces, unicast=True, ip_version=IPVersion.V4Only)
     except OSError as exc:
         raise KioskError(f"cannot open an mDNS socket: {exc}") from exc
+    tolerate_bad_packets(zc)
     try:
         query = DNSOutgoing(_FLAGS_QR_QUERY)
         query.add_question(DNSQuestion(name, _TYPE_A, _CLASS_IN))
@@ -217,6 +245,7 @@ class Browser:
             self.zc = Zeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
         except (OSError, RuntimeError) as exc:
             raise KioskError(f"cannot listen for mDNS (UDP port 5353): {exc}") from exc
+        tolerate_bad_packets(self.zc)
         self.events: queue.Queue = queue.Queue()
         self._lookup_timeout_ms = int(timeout * 1000)
         self._serial: dict[str, int] = {}
