@@ -1,0 +1,349 @@
+"""`kiosk agent` / `discover` / `resolve` / `ssh-proxy` over real multicast.
+
+Every test builds its own LAN of network namespaces (tests/mdns_netns.py: a bridge,
+one namespace per host) and runs the real `kiosk` as subprocesses in them. Agents
+run on the current zeroconf (a laptop's) and, where available, on Debian
+bookworm's 0.47.3 (the device's): KIOSK_DEVICE_PYTHON names that interpreter, or
+/usr/bin/python3 is used when it has python3-zeroconf 0.47.x (apt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mdns_netns import Lan, make_state_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+HELPER = str(Path(__file__).resolve().parent / "mdns_netns.py")
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(not shutil.which("ip"), reason="needs iproute2"),
+]
+
+
+def _device_python() -> str | None:
+    """An interpreter with bookworm's zeroconf 0.47.x, or None."""
+    for candidate in (os.environ.get("KIOSK_DEVICE_PYTHON"), "/usr/bin/python3"):
+        if not candidate or not os.path.exists(candidate):
+            continue
+        r = subprocess.run([candidate, "-c", "import zeroconf; print(zeroconf.__version__)"],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.startswith("0.47."):
+            return candidate
+    return None
+
+
+DEVICE_PY = _device_python()
+PYTHONS = [
+    pytest.param(sys.executable, id="zeroconf-current"),
+    pytest.param(DEVICE_PY, id="zeroconf-0.47.3", marks=pytest.mark.skipif(
+        DEVICE_PY is None, reason="no bookworm zeroconf 0.47.3: apt install python3-zeroconf, or set "
+                                  "KIOSK_DEVICE_PYTHON (see notes/mdns.md)")),
+]
+ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+
+
+@pytest.fixture
+def lan():
+    net = Lan()
+    yield net
+    net.close()
+
+
+class Agent:
+    def __init__(self, host, state_dir: Path, log: Path, python: str, *extra: str):
+        self.host, self.state_dir, self.log_path = host, state_dir, log
+        self.proc = host.popen(python, "-m", "kiosk", "agent", "--state-dir", str(state_dir), *extra,
+                               stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=ENV, cwd=str(ROOT))
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=10)
+
+
+def start_agent(host, tmp_path: Path, name: str, python: str = sys.executable, *extra: str, **state) -> Agent:
+    state_dir = make_state_dir(tmp_path / f"state-{host.ns}", name, **state)
+    return Agent(host, state_dir, tmp_path / f"agent-{host.ns}.log", python, *extra)
+
+
+def kiosk(host, *args: str, python: str = sys.executable, timeout: float = 60, input=None):
+    return host.run(python, "-m", "kiosk", *args, timeout=timeout, env=ENV, input=input)
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
+
+
+def resolved(host, name: str, timeout: float = 0.5, python: str = sys.executable) -> list[str]:
+    r = kiosk(host, "resolve", name, "--timeout", str(timeout), python=python)
+    return r.stdout.split() if r.returncode == 0 else []
+
+
+def ipv4(addresses) -> set[str]:
+    return {a for a in addresses if ":" not in a}
+
+
+def discovered(host, timeout: float = 2, python: str = sys.executable) -> dict[str, dict]:
+    r = kiosk(host, "discover", "--json", "--timeout", str(timeout), python=python)
+    assert r.returncode == 0, r.stderr
+    return {k["host"]: k for k in json.loads(r.stdout)}
+
+
+class Watch:
+    """`kiosk discover --watch --json` running in a namespace; events as dicts."""
+
+    def __init__(self, host, python: str = sys.executable):
+        self.proc = host.popen(python, "-m", "kiosk", "discover", "--watch", "--json", stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=ENV, cwd=str(ROOT))
+        self.lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
+
+    def next(self, predicate, timeout: float, what: str) -> dict:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                event = json.loads(self.lines.get(timeout=left))
+            except queue.Empty:
+                break
+            if predicate(event):
+                return event
+        raise AssertionError(f"discover --watch: no {what} within {timeout} s"
+                             + (f" (exited: {self.proc.stderr.read()})" if self.proc.poll() is not None else ""))
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+# --- the tests ----------------------------------------------------------------------------------
+
+def test_discover_twenty_agents(lan, tmp_path):
+    hosts = [lan.add_host() for _ in range(21)]
+    client, devices = hosts[0], hosts[1:]
+    boards = ["raspberryPi0", "raspberryPi3", "raspberryPi4", "qemu"]
+    for i, host in enumerate(devices, 1):
+        start_agent(host, tmp_path, f"kiosk-{i:02d}", hardware=boards[i % 4], generation=i,
+                    commit=f"{i:02x}" * 20, package=["cog", "kodi", "retroarch"][i % 3])
+
+    def all_listed():
+        found = discovered(client, timeout=2)
+        return found if len(found) == 20 else None
+
+    found = wait_for(all_listed, 60, "20 kiosks in `kiosk discover`", interval=0)
+    for i, host in enumerate(devices, 1):
+        k = found[f"kiosk-{i:02d}.local"]
+        assert host.ip in k["addresses"]
+        assert k["name"] == f"kiosk-{i:02d}"
+        assert k["hardware"] == boards[i % 4]
+        assert k["generation"] == str(i)
+        assert k["commit"] == f"{i:02x}" * 20
+        assert k["program"] == ["cog", "kodi", "retroarch"][i % 3]
+        assert k["version"] == "0.1.0"
+        assert k["port"] == 22
+    table = kiosk(client, "discover", "--timeout", "2")
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["HOST", "ADDRESSES", "HARDWARE", "GEN", "PROGRAM", "COMMIT"]
+    assert len(lines) == 21 and lines[1].startswith("kiosk-01.local ")
+
+
+@pytest.mark.parametrize("client_py", PYTHONS)
+@pytest.mark.parametrize("agent_py", PYTHONS)
+def test_resolve_and_an_independent_resolver(lan, tmp_path, agent_py, client_py):
+    device, laptop = lan.add_host(), lan.add_host()
+    agent = start_agent(device, tmp_path, "kitchen", agent_py)
+    addresses = wait_for(lambda: resolved(laptop, "kitchen", python=client_py), 20, "kitchen.local to resolve")
+    assert ipv4(addresses) == {device.ip}
+    assert [a for a in addresses if a.startswith("fe80:")], "the link-local IPv6 address is published too"
+    # Any spelling of the name.
+    assert resolved(laptop, "KITCHEN.local.", timeout=2, python=client_py) == addresses
+    # An independent resolver (BIND's dig, unicast to port 5353) agrees; _ssh._tcp and TXT are there.
+    def dig(name: str, type_: str) -> list[str]:
+        r = laptop.run("dig", "+short", "+tries=1", "+time=2", "-p", "5353", f"@{device.ip}", name, type_)
+        return r.stdout.split() if r.returncode == 0 and not r.stdout.startswith(";;") else []
+
+    assert dig("kitchen.local", "A") == [device.ip]
+    assert set(dig("kitchen.local", "AAAA")) == {a for a in addresses if ":" in a}
+    assert dig("kitchen._ssh._tcp.local", "SRV") == ["0", "0", "22", "kitchen.local."]
+    assert set(dig("kitchen._kiosk._tcp.local", "TXT")) == {
+        '"version=0.1.0"', '"hardware=raspberryPi4"', '"generation=1"', f'"commit={1:040x}"', '"program=cog"',
+        '"host=kitchen"'}
+    # A name nobody has: a clear error after the timeout, exit 1.
+    started = time.monotonic()
+    r = kiosk(laptop, "resolve", "nobody.local", "--timeout", "1", python=client_py)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("kiosk: no answer for nobody.local within 1 s"), r.stderr
+    assert time.monotonic() - started < 10
+    bad = kiosk(laptop, "resolve", "no_such host", python=client_py)
+    assert bad.returncode == 2 and "is not a host name" in bad.stderr
+    assert "Traceback" not in agent.log()
+
+
+@pytest.mark.parametrize("second_py", PYTHONS)
+def test_two_devices_claiming_one_name(lan, tmp_path, second_py):
+    first, second, laptop = lan.add_host(), lan.add_host(), lan.add_host()
+    a = start_agent(first, tmp_path, "twin")
+    wait_for(lambda: resolved(laptop, "twin"), 20, "the first twin")
+    b = start_agent(second, tmp_path, "twin", second_py)
+    assert ipv4(wait_for(lambda: resolved(laptop, "twin-2"), 20, "twin-2.local")) == {second.ip}
+    assert ipv4(resolved(laptop, "twin", timeout=2)) == {first.ip}, "the first keeps its name, alone"
+    found = discovered(laptop)
+    assert found["twin.local"]["name"] == "twin" and first.ip in found["twin.local"]["addresses"]
+    assert found["twin-2.local"]["name"] == "twin-2" and second.ip in found["twin-2.local"]["addresses"]
+    log = b.log()
+    assert "HOST NAME CONFLICT: twin.local is already used by another device" in log, log
+    assert "this device is twin-2.local" in log and first.ip in log
+    assert "CONFLICT" not in a.log()
+
+
+def test_addresses_follow_the_network(lan, tmp_path):
+    device, laptop = lan.add_host(address=False), lan.add_host()
+    agent = start_agent(device, tmp_path, "roamer", sys.executable, "--interval", "1")
+    time.sleep(2)
+    assert resolved(laptop, "roamer") == [], "no IPv4 address yet: nothing to answer with"
+    a, b, c = "10.77.0.101", "10.77.0.102", "10.77.0.103"
+
+    def now_has(expected: set[str], what: str):
+        wait_for(lambda: ipv4(resolved(laptop, "roamer")) == expected, 20, what)
+
+    device.ip_cmd("addr", "add", f"{a}/24", "dev", "eth0")      # interface gets its address after start
+    now_has({a}, "the first address")
+    device.ip_cmd("addr", "add", f"{b}/24", "dev", "eth0")      # one more on the same interface
+    now_has({a, b}, "the added address")
+    device.ip_cmd("addr", "del", f"{b}/24", "dev", "eth0")      # and gone again
+    now_has({a}, "the removed address to go")
+    device.ip_cmd("addr", "add", f"{c}/24", "dev", "eth0")
+    device.ip_cmd("addr", "del", f"{a}/24", "dev", "eth0")      # the address its socket was bound to
+    now_has({c}, "the move to a new address")
+    log = agent.log()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    assert agent.proc.poll() is None
+
+
+@pytest.mark.parametrize("agent_py", PYTHONS)
+def test_generation_change_and_goodbye(lan, tmp_path, agent_py):
+    device, laptop = lan.add_host(), lan.add_host()
+    agent = start_agent(device, tmp_path, "lobby", agent_py, "--interval", "60")
+    watch = Watch(laptop)
+    try:
+        added = watch.next(lambda e: e["event"] == "added", 20, "lobby to appear")
+        assert (added["host"], added["generation"], added["hardware"]) == ("lobby.local", "1", "raspberryPi4")
+        # A new generation: TXT follows at once on SIGHUP (the poll interval here is 60 s).
+        make_state_dir(agent.state_dir, "lobby", generation=2, hardware="raspberryPi3", package="kodi",
+                       commit="ab" * 20)
+        agent.proc.send_signal(signal.SIGHUP)
+        sent = time.monotonic()
+        updated = watch.next(lambda e: e["event"] == "updated" and e["generation"] == "2", 5, "generation 2")
+        assert time.monotonic() - sent < 3
+        assert (updated["hardware"], updated["program"], updated["commit"]) == ("raspberryPi3", "kodi", "ab" * 20)
+        # A generation with another host name: the old name says goodbye, the new one appears.
+        make_state_dir(agent.state_dir, "foyer", generation=3)
+        agent.proc.send_signal(signal.SIGHUP)
+        watch.next(lambda e: e["event"] == "removed" and e["host"] == "lobby.local", 10, "lobby to go")
+        watch.next(lambda e: e["event"] == "added" and e["host"] == "foyer.local" and e["generation"] == "3",
+                   10, "foyer to appear")
+        assert ipv4(resolved(laptop, "foyer", timeout=2)) == {device.ip}
+        assert resolved(laptop, "lobby", timeout=1) == []
+        # Stopping says goodbye: browsers drop the device at once, not after the TTL (75 min).
+        stopped = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        watch.next(lambda e: e["event"] == "removed" and e["host"] == "foyer.local", 5, "goodbye")
+        assert time.monotonic() - stopped < 2.5
+        assert agent.proc.wait(timeout=10) == 0
+    finally:
+        watch.close()
+    assert "goodbye from foyer.local" in agent.log()
+
+
+@pytest.mark.parametrize("agent_py", PYTHONS)
+def test_hostile_packets(lan, tmp_path, agent_py):
+    device, attacker, laptop = lan.add_host(), lan.add_host(), lan.add_host()
+    agent = start_agent(device, tmp_path, "sturdy", agent_py)
+    wait_for(lambda: resolved(laptop, "sturdy"), 20, "sturdy.local")
+    seed = random.randrange(1 << 30)  # in the failure messages: rerun mdns_netns.py fuzz with it
+    fuzz = attacker.run(sys.executable, HELPER, "fuzz", device.ip, "6000", str(seed), timeout=120, env=ENV)
+    assert fuzz.returncode == 0 and int(fuzz.stdout) > 5000, (seed, fuzz)
+    assert agent.proc.poll() is None, (seed, agent.log())
+    assert ipv4(resolved(laptop, "sturdy", timeout=3)) == {device.ip}, seed
+    k = discovered(laptop)["sturdy.local"]
+    assert (k["name"], k["generation"], k["hardware"]) == ("sturdy", "1", "raspberryPi4")
+    assert "evil.local" not in discovered(laptop), "the fuzzer's own records are not the agent's"
+    log = agent.log()
+    assert "Traceback" not in log and len(log.splitlines()) < 10, f"seed {seed}, no log flood: {log[-2000:]}"
+
+
+def test_ssh_proxy_over_mdns(lan, tmp_path):
+    device, laptop = lan.add_host(), lan.add_host()
+    start_agent(device, tmp_path, "shell")
+    echo = device.popen(sys.executable, HELPER, "echo", "2222", stdout=subprocess.PIPE, text=True)
+    assert echo.stdout.readline().strip() == "ready"
+    wait_for(lambda: resolved(laptop, "shell"), 20, "shell.local")
+    payload = os.urandom(300_000)
+    r = subprocess.run(["ip", "netns", "exec", laptop.ns, sys.executable, "-m", "kiosk", "ssh-proxy",
+                        "shell.local", "2222"], input=payload, capture_output=True, timeout=60, env=ENV)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == payload
+    # Without .local it is ordinary name resolution (here: an address literal).
+    r = subprocess.run(["ip", "netns", "exec", laptop.ns, sys.executable, "-m", "kiosk", "ssh-proxy",
+                        device.ip, "2222"], input=b"plain", capture_output=True, timeout=60, env=ENV)
+    assert (r.returncode, r.stdout) == (0, b"plain")
+    r = kiosk(laptop, "ssh-proxy", "nobody.local", "22", "--timeout", "1")
+    assert r.returncode == 1 and "no answer for nobody.local" in r.stderr
+    r = kiosk(laptop, "ssh-proxy", "shell.local", "1")
+    assert r.returncode == 1 and r.stderr.startswith("kiosk: cannot connect to shell.local port 1: 10.77.0.10:")
+
+    # And the real thing: OpenSSH through `kiosk ssh-config`'s ProxyCommand, no nss-mdns anywhere.
+    if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")) or not shutil.which("ssh"):
+        return
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    hostkey, userkey = tmp_path / "hostkey", tmp_path / "userkey"
+    for key in (hostkey, userkey):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    conf = tmp_path / "sshd_config"
+    conf.write_text(f"Port 2022\nHostKey {hostkey}\nAuthorizedKeysFile {userkey}.pub\nPermitRootLogin yes\n"
+                    f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nPidFile none\n"
+                    "StrictModes no\n")  # the key sits under /tmp, which is world-writable
+    device.popen("/usr/sbin/sshd", "-D", "-e", "-f", str(conf), stderr=open(tmp_path / "sshd.log", "w"))
+    snippet = kiosk(laptop, "ssh-config")
+    assert snippet.returncode == 0 and "Host *.local" in snippet.stdout
+    proxy = next(line.split(None, 1)[1] for line in snippet.stdout.splitlines()
+                 if line.strip().startswith("ProxyCommand"))
+    assert proxy.startswith("/") and proxy.endswith("ssh-proxy %h %p")
+    ssh_config = tmp_path / "ssh_config"
+    ssh_config.write_text(snippet.stdout + f"    User root\n    Port 2022\n    IdentityFile {userkey}\n"
+                          f"    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    BatchMode yes\n"
+                          f"    LogLevel ERROR\n")
+
+    def ssh_works():
+        r = subprocess.run(["ip", "netns", "exec", laptop.ns, "env", f"PYTHONPATH={ROOT}", "ssh", "-F",
+                            str(ssh_config), "shell.local", "echo", "hello from", "$((6*7))"],
+                           capture_output=True, text=True, timeout=30)
+        return r.stdout.strip() == "hello from 42"
+
+    wait_for(ssh_works, 20, "ssh shell.local via the ProxyCommand", interval=0.5)
