@@ -88,7 +88,16 @@ def _identity(spec: dict) -> Layer:
 def _locale(spec: dict) -> Layer:
     locale = spec["locale"]
     lang, charset = locale["lang"], "UTF-8"
+    # locale-gen runs on the device (natively, seconds) rather than under emulation at build time;
+    # the unit names the locale, so a push that changes it changes the unit and restarts it.
+    unit = (HEADER + f"[Unit]\nDescription=Kiosk: generate the {lang} locale\nBefore=kiosk.service\n"
+            "ConditionPathExists=/usr/sbin/locale-gen\n\n"
+            "[Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/usr/sbin/locale-gen --keep-existing\n\n"
+            "[Install]\nWantedBy=multi-user.target\n")
+    path, link = _wants("multi-user.target", "kiosk-locale.service", f"{UNIT_DIR}/kiosk-locale.service")
     return {
+        f"{UNIT_DIR}/kiosk-locale.service": file(unit),
+        path: link,
         "/etc/default/locale": file(f"LANG={lang}\n"),
         "/etc/locale.gen": file(HEADER + f"{lang} {charset}\n"),
         "/etc/timezone": file(f"{locale['timeZone']}\n"),
