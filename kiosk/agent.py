@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 from kiosk import __version__
-from kiosk.discover import KIOSK_TYPE, SSH_TYPE, ipv4_of, local_addresses, resolve, tolerate_bad_packets
+from kiosk.discover import (KIOSK_TYPE, SSH_TYPE, cached_addresses, ipv4_of, local_addresses, resolve,
+                            tolerate_bad_packets)
 from kiosk.errors import UsageError
 
 log = logging.getLogger("kiosk.agent")
@@ -105,6 +106,8 @@ class Agent:
         self.name = ""                 # the host name we got (base, or base-N)
         self.txt: dict[str, str] = {}
         self.instances: dict[str, str] = {}  # service type -> instance name we registered
+        self.published: set[str] = set()     # every address this process ever announced
+        self.defended: set[str] = set()      # the other claimant we last re-announced against
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -135,6 +138,7 @@ class Agent:
             log.info("generation changed: %s", _describe(txt))
             self.txt = txt
             self.zc.update_service(self._kiosk_info())
+        self._check_conflict()
 
     def stop(self) -> None:
         if self.zc is not None:
@@ -188,12 +192,51 @@ class Agent:
             log.warning("%s.local is taken (answered by %s)", candidate, " ".join(sorted(others)))
         raise RuntimeError(f"no free host name from {base}.local to {base}-{MAX_SUFFIX}.local")
 
+    def _check_conflict(self) -> None:
+        """Another device announcing our host name after we claimed it (RFC 6762 section 9).
+
+        Happens when two devices with one name probe at the same moment (a power cut ends)
+        or two networks are joined. Both devices see each other's announcements and
+        decide alike: the one whose greatest IPv4 address is greater keeps the name and
+        re-announces (peers flush the other's address records); the other drops its
+        records silently (a goodbye would also retract the PTR/SRV both share) and
+        claims a new name, which the probe then finds taken: name-2.
+        """
+        theirs = set(cached_addresses(self.zc, f"{self.name}.local.")) - self.published
+        if not theirs:
+            return
+        mine = ipv4_of(self.addresses) or _flat(self.addresses)
+        their_v4 = [a for a in theirs if ":" not in a]
+        if max(map(_packed, mine)) > max(map(_packed, their_v4 or theirs)):
+            if theirs != self.defended:
+                log.warning("HOST NAME CONFLICT: %s also announces %s.local; this device keeps the name "
+                            "(greater address) and re-announces it", " ".join(sorted(theirs)), self.name)
+                self.defended = theirs
+                self.zc.update_service(self._kiosk_info())
+                self.zc.update_service(self._ssh_info())
+            return
+        log.warning("HOST NAME CONFLICT: %s also announces %s.local; it keeps the name (greater address), "
+                    "this device takes another", " ".join(sorted(theirs)), self.name)
+        self._forget_services()
+        self._claim_and_register(self.base)
+
+    def _forget_services(self) -> None:
+        """Stop answering for our services and name, without goodbyes."""
+        zc = self.zc
+
+        async def forget() -> None:
+            zc.registry.async_remove(zc.registry.async_get_service_infos())
+
+        asyncio.run_coroutine_threadsafe(forget(), zc.loop).result(5)
+        self.instances = {}
+
     # -- records --------------------------------------------------------------------------------
 
     def _info(self, type_: str, properties: dict[str, str]):
         from zeroconf import ServiceInfo
 
         name = self.instances.get(type_) or f"{self.name}.{type_}"
+        self.published.update(_flat(self.addresses))
         return ServiceInfo(type_, name, port=22, properties=properties, server=f"{self.name}.local.",
                            addresses=[_packed(a) for a in _flat(self.addresses)])
 
@@ -263,17 +306,15 @@ class Agent:
 
     def _drop_instance(self) -> None:
         """Close the Zeroconf instance WITHOUT goodbyes (the device keeps its names)."""
-        zc, self.zc = self.zc, None
-        if zc is None:
+        if self.zc is None:
             return
-
-        async def forget() -> None:
-            zc.registry.async_remove(zc.registry.async_get_service_infos())
-
+        instances = self.instances
         try:
-            asyncio.run_coroutine_threadsafe(forget(), zc.loop).result(5)
+            self._forget_services()
         except Exception as exc:  # closing anyway; a goodbye too many is harmless
             log.warning("could not clear the registry before closing: %s", exc)
+        self.instances = instances
+        zc, self.zc = self.zc, None
         zc.close()
 
     def _unregister(self) -> None:

@@ -164,7 +164,7 @@ def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
             if now >= next_send and answered_at is None:
                 zc.send(query)
                 next_send, gap = now + gap, gap * 2
-            found = _cached_addresses(zc, name)
+            found = cached_addresses(zc, name)
             if found and answered_at is None:
                 answered_at = now
             if answered_at is not None and now - answered_at >= settle:
@@ -176,7 +176,8 @@ def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
         zc.close()
 
 
-def _cached_addresses(zc, name: str) -> list[str]:
+def cached_addresses(zc, name: str) -> list[str]:
+    """Unexpired A/AAAA addresses for `name` in zc's cache (what it has heard on the network)."""
     from zeroconf import current_time_millis
     from zeroconf.const import _CLASS_IN, _TYPE_A, _TYPE_AAAA
 
