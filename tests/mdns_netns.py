@@ -92,6 +92,10 @@ class Lan:
         self.hosts.append(host)
         return host
 
+    def plug(self, host: Host, connected: bool) -> None:
+        """Plug a host's cable into the bridge or pull it (its eth0 stays up, without carrier)."""
+        sh("ip", "-n", self.hub, "link", "set", f"h{host.index}", "up" if connected else "down")
+
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:

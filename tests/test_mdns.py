@@ -222,6 +222,26 @@ def test_two_devices_claiming_one_name(lan, tmp_path, second_py):
     assert "CONFLICT" not in a.log()
 
 
+@pytest.mark.parametrize("agent_py", PYTHONS)
+def test_two_networks_joined_with_one_name_twice(lan, tmp_path, agent_py):
+    """Both claimed the name apart (no probe could see the other); once joined, exactly one keeps it."""
+    low, high, laptop = lan.add_host(), lan.add_host(), lan.add_host()
+    lan.plug(low, False)
+    lan.plug(high, False)
+    a = start_agent(low, tmp_path, "pair", agent_py)
+    b = start_agent(high, tmp_path, "pair", agent_py)
+    wait_for(lambda: "announced pair.local" in a.log() and "announced pair.local" in b.log(), 20,
+             "both to claim pair.local on their own")
+    lan.plug(low, True)
+    lan.plug(high, True)
+    # Any query makes both answer on the shared link, and each hears the other.
+    wait_for(lambda: ipv4(resolved(laptop, "pair-2")) == {low.ip}, 30, "the lower address to become pair-2")
+    assert ipv4(resolved(laptop, "pair", timeout=2)) == {high.ip}
+    assert "this device takes another" in a.log() and "this device keeps the name" in b.log()
+    found = discovered(laptop)
+    assert found["pair.local"]["name"] == "pair" and found["pair-2.local"]["name"] == "pair-2"
+
+
 def test_addresses_follow_the_network(lan, tmp_path):
     device, laptop = lan.add_host(address=False), lan.add_host()
     agent = start_agent(device, tmp_path, "roamer", sys.executable, "--interval", "1")
