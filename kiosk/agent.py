@@ -232,7 +232,7 @@ class Agent:
 
     # -- records --------------------------------------------------------------------------------
 
-    def _info(self, type_: str, properties: dict[str, str]):
+    def _info(self, type_: str, properties: dict[str, str] | bytes):
         from zeroconf import ServiceInfo
 
         name = self.instances.get(type_) or f"{self.name}.{type_}"
@@ -244,7 +244,9 @@ class Agent:
         return self._info(KIOSK_TYPE, {**self.txt, "host": self.name})
 
     def _ssh_info(self):
-        return self._info(SSH_TYPE, {})
+        # No keys: one empty string, as RFC 6763 6.1 asks (zeroconf encodes {} as empty rdata, which
+        # dig reports as a malformed packet).
+        return self._info(SSH_TYPE, b"\x00")
 
     def _register(self, infos: list, **options) -> None:
         """Register services concurrently: their probes (0.75 s each) overlap instead of adding up."""

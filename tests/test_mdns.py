@@ -191,6 +191,8 @@ def test_resolve_and_an_independent_resolver(lan, tmp_path, agent_py, client_py)
     assert dig("kitchen.local", "A") == [device.ip]
     assert set(dig("kitchen.local", "AAAA")) == {a for a in addresses if ":" in a}
     assert dig("kitchen._ssh._tcp.local", "SRV") == ["0", "0", "22", "kitchen.local."]
+    assert dig("_ssh._tcp.local", "PTR") == ["kitchen._ssh._tcp.local."]  # dig warns on a malformed packet
+    assert dig("_kiosk._tcp.local", "PTR") == ["kitchen._kiosk._tcp.local."]
     assert set(dig("kitchen._kiosk._tcp.local", "TXT")) == {
         '"version=0.1.0"', '"hardware=raspberryPi4"', '"generation=1"', f'"commit={1:040x}"', '"program=cog"',
         '"host=kitchen"'}
