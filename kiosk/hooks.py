@@ -1,0 +1,249 @@
+"""`kiosk hook pre-receive|post-receive`: what configuration.git's hooks run on every push.
+
+The whole deployment happens in pre-receive, BEFORE git moves the ref: validate
+the pushed nixiosk.json, build generation N, install packages, switch, activate,
+health-check, and on failure roll back. The hook's exit status decides the push:
+a refused spec or a rolled-back switch exits non-zero, so git refuses the push,
+main stays where it was, and `git push` fails and says why. (A post-receive hook
+cannot fail a push: the ref would already point at a commit the device rejected.)
+
+Everything the hook prints goes to the pusher as `remote:` lines while it
+happens (stderr, flushed per line).
+
+Between pre-receive's exit and git's ref update there is a window: the device
+already runs the new generation. It is covered by ROOT/var/lib/kiosk/pending.json
+(commit, generation, the pid of git receive-pack): post-receive confirms it; the
+next push (holding the lock) waits while that receive-pack still runs and, if it
+died without moving main, returns the device to main's generation first; at boot,
+kiosk-recover.service does the same. So the device ends up running what main
+says, or what a person chose with `kiosk rollback`/`kiosk switch`.
+
+Environment: KIOSK_ROOT (device root, default /), KIOSK_ACTIVATOR (see
+kiosk.activation), KIOSK_LOCK_TIMEOUT (seconds a push waits for another, default
+600), KIOSK_HEALTH_SECONDS (how long units must stay up, default 4).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kiosk import activation
+from kiosk import generations as gens
+from kiosk.errors import InvalidSpec, KioskError, Problem
+
+ZERO = "0" * 40
+MAIN = gens.BRANCH
+SPEC_FILE = "nixiosk.json"
+
+
+def device_root() -> Path:
+    return Path(os.environ.get("KIOSK_ROOT") or "/")
+
+
+def _git(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+    """git in the repository the hook runs in, with the hook's environment (quarantined objects included)."""
+    return subprocess.run(["git", *args], capture_output=True, input=input)
+
+
+def read_updates(stream) -> list[tuple[str, str, str]]:
+    updates = []
+    for line in stream.read().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            updates.append((parts[0], parts[1], parts[2]))
+    return updates
+
+
+def ref_problems(updates: list[tuple[str, str, str]]) -> list[str]:
+    """Only main is deployable; it cannot be deleted or rewritten."""
+    problems = []
+    for old, new, ref in updates:
+        if ref != MAIN:
+            problems.append(f"{ref}: refused: only main is deployed to this device and no other branch or tag "
+                            "is kept; push to main (git push origin HEAD:main)")
+        elif new == ZERO:
+            problems.append(f"{ref}: refused: main cannot be deleted; it is the configuration this device runs")
+        elif old != ZERO and _git("merge-base", "--is-ancestor", old, new).returncode != 0:
+            problems.append(f"{ref}: refused: not a fast-forward of the device's main ({old[:12]}); "
+                            "git pull --rebase, then push again")
+    return problems
+
+
+def spec_at(commit: str):
+    """(text, Spec) of nixiosk.json in `commit`; InvalidSpec with the same one-line problems as `kiosk validate`."""
+    from kiosk import spec as specmod
+
+    listing = _git("ls-tree", commit, "--", SPEC_FILE).stdout.decode().strip()
+    if not listing:
+        raise InvalidSpec(SPEC_FILE, [Problem("", f"not found in commit {commit[:12]}",
+                                              "commit nixiosk.json at the top of the repository")])
+    mode, kind, blob = listing.split("\t")[0].split()
+    if kind != "blob" or mode not in ("100644", "100755"):
+        raise InvalidSpec(SPEC_FILE, [Problem("", f"is not a regular file in commit {commit[:12]}",
+                                              "commit nixiosk.json itself, not a link or a directory")])
+    raw = _git("cat-file", "blob", blob).stdout
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidSpec(SPEC_FILE, [Problem("", f"is not UTF-8 text (bad byte at offset {exc.start})",
+                                              "save the file as UTF-8")]) from None
+    return text, specmod.loads(text.removeprefix("\ufeff"), SPEC_FILE)
+
+
+def in_place_problems(spec: dict, running: dict) -> list[Problem]:
+    """What a push cannot change on a running device: the board (kernel, firmware, architecture), the suite."""
+    from kiosk.hardware import ALIASES
+
+    problems = []
+    old_hw, new_hw = running["hardware"], spec["hardware"]
+    if ALIASES.get(new_hw, new_hw) != ALIASES.get(old_hw, old_hw):
+        problems.append(Problem("/hardware", f"this device is a {old_hw}; a push cannot change the board to "
+                                f"{new_hw} (another kernel, firmware and architecture)",
+                                f"build and flash a new image for it (kiosk build, ./deploy.sh /dev/mmcblk0), "
+                                f"or set \"hardware\" back to \"{old_hw}\""))
+    old_suite, new_suite = running["debian"]["suite"], spec["debian"]["suite"]
+    if old_suite != new_suite:
+        problems.append(Problem("/debian/suite", f"this device runs Debian {old_suite}; a push cannot upgrade "
+                                f"it to {new_suite}",
+                                f"build and flash a new image, or set \"suite\" back to \"{old_suite}\""))
+    return problems
+
+
+def _refuse(log: gens.Log, lines: list[str], why: str) -> int:
+    for line in lines:
+        log._print(line)
+    log.stage(f"push refused: {why}; nothing on the device was changed")
+    return 1
+
+
+def _wait_for_previous_push(root: Path, activator, log: gens.Log, timeout: float) -> None:
+    """Holding the lock: a previous push whose ref update git has not made yet still counts as running."""
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        state = gens.resolve_pending(root, activator, log)
+        if state != "in-progress":
+            return
+        if not said:
+            log("waiting for another push to finish... (git is recording the previous push)")
+            said = True
+        if time.monotonic() > deadline:
+            raise KioskError(f"the previous push has not finished in {timeout:.0f}s; nothing was changed; "
+                             "push again later")
+        time.sleep(0.1)
+
+
+def pre_receive(stdin, log: gens.Log) -> int:
+    from kiosk.plan import make_plan
+    from kiosk.render import render
+
+    os.umask(0o022)
+    root = device_root()
+    updates = read_updates(stdin)
+    problems = ref_problems(updates)
+    if problems:
+        return _refuse(log, problems, "only fast-forwards of main are deployed")
+    if not updates:
+        return 0
+    old, new, _ = updates[0]
+
+    log.stage(f"validate nixiosk.json (commit {new[:12]})")
+    try:
+        spec_text, spec = spec_at(new)
+    except InvalidSpec as exc:
+        return _refuse(log, exc.render().splitlines(), "nixiosk.json is not valid")
+    for warning in spec.warnings:
+        log._print(f"{SPEC_FILE}: warning: {warning}")
+    data = spec.data
+    log(f"valid: {data['hostName']} on {data['hardware']}, program {data['program']['package']} "
+        f"({data['program']['executable']})")
+
+    activator = activation.from_env(root)
+    timeout = float(os.environ.get("KIOSK_LOCK_TIMEOUT", gens.DEFAULT_LOCK_TIMEOUT))
+    settle = activation.settle_seconds()
+    with gens.device_lock(root, f"push of {new[:12]}", log, timeout):
+        gens.recover(root, activator, log)
+        _wait_for_previous_push(root, activator, log, timeout)
+        main_now = gens.repo_main(root)
+        if old != (main_now or ZERO):
+            return _refuse(log, [f"{MAIN}: refused: main moved to {(main_now or ZERO)[:12]} while you pushed "
+                                 f"(another push?); git pull --rebase, then push again"], "main has moved")
+        cur = gens.current(root)
+        if cur is None:
+            raise KioskError("this device has no current generation; reflash it")
+        lines = [p.line(SPEC_FILE) for p in in_place_problems(data, cur.spec())]
+        if lines:
+            return _refuse(log, lines, "this change needs a new image")
+
+        plan = make_plan(data)
+        layer = render(data)
+        gen = gens.write_generation(root, spec_text, layer, commit=new, packages=plan.packages,
+                                    previous=cur.number)
+        log.stage(f"build generation {gen.number}: what changes from generation {cur.number}")
+        sw = gens.Switch(root, cur, gen, mode="switch", purpose="push", activator=activator, log=log)
+        for line in sw.changes():
+            log(line)
+        old_packages = cur.meta.get("packages", [])
+        added = sorted(set(plan.packages) - set(old_packages))
+        removed = sorted(set(old_packages) - set(plan.packages))
+        log("packages: " + (" ".join([f"+{p}" for p in added] + [f"-{p}" for p in removed]) or "no change"))
+        try:
+            sw.preflight()
+            if added or removed:
+                log.stage("packages")
+                gens.ensure_packages(root, old_packages, plan.packages, data, log,
+                                     gens.default_installer(root, data, activator))
+        except KioskError as exc:
+            gens.update_meta(gen, status="failed", reason=str(exc))
+            return _refuse(log, [f"generation {gen.number} failed: {exc}"], "the new generation could not be "
+                           "prepared (packages apt installed stay installed, unused)")
+
+        problems = sw.run(settle)
+        if problems:
+            reason = "; ".join(problems)
+            again = gens.rollback(root, gen, cur, reason, activator, log, settle)
+            log.stage(f"ROLLED BACK to generation {cur.number} (commit {cur.meta['commit'][:12]}): "
+                      f"generation {gen.number} failed: {reason}")
+            if again:
+                log(f"warning: generation {cur.number} is not healthy either: {'; '.join(again)}")
+            log.stage(f"push refused: main stays at {old[:12]}; fix nixiosk.json and push again "
+                      f"(kiosk generations on the device shows what failed)")
+            return 1
+        gens.write_pending(root, new, gen.number, cur.number, os.getppid())
+        sw.commit()
+    log.stage(f"generation {gen.number} is active: {data['hostName']}, commit {new[:12]}")
+    return 0
+
+
+def post_receive(stdin, log: gens.Log) -> int:
+    """git has moved main: the pushed generation is confirmed (nothing to change on the device)."""
+    root = device_root()
+    for old, new, ref in read_updates(stdin):
+        if ref != MAIN:
+            continue
+        pending = gens.read_pending(root)
+        if pending and pending["commit"] == new and gens.repo_main(root) == new:
+            gens.clear_pending(root)
+        cur = gens.current(root)
+        if cur is not None and cur.meta.get("commit") == new:
+            log.stage(f"main is at {new[:12]}; the device runs generation {cur.number}")
+    return 0
+
+
+def cmd_hook(args) -> int:
+    log = gens.Log()
+    if args.hook == "pre-receive":
+        return pre_receive(sys.stdin, log)
+    return post_receive(sys.stdin, log)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("hook", help="what configuration.git's hooks run on the device (validate, switch)",
+                       description="Entry points of configuration.git's hooks on the device (reads git's "
+                                   "'old new ref' lines on stdin).")
+    p.add_argument("hook", choices=("pre-receive", "post-receive"))
+    p.set_defaults(func=cmd_hook)
