@@ -28,10 +28,6 @@ from mdns_netns import Lan, make_state_dir
 ROOT = Path(__file__).resolve().parent.parent
 HELPER = str(Path(__file__).resolve().parent / "mdns_netns.py")
 
-pytestmark = [
-    pytest.mark.root,
-    pytest.mark.skipif(not shutil.which("ip"), reason="needs iproute2"),
-]
 
 
 def _device_python() -> str | None:
@@ -54,6 +50,11 @@ PYTHONS = [
                                   "KIOSK_DEVICE_PYTHON (see notes/mdns.md)")),
 ]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+
+
+def network(test):
+    """Needs root (network namespaces) and iproute2."""
+    return pytest.mark.root(pytest.mark.skipif(not shutil.which("ip"), reason="needs iproute2")(test))
 
 
 @pytest.fixture
@@ -141,8 +142,72 @@ class Watch:
             self.proc.kill()
 
 
-# --- the tests ----------------------------------------------------------------------------------
+# --- without a network -------------------------------------------------------------------------
 
+def test_state_is_read_without_trusting_it(tmp_path, monkeypatch):
+    from kiosk.agent import read_state, sanitize_label
+
+    monkeypatch.setattr("socket.gethostname", lambda: "Build_Host.example.org")
+    assert read_state(tmp_path / "missing") == ("Build-Host", {"version": "0.1.0"})
+    make_state_dir(tmp_path, "kitchen", generation=7, hardware="raspberryPi0", commit="c0ffee", package="kodi")
+    assert read_state(tmp_path) == ("kitchen", {"version": "0.1.0", "hardware": "raspberryPi0", "generation": "7",
+                                                "commit": "c0ffee", "program": "kodi"})
+    (tmp_path / "generations/7/nixiosk.json").write_text('{"hostName": "bad name!", "program": [1]}')
+    (tmp_path / "generations/7/meta.json").write_text("[truncated")
+    assert read_state(tmp_path) == ("Build-Host", {"version": "0.1.0"})
+    assert sanitize_label("...") == "kiosk" and len(sanitize_label("x" * 100)) == 63
+
+
+@pytest.mark.parametrize("text, name", [("kitchen", "kitchen.local."), ("Kitchen.local", "Kitchen.local."),
+                                        ("kitchen.LOCAL.", "kitchen.local."), ("a-1", "a-1.local.")])
+def test_host_names(text, name):
+    from kiosk.discover import mdns_name
+
+    assert mdns_name(text) == name
+
+
+@pytest.mark.parametrize("text", ["", ".local", "-a", "a-", "a_b", "a.b.local", "x" * 64, "k\nl"])
+def test_not_host_names(text):
+    from kiosk.discover import mdns_name
+    from kiosk.errors import UsageError
+
+    with pytest.raises(UsageError):
+        mdns_name(text)
+
+
+def test_relay_passes_eof_both_ways():
+    import socket as so
+
+    from kiosk.discover import relay
+
+    near, far = so.socketpair()
+    stdin_r, stdin_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    os.write(stdin_w, b"to the device")
+    os.close(stdin_w)  # ssh closed its end
+    done = threading.Thread(target=relay, args=(near, stdin_r, stdout_w))
+    done.start()
+    assert far.recv(100) == b"to the device" and far.recv(100) == b"", "EOF passed on as a half-close"
+    far.sendall(b"and back")
+    far.close()
+    done.join(5)
+    assert not done.is_alive()
+    os.close(stdout_w)
+    assert os.read(stdout_r, 100) == b"and back"
+
+
+def test_ssh_config_names_this_kiosk_by_absolute_path():
+    r = subprocess.run([sys.executable, "-m", "kiosk", "ssh-config"], capture_output=True, text=True, env=ENV)
+    assert r.returncode == 0
+    lines = [line.strip() for line in r.stdout.splitlines()]
+    assert "Host *.local" in lines
+    proxy = next(line for line in lines if line.startswith("ProxyCommand "))
+    assert proxy.split()[1].startswith("/") and proxy.endswith(" ssh-proxy %h %p")
+
+
+# --- over the network (root: namespaces) ----------------------------------------------------------------------------------
+
+@network
 def test_discover_twenty_agents(lan, tmp_path):
     hosts = [lan.add_host() for _ in range(21)]
     client, devices = hosts[0], hosts[1:]
@@ -173,6 +238,7 @@ def test_discover_twenty_agents(lan, tmp_path):
     assert len(lines) == 21 and lines[1].startswith("kiosk-01.local ")
 
 
+@network
 @pytest.mark.parametrize("client_py", PYTHONS)
 @pytest.mark.parametrize("agent_py", PYTHONS)
 def test_resolve_and_an_independent_resolver(lan, tmp_path, agent_py, client_py):
@@ -207,6 +273,7 @@ def test_resolve_and_an_independent_resolver(lan, tmp_path, agent_py, client_py)
     assert "Traceback" not in agent.log()
 
 
+@network
 @pytest.mark.parametrize("second_py", PYTHONS)
 def test_two_devices_claiming_one_name(lan, tmp_path, second_py):
     first, second, laptop = lan.add_host(), lan.add_host(), lan.add_host()
@@ -224,6 +291,7 @@ def test_two_devices_claiming_one_name(lan, tmp_path, second_py):
     assert "CONFLICT" not in a.log()
 
 
+@network
 @pytest.mark.parametrize("agent_py", PYTHONS)
 def test_two_networks_joined_with_one_name_twice(lan, tmp_path, agent_py):
     """Both claimed the name apart (no probe could see the other); once joined, exactly one keeps it."""
@@ -244,6 +312,7 @@ def test_two_networks_joined_with_one_name_twice(lan, tmp_path, agent_py):
     assert found["pair.local"]["name"] == "pair" and found["pair-2.local"]["name"] == "pair-2"
 
 
+@network
 def test_addresses_follow_the_network(lan, tmp_path):
     device, laptop = lan.add_host(address=False), lan.add_host()
     agent = start_agent(device, tmp_path, "roamer", sys.executable, "--interval", "1")
@@ -268,6 +337,7 @@ def test_addresses_follow_the_network(lan, tmp_path):
     assert agent.proc.poll() is None
 
 
+@network
 @pytest.mark.parametrize("agent_py", PYTHONS)
 def test_generation_change_and_goodbye(lan, tmp_path, agent_py):
     device, laptop = lan.add_host(), lan.add_host()
@@ -303,6 +373,7 @@ def test_generation_change_and_goodbye(lan, tmp_path, agent_py):
     assert "goodbye from foyer.local" in agent.log()
 
 
+@network
 @pytest.mark.parametrize("agent_py", PYTHONS)
 def test_hostile_packets(lan, tmp_path, agent_py):
     device, attacker, laptop = lan.add_host(), lan.add_host(), lan.add_host()
@@ -320,6 +391,7 @@ def test_hostile_packets(lan, tmp_path, agent_py):
     assert "Traceback" not in log and len(log.splitlines()) < 10, f"seed {seed}, no log flood: {log[-2000:]}"
 
 
+@network
 def test_ssh_proxy_over_mdns(lan, tmp_path):
     device, laptop = lan.add_host(), lan.add_host()
     start_agent(device, tmp_path, "shell")
