@@ -58,6 +58,15 @@ def sanitize_label(text: str) -> str:
     return label or "kiosk"
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
 def read_state(state_dir: Path) -> tuple[str, dict[str, str]]:
     """(host name, TXT without `host`) from the running generation, or the system's host name.
 
@@ -69,7 +78,10 @@ def read_state(state_dir: Path) -> tuple[str, dict[str, str]]:
     def load(name: str) -> dict:
         try:
             data = json.loads((current / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:  # e.g. nixiosk.json is 0600 and the agent is not root
+            _warn_once(f"cannot read {current / name} ({exc}); announcing without it")
             return {}
         return data if isinstance(data, dict) else {}
 
