@@ -145,10 +145,13 @@ def plan(old: dict, new: dict, *, reloadable=frozenset({"ssh.service"}), new_tex
         if unit:
             entry = new.get(path)
             is_unit_file = path.count("/") == UNIT_DIR.count("/") + 1
+            was = old.get(path) or {}
             if entry and entry.get("kind") == "symlink" and entry.get("target") == "/dev/null":
                 stop.add(unit)  # newly masked
-            elif entry is None and is_unit_file and "*" not in unit:
-                stop.add(unit)  # its unit file went away
+            elif entry is None and was.get("target") == "/dev/null":
+                pass  # unmasked: it starts when something wants it (a .wants link, the next boot)
+            elif entry is None and is_unit_file and was.get("kind") == "file" and "*" not in unit:
+                stop.add(unit)  # its unit file went away (a mask going away stops nothing)
             elif unit in enabled_new and "*" not in unit:
                 text = texts.get(f"{UNIT_DIR}/{unit}", "")
                 (reload if "\nExecReload=" in text or unit in reloadable else restart).add(unit)

@@ -448,7 +448,10 @@ def device_lock(root: Path, what: str, log: Log, timeout: float | None = None):
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {what}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # who holds it, only while held
     finally:
         os.close(fd)  # releases the flock
 
@@ -581,10 +584,13 @@ class Switch:
             out.append("files: no change")
         return out + (self.plan.lines() or ["units: no change"])
 
+    def _crash(self, step: str) -> None:
+        _crash_point(f"rollback-{step}" if self.purpose == "rollback" else step)
+
     def _step(self, step: str) -> None:
         self.journal["step"] = step
         write_json(_journal_path(self.root), self.journal)
-        _crash_point(step)
+        self._crash(step)
 
     def links(self) -> None:
         """Steps 1-4: new links, flip, changed symlinks, old paths gone. Current (and default) end at B."""
@@ -678,7 +684,7 @@ class Switch:
             return [why]
         problems = self.health(settle)
         if not problems:
-            _crash_point("healthy")
+            self._step("healthy")
         return problems
 
     def commit(self) -> None:

@@ -1,0 +1,386 @@
+"""Generations on a device root in a temporary directory: the first one as the image build makes it,
+switches in every mode, the activation plan, and kill -9 at every step of a switch, then recovery."""
+
+import copy
+import json
+import os
+import stat
+
+import pytest
+from conftest import kiosk_cli
+from sshd_harness import EPOCH, copy_root, snapshot
+from test_spec import ED25519, RSA
+
+from kiosk import activation, generations as gens, resources
+from kiosk.render import render
+from kiosk.spec import check
+
+BASE = {
+    "hostName": "lobby", "hardware": "raspberryPi3", "authorizedKeys": [ED25519],
+    "program": {"package": "cog", "executable": "/usr/bin/cog", "args": ["https://example.org/"]},
+    "networks": {"cafe": "correct horse battery"},
+    "locale": {"lang": "en_US.UTF-8", "regDom": "US", "timeZone": "America/New_York"},
+}
+# Every kind of change at once: host name, program, a symlink (/etc/localtime), files that go away
+# (Wi-Fi), files and links that come (console login), masks that go, a unit that is no longer wanted.
+SECOND = dict(copy.deepcopy(BASE), hostName="hall", networks={}, allowKioskLogin=True, authorizedKeys=[ED25519, RSA],
+              program={"package": "cog", "executable": "/usr/bin/cog", "args": ["https://example.org/hall"]},
+              locale={"lang": "en_US.UTF-8", "regDom": "US", "timeZone": "Europe/Berlin"})
+
+
+def spec_text(data) -> str:
+    return json.dumps(data, indent=2) + "\n"
+
+
+def install(root, data=BASE):
+    text = spec_text(data)
+    return gens.install_first_generation(root, text, render(check(copy.deepcopy(data)).data), epoch=EPOCH,
+                                         hooks_dir=resources.hooks_dir())
+
+
+def add_generation(root, data, commit="f" * 40):
+    spec = check(copy.deepcopy(data)).data
+    from kiosk.plan import make_plan
+    return gens.write_generation(root, spec_text(data), render(spec), commit=commit,
+                                 packages=make_plan(spec).packages, previous=gens.pointer(root))
+
+
+def statuses(root):
+    return {g.number: g.meta["status"] for g in gens.list_generations(root)}
+
+
+@pytest.fixture
+def device(tmp_path, monkeypatch_offline):
+    root = tmp_path / "device"
+    root.mkdir()
+    install(root)
+    return root
+
+
+@pytest.fixture
+def recording(tmp_path, monkeypatch):
+    path = tmp_path / "recording.json"
+    path.write_text("{}")
+    monkeypatch.setenv("KIOSK_ACTIVATOR", f"recording:{path}")
+    monkeypatch.setenv("KIOSK_HEALTH_SECONDS", "0")
+    return path
+
+
+def calls(recording):
+    return json.loads(recording.read_text()).get("calls", [])
+
+
+# ---------------------------------------------------------------- generation 1 in the image
+
+def test_first_generation_is_complete_linked_private_and_reproducible(tmp_path, monkeypatch_offline):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    commit = install(a)
+    assert install(b) == commit  # the commit sha depends only on (spec text, epoch)
+    assert snapshot(a) == snapshot(b)
+    times = {p: os.lstat(a / p).st_mtime for p in snapshot(a) if p.startswith(("var/lib/kiosk", "etc/kiosk/conf"))}
+    assert set(times.values()) == {EPOCH}
+
+    repo = a / gens.REPO
+    assert stat.S_IMODE(repo.stat().st_mode) == 0o700  # Wi-Fi passphrases
+    for hook in ("pre-receive", "post-receive"):
+        assert stat.S_IMODE((repo / "hooks" / hook).stat().st_mode) == 0o755
+    config = (repo / "config").read_text()
+    assert "denyNonFastForwards = true" in config and "denyDeletes = true" in config
+    assert (repo / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert gens.repo_main(a) == commit
+
+    gen = gens.generation(a, 1)
+    assert gen.spec_text == spec_text(BASE)
+    assert stat.S_IMODE((gen.path / "nixiosk.json").stat().st_mode) == 0o600
+    meta = gen.meta
+    assert meta["number"] == 1 and meta["status"] == "active" and meta["previous"] is None
+    assert meta["commit"] == gens.repo_main(a) and meta["date"] == "2023-11-14T22:13:20Z"
+    assert "cog" in meta["packages"] and "linux-image-arm64" in meta["packages"]
+    assert gens.pointer(a, "current") == gens.pointer(a, "default") == 1
+    assert os.readlink(a / "var/lib/kiosk/current") == "generations/1"
+    # links name the device path, whatever the tree they were made in
+    assert os.readlink(a / "etc/hostname") == "/var/lib/kiosk/current/root/etc/hostname"
+    assert os.readlink(a / "etc/localtime") == "/usr/share/zoneinfo/America/New_York"
+    assert stat.S_IMODE((gen.path / "root/etc/wpa_supplicant/wpa_supplicant-wlan0.conf").stat().st_mode) == 0o600
+    assert gens.verify(a) == []
+    manifest = gen.manifest
+    assert manifest["/etc/hostname"] == {"kind": "file", "mode": "0644", "uid": 0, "gid": 0,
+                                         "sha256": __import__("hashlib").sha256(b"lobby\n").hexdigest()}
+    assert manifest["/etc/localtime"] == {"kind": "symlink", "target": "/usr/share/zoneinfo/America/New_York"}
+
+    with pytest.raises(Exception, match="already has generations"):
+        install(a)
+
+
+def test_first_generation_replaces_the_layer_written_as_plain_files(tmp_path, monkeypatch_offline):
+    """The image build writes the layer as plain files first (the boot stage reads them): they become links."""
+    from kiosk.layer import apply_layer
+    root = tmp_path / "tree"
+    apply_layer(render(check(copy.deepcopy(BASE)).data), root, mtime=EPOCH)
+    assert (root / "etc/hostname").is_file() and not (root / "etc/hostname").is_symlink()
+    install(root)
+    assert (root / "etc/hostname").is_symlink()
+    assert gens.verify(root) == []
+
+
+def test_recovery_unit_runs_early_and_only_when_needed():
+    path, text = gens.recovery_unit()
+    assert path == "/etc/systemd/system/kiosk-recover.service"
+    assert "ExecStart=/usr/bin/kiosk switch --recover --at-boot\n" in text
+    assert "DefaultDependencies=no\n" in text and "Before=sysinit.target" in text
+    for marker in ("switch.json", "pending.json", "default-differs"):
+        assert f"ConditionPathExists=|/var/lib/kiosk/{marker}\n" in text
+    layer = gens.recovery_layer()
+    assert layer["/etc/systemd/system/sysinit.target.wants/kiosk-recover.service"].target == path
+
+
+# ---------------------------------------------------------------- the activation plan
+
+def test_activation_plan_between_two_specs(monkeypatch_offline):
+    first = gens.manifest_of(render(check(copy.deepcopy(BASE)).data))
+    second_layer = render(check(copy.deepcopy(SECOND)).data)
+    second = gens.manifest_of(second_layer)
+    texts = {p: e.data.decode() for p, e in second_layer.items() if e.kind == "file"}
+    plan = activation.plan(first, second, new_texts=texts)
+    assert plan.daemon_reload
+    assert plan.hostname == "hall"
+    # Wi-Fi gone; the login masks gone (template masks: their instances are not stopped, nothing ran)
+    assert plan.stop == ["wpa_supplicant@wlan0.service"]
+    assert plan.start == ["getty@tty2.service"]
+    # kiosk: its ExecStart changed, and the time zone; sysusers: the kiosk user's shell (login allowed)
+    assert plan.restart == ["kiosk.service", "systemd-sysusers.service"]
+    assert plan.try_restart == ["serial-getty@*.service"]  # a drop-in for the template: running instances
+    assert "at the next boot: the Wi-Fi regulatory domain (cfg80211 module option)" not in plan.lines()
+    assert plan.touched_units() == ["getty@tty2.service", "kiosk.service", "systemd-sysusers.service"]
+
+    same = activation.plan(first, first)
+    assert same.empty() and same.lines() == []
+
+    # only the SSH keys: nothing to restart (read at every login)
+    keys = gens.manifest_of(render(check(dict(copy.deepcopy(BASE), authorizedKeys=[ED25519, RSA])).data))
+    assert activation.plan(first, keys).empty()
+
+    # the regulatory domain: wpa_supplicant's country= now, the cfg80211 option at the next boot
+    reg = gens.manifest_of(render(check(dict(copy.deepcopy(BASE), locale=dict(BASE["locale"], regDom="DE"))).data))
+    p = activation.plan(first, reg)
+    assert p.at_boot == ["the Wi-Fi regulatory domain (cfg80211 module option)"]
+    assert p.restart == ["wpa_supplicant@wlan0.service"] and not p.daemon_reload
+
+
+def test_unit_names_from_paths():
+    assert activation.unit_of("/etc/systemd/system/kiosk.service") == "kiosk.service"
+    assert activation.unit_of("/etc/systemd/system/ssh.service.d/x.conf") == "ssh.service"
+    assert activation.unit_of("/etc/systemd/system/getty@.service") == "getty@*.service"
+    assert activation.unit_of("/etc/systemd/system/multi-user.target.wants/a.service") is None
+    assert activation.wanted_unit("/etc/systemd/system/multi-user.target.wants/a.service") == "a.service"
+    assert activation.unit_of("/etc/hostname") is None
+
+
+# ---------------------------------------------------------------- switching
+
+def test_switch_test_boot_and_dry_activate(device, recording):
+    root = device
+    add_generation(root, SECOND)
+    before = snapshot(root)
+    r = kiosk_cli("switch", "dry-activate", "2", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "    units to stop: wpa_supplicant@wlan0.service\n" in r.stderr
+    assert "    dry-activate: nothing was changed\n" in r.stderr
+    assert snapshot(root) == before and calls(recording) == []
+
+    # test: activate now, keep the boot default; the next boot returns to it
+    r = kiosk_cli("switch", "test", "2", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert gens.pointer(root, "current") == 2 and gens.pointer(root, "default") == 1
+    assert (root / "var/lib/kiosk/default-differs").read_text() == "1\n"
+    assert gens.verify(root) == []
+    assert ["set-hostname", "hall"] in calls(recording)
+    assert not (root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf").is_symlink()
+    r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert gens.pointer(root, "current") == gens.pointer(root, "default") == 1
+    assert gens.verify(root) == [] and calls(recording)[-1] == ["boot-reconcile", None]
+    assert not (root / "var/lib/kiosk/default-differs").exists()
+    assert (root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf").is_symlink()
+
+    # boot: nothing changes now; the next boot runs it
+    n = len(calls(recording))
+    r = kiosk_cli("switch", "boot", "2", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert gens.pointer(root, "current") == 1 and gens.pointer(root, "default") == 2
+    assert len(calls(recording)) == n and gens.verify(root) == []
+    r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
+    assert r.returncode == 0
+    assert gens.pointer(root, "current") == 2 and gens.verify(root) == []
+    assert statuses(root) == {1: "superseded", 2: "active"}
+
+    # switch (back to 1) and the listing
+    r = kiosk_cli("switch", "switch", "1", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    r = kiosk_cli("generations", "--json", "--root", str(root))
+    listing = json.loads(r.stdout)
+    assert listing["current"] == listing["default"] == 1
+    assert [(g["number"], g["status"], g["current"]) for g in listing["generations"]] == \
+        [(1, "active", True), (2, "superseded", False)]
+    r = kiosk_cli("generations", "--root", str(root))
+    assert r.stdout.splitlines()[0] == "   GEN  DATE                  COMMIT        STATUS       NOTE"
+    assert r.stdout.splitlines()[1] == f"*    1  2023-11-14T22:13:20Z  {gens.repo_main(root)[:12]}  active       current; default"
+    assert r.stdout.splitlines()[2] == "     2  " + gens.generation(root, 2).meta["date"] + "  ffffffffffff  superseded   "
+
+
+def test_rollback_command(device, recording):
+    root = device
+    add_generation(root, SECOND)
+    assert kiosk_cli("switch", "switch", "--root", str(root)).returncode == 0  # newest: 2
+    assert gens.pointer(root) == 2
+    r = kiosk_cli("rollback", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "==> rolling back from generation 2 to 1\n" in r.stderr
+    assert gens.pointer(root) == gens.pointer(root, "default") == 1
+    assert statuses(root) == {1: "active", 2: "rolled-back"}
+    assert gens.verify(root) == []
+    r = kiosk_cli("rollback", "--root", str(root))
+    assert r.returncode == 1 and "no earlier good generation to roll back to" in r.stderr
+
+
+def test_a_failing_unit_rolls_back_by_itself(device, recording):
+    root = device
+    recording.write_text(json.dumps({"fail": [{"unit": "kiosk.service", "reason": "exited at once (status 1)",
+                                               "when": "example.org/hall"}]}))
+    add_generation(root, SECOND)
+    r = kiosk_cli("switch", "switch", "2", "--root", str(root))
+    assert r.returncode == 1
+    assert "    FAILED kiosk.service: exited at once (status 1)\n" in r.stderr
+    assert "kiosk: rolled back to generation 1: generation 2 failed: kiosk.service: exited at once (status 1)" \
+        in r.stderr
+    assert gens.pointer(root) == gens.pointer(root, "default") == 1
+    assert statuses(root) == {1: "active", 2: "failed"}
+    assert gens.generation(root, 2).meta["reason"] == "kiosk.service: exited at once (status 1)"
+    assert gens.verify(root) == [] and gens.read_journal(root) is None
+    # the way back was activated too: Wi-Fi started again, the console login stopped
+    assert ["start", ["wpa_supplicant@wlan0.service"]] in calls(recording)
+    assert ["stop", ["autovt@*.service", "console-getty.service", "getty@*.service", "getty@tty2.service",
+                     "serial-getty@*.service"]] in calls(recording)  # masked again: no login prompt anywhere
+    assert calls(recording)[-1] == ["health", ["kiosk-agent.service", "kiosk.service", "systemd-sysusers.service",
+                                               "wpa_supplicant@wlan0.service"]]
+
+
+# ---------------------------------------------------------------- kill -9, then recovery
+
+CRASH_STEPS = ["begin", "stopped", "linked", "flipped", "symlinks", "cleaned", "activated", "healthy"]
+
+
+@pytest.fixture(scope="module")
+def two_generations(tmp_path_factory, monkeypatch_offline):
+    root = tmp_path_factory.mktemp("template") / "device"
+    root.mkdir()
+    install(root)
+    add_generation(root, SECOND)
+    return root
+
+
+def assert_consistent_on(root, number):
+    """ONE complete generation: every path linked into it, nothing of another left, pointers agree."""
+    assert gens.read_journal(root) is None
+    assert gens.pointer(root, "current") == gens.pointer(root, "default") == number
+    assert gens.verify(root) == []
+    target = gens.generation(root, number)
+    for path, entry in target.manifest.items():
+        live = root / path.lstrip("/")
+        if entry["kind"] == "file":  # resolve it the way the device would, inside ROOT
+            resolved = root / os.readlink(live).lstrip("/").replace(
+                "var/lib/kiosk/current", f"var/lib/kiosk/{os.readlink(root / 'var/lib/kiosk/current')}", 1)
+            assert resolved.read_bytes() == (target.path / "root" / path.lstrip("/")).read_bytes()
+    assert not list((root / "var/lib/kiosk/generations").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("step", CRASH_STEPS)
+def test_kill_9_during_a_switch_then_recover(two_generations, tmp_path, recording, step):
+    root = copy_root(two_generations, tmp_path / "device")
+    r = kiosk_cli("switch", "switch", "2", "--root", str(root), env={"KIOSK_TEST_CRASH_AT": step})
+    assert r.returncode == -9, r.stderr  # really killed
+    journal = gens.read_journal(root)
+    assert journal["step"] == step and journal["safe"] == 1
+    r = kiosk_cli("switch", "--recover", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert f"an interrupted switch from generation 1 to 2 (at step {step}): returning to generation 1" in r.stderr
+    assert_consistent_on(root, 1)
+    assert statuses(root)[1] == "active"
+    assert statuses(root)[2] in ("failed", "built")
+    # recovery is idempotent
+    r = kiosk_cli("switch", "--recover", "--root", str(root))
+    assert r.returncode == 0 and "(nothing to recover)" in r.stderr
+    # and the device can still switch afterwards
+    assert kiosk_cli("switch", "switch", "2", "--root", str(root)).returncode == 0
+    assert_consistent_on(root, 2)
+
+
+@pytest.mark.parametrize("step", ["linked", "flipped", "cleaned"])
+def test_kill_9_during_a_rollback_then_recover(two_generations, tmp_path, recording, step):
+    """A rollback interrupted is finished: the device ends on the good generation, never the failed one."""
+    root = copy_root(two_generations, tmp_path / "device")
+    recording.write_text(json.dumps({"fail": [{"unit": "kiosk.service", "when": "hall"}]}))
+    r = kiosk_cli("switch", "switch", "2", "--root", str(root), env={"KIOSK_TEST_CRASH_AT": f"rollback-{step}"})
+    assert r.returncode == -9, r.stderr
+    assert gens.read_journal(root)["purpose"] == "rollback"
+    r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert_consistent_on(root, 1)
+    assert statuses(root) == {1: "active", 2: "failed"}
+
+
+def test_a_build_cut_short_is_never_a_generation(device, recording):
+    tmp = device / "var/lib/kiosk/generations/.tmp-2"
+    (tmp / "root/etc").mkdir(parents=True)
+    r = kiosk_cli("switch", "--recover", "--root", str(device))
+    assert r.returncode == 0
+    assert not tmp.exists() and [g.number for g in gens.list_generations(device)] == [1]
+
+
+# ---------------------------------------------------------------- a push whose ref update never happened
+
+def test_unconfirmed_push_is_undone_at_boot(device, recording):
+    root = device
+    gen = add_generation(root, SECOND, commit="e" * 40)
+    assert kiosk_cli("switch", "switch", "2", "--root", str(root)).returncode == 0
+    gens.write_pending(root, "e" * 40, gen.number, 1, pid=2 ** 22 + 7)  # no such process
+    r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "generation 2's push did not complete; returning to generation 1" in r.stderr
+    assert_consistent_on(root, 1)
+    assert statuses(root) == {1: "active", 2: "failed"}
+    assert gens.read_pending(root) is None
+
+
+def test_unconfirmed_push_is_undone_by_the_next_push(device, recording):
+    root = device
+    gen = add_generation(root, SECOND, commit="e" * 40)
+    assert kiosk_cli("switch", "switch", "2", "--root", str(root)).returncode == 0
+    gens.write_pending(root, "e" * 40, gen.number, 1, pid=2 ** 22 + 7)
+    log = gens.Log(open(os.devnull, "w"))
+    assert gens.resolve_pending(root, activation.from_env(root), log) == "reverted"
+    assert_consistent_on(root, 1)
+    # a pending push whose receive-pack still runs is waited for, not undone
+    gens.write_pending(root, "e" * 40, gen.number, 1, pid=os.getpid())
+    assert gens.resolve_pending(root, activation.from_env(root), log) == "in-progress"
+    # and one git did record is confirmed
+    gens.write_pending(root, gens.repo_main(root), 1, None, pid=2 ** 22 + 7)
+    assert gens.resolve_pending(root, activation.from_env(root), log) == "confirmed"
+
+
+# ---------------------------------------------------------------- packages
+
+def test_ensure_packages_installs_only_what_is_added(device, tmp_path):
+    recorder = activation.RecordingActivator(tmp_path / "rec.json", device)
+    installer = gens.default_installer(device, {}, recorder)
+    lines = []
+    added = gens.ensure_packages(device, ["cog", "foot"], ["cog", "htop", "kodi"], {}, lines.append, installer)
+    assert added == ["htop", "kodi"]
+    assert json.loads((tmp_path / "rec.json").read_text())["installs"] == [["htop", "kodi"]]
+    assert lines == ["no longer named (left installed, not used): foot", "installing with recording: htop kodi"]
+    assert gens.ensure_packages(device, ["cog"], ["cog"], {}, lines.append, installer) == []
+    # a tree that is not the running system never runs apt
+    assert isinstance(gens.default_installer(device, {}), gens.Installer)
+    assert gens.default_installer(device, {}).name == "none"
