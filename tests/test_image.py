@@ -1,0 +1,391 @@
+"""Real images for raspberryPi3 (arm64), raspberryPi0 (armel) and qemu (amd64), read back with independent tools.
+
+The images are built once per run (tests/imagetools.py, minimal program `foot`)
+and inspected with sfdisk, blkid, fsck.vfat, e2fsck, debugfs, mtools and cpio,
+never with kiosk's own code. Building needs root, mmdebstrap, qemu-user binfmt
+and the Debian archive.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from imagetools import (  # noqa: F401  (built_image is a fixture)
+    boot_listdir, build, built_image, full_spec, partition_offsets, read_boot_file, read_root_file,
+    root_file_mode, root_listdir, root_stat,
+)
+
+pytestmark = pytest.mark.root
+
+BOARDS = ["raspberryPi3", "raspberryPi0", "qemu"]
+RASPI = ["raspberryPi3", "raspberryPi0"]
+MiB = 1 << 20
+
+
+def _board(name: str) -> dict:
+    from kiosk.hardware import load_board
+    return load_board(name)
+
+
+def _extract(image: Path, start: int, size: int, dest: Path) -> Path:
+    with open(image, "rb") as fin, open(dest, "wb") as fout:
+        fin.seek(start)
+        left = size
+        while left:
+            chunk = fin.read(min(left, 4 * MiB))
+            if not chunk:
+                break
+            if chunk.count(0) == len(chunk):
+                fout.seek(len(chunk), os.SEEK_CUR)
+            else:
+                fout.write(chunk)
+            left -= len(chunk)
+        fout.truncate(size)
+    return dest
+
+
+def _blkid(image: Path, offset: int) -> dict:
+    out = subprocess.run(["blkid", "--probe", "--offset", str(offset), "-o", "export", str(image)],
+                         capture_output=True, text=True, check=True).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _kernel_version(img) -> str:
+    names = root_listdir(img.image, "/boot")
+    versions = [n[len("vmlinuz-"):] for n in names if n.startswith("vmlinuz-")]
+    assert len(versions) == 1, names
+    return versions[0]
+
+
+# --- the partition table -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_partition_table(built_image, board):
+    img = built_image(board)
+    table = __import__("json").loads(subprocess.run(["sfdisk", "--json", str(img.image)], capture_output=True,
+                                                    text=True, check=True).stdout)["partitiontable"]
+    assert table["label"] == "dos"
+    p1, p2 = table["partitions"]
+    assert p1["type"] == "c" and p1.get("bootable") is True
+    assert p1["start"] * 512 == 4 * MiB and p1["size"] * 512 == 256 * MiB
+    assert p2["type"] == "83"
+    assert p2["start"] * 512 == 260 * MiB and (p2["start"] * 512) % (4 * MiB) == 0
+    assert (p2["size"] * 512) % (4 * MiB) == 0
+    assert (p2["start"] + p2["size"]) * 512 == img.image.stat().st_size
+    # the disk identifier is fixed (derived from the spec), never random
+    from kiosk.image import identity
+    assert int(table["id"], 16) == identity(img.plan).disk_id
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_filesystems_are_clean(built_image, board, tmp_path):
+    img = built_image(board)
+    (b0, bsize), (r0, rsize) = partition_offsets(img.image)
+    fat = _extract(img.image, b0, bsize, tmp_path / "fat.img")
+    result = subprocess.run(["fsck.vfat", "-n", str(fat)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    root = _extract(img.image, r0, rsize, tmp_path / "root.img")
+    result = subprocess.run(["e2fsck", "-fn", str(root)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _blkid(img.image, b0)["TYPE"] == "vfat"
+    assert _blkid(img.image, r0)["TYPE"] == "ext4"
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_fstab_matches_the_filesystems(built_image, board):
+    img = built_image(board)
+    (b0, _), (r0, _) = partition_offsets(img.image)
+    boot, root = _blkid(img.image, b0), _blkid(img.image, r0)
+    assert boot["LABEL"] == "RASPIFIRM" and root["LABEL"] == "RASPIROOT"
+    fstab = [line.split() for line in read_root_file(img.image, "/etc/fstab").decode().splitlines()
+             if line.strip() and not line.startswith("#")]
+    by_mount = {f[1]: f for f in fstab}
+    assert by_mount["/"][0] == f"UUID={root['UUID']}" and by_mount["/"][2] == "ext4"
+    assert by_mount["/boot/firmware"][0] == f"UUID={boot['UUID']}" and by_mount["/boot/firmware"][2] == "vfat"
+    assert root_stat(img.image, "/boot/firmware")["type"] == "directory"
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_root_grows_on_first_boot(built_image, board):
+    img = built_image(board)
+    unit = read_root_file(img.image, "/etc/systemd/system/kiosk-growroot.service").decode()
+    assert "Type=oneshot" in unit and "ConditionPathExists=!/var/lib/kiosk/growroot.done" in unit
+    link = root_stat(img.image, "/etc/systemd/system/local-fs.target.wants/kiosk-growroot.service")
+    assert link["type"] == "symlink"
+    script = read_root_file(img.image, "/usr/lib/kiosk/growroot").decode()
+    assert "resize2fs" in script and "sfdisk" in script and "growroot.done" in script
+    assert root_file_mode(img.image, "/usr/lib/kiosk/growroot") == 0o755
+
+
+# --- boot files ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("board", RASPI)
+def test_raspi_boot_partition(built_image, board):
+    img = built_image(board)
+    hw = _board(board)
+    version = _kernel_version(img)
+    names = boot_listdir(img.image)
+    for blob in ("bootcode.bin", "start.elf", "fixup.dat"):
+        assert blob in names
+    for dtb in hw["deviceTrees"]:
+        assert Path(dtb).name in names
+    kernel = read_boot_file(img.image, f"vmlinuz-{version}")
+    assert kernel == read_root_file(img.image, f"/boot/vmlinuz-{version}")
+    initrd = read_boot_file(img.image, f"initrd.img-{version}")
+    assert initrd == read_root_file(img.image, f"/boot/initrd.img-{version}")
+    dtb = read_boot_file(img.image, Path(hw["deviceTrees"][0]).name)
+    assert dtb[:4] == b"\xd0\x0d\xfe\xed"  # flattened device tree magic
+
+
+@pytest.mark.parametrize("board", RASPI)
+def test_config_txt_exact(built_image, board):
+    img = built_image(board)
+    hw = _board(board)
+    version = _kernel_version(img)
+    custom = read_root_file(img.image, "/etc/default/raspi-firmware-custom").decode()
+    assert "\n".join(hw["configTxt"]) in custom
+    arm64 = "# Switch the CPU from ARMv7 into ARMv8 (aarch64) mode\narm_64bit=1\n\n" if hw["architecture"] == "arm64" \
+        else ""
+    expected = (
+        "# Do not modify this file!\n#\n# It is automatically generated upon install or update of either the\n"
+        "# firmware or the Linux kernel.\n#\n# If you need to set boot-time parameters, do so via the\n"
+        "# /etc/default/raspi-firmware, /etc/default/raspi-firmware-custom or\n"
+        "# /etc/default/raspi-extra-cmdline files.\n\n"
+        f"{arm64}enable_uart=1\nupstream_kernel=1\n\nkernel=vmlinuz-{version}\n"
+        "# For details on the initramfs directive, see\n"
+        "# https://www.raspberrypi.org/forums/viewtopic.php?f=63&t=10532\n"
+        f"initramfs initrd.img-{version}\n\n# Inserted by /etc/default/raspi-firmware-custom\n"
+        + custom.rstrip("\n") + "\n")
+    assert read_boot_file(img.image, "config.txt").decode() == expected
+
+
+@pytest.mark.parametrize("board", RASPI)
+def test_cmdline_txt_exact(built_image, board):
+    img = built_image(board)
+    hw = _board(board)
+    (_, _), (r0, _) = partition_offsets(img.image)
+    uuid = _blkid(img.image, r0)["UUID"]
+    extra = read_root_file(img.image, "/etc/default/raspi-extra-cmdline").decode().rstrip("\n")
+    assert extra.split()[-2:] == ["quiet", "splash"]
+    expected = (f" console={hw['serialConsole']} console=tty1 root=UUID={uuid} rw fsck.repair=yes net.ifnames=0 "
+                f"cma=64M rootwait {extra}\n")
+    assert read_boot_file(img.image, "cmdline.txt").decode() == expected
+    defaults = read_root_file(img.image, "/etc/default/raspi-firmware").decode()
+    assert f'\nCONSOLES="{hw["serialConsole"]} tty1"\n' in defaults
+    assert f'\nROOTPART="UUID={uuid}"\n' in defaults
+
+
+@pytest.mark.parametrize("board", RASPI)
+def test_device_regenerates_the_same_boot_config(built_image, board, tmp_path):
+    """Debian's own kernel hook, run on the image's files, writes the same config.txt and cmdline.txt."""
+    img = built_image(board)
+    hw = _board(board)
+    version = _kernel_version(img)
+    t = tmp_path / "sys"
+    (t / "boot/firmware").mkdir(parents=True)
+    (t / "etc/default").mkdir(parents=True)
+    for name in ("raspi-firmware", "raspi-firmware-custom", "raspi-extra-cmdline"):
+        (t / "etc/default" / name).write_bytes(read_root_file(img.image, f"/etc/default/{name}"))
+    for name in (f"vmlinuz-{version}", f"initrd.img-{version}"):
+        (t / "boot" / name).write_bytes(b"x")
+    dtbdir = t / f"usr/lib/linux-image-{version}" / ("broadcom" if hw["architecture"] == "arm64" else "")
+    dtbdir.mkdir(parents=True)
+    hook = read_root_file(img.image, "/etc/kernel/postinst.d/z50-raspi-firmware").decode()
+    for path in ("/boot/firmware", "/boot/vmlinuz-", "/boot/initrd.img-", "/etc/default/", "/usr/lib/linux-image-"):
+        hook = hook.replace(path, f"{t}{path}")
+    hook = hook.replace("$(dpkg --print-architecture)", hw["architecture"]).replace("if ischroot", "if true")
+    (t / "hook").write_text(hook)
+    result = subprocess.run(["sh", str(t / "hook")], env=dict(os.environ, DEB_MAINT_PARAMS="configure"),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (t / "boot/firmware/config.txt").read_bytes() == read_boot_file(img.image, "config.txt")
+    assert (t / "boot/firmware/cmdline.txt").read_bytes() == read_boot_file(img.image, "cmdline.txt")
+
+
+def test_qemu_boot_partition(built_image):
+    img = built_image("qemu")
+    hw = _board("qemu")
+    version = _kernel_version(img)
+    assert {"vmlinuz", "initrd.img", "cmdline.txt"} <= set(boot_listdir(img.image))
+    assert read_boot_file(img.image, "vmlinuz") == read_root_file(img.image, f"/boot/vmlinuz-{version}")
+    (_, _), (r0, _) = partition_offsets(img.image)
+    uuid = _blkid(img.image, r0)["UUID"]
+    assert read_boot_file(img.image, "cmdline.txt").decode() == \
+        f"console={hw['serialConsole']} console=tty1 root=UUID={uuid} rw {' '.join(hw['cmdline'])} quiet splash\n"
+
+
+def _cpio_list(initrd: bytes, tmp_path: Path) -> list[str]:
+    data = gzip.decompress(initrd)
+    (tmp_path / "initrd.cpio").write_bytes(data)
+    out = subprocess.run(["cpio", "-t", "--quiet", "-F", str(tmp_path / "initrd.cpio")], capture_output=True,
+                         text=True, check=True).stdout
+    return out.split()
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_initramfs_reaches_the_root(built_image, board, tmp_path):
+    img = built_image(board)
+    version = _kernel_version(img)
+    hw = _board(board)
+    name = "initrd.img" if hw["bootloader"] == "direct-kernel" else f"initrd.img-{version}"
+    files = _cpio_list(read_boot_file(img.image, name), tmp_path)
+    assert files == sorted(files)  # sorted: reproducible
+    assert "init" in files and "bin/busybox" in files
+    modules = {Path(f).name for f in files if f.endswith(".ko")}
+    assert "ext4.ko" in modules and "jbd2.ko" in modules
+    if hw["architecture"] == "arm64":
+        assert {"sdhci-iproc.ko", "bcm2835.ko"} <= modules
+    if hw["architecture"] == "amd64":
+        assert {"virtio_blk.ko", "virtio_pci.ko"} <= modules
+    assert f"lib/modules/{version}/modules.dep" in files
+    # busybox of the target architecture, not the build machine's
+    subprocess.run(["cpio", "-i", "-d", "--quiet", "-D", str(tmp_path), "-F", str(tmp_path / "initrd.cpio"),
+                    "bin/busybox"], check=True)
+    described = subprocess.run(["file", "-b", str(tmp_path / "bin/busybox")], capture_output=True,
+                               text=True).stdout if shutil.which("file") else ""
+    arch_word = {"arm64": "aarch64", "armel": "ARM", "amd64": "x86-64"}[hw["architecture"]]
+    if described:
+        assert arch_word in described and "statically linked" in described
+
+
+# --- the root tree -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_build_leaves_no_traces(built_image, board):
+    img = built_image(board)
+    etc_ssh = root_listdir(img.image, "/etc/ssh")
+    assert not [n for n in etc_ssh if n.startswith("ssh_host_")], etc_ssh
+    # update-initramfs is the real one again, and not diverted
+    assert b"kiosk" not in read_root_file(img.image, "/usr/sbin/update-initramfs")
+    diversions = read_root_file(img.image, "/var/lib/dpkg/diversions").decode()
+    assert "update-initramfs" not in diversions
+    assert read_root_file(img.image, "/etc/machine-id") == b""
+    assert root_listdir(img.image, "/var/cache/apt/archives") in ([], ["lock", "partial"], ["partial"])
+    assert root_listdir(img.image, "/boot/firmware") == []
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_installed_packages_recorded(built_image, board):
+    from kiosk import rootfs
+
+    img = built_image(board)
+    hw = _board(board)
+    packages = {name: (version, arch, source) for name, version, arch, source in rootfs.installed_packages(img.root)}
+    assert packages["busybox-static"][1] == hw["architecture"]
+    assert hw["kernelPackage"] in packages
+    assert packages["foot"][1] == hw["architecture"]
+    assert all(v for v, _, _ in packages.values())
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_all_timestamps_pinned(built_image, board):
+    img = built_image(board)
+    epoch = None
+    for path in ("/etc/fstab", "/etc/hostname", "/usr/lib/kiosk/growroot", "/", "/etc"):
+        text = root_stat(img.image, path)["text"]
+        times = re.findall(r"(?:ctime|atime|mtime|crtime): (0x[0-9a-f]+)", text)
+        assert len(set(times)) == 1, (path, text)
+        epoch = epoch or times[0]
+        assert times[0] == epoch
+    mdir = subprocess.run(["mdir", "-i", f"{img.image}@@{img.boot_offset}", "::"], capture_output=True, text=True,
+                          env=dict(os.environ, MTOOLS_SKIP_CHECK="1")).stdout
+    dates = {m for m in re.findall(r"\d{4}-\d\d-\d\d\s+\d+:\d\d", mdir)}
+    assert len(dates) == 1, mdir
+
+
+def test_rebuild_is_byte_identical(built_image, tmp_path):
+    """Same plan, same layer, same cached base: the same image bytes (and block map)."""
+    img = built_image("qemu")
+    again = build(img.spec, tmp_path, keep_root=False, log=lambda m: None)
+    assert again.image.name == img.image.name
+
+    def sha(p):
+        return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+    assert sha(again.image) == sha(img.image)
+    bmap = Path(str(img.image) + ".bmap")
+    if bmap.exists():
+        assert Path(str(again.image) + ".bmap").read_bytes() == bmap.read_bytes()
+
+
+def test_mmdebstrap_failure_names_the_stage(tmp_path, monkeypatch):
+    """A package that does not exist: a KioskError naming the stage and showing apt's complaint."""
+    from kiosk import rootfs
+    from kiosk.errors import KioskError
+    from kiosk.plan import make_plan
+
+    monkeypatch.setenv("KIOSK_CACHE_DIR", str(tmp_path))
+    plan = make_plan(full_spec("qemu", packages=["kiosk-no-such-package"]))
+    with pytest.raises(KioskError) as info:
+        rootfs.base_rootfs(plan)
+    text = str(info.value)
+    assert "rootfs (mmdebstrap) failed" in text and "kiosk-no-such-package" in text
+    assert not list((tmp_path / "rootfs").glob("*.tar"))
+
+
+# --- booting (smoke; the boot tests proper live elsewhere) --------------------------------------
+
+def _boot(cmd: list[str], until: str, seconds: int) -> str:
+    import select
+    import time
+
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 1)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                out += chunk
+                if until.encode() in out:
+                    break
+    finally:
+        proc.kill()
+        proc.wait()
+    return out.decode(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("board", ["raspberryPi3", "qemu"])
+def test_boots_to_systemd(built_image, board, tmp_path):
+    img = built_image(board)
+    hw = _board(board)
+    version = _kernel_version(img)
+    q = hw["qemu"]
+    disk = tmp_path / "sd.img"
+    subprocess.run(["cp", "--sparse=always", str(img.image), str(disk)], check=True)
+    if q.get("imagePowerOfTwo"):
+        size = 1 << (disk.stat().st_size - 1).bit_length()
+        os.truncate(disk, size)
+    direct = hw["bootloader"] == "direct-kernel"
+    kernel, initrd = ("vmlinuz", "initrd.img") if direct else (f"vmlinuz-{version}", f"initrd.img-{version}")
+    (tmp_path / "kernel").write_bytes(read_boot_file(img.image, kernel))
+    (tmp_path / "initrd").write_bytes(read_boot_file(img.image, initrd))
+    cmdline = read_boot_file(img.image, "cmdline.txt").decode().split()
+    args = [a for a in cmdline if not a.startswith("console=") and a not in ("quiet", "splash")]
+    append = " ".join(args + q["append"] + [f"console={q['console']}"])
+    cmd = [q["binary"], "-M", q["machine"], "-m", q["memory"], "-kernel", str(tmp_path / "kernel"),
+           "-initrd", str(tmp_path / "initrd"), "-append", append, "-display", "none", "-no-reboot"]
+    if q.get("dtb"):
+        (tmp_path / "dtb").write_bytes(read_boot_file(img.image, Path(q["dtb"]).name))
+        cmd += ["-dtb", str(tmp_path / "dtb")]
+    if q.get("smp"):
+        cmd += ["-smp", str(q["smp"])]
+    for serial in q["serial"]:
+        cmd += ["-serial", "stdio" if serial == "mon:stdio" else serial]
+    cmd += [a.replace("{image}", str(disk)) for a in q["disk"]]
+    out = _boot(cmd, "Started kiosk.service", 400)
+    assert "kiosk-initramfs: switching to /sbin/init" in out, out[-3000:]
+    assert f"Hostname set to <{img.spec['hostName']}>" in out, out[-3000:]
+    assert "Finished kiosk-growroot.service" in out or "kiosk-growroot.se" in out, out[-3000:]
