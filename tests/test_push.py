@@ -1,0 +1,345 @@
+"""git push to a device over real OpenSSH: validate, build, switch, report; refuse bad pushes untouched;
+roll back a failing switch; serialise concurrent pushes.
+
+The device is a root directory in tmp with generation 1 installed as the image build does it; sshd
+runs the configuration.git hooks against it with a recording activator (tests/sshd_harness.py).
+"""
+
+import copy
+import fcntl
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import kiosk_cli
+from sshd_harness import Client, Device, keygen, remote_lines, snapshot
+
+from kiosk import generations as gens
+
+pytestmark = pytest.mark.root
+
+REJECTED = "! [remote rejected] main -> main (pre-receive hook declined)"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in ("host", "client", "stranger"):
+        out[name] = tmp / f"{name}_ed25519"
+        out[name + "_pub"] = keygen(out[name], f"{name}@test")
+    return out
+
+
+@pytest.fixture
+def spec(fake_mirror, keys):
+    return {
+        "hostName": "lobby", "hardware": "raspberryPi3", "authorizedKeys": [keys["client_pub"]],
+        "program": {"package": "cog", "executable": "/usr/bin/cog", "args": ["https://example.org/"]},
+        "networks": {"cafe": "correct horse battery"},
+        "locale": {"lang": "en_US.UTF-8", "regDom": "US", "timeZone": "America/New_York"},
+        "debian": {"suite": "bookworm", "mirror": fake_mirror},
+    }
+
+
+@pytest.fixture
+def make_device(tmp_path, spec, keys):
+    made = []
+
+    def make(env=None):
+        directory = tmp_path / f"dev{len(made)}"
+        directory.mkdir()
+        device = Device(directory, spec, keys["client_pub"], keys["host"], env=env)
+        made.append(device)
+        return device
+
+    yield make
+    for device in made:
+        device.close()
+
+
+@pytest.fixture
+def device(make_device):
+    return make_device()
+
+
+@pytest.fixture
+def client(tmp_path, keys, device):
+    return Client(tmp_path, keys["client"], keys["host_pub"], device.port)
+
+
+def head(client, clone):
+    return client.git("rev-parse", "HEAD", cwd=clone).stdout.strip()
+
+
+def test_a_good_push_switches_and_says_each_step(device, client, spec):
+    clone = client.clone(device.url, "clone")
+    assert json.loads((clone / "nixiosk.json").read_text()) == spec  # generation 1's spec, as built
+    new = copy.deepcopy(spec)
+    new["program"]["args"] = ["https://example.org/welcome"]
+    commit = client.commit_spec(clone, new)
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    c = commit[:12]
+    assert remote_lines(r.stderr) == [
+        f"==> validate nixiosk.json (commit {c})",
+        "    valid: lobby on raspberryPi3, program cog (/usr/bin/cog)",
+        "==> build generation 2: what changes from generation 1",
+        "    files changed: /etc/kiosk/program.json, /etc/systemd/system/kiosk.service",
+        "    units to restart: kiosk.service",
+        "    packages: no change",
+        "==> switch to generation 2",
+        "    1/4 linked 0 new path(s)",
+        "    2/4 current -> generations/2",
+        "    3/4 updated 0 symlink and directory entries",
+        "    4/4 removed 0 path(s) generation 2 does not have",
+        "==> activate",
+        "    systemctl daemon-reload",
+        "    systemctl restart kiosk.service",
+        "==> health check: kiosk-agent.service, kiosk.service (up and staying up for 0s)",
+        "    kiosk-agent.service: up",
+        "    kiosk.service: up",
+        f"==> generation 2 is active: lobby, commit {c}",
+        f"==> main is at {c}; the device runs generation 2",
+    ]
+    assert f"{device.first_commit[:7]}..{commit[:7]}  main -> main" in r.stderr
+    root = device.root
+    assert gens.pointer(root) == gens.pointer(root, "default") == 2
+    assert gens.repo_main(root) == commit and gens.current(root).meta["commit"] == commit
+    assert gens.current(root).spec_text == (clone / "nixiosk.json").read_text()
+    assert {g.number: g.meta["status"] for g in gens.list_generations(root)} == {1: "superseded", 2: "active"}
+    assert gens.verify(root) == [] and gens.read_journal(root) is None and gens.read_pending(root) is None
+    assert device.recorded()["calls"] == [["daemon-reload", None], ["restart", ["kiosk.service"]],
+                                          ["health", ["kiosk-agent.service", "kiosk.service"]]]
+    program = (root / "var/lib/kiosk/current/root/etc/kiosk/program.json").read_text()
+    assert "https://example.org/welcome" in program
+
+    # a package added: installed before the switch (here by the recording installer)
+    new["packages"] = ["htop"]
+    new["hostName"] = "hall"
+    commit = client.commit_spec(clone, new)
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    lines = remote_lines(r.stderr)
+    assert "    packages: +htop" in lines
+    assert lines[lines.index("==> packages"):lines.index("==> packages") + 2] == \
+        ["==> packages", "    installing with recording: htop"]
+    assert lines.index("==> packages") < lines.index("==> switch to generation 3")
+    assert "    host name -> hall" in lines
+    assert device.recorded()["installs"] == [["htop"]]
+    assert gens.pointer(root) == 3 and gens.repo_main(root) == commit and gens.verify(root) == []
+
+
+def test_bad_pushes_are_refused_and_change_nothing(device, client, spec):
+    clone = client.clone(device.url, "clone")
+    base = head(client, clone)
+    before = snapshot(device.root)
+
+    def refused(r, *, hook=True):
+        assert r.returncode != 0
+        if hook:
+            assert REJECTED in r.stderr or "(pre-receive hook declined)" in r.stderr, r.stderr
+        assert snapshot(device.root) == before  # the device, its generations and configuration.git untouched
+        assert device.recorded() == {}
+        client.git("reset", "-q", "--hard", base, cwd=clone)
+        return remote_lines(r.stderr)
+
+    def validate_lines():
+        v = kiosk_cli("validate", cwd=clone)
+        assert v.returncode == 2
+        return [line.rstrip() for line in v.stderr.splitlines()]
+
+    # JSON syntax: the same lines as `kiosk validate` (caret included)
+    text = json.dumps(spec, indent=2)[:-2] + ",\n}\n"
+    commit = client.commit_spec(clone, text=text)
+    expected = validate_lines()
+    assert expected[0] == "nixiosk.json: /debian: line 25 column 4: trailing comma before '}' (JSON allows no " \
+                          "comma after the last item); remove that comma"
+    assert refused(client.push(clone)) == [f"==> validate nixiosk.json (commit {commit[:12]})", *expected,
+                                           "==> push refused: nixiosk.json is not valid; nothing on the device "
+                                           "was changed"]
+
+    # schema and semantic problems: every one, one line each, as `kiosk validate` prints them
+    commit = client.commit_spec(clone, dict(copy.deepcopy(spec), hostName="my_kiosk", colour="blue"))
+    expected = validate_lines()
+    assert expected == [
+        'nixiosk.json: /colour: unknown field "colour"; remove it; fields here are: allowKioskLogin, '
+        'authorizedKeys, builders, debian, hardware, hostName, localSystem, locale, networks, packages, '
+        'program, raspberryPi',
+        'nixiosk.json: /hostName: "my_kiosk" is not a valid host name: it contains \'_\'; use 1-63 letters, '
+        'digits and hyphens, not starting or ending with a hyphen, e.g. "lobby-screen"']
+    assert refused(client.push(clone)) == [f"==> validate nixiosk.json (commit {commit[:12]})", *expected,
+                                           "==> push refused: nixiosk.json is not valid; nothing on the device "
+                                           "was changed"]
+
+    # a package the board's Debian does not have (checked against the spec's mirror)
+    commit = client.commit_spec(clone, dict(copy.deepcopy(spec), packages=["htpo"]))
+    assert refused(client.push(clone))[1] == \
+        'nixiosk.json: /packages/0: Debian bookworm has no package "htpo" for arm64 (raspberryPi3); ' \
+        'did you mean "htop"?'
+
+    # no nixiosk.json in the commit
+    client.git("rm", "-q", "nixiosk.json", cwd=clone)
+    client.git("commit", "-q", "-m", "oops", cwd=clone)
+    commit = head(client, clone)
+    assert refused(client.push(clone))[1:] == [
+        f"nixiosk.json: /: not found in commit {commit[:12]}; commit nixiosk.json at the top of the repository",
+        "==> push refused: nixiosk.json is not valid; nothing on the device was changed"]
+
+    # another board: needs a new image
+    commit = client.commit_spec(clone, dict(copy.deepcopy(spec), hardware="raspberryPi4"))
+    lines = refused(client.push(clone))
+    assert lines[2:] == [
+        'nixiosk.json: /hardware: this device is a raspberryPi3; a push cannot change the board to raspberryPi4 '
+        '(another kernel, firmware and architecture); build and flash a new image for it (kiosk build, '
+        './deploy.sh /dev/mmcblk0), or set "hardware" back to "raspberryPi3"',
+        "==> push refused: this change needs a new image; nothing on the device was changed"]
+
+    # another branch
+    client.commit_spec(clone, dict(copy.deepcopy(spec), hostName="elsewhere"))
+    assert refused(client.push(clone, "HEAD:refs/heads/feature")) == [
+        "refs/heads/feature: refused: only main is deployed to this device and no other branch or tag is kept; "
+        "push to main (git push origin HEAD:main)",
+        "==> push refused: only fast-forwards of main are deployed; nothing on the device was changed"]
+
+    # rewriting history (the first commit amended, force-pushed)
+    (clone / "nixiosk.json").write_text(json.dumps(dict(copy.deepcopy(spec), hostName="rewritten"), indent=2))
+    client.git("commit", "-q", "-a", "--amend", "-m", "rewritten", cwd=clone)
+    assert refused(client.push(clone, "--force", "main")) == [
+        f"refs/heads/main: refused: not a fast-forward of the device's main ({base[:12]}); "
+        "git pull --rebase, then push again",
+        "==> push refused: only fast-forwards of main are deployed; nothing on the device was changed"]
+
+    # deleting main
+    assert refused(client.push(clone, ":main"), hook=False) == [
+        "refs/heads/main: refused: main cannot be deleted; it is the configuration this device runs",
+        "==> push refused: only fast-forwards of main are deployed; nothing on the device was changed"]
+
+    # and after all that, a good push still works
+    client.commit_spec(clone, dict(copy.deepcopy(spec), hostName="lobby2"))
+    assert client.push(clone).returncode == 0
+    assert gens.pointer(device.root) == 2
+
+
+def test_a_failing_switch_rolls_back_and_the_push_fails(device, client, spec):
+    device.recording.write_text(json.dumps({"fail": [
+        {"unit": "kiosk.service", "reason": "exited at once (status 1), restarted 2 times", "when": "crash-me"}]}))
+    clone = client.clone(device.url, "clone")
+    new = copy.deepcopy(spec)
+    new["program"]["args"] = ["--crash-me"]
+    commit = client.commit_spec(clone, new)
+    r = client.push(clone)
+    assert r.returncode != 0
+    assert REJECTED in r.stderr
+    lines = remote_lines(r.stderr)
+    tail = lines[lines.index("==> health check: kiosk-agent.service, kiosk.service (up and staying up for 0s)"):]
+    first = device.first_commit[:12]
+    assert tail == [
+        "==> health check: kiosk-agent.service, kiosk.service (up and staying up for 0s)",
+        "    kiosk-agent.service: up",
+        "    FAILED kiosk.service: exited at once (status 1), restarted 2 times",
+        "==> rolling back to generation 1",
+        "==> switch to generation 1",
+        "    1/4 linked 0 new path(s)",
+        "    2/4 current -> generations/1",
+        "    3/4 updated 0 symlink and directory entries",
+        "    4/4 removed 0 path(s) generation 1 does not have",
+        "==> activate",
+        "    systemctl daemon-reload",
+        "    systemctl restart kiosk.service",
+        "==> health check: kiosk-agent.service, kiosk.service (up and staying up for 0s)",
+        "    kiosk-agent.service: up",
+        "    kiosk.service: up",
+        f"==> ROLLED BACK to generation 1 (commit {first}): generation 2 failed: kiosk.service: exited at once "
+        "(status 1), restarted 2 times",
+        f"==> push refused: main stays at {first}; fix nixiosk.json and push again (kiosk generations on the "
+        "device shows what failed)",
+    ]
+    root = device.root
+    assert gens.repo_main(root) == device.first_commit
+    assert gens.pointer(root) == gens.pointer(root, "default") == 1
+    assert gens.verify(root) == [] and gens.read_journal(root) is None and gens.read_pending(root) is None
+    failed = gens.generation(root, 2).meta
+    assert (failed["status"], failed["commit"]) == ("failed", commit)
+    assert failed["reason"] == "kiosk.service: exited at once (status 1), restarted 2 times"
+
+    # the user fixes it (on top of the refused commit, which git never took) and pushes again
+    new["program"]["args"] = ["https://example.org/fixed"]
+    commit = client.commit_spec(clone, new)
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    assert gens.pointer(root) == 3 and gens.repo_main(root) == commit
+    r = kiosk_cli("generations", "--root", str(root))
+    assert [line.split()[-1] if "failed" not in line else "failed" for line in r.stdout.splitlines()[1:]] == \
+        ["superseded", "failed", "default"]
+
+
+def test_five_concurrent_pushes_end_consistent(device, client, spec):
+    clones = [client.clone(device.url, f"clone{i}") for i in range(5)]
+    commits = []
+    for i, clone in enumerate(clones):
+        commits.append(client.commit_spec(clone, dict(copy.deepcopy(spec), hostName=f"kiosk{i}")))
+    procs = [client.popen_push(clone) for clone in clones]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    winners = [i for i, code in enumerate(codes) if code == 0]
+    assert len(winners) == 1, "\n\n".join(outputs)
+    for i, (code, out) in enumerate(zip(codes, outputs)):
+        if code != 0:  # refused cleanly: by the device (main moved) or by git before the hook (fetch first)
+            assert ("main moved to" in out and REJECTED in out) or "(fetch first)" in out, out
+    root = device.root
+    assert gens.repo_main(root) == commits[winners[0]]
+    assert gens.current(root).meta["commit"] == commits[winners[0]]
+    assert gens.verify(root) == [] and gens.read_journal(root) is None and gens.read_pending(root) is None
+    for gen in gens.list_generations(root):
+        assert {p.name for p in gen.path.iterdir()} == {"root", "nixiosk.json", "layer.json", "meta.json"}
+    assert [g.number for g in gens.list_generations(root)] == [1, 2]
+    assert not list((root / "var/lib/kiosk/generations").glob(".tmp-*"))
+    assert (root / "var/lib/kiosk/lock").read_bytes() == b""
+
+
+def test_a_push_waits_for_the_lock_then_gives_up(make_device, tmp_path, keys, spec):
+    device = make_device(env={"KIOSK_LOCK_TIMEOUT": "2"})
+    client = Client(tmp_path, keys["client"], keys["host_pub"], device.port)
+    clone = client.clone(device.url, "clone")
+    client.commit_spec(clone, dict(copy.deepcopy(spec), hostName="patient"))
+    lock = os.open(device.root / "var/lib/kiosk/lock", os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        os.pwrite(lock, b"pid 1: a test holding the lock\n", 0)
+        before = snapshot(device.root)
+        r = client.push(clone)
+        assert r.returncode != 0
+        assert remote_lines(r.stderr)[2:] == [
+            "    waiting for another push to finish... (pid 1: a test holding the lock)",
+            "kiosk: another push or switch has held the device for over 2s; nothing was changed; push again later"]
+        assert snapshot(device.root) == before
+        # released while the push waits: it goes ahead
+        threading.Timer(0.7, lambda: (os.ftruncate(lock, 0), fcntl.flock(lock, fcntl.LOCK_UN))).start()
+        r = client.push(clone)
+        assert r.returncode == 0, r.stderr
+        assert "    waiting for another push to finish... (pid 1: a test holding the lock)" in remote_lines(r.stderr)
+        assert gens.pointer(device.root) == 2
+    finally:
+        os.close(lock)
+
+
+def test_a_key_not_authorized_is_refused_by_sshd(device, tmp_path, keys):
+    stranger = Client(tmp_path / "s", keys["stranger"], keys["host_pub"], device.port) \
+        if (tmp_path / "s").mkdir() is None else None
+    r = stranger.git("clone", "-q", device.url, str(tmp_path / "s/clone"), check=False)
+    assert r.returncode != 0
+    assert "root@127.0.0.1: Permission denied (publickey)." in r.stderr
+    assert not (tmp_path / "s/clone").exists()
+
+
+@pytest.mark.skip(reason="needs a booted image (kiosk run / QEMU, being made by another engineer): build the "
+                         "qemu board's image, boot it with user networking forwarding a host port to 22, "
+                         "then run this module's good/refused/rollback cases against ssh://root@127.0.0.1:PORT"
+                         "/etc/kiosk/configuration.git with KIOSK_ACTIVATOR unset (real systemctl) and assert "
+                         "`systemctl is-active kiosk.service` over ssh after each push")
+def test_push_to_a_booted_vm():
+    pass
