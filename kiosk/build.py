@@ -130,10 +130,13 @@ def configure_root(root: Path, spec_text: str, layer: dict, *, epoch: int, log) 
     """
     import subprocess
 
-    from kiosk.generations import install_first_generation
+    from kiosk.generations import install_first_generation, recovery_layer
+    from kiosk.layer import apply_layer
 
     install_kiosk_package(root, epoch)
     commit = install_first_generation(root, spec_text, layer, epoch=epoch, hooks_dir=resources.hooks_dir())
+    # Outside any generation: it must run even when an interrupted switch left the pointers half-moved.
+    apply_layer(recovery_layer(), root, mtime=epoch)
     log(f"generation 1 from configuration.git commit {commit[:12]}")
     # Host keys are made on the device at first start (render's ssh drop-in): never two cards with one key.
     for key in sorted((root / "etc/ssh").glob("ssh_host_*")):
