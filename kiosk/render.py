@@ -215,7 +215,7 @@ def _display(spec: dict, board: dict) -> Layer:
 def _agent() -> Layer:
     unit = (HEADER + "[Unit]\nDescription=Kiosk device agent: <hostName>.local over mDNS\n"
             "After=network.target\nWants=network.target\n\n"
-            "[Service]\nExecStart=/usr/bin/kiosk agent\nRestart=always\nRestartSec=2\n"
+            "[Service]\nExecStart=/usr/bin/kiosk agent\nExecReload=/bin/kill -HUP $MAINPID\nRestart=always\nRestartSec=2\n"
             "NoNewPrivileges=yes\nProtectSystem=strict\nProtectHome=yes\nPrivateTmp=yes\n\n"
             "[Install]\nWantedBy=multi-user.target\n")
     path, link = _wants("multi-user.target", "kiosk-agent.service", f"{UNIT_DIR}/kiosk-agent.service")

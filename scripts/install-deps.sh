@@ -10,7 +10,7 @@ build_pkgs=(mmdebstrap qemu-user-static binfmt-support arch-test dosfstools mtoo
             e2fsprogs zstd xz-utils ca-certificates tzdata dpkg-dev cpio kmod python3-venv
             python3-pip git openssh-client bmap-tools util-linux)
 test_pkgs=(qemu-system-arm qemu-system-x86 qemu-utils openssh-server dnsutils avahi-utils
-           iproute2 procps)
+           iproute2 procps python3-zeroconf)
 
 pkgs=("${build_pkgs[@]}")
 [ "$mode" = test ] && pkgs+=("${test_pkgs[@]}")
