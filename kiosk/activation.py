@@ -387,6 +387,7 @@ class RecordingActivator(Activator):
         self.record("boot-reconcile")
 
     def health(self, units, settle):
+        time.sleep(settle)  # as long as the real check watches the units
         self.record("health", list(units))
         failing = self._failing()
         return [f"{u}: {failing[u]}" for u in units if u in failing]

@@ -67,13 +67,34 @@ SWITCH_STEPS = ("begin", "stopped", "linked", "flipped", "symlinks", "cleaned", 
 # ---------------------------------------------------------------- output
 
 class Log:
-    """Progress for people: `==> stage` and indented details, flushed line by line (git push streams them)."""
+    """Progress for people: `==> stage` and indented details, flushed line by line (git push streams them).
+
+    A pusher who disconnects (Ctrl-C on git push) must not stop a switch half-way: once the output is
+    gone, lines only go to the tee file (ROOT/var/lib/kiosk/push.log for pushes), never raise."""
 
     def __init__(self, out=None):
         self.out = out
+        self.gone = False
+        self.tee = None
+        self.lines: list[str] = []
+
+    def tee_to(self, path: Path) -> None:
+        with contextlib.suppress(OSError):
+            self.tee = open(path, "w", encoding="utf-8")
+            self.tee.write("".join(line + "\n" for line in self.lines))
 
     def _print(self, text: str) -> None:
-        print(text, file=self.out or sys.stderr, flush=True)
+        self.lines.append(text)
+        if self.tee:
+            with contextlib.suppress(OSError, ValueError):
+                self.tee.write(text + "\n")
+                self.tee.flush()
+        if self.gone:
+            return
+        try:
+            print(text, file=self.out or sys.stderr, flush=True)
+        except (OSError, ValueError):
+            self.gone = True
 
     def stage(self, text: str) -> None:
         self._print(f"==> {text}")
@@ -751,6 +772,27 @@ def switch_to(root: Path, target: Generation, *, mode: str, purpose: str, activa
     sw.commit()
     log.stage(f"generation {target.number} is active" + ("" if mode == "switch" else
                                                            f" (default stays generation {pointer(root, 'default')})"))
+
+
+def prune(root: Path, log: Log, keep: int | None = None) -> list[int]:
+    """Delete all but the newest `keep` generations (KIOSK_KEEP_GENERATIONS, default 10), never the
+    current or default one. Each goes in one rename (it vanishes whole), then its files are deleted."""
+    if keep is None:
+        keep = int(os.environ.get("KIOSK_KEEP_GENERATIONS", "10"))
+    all_gens = list_generations(root)
+    spare = {pointer(root, "current"), pointer(root, "default")}
+    pending = read_pending(root)
+    if pending:
+        spare |= {pending.get("generation"), pending.get("previous")}
+    doomed = [g for g in all_gens[:-keep] if g.number not in spare] if keep > 0 else []
+    for gen in doomed:
+        gone = gen.path.with_name(f".tmp-gone-{gen.number}")
+        os.rename(gen.path, gone)
+        fsync_dir(gen.path.parent)
+        shutil.rmtree(gone)
+    if doomed:
+        log(f"deleted {len(doomed)} old generation(s): {', '.join(str(g.number) for g in doomed)}")
+    return [g.number for g in doomed]
 
 
 # ---------------------------------------------------------------- pending pushes

@@ -25,6 +25,7 @@ kiosk.activation), KIOSK_LOCK_TIMEOUT (seconds a push waits for another, default
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -179,6 +180,8 @@ def pre_receive(stdin, log: gens.Log) -> int:
         if lines:
             return _refuse(log, lines, "this change needs a new image")
 
+        # from here on the device changes: keep the last push's log for whoever lost the connection
+        log.tee_to(gens.state_dir(root) / "push.log")
         plan = make_plan(data)
         layer = render(data)
         gen = gens.write_generation(root, spec_text, layer, commit=new, packages=plan.packages,
@@ -199,22 +202,29 @@ def pre_receive(stdin, log: gens.Log) -> int:
                                      gens.default_installer(root, data, activator))
         except KioskError as exc:
             gens.update_meta(gen, status="failed", reason=str(exc))
-            return _refuse(log, [f"generation {gen.number} failed: {exc}"], "the new generation could not be "
-                           "prepared (packages apt installed stay installed, unused)")
+            return _refuse(log, [f"generation {gen.number} failed: {exc}"],
+                           "the new generation could not be prepared")
 
-        problems = sw.run(settle)
-        if problems:
-            reason = "; ".join(problems)
-            again = gens.rollback(root, gen, cur, reason, activator, log, settle)
-            log.stage(f"ROLLED BACK to generation {cur.number} (commit {cur.meta['commit'][:12]}): "
-                      f"generation {gen.number} failed: {reason}")
-            if again:
-                log(f"warning: generation {cur.number} is not healthy either: {'; '.join(again)}")
-            log.stage(f"push refused: main stays at {old[:12]}; fix nixiosk.json and push again "
-                      f"(kiosk generations on the device shows what failed)")
-            return 1
-        gens.write_pending(root, new, gen.number, cur.number, os.getppid())
-        sw.commit()
+        try:
+            problems = sw.run(settle)
+            if problems:
+                reason = "; ".join(problems)
+                again = gens.rollback(root, gen, cur, reason, activator, log, settle)
+                log.stage(f"ROLLED BACK to generation {cur.number} (commit {cur.meta['commit'][:12]}): "
+                          f"generation {gen.number} failed: {reason}")
+                if again:
+                    log(f"warning: generation {cur.number} is not healthy either: {'; '.join(again)}")
+                log.stage(f"push refused: main stays at {old[:12]}; fix nixiosk.json and push again "
+                          f"(kiosk generations on the device shows what failed)")
+                return 1
+            gens.write_pending(root, new, gen.number, cur.number, os.getppid())
+            sw.commit()
+        except BaseException:
+            # whatever broke mid-switch: back to the journal's safe generation now, not at the next push
+            with contextlib.suppress(Exception):
+                gens.recover(root, activator, log)
+            raise
+        gens.prune(root, log)
     log.stage(f"generation {gen.number} is active: {data['hostName']}, commit {new[:12]}")
     return 0
 

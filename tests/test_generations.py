@@ -384,3 +384,15 @@ def test_ensure_packages_installs_only_what_is_added(device, tmp_path):
     # a tree that is not the running system never runs apt
     assert isinstance(gens.default_installer(device, {}), gens.Installer)
     assert gens.default_installer(device, {}).name == "none"
+
+
+def test_prune_keeps_the_newest_and_the_current(device):
+    for _ in range(12):
+        add_generation(device, SECOND)
+    lines = []
+    assert gens.prune(device, lines.append, keep=10) == [2, 3]
+    assert [g.number for g in gens.list_generations(device)] == [1, *range(4, 14)]
+    assert lines == ["deleted 2 old generation(s): 2, 3"]
+    assert not list((device / "var/lib/kiosk/generations").glob(".*"))
+    assert gens.verify(device) == []
+    assert gens.write_generation(device, spec_text(BASE), {}, commit="0" * 40, packages=[], previous=1).number == 14
