@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""How long from `git push` to the new generation active, for a configuration-only change?
+
+Runs the test harness's device (tests/sshd_harness.py): a device root in a temporary
+directory with generation 1 installed as the image build does it, a real sshd on a
+loopback port running configuration.git's hooks, the real git and ssh clients. Each
+round changes the program's URL (a config-only change: no packages), commits and
+pushes, and measures:
+
+  active   git push start -> the new generation's meta.json says "active" (polled every 5 ms)
+  push     git push start -> git push returned (the ref update and post-receive included)
+
+and, for scale, what every push pays before the hook does anything:
+
+  ls-remote   an ssh connection + git's ref advertisement (git ls-remote)
+  kiosk       starting the `kiosk` command (python + imports: kiosk --version)
+
+The activator is the recording one (no systemd here): on a device add the health
+check's settle time (KIOSK_HEALTH_SECONDS, default 4 s) and systemctl's own work;
+--settle S makes the recording activator wait S seconds to show that share.
+
+    sudo .venv/bin/python bench/push.py [--rounds 5] [--settle 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+
+def timed(fn) -> float:
+    start = time.monotonic()
+    fn()
+    return time.monotonic() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--settle", type=float, default=0.0, help="health-check settle seconds (default 0)")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (sshd, root logins)", file=sys.stderr)
+        return 2
+
+    from fake_mirror import Server, write_mirror
+    from sshd_harness import Client, Device, keygen
+
+    from kiosk import generations as gens
+
+    tmp = Path(tempfile.mkdtemp(prefix="kiosk-bench-push-"))
+    os.environ["KIOSK_CACHE_DIR"] = str(tmp / "cache")
+    (tmp / "mirror").mkdir()
+    write_mirror(tmp / "mirror")
+    mirror = Server(tmp / "mirror")
+    host_pub = keygen(tmp / "host", "host")
+    client_pub = keygen(tmp / "client", "client")
+    spec = {
+        "hostName": "lobby", "hardware": "raspberryPi3", "authorizedKeys": [client_pub],
+        "program": {"package": "cog", "executable": "/usr/bin/cog", "args": ["https://example.org/0"]},
+        "networks": {"cafe": "correct horse battery"},
+        "locale": {"lang": "en_US.UTF-8", "regDom": "US", "timeZone": "America/New_York"},
+        "debian": {"suite": "bookworm", "mirror": mirror.url},
+    }
+    (tmp / "dev").mkdir()
+    device = Device(tmp / "dev", spec, client_pub, tmp / "host", env={"KIOSK_HEALTH_SECONDS": str(args.settle)})
+    client = Client(tmp, tmp / "client", host_pub, device.port)
+    try:
+        clone = client.clone(device.url, "clone")
+        versions = {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "git": subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip(),
+            "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
+        }
+        print(f"cores: {versions['cores']}; {versions['git']}; {versions['ssh']}; python {versions['python']}")
+        print(f"health-check settle: {args.settle:g} s (recording activator)")
+
+        ls_remote = [timed(lambda: client.git("ls-remote", device.url)) for _ in range(args.rounds)]
+        kiosk = str(Path(sys.executable).parent / "kiosk")
+        startup = [timed(lambda: subprocess.run([kiosk, "--version"], capture_output=True, check=True))
+                   for _ in range(args.rounds)]
+
+        pushes, actives = [], []
+        for i in range(1, args.rounds + 2):  # the first round warms the package-index cache; not counted
+            new = copy.deepcopy(spec)
+            new["program"]["args"] = [f"https://example.org/{i}"]
+            client.commit_spec(clone, new, message=f"round {i}")
+            number = i + 1
+            meta = device.root / f"var/lib/kiosk/generations/{number}/meta.json"
+            seen: list[float] = []
+
+            def watch():
+                while not seen:
+                    try:
+                        if json.loads(meta.read_text())["status"] == "active":
+                            seen.append(time.monotonic())
+                            return
+                    except (OSError, ValueError):
+                        pass
+                    time.sleep(0.005)
+
+            watcher = threading.Thread(target=watch, daemon=True)
+            start = time.monotonic()
+            watcher.start()
+            r = client.push(clone)
+            end = time.monotonic()
+            watcher.join(timeout=5)
+            if r.returncode != 0 or gens.pointer(device.root) != number or not seen:
+                print(r.stderr, file=sys.stderr)
+                raise SystemExit(f"round {i}: push failed")
+            if i > 1:
+                pushes.append(end - start)
+                actives.append(seen[0] - start)
+            print(f"  round {i}: active after {seen[0] - start:.3f} s, push returned after {end - start:.3f} s"
+                  + ("  (warm-up, not counted)" if i == 1 else ""))
+
+        def row(name, values):
+            print(f"{name:11} median {statistics.median(values):.3f} s  (min {min(values):.3f}, "
+                  f"max {max(values):.3f}, n={len(values)})")
+
+        print()
+        row("active", actives)
+        row("push", pushes)
+        row("ls-remote", ls_remote)
+        row("kiosk", startup)
+    finally:
+        device.close()
+        mirror.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
