@@ -1016,9 +1016,15 @@ def install_first_generation(root: Path, spec_text: str, layer: Layer, *, epoch:
             for name in dirnames + filenames:
                 os.utime(os.path.join(dirpath, name), (epoch, epoch), follow_symlinks=False)
         os.utime(top, (epoch, epoch))
+    touched = {repo.parent, state.parent, state.parent.parent}
     for path in gen.manifest:
+        live = _live(root, path)
+        touched.update(p for p in live.parents if p != root and root in p.parents)
         with contextlib.suppress(FileNotFoundError):
-            os.utime(_live(root, path), (epoch, epoch), follow_symlinks=False)
+            os.utime(live, (epoch, epoch), follow_symlinks=False)
+    for directory in touched:  # links replaced files: their directories' times changed
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(directory, (epoch, epoch))
     return commit
 
 

@@ -9,7 +9,6 @@ import copy
 import fcntl
 import json
 import os
-import subprocess
 import time
 
 import pytest
