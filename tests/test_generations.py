@@ -396,3 +396,39 @@ def test_prune_keeps_the_newest_and_the_current(device):
     assert not list((device / "var/lib/kiosk/generations").glob(".*"))
     assert gens.verify(device) == []
     assert gens.write_generation(device, spec_text(BASE), {}, commit="0" * 40, packages=[], previous=1).number == 14
+
+
+def test_systemd_activator_reads_systemctl(tmp_path):
+    """The real activator's calls and health logic, against a stand-in systemctl (no systemd runs here)."""
+    fake = tmp_path / "systemctl"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {tmp_path}/calls
+case "$1" in
+show) n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n+1)) > {tmp_path}/count
+  printf 'Id=kiosk.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nResult=success\\n'
+  printf 'NRestarts=%s\\nExecMainStartTimestampMonotonic=%s\\nExecMainStatus=0\\n\\n' $n $((n*100))
+  printf 'Id=kiosk-agent.service\\nLoadState=loaded\\nActiveState=activating\\nSubState=auto-restart\\n'
+  printf 'Result=exit-code\\nNRestarts=3\\nExecMainStartTimestampMonotonic=5\\nExecMainStatus=1\\n\\n'
+  printf 'Id=ssh.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nResult=success\\n'
+  printf 'NRestarts=0\\nExecMainStartTimestampMonotonic=7\\nExecMainStatus=0\\n\\n'
+  printf 'Id=nope.service\\nLoadState=not-found\\nActiveState=inactive\\nSubState=dead\\n';;
+restart) [ "$2" = bad.service ] && {{ echo "Job for bad.service failed because the control process exited with error code." >&2; exit 1; }};;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    a = activation.SystemdActivator(systemctl=str(fake))
+    a.daemon_reload()
+    a.restart(["kiosk.service"])
+    a.reload(["ssh.service"])
+    a.stop([])
+    with pytest.raises(activation.ActivationFailed,
+                       match=r"^systemctl restart bad.service failed: Job for bad.service failed because"):
+        a.restart(["bad.service"])
+    problems = a.health(["kiosk.service", "kiosk-agent.service", "ssh.service", "nope.service"], 0.01)
+    assert problems == ["kiosk.service: restarted 1 time(s) within 0s (the program exits at once)",
+                        "kiosk-agent.service: activating (auto-restart), result exit-code, exit status 1",
+                        "nope.service: not loaded (not-found)"]
+    assert (tmp_path / "calls").read_text().splitlines()[:4] == [
+        "daemon-reload", "restart kiosk.service", "reload-or-restart ssh.service", "restart bad.service"]
+    assert activation.from_env(tmp_path).name == "none"  # never systemctl for a tree that is not /
