@@ -17,6 +17,7 @@ KIOSK_ACTIVATOR selects one explicitly: "systemd", "none" or "recording:<path>".
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -118,11 +119,30 @@ def wanted_unit(path: str) -> str | None:
     return None
 
 
-def plan(old: dict, new: dict, *, reloadable=frozenset({"ssh.service"}), new_texts: dict | None = None) -> Plan:
+def _shell_changes(new_text: str, old_text: str) -> list[list[str]]:
+    """usermod commands for sysusers `u` lines whose shell differs between two sysusers.d files."""
+    import shlex
+
+    def shells(text):
+        out = {}
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                fields = shlex.split(line, comments=True)
+                if len(fields) >= 6 and fields[0] == "u":
+                    out[fields[1]] = fields[5]
+        return out
+
+    before, after = shells(old_text), shells(new_text)
+    return [["usermod", "--shell", shell, user] for user, shell in sorted(after.items())
+            if user in before and before[user] != shell]
+
+
+def plan(old: dict, new: dict, *, reloadable=frozenset({"ssh.service"}), new_texts: dict | None = None,
+         old_texts: dict | None = None) -> Plan:
     """The activation plan between two layer manifests ({path: {kind, sha256, target, mode, ...}}).
 
     new_texts: path -> text of the new generation's files (unit files: ExecReload= means reload, not
-    restart; /etc/hostname: the new host name).
+    restart; /etc/hostname: the new host name; sysusers.d: login shells); old_texts: the old generation's.
     """
     p = Plan()
     changed = sorted(path for path in set(old) | set(new) if old.get(path) != new.get(path))
@@ -135,6 +155,7 @@ def plan(old: dict, new: dict, *, reloadable=frozenset({"ssh.service"}), new_tex
     commands: list[list[str]] = []
     at_boot: list[str] = []
     texts = new_texts or {}
+    old_texts = old_texts or {}
 
     for path in changed:
         unit = unit_of(path)
@@ -174,6 +195,11 @@ def plan(old: dict, new: dict, *, reloadable=frozenset({"ssh.service"}), new_tex
                 at_boot.append(arg)
             elif action == "hostname" and path in new:
                 p.hostname = texts.get(path, "").strip() or None
+        if path.startswith("/etc/sysusers.d/") and path in new:
+            # systemd-sysusers only creates users: a changed login shell (allowKioskLogin) needs usermod
+            for argv in _shell_changes(texts.get(path, ""), old_texts.get(path, "")):
+                if argv not in commands:
+                    commands.append(argv)
     stop |= enabled_old - enabled_new
     start = enabled_new - enabled_old
     restart -= start | stop

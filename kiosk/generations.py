@@ -585,8 +585,10 @@ class Switch:
         self.activator, self.log = activator, log
         self.om = old.manifest if old else {}
         self.nm = new.manifest
-        texts_wanted = [p for p in self.nm if p.startswith(activation.UNIT_DIR) or p == "/etc/hostname"]
-        self.plan = activation.plan(self.om, self.nm, new_texts=new.texts(texts_wanted))
+        wanted = [p for p in {*self.nm, *self.om}
+                  if p.startswith((activation.UNIT_DIR, "/etc/sysusers.d/")) or p == "/etc/hostname"]
+        self.plan = activation.plan(self.om, self.nm, new_texts=new.texts(wanted),
+                                    old_texts=old.texts(wanted) if old else {})
         self.journal = {"from": old.number if old else None, "to": new.number, "mode": mode, "purpose": purpose,
                         "safe": new.number if purpose == "rollback" else (old.number if old else new.number),
                         "defaultBefore": pointer(root, "default"), "step": "begin", "reason": reason}
@@ -656,14 +658,14 @@ class Switch:
         if p.hostname:
             log(f"host name -> {p.hostname}")
             a.set_hostname(p.hostname)
-        for argv in p.commands:
-            log(f"run {' '.join(argv)}")
-            a.run(argv)
         for verb, units, call in (("reload", p.reload, a.reload), ("restart", p.restart, a.restart),
                                   ("try-restart", p.try_restart, a.try_restart), ("start", p.start, a.start)):
             if units:
                 log(f"systemctl {verb} {' '.join(units)}")
                 call(units)
+        for argv in p.commands:  # after the units: sysusers has created any new user by now
+            log(f"run {' '.join(argv)}")
+            a.run(argv)
         if p.empty():
             log("nothing to tell systemd")
         self._step("activated")

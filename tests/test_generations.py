@@ -143,7 +143,9 @@ def test_activation_plan_between_two_specs(monkeypatch_offline):
     second_layer = render(check(copy.deepcopy(SECOND)).data)
     second = gens.manifest_of(second_layer)
     texts = {p: e.data.decode() for p, e in second_layer.items() if e.kind == "file"}
-    plan = activation.plan(first, second, new_texts=texts)
+    old_texts = {p: e.data.decode() for p, e in render(check(copy.deepcopy(BASE)).data).items() if e.kind == "file"}
+    plan = activation.plan(first, second, new_texts=texts, old_texts=old_texts)
+    assert plan.commands == [["usermod", "--shell", "/bin/bash", "kiosk"]]  # sysusers never changes a user
     assert plan.daemon_reload
     assert plan.hostname == "hall"
     # Wi-Fi gone; the login masks gone (template masks: their instances are not stopped, nothing ran)
@@ -197,6 +199,7 @@ def test_switch_test_boot_and_dry_activate(device, recording):
     assert (root / "var/lib/kiosk/default-differs").read_text() == "1\n"
     assert gens.verify(root) == []
     assert ["set-hostname", "hall"] in calls(recording)
+    assert calls(recording)[-2] == ["run", ["usermod", "--shell", "/bin/bash", "kiosk"]]
     assert not (root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf").is_symlink()
     r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
     assert r.returncode == 0, r.stderr
