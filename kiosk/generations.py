@@ -18,10 +18,11 @@ complete or absent; afterwards only meta.json's status and reason change (each
 time a whole new meta.json is written, fsynced and renamed over the old one, so
 readers such as the agent always see one complete version).
 
-Linking (like NixOS's /etc/static): every "file" entry of the layer becomes
-ROOT/<path> -> /var/lib/kiosk/current/root/<path>, an absolute device path, so
-flipping `current` switches every unchanged-kind file at once; "dir" entries are
-real directories; "symlink" entries are placed directly.
+Linking (like NixOS's /etc/static): every "file" entry of the layer becomes a
+link ROOT/<path> -> ../<...>/var/lib/kiosk/current/root/<path> (relative, so it
+resolves the same on the device and inside any other tree), so flipping
+`current` switches every unchanged-kind file at once; "dir" entries are real
+directories; "symlink" entries are placed directly.
 
 A switch A -> B: journal {from, to, safe, step} (fsync) -> stop units that go
 away -> (1) link paths new in B -> (2) flip current (and default) -> (3) replace
@@ -54,7 +55,7 @@ from kiosk.layer import Layer, apply_layer
 
 STATE = "var/lib/kiosk"
 DEVICE_STATE = "/var/lib/kiosk"
-LINK_PREFIX = DEVICE_STATE + "/current/root"   # what live links point at, as seen on the device
+LINK_PREFIX = DEVICE_STATE + "/current/root"   # what live links lead to, as seen on the device
 REPO = "etc/kiosk/configuration.git"
 BRANCH = "refs/heads/main"
 STATUSES = ("built", "active", "failed", "rolled-back", "superseded")
@@ -319,7 +320,17 @@ def _live(root: Path, path: str) -> Path:
 
 
 def link_target(path: str) -> str:
-    return LINK_PREFIX + path
+    """Where the live link at `path` points: RELATIVE to its directory, through `current`
+    (/etc/hostname -> ../var/lib/kiosk/current/root/etc/hostname). On the device it resolves exactly like
+    the absolute /var/lib/kiosk/current/root/etc/hostname, and it also resolves inside any tree that is
+    not "/": the image build's tree (systemd-sysusers/-tmpfiles --root ignore absolute links there:
+    systemd 252), a card mounted on another machine, a test directory."""
+    return os.path.relpath(LINK_PREFIX + path, os.path.dirname(path))
+
+
+def _ours(path: str, dest: Path) -> bool:
+    """A link this code placed for a "file" entry (either form, so older absolute links are recognised)."""
+    return dest.is_symlink() and os.readlink(dest) in (link_target(path), LINK_PREFIX + path)
 
 
 def _wanted_link(path: str, entry: dict) -> str | None:
@@ -368,7 +379,7 @@ def _remove_ours(root: Path, path: str, entry: dict, touched: set[Path]) -> None
     dest = _live(root, path)
     want = _wanted_link(path, entry)
     if want is not None:
-        if dest.is_symlink() and os.readlink(dest) == want:
+        if (dest.is_symlink() and os.readlink(dest) == want) or (entry["kind"] == "file" and _ours(path, dest)):
             dest.unlink()
             touched.add(dest.parent)
     elif dest.is_dir() and not dest.is_symlink():
@@ -426,7 +437,9 @@ def verify(root: Path) -> list[str]:
                 problems.append(f"{path}: not linked to {want}")
             elif entry["kind"] == "file":
                 real = gen.path / "root" / path.lstrip("/")
-                if hashlib.sha256(real.read_bytes()).hexdigest() != entry["sha256"]:
+                if dest.resolve() != real.resolve():  # the whole chain, through `current`, inside the root
+                    problems.append(f"{path}: resolves to {dest.resolve()}, not into generation {gen.number}")
+                elif hashlib.sha256(real.read_bytes()).hexdigest() != entry["sha256"]:
                     problems.append(f"{path}: generation {gen.number}'s file differs from its manifest")
         elif not dest.is_dir() or dest.is_symlink():
             problems.append(f"{path}: not a directory")
@@ -436,7 +449,8 @@ def verify(root: Path) -> list[str]:
                 continue
             dest = _live(root, path)
             want = _wanted_link(path, entry)
-            if want is not None and dest.is_symlink() and os.readlink(dest) == want:
+            if want is not None and ((dest.is_symlink() and os.readlink(dest) == want)
+                                     or (entry["kind"] == "file" and _ours(path, dest))):
                 problems.append(f"{path}: still linked for generation {other.number}")
     return problems
 
@@ -1042,7 +1056,9 @@ def recovery_unit() -> tuple[str, str]:
         "DefaultDependencies=no\n"
         "RequiresMountsFor=/var/lib/kiosk\n"
         "After=local-fs.target systemd-remount-fs.service\n"
-        "Before=sysinit.target systemd-sysusers.service systemd-tmpfiles-setup.service shutdown.target\n"
+        # Not Before=systemd-sysusers.service: that runs before local-fs-pre.target (tmpfiles-setup-dev needs
+        # it), so with After=local-fs.target it made an ordering cycle and systemd dropped sysusers at boot.
+        "Before=sysinit.target systemd-tmpfiles-setup.service shutdown.target\n"
         "Conflicts=shutdown.target\n"
         f"ConditionPathExists=|{DEVICE_STATE}/switch.json\n"
         f"ConditionPathExists=|{DEVICE_STATE}/pending.json\n"
