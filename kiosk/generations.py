@@ -84,7 +84,8 @@ class Log:
             self.tee = open(path, "w", encoding="utf-8")
             self.tee.write("".join(line + "\n" for line in self.lines))
 
-    def _print(self, text: str) -> None:
+    def raw(self, text: str) -> None:
+        """One line as it is (spec problems keep the exact form `kiosk validate` prints)."""
         self.lines.append(text)
         if self.tee:
             with contextlib.suppress(OSError, ValueError):
@@ -98,10 +99,10 @@ class Log:
             self.gone = True
 
     def stage(self, text: str) -> None:
-        self._print(f"==> {text}")
+        self.raw(f"==> {text}")
 
     def __call__(self, text: str) -> None:
-        self._print(f"    {text}")
+        self.raw(f"    {text}")
 
 
 def _crash_point(step: str) -> None:
@@ -544,17 +545,18 @@ class RecordingInstaller(Installer):
 
 
 def default_installer(root: Path, spec: dict, activator: activation.Activator | None = None) -> Installer:
-    """The recording installer in tests; remote builders when the spec names them (issue 8); else apt."""
-    if isinstance(activator, activation.RecordingActivator):
-        return RecordingInstaller(activator)
-    if Path(root).resolve() != Path("/"):
-        return Installer()
+    """Remote builders when the spec names them (issue 8; they install into any root with dpkg --root,
+    so tests run them for real); else the recording installer in tests; else apt."""
     if spec.get("builders") or (spec.get("localSystem") or {}).get("hostName"):
         try:
             from kiosk import builders  # issue 8
             return builders.package_installer(spec)
         except (ImportError, AttributeError):
             pass
+    if isinstance(activator, activation.RecordingActivator):
+        return RecordingInstaller(activator)
+    if Path(root).resolve() != Path("/"):
+        return Installer()
     return AptInstaller()
 
 

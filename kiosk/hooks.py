@@ -116,7 +116,7 @@ def in_place_problems(spec: dict, running: dict) -> list[Problem]:
 
 def _refuse(log: gens.Log, lines: list[str], why: str) -> int:
     for line in lines:
-        log._print(line)
+        log.raw(line)
     log.stage(f"push refused: {why}; nothing on the device was changed")
     return 1
 
@@ -158,7 +158,7 @@ def pre_receive(stdin, log: gens.Log) -> int:
     except InvalidSpec as exc:
         return _refuse(log, exc.render().splitlines(), "nixiosk.json is not valid")
     for warning in spec.warnings:
-        log._print(f"{SPEC_FILE}: warning: {warning}")
+        log.raw(f"{SPEC_FILE}: warning: {warning}")
     data = spec.data
     log(f"valid: {data['hostName']} on {data['hardware']}, program {data['program']['package']} "
         f"({data['program']['executable']})")
