@@ -151,7 +151,9 @@ def _ssh(spec: dict) -> Layer:
             "AuthorizedKeysFile .ssh/authorized_keys\n"),
         # Host keys are made on the device at first start, never baked into an image.
         f"{UNIT_DIR}/ssh.service.d/kiosk-host-keys.conf": file(
-            HEADER + "[Service]\nExecStartPre=/usr/bin/ssh-keygen -A\n"),
+            HEADER + "[Service]\n"
+            # ssh.service's own ExecStartPre (sshd -t) would run first and fail without keys: reset the list.
+            "ExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"),
         "/root/.ssh": directory(0o700),
         "/root/.ssh/authorized_keys": file(keys, mode=0o600),
     }
@@ -231,6 +233,12 @@ def _boot_settings(spec: dict, board: dict) -> Layer:
     if extra:
         custom += "# raspberryPi.firmwareConfig from nixiosk.json\n" + extra.rstrip("\n") + "\n"
     return {
+        # Run by the activation when a push changes the two files below.
+        "/usr/lib/kiosk/update-boot-config": file(
+            "#!/bin/sh\n# Written by kiosk: rewrite config.txt/cmdline.txt on the boot partition from\n"
+            "# /etc/default/raspi-*, exactly as raspi-firmware does after a kernel update.\nset -e\n"
+            "mountpoint -q /boot/firmware || { echo 'kiosk: /boot/firmware is not mounted' >&2; exit 1; }\n"
+            'exec /etc/kernel/postinst.d/z50-raspi-firmware "$(uname -r)"\n', mode=0o755),
         "/etc/default/raspi-firmware-custom": file(HEADER + custom),
         "/etc/default/raspi-extra-cmdline": file(" ".join(board["cmdline"] + ["quiet", "splash"]) + "\n"),
     }
