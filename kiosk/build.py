@@ -204,6 +204,9 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, stages:
             ident = image.identity(plan)
             boot = bootfiles.boot_files(plan, root, root=ident.root, epoch=epoch, log=stages.log)
             commit = configure_root(root, spec_text, layer, epoch=epoch, log=stages.log)
+            if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
+                from kiosk.builders import prepare_device_for_builders  # issue 8: the device's builder key
+                prepare_device_for_builders(root, spec.data, out_dir, stages.log, epoch=epoch)
         with stages.stage("image"):
             out_image = out_dir / image.image_name(plan)
             image.assemble(plan, root, boot, out_image, epoch=epoch, log=stages.log, ident=ident)
@@ -235,6 +238,9 @@ def cmd_build(args) -> int:
     from kiosk import spec as specmod
     from kiosk.spec_commands import print_warnings
 
+    if getattr(args, "builder", None):
+        from kiosk.builders import remote_build  # issue 8: build on a bigger machine over ssh
+        return remote_build(args)
     path = Path(args.spec)
     spec = specmod.load(path)
     print_warnings(spec)
@@ -254,4 +260,6 @@ def register(sub) -> None:
     p.add_argument("spec", nargs="?", default="nixiosk.json", metavar="SPEC", help="the spec (default: nixiosk.json)")
     p.add_argument("-o", "--output", default="out", metavar="DIR", help="output directory (default: out)")
     p.add_argument("-v", "--verbose", action="store_true", help="stream the tools' output")
+    p.add_argument("--builder", metavar="[USER@]HOST[:PORT]",
+                   help="build on that machine over ssh (kiosk installed there) and fetch the image, checksummed")
     p.set_defaults(func=cmd_build)

@@ -1,0 +1,491 @@
+"""Remote builders (issue 8): a small board's package changes resolved and fetched by a builder over real
+OpenSSH, verified, and installed with dpkg into the device root; failover, refusals, `kiosk builders check`.
+
+Builders are real sshd instances on loopback (tests/sshd_harness.Device: a throwaway sshd whose sessions
+have this checkout's `kiosk` on PATH), authorized with `kiosk builders authorize` (forced command); one is
+stopped where a test needs a builder down. The device is the push harness's device root plus a dpkg
+database made by dpkg itself; its builder key is made by prepare_device_for_builders, as the image build
+does. Packages are tiny real .debs in an unsigned archive served over HTTP (tests/builders_fixture.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import tarfile
+import threading
+import hashlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from builders_fixture import dpkg_installed, init_dpkg, write_archive
+from conftest import kiosk_cli
+from fake_mirror import Server
+from sshd_harness import Client, Device, free_port, keygen, remote_lines, snapshot
+
+from kiosk import builders
+from kiosk import generations as gens
+from kiosk.builders import Builder, Refused
+
+EPOCH = 1700000000
+ARCH = {"raspberryPi0": "armel", "raspberryPi3": "arm64", "qemu": "amd64"}
+
+
+# ---------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory):
+    root = tmp_path_factory.mktemp("builder-archive")
+    debs = write_archive(root)
+    server = Server(root)
+    yield SimpleNamespace(url=server.url, debs=debs, root=root)
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("builder-keys")
+    out = {}
+    for name in ("client", "device_host", "b1", "b2", "stranger"):
+        out[name] = tmp / f"{name}_ed25519"
+        out[name + "_pub"] = keygen(out[name], f"{name}@test")
+    return out
+
+
+def device_spec(archive, keys, builders_=(), hardware="raspberryPi0", **extra) -> dict:
+    spec = {"hostName": "lobby", "hardware": hardware, "authorizedKeys": [keys["client_pub"]],
+            "program": {"package": "kiosk-test-kiosk", "executable": "/usr/bin/kiosk-test-kiosk"},
+            "debian": {"suite": "bookworm", "mirror": archive.url}}
+    if builders_:
+        spec["builders"] = list(builders_)
+    spec.update(extra)
+    return spec
+
+
+class Lab:
+    """Builders (sshd, some stopped), a device root with dpkg and the builder key, a pusher's clone."""
+
+    def __init__(self, tmp: Path, archive, keys, builder_descs: list[dict], hardware="raspberryPi0"):
+        self.tmp, self.archive, self.keys, self.hardware = tmp, archive, keys, hardware
+        self.arch = ARCH[hardware]
+        self.servers: list[Device] = []
+        self.builders: list[dict] = []
+        plain = device_spec(archive, keys, hardware=hardware)
+        for i, desc in enumerate(builder_descs, 1):
+            directory = tmp / f"b{i}"
+            directory.mkdir()
+            env = {builders.UNSIGNED_ENV: "1", **desc.get("env", {})}
+            server = Device(directory, plain, keys["client_pub"], keys[f"b{i}"], env=env)
+            self.servers.append(server)
+            if not desc.get("up", True):
+                server.close()  # stopped: nothing listens on its port any more
+            pin = keys["stranger_pub"] if desc.get("wrong_host_key") else keys[f"b{i}_pub"]
+            self.builders.append({"hostName": desc.get("host", "127.0.0.1"), "port": server.port,
+                                  "publicHostKey": pin, "speedFactor": desc.get("speed", 1)})
+        self.spec = device_spec(archive, keys, self.builders, hardware=hardware)
+        directory = tmp / "dev"
+        directory.mkdir()
+        self.device = Device(directory, self.spec, keys["client_pub"], keys["device_host"],
+                             env={builders.UNSIGNED_ENV: "1", "KIOSK_BUILDER_CONNECT_TIMEOUT": "3"})
+        self.root = self.device.root
+        init_dpkg(self.root, self.arch, [archive.debs[("kiosk-test-kiosk", self.arch)]])
+        self.out = tmp / "out"
+        self.build_log: list[str] = []
+        builders.prepare_device_for_builders(self.root, self.spec, self.out, self.build_log.append, epoch=EPOCH)
+        self.pub = self.out / f"lobby-{hardware}.img.builder.pub"
+        for server, desc in zip(self.servers, builder_descs):
+            if desc.get("up", True) and desc.get("authorize", True):
+                r = kiosk_cli("builders", "authorize", "--key", str(self.pub),
+                              "--authorized-keys", str(server.tmp / "authorized_keys"))
+                assert r.returncode == 0, r.stderr
+        (tmp / "client").mkdir()
+        self.client = Client(tmp / "client", keys["client"], keys["device_host_pub"], self.device.port)
+        self.clone = self.client.clone(self.device.url, "clone")
+        self.spec_file = tmp / "nixiosk.json"
+        self.spec_file.write_text(json.dumps(self.spec, indent=2) + "\n")
+
+    def label(self, i: int) -> str:
+        return f"{self.builders[i]['hostName']}:{self.builders[i]['port']}"
+
+    def push(self, **changes) -> tuple[subprocess.CompletedProcess, list[str]]:
+        data = json.loads((self.clone / "nixiosk.json").read_text())
+        data.update(changes)
+        self.client.commit_spec(self.clone, data)
+        r = self.client.push(self.clone)
+        return r, remote_lines(r.stderr)
+
+    def connections(self, i: int) -> int:
+        log = self.servers[i].log
+        return log.read_text().count("Connection from") if log.exists() else 0
+
+    def close(self) -> None:
+        for server in [*self.servers, self.device]:
+            server.close()
+
+
+@pytest.fixture
+def lab(tmp_path, archive, keys):
+    made = []
+
+    def make(descs, hardware="raspberryPi0") -> Lab:
+        directory = tmp_path / f"lab{len(made)}"
+        directory.mkdir()
+        made.append(Lab(directory, archive, keys, descs, hardware))
+        return made[-1]
+
+    yield make
+    for one in made:
+        one.close()
+
+
+def without_state(snap: dict) -> dict:
+    """The device except kiosk's generation bookkeeping (a failed push records a failed generation)."""
+    return {k: v for k, v in snap.items() if not k.startswith("var/lib/kiosk")}
+
+
+# ---------------------------------------------------------------- the spec's builders (no root, no network)
+
+def test_effective_builders_defaults_order_and_local_system():
+    spec = {"hardware": "raspberryPi0", "builders": [
+        {"hostName": "slow.example"},
+        {"hostName": "fast.example", "speedFactor": 4, "port": 2222, "sshUser": "kiosk", "systems": ["aarch64-linux"]},
+        {"hostName": "also-slow.example", "speedFactor": 1},
+    ], "localSystem": {"system": "x86_64-linux", "sshUser": "me", "hostName": "laptop.local"}}
+    found = builders.effective_builders(spec)
+    assert [b.hostName for b in found] == ["fast.example", "slow.example", "also-slow.example", "laptop.local"]
+    fast = found[0]
+    assert (fast.port, fast.sshUser, fast.systems, fast.speedFactor, fast.label) == \
+        (2222, "kiosk", ("arm64",), 4.0, "fast.example:2222")
+    slow = found[1]
+    assert (slow.port, slow.sshUser, slow.sshKey, slow.systems, slow.maxJobs, slow.publicHostKey) == \
+        (22, "root", "/etc/kiosk/builder_ed25519", ("amd64", "arm64", "armel", "armhf"), 1, None)
+    # Nixiosk's localSystem: its own system and the device it was named for (it cross-built for it)
+    laptop = found[3]
+    assert (laptop.sshUser, laptop.port, laptop.systems, laptop.origin) == \
+        ("me", 22, ("amd64", "armel"), "/localSystem")
+    assert builders.effective_builders({"hardware": "qemu", "localSystem": {"system": None, "sshUser": None,
+                                                                           "hostName": "b"}})[0].sshUser == "root"
+    # null hostName: Nixiosk ignores localSystem
+    assert builders.effective_builders({"hardware": "qemu", "localSystem": {"system": "x86_64-linux",
+                                                                           "sshUser": "me", "hostName": None}}) == []
+    # the same machine in both: listed once
+    same = {"hardware": "qemu", "builders": [{"hostName": "b", "sshUser": "me"}],
+            "localSystem": {"system": "x86_64-linux", "sshUser": "me", "hostName": "b"}}
+    assert len(builders.effective_builders(same)) == 1
+
+
+def test_known_hosts_and_ssh_config(keys):
+    found = [Builder("b1.example", publicHostKey=keys["b1_pub"]),
+             Builder("127.0.0.1", port=2222, publicHostKey=keys["b2_pub"]),
+             Builder("unpinned.example")]
+    b1_body = keys["b1_pub"].split()[1]
+    assert builders.known_hosts_text(found) == (f"b1.example ssh-ed25519 {b1_body}\n"
+                                                f"[127.0.0.1]:2222 ssh-ed25519 {keys['b2_pub'].split()[1]}\n")
+    config = builders.ssh_config_text(found)
+    assert "Host builder-2\n    HostName 127.0.0.1\n    Port 2222\n    User root\n" in config
+    for line in ("StrictHostKeyChecking yes", "BatchMode yes", "ConnectTimeout 5",
+                 "UserKnownHostsFile /etc/kiosk/builders_known_hosts", "IdentitiesOnly yes"):
+        assert f"    {line}\n" in config
+
+
+def test_ssh_problems_are_one_reason():
+    cases = [
+        ("ssh: connect to host b1 port 22: Connection refused", 255, "unreachable", "connection refused"),
+        ("Host key verification failed.", 255, "refused", "its host key does not match publicHostKey"),
+        ("root@127.0.0.1: Permission denied (publickey).", 255, "refused", "does not accept this device's key"),
+        ("ssh: Could not resolve hostname nope: Name or service not known", 255, "unreachable", "unknown host"),
+        ("sh: 1: kiosk: not found", 127, "failed", "kiosk is not installed there"),
+    ]
+    for stderr, code, kind, reason in cases:
+        failure = builders.ssh_problem(stderr, code)
+        assert failure.kind == kind and reason in failure.reason, (stderr, failure.kind, failure.reason)
+
+
+def test_parse_target():
+    assert builders.parse_target("me@build-box:2222") == ("me", "build-box", 2222)
+    assert builders.parse_target("build-box") == (None, "build-box", None)
+    assert builders.parse_target("[::1]:22") == (None, "::1", 22)
+    for bad in ("", "me@", "host:99999", "a b", "-oProxyCommand=x"):
+        with pytest.raises(builders.UsageError):
+            builders.parse_target(bad)
+
+
+# ---------------------------------------------------------------- the payload checks (no root, no network)
+
+def _payload(files: dict[str, bytes], *, compression="none") -> tuple[dict, bytes]:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:xz" if compression == "xz" else "w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    body = raw.getvalue()
+    header = {"files": [{"name": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()} for n, d in files.items()],
+              "payload": {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(), "compression": compression}}
+    return header, body
+
+
+FILES = {"a_1.0_armel.deb": b"A" * 3000 + os.urandom(3000), "b_1.0_all.deb": os.urandom(5000)}
+
+
+@pytest.mark.parametrize("compression", ["none", "xz"])
+def test_payload_received_and_checked(tmp_path, compression):
+    header, body = _payload(FILES, compression=compression)
+    got = builders.receive_payload(io.BytesIO(body), header, tmp_path)
+    assert {n: p.read_bytes() for n, p in got.items()} == FILES
+
+
+def test_payload_damage_is_refused_and_nothing_is_left(tmp_path):
+    header, body = _payload(FILES)
+
+    def refused(stream_bytes, head=header) -> str:
+        with pytest.raises(Refused) as info:
+            builders.receive_payload(io.BytesIO(stream_bytes), head, tmp_path)
+        assert list(tmp_path.iterdir()) == []  # every file written before the problem is gone
+        return str(info.value)
+
+    flipped = bytearray(body)
+    flipped[len(body) // 3] ^= 1
+    assert "checksum mismatch" in refused(bytes(flipped))
+    assert "cut short after 100 of" in refused(body[:100])
+    assert "more bytes than it announced" in refused(body + b"x")
+    # the stream is intact but a file is not what the manifest says (a builder's damaged cache)
+    lying = json.loads(json.dumps(header))
+    lying["files"][0]["sha256"] = "0" * 64
+    assert "a_1.0_armel.deb: checksum mismatch" in refused(body, lying)
+    # names that could escape the directory, or files nobody announced
+    evil_header, evil_body = _payload({"../evil.deb": b"x"})
+    assert "bad or repeated file name" in refused(evil_body, evil_header)
+    extra_header, extra_body = _payload(dict(FILES, **{"c.deb": b"c"}))
+    extra_header["files"] = extra_header["files"][:2]
+    assert "unexpected entry 'c.deb'" in refused(extra_body, extra_header)
+
+
+def test_prepare_device_reuses_its_key_so_rebuilds_are_identical(tmp_path, archive, keys):
+    spec = device_spec(archive, keys, [{"hostName": "b1.example", "publicHostKey": keys["b1_pub"]},
+                                       {"hostName": "b2.example", "port": 2222, "sshKey": "/etc/kiosk/other_key"}])
+    spec = __import__("kiosk.spec", fromlist=["with_defaults"]).with_defaults(spec)
+    out = tmp_path / "out"
+    logs = []
+    trees = []
+    for n in (1, 2):
+        root = tmp_path / f"root{n}"
+        root.mkdir()
+        builders.prepare_device_for_builders(root, spec, out, logs.append, epoch=EPOCH)
+        trees.append(snapshot(root))
+    assert trees[0] == trees[1]  # the same bytes, modes and owners
+    public = (out / "lobby-raspberryPi0.img.builder.pub").read_text().strip()
+    assert public.startswith("ssh-ed25519 ") and public.endswith(" kiosk-builder@lobby")
+    assert oct((out / "lobby-raspberryPi0.img.builder").stat().st_mode & 0o777) == "0o600"
+    root = tmp_path / "root1"
+    for key_path in ("etc/kiosk/builder_ed25519", "etc/kiosk/other_key"):
+        st = (root / key_path).stat()
+        assert (oct(st.st_mode & 0o777), st.st_mtime) == ("0o600", EPOCH)
+        assert (root / (key_path + ".pub")).read_text().strip() == public
+    assert (root / "etc/kiosk/builders_known_hosts").read_text() == \
+        f"b1.example ssh-ed25519 {keys['b1_pub'].split()[1]}\n"
+    assert sum("made this device's key" in line for line in logs) == 1
+    assert sum("reusing this device's key" in line for line in logs) == 1
+    assert f"  {public}" in logs
+    assert any("b2.example:2222 has no publicHostKey" in line for line in logs)
+
+
+def test_remote_build_unreachable_builder_writes_nothing(tmp_path, archive, keys):
+    spec = tmp_path / "nixiosk.json"
+    spec.write_text(json.dumps(device_spec(archive, keys)))
+    port = free_port()
+    r = kiosk_cli("build", str(spec), "-o", str(tmp_path / "out"), "--builder", f"me@127.0.0.1:{port}",
+                  env={"KIOSK_SSH_COMMAND": "ssh -F /dev/null"})
+    assert r.returncode == 1
+    assert f"kiosk: builder me@127.0.0.1:{port} unreachable: connection refused; nothing was written" in r.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---------------------------------------------------------------- pushes over real ssh (root)
+
+@pytest.mark.root
+def test_package_change_is_built_remotely_after_failover(lab):
+    lab = lab([{"host": "localhost", "up": False, "speed": 2}, {"host": "127.0.0.1", "speed": 1}])
+    before = dpkg_installed(lab.root)
+    assert before == {"kiosk-test-kiosk": "1.0"}
+    r, lines = lab.push(packages=["kiosk-test-hello"])
+    assert r.returncode == 0, r.stderr
+    start = lines.index("==> packages")
+    assert lines[start + 1] == "    installing with builders: kiosk-test-hello"
+    # the faster builder is down: one line, and the next one is used
+    assert lines[start + 2] == f"    builder {lab.label(0)} unreachable (connection refused); trying {lab.label(1)}..."
+    b2 = lab.label(1)
+    assert f"    {b2}: apt: 2 package(s) for armel, 1.5 KiB, in" in "\n".join(lines)
+    assert any(line.startswith(f"    builder {b2}: 2 .deb(s), ") and "checksums verified" in line for line in lines)
+    assert "    dpkg --install kiosk-test-libhello_1.0_all.deb kiosk-test-hello_1.0_armel.deb" in lines
+    assert "    installed: kiosk-test-hello 1.0" in lines
+    assert lines.index("    installed: kiosk-test-hello 1.0") < lines.index("==> switch to generation 2")
+    assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0", "kiosk-test-hello": "1.0",
+                                        "kiosk-test-libhello": "1.0"}
+    assert (lab.root / "usr/share/kiosk-test-hello/hello.txt").read_text() == "hello from kiosk-test-hello 1.0 (armel)\n"
+    assert gens.pointer(lab.root) == 2 and gens.current(lab.root).meta["status"] == "active"
+    assert not (lab.root / "var/cache").exists()  # the transfer's directory is gone
+
+    # a second package with the same dependency: only what the device lacks comes back
+    r, lines = lab.push(packages=["kiosk-test-hello", "kiosk-test-other"])
+    assert r.returncode == 0, r.stderr
+    assert "    dpkg --install kiosk-test-other_1.0_armel.deb" in lines
+    assert any(line.startswith(f"    {b2}: apt: 1 package(s) for armel, ") and line.endswith(": kiosk-test-other")
+               for line in lines)
+    assert set(dpkg_installed(lab.root)) == {"kiosk-test-kiosk", "kiosk-test-hello", "kiosk-test-libhello",
+                                            "kiosk-test-other"}
+
+
+@pytest.mark.root
+def test_all_builders_down_the_push_fails_and_the_device_is_unchanged(lab):
+    lab = lab([{"host": "localhost", "up": False, "speed": 2}, {"host": "127.0.0.1", "up": False}])
+    before = snapshot(lab.root)
+    r, lines = lab.push(packages=["kiosk-test-hello"])
+    assert r.returncode != 0
+    assert f"    builder {lab.label(0)} unreachable (connection refused); trying {lab.label(1)}..." in lines
+    assert f"    builder {lab.label(1)} unreachable (connection refused); no builder left" in lines
+    assert "generation 2 failed: no builder could provide kiosk-test-hello for armel; nothing was installed " \
+           "(a raspberryPi0 cannot resolve packages itself: start a builder, see kiosk builders check)" in \
+           "\n".join(lines)
+    assert lines[-1] == "==> push refused: the new generation could not be prepared; nothing on the device was changed"
+    assert without_state(snapshot(lab.root)) == without_state(before)
+    assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0"}
+    assert gens.pointer(lab.root) == 1
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("damage", ["payload", "deb"])
+def test_a_corrupted_transfer_is_refused(lab, damage):
+    lab = lab([{"host": "127.0.0.1", "env": {builders.CORRUPT_ENV: damage}}])
+    before = snapshot(lab.root)
+    r, lines = lab.push(packages=["kiosk-test-hello"])
+    assert r.returncode != 0
+    refusal = [line for line in lines if " REFUSED: " in line]
+    assert len(refusal) == 1, lines
+    if damage == "payload":  # damaged after the builder hashed the stream
+        assert "checksum mismatch: the " in refusal[0] and "does not match the sha256 the builder announced" in refusal[0]
+    else:  # the stream is what the builder sent, but a .deb in it is not what the manifest says
+        assert "kiosk-test-libhello_1.0_all.deb: checksum mismatch" in refusal[0]
+    assert refusal[0].endswith("nothing from it is used; no builder left")
+    assert not any(line.startswith("    dpkg") for line in lines)
+    assert without_state(snapshot(lab.root)) == without_state(before)
+    assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0"}
+
+
+@pytest.mark.root
+def test_a_builder_with_the_wrong_host_key_is_refused(lab):
+    lab = lab([{"host": "127.0.0.1", "wrong_host_key": True}])
+    before = snapshot(lab.root)
+    r, lines = lab.push(packages=["kiosk-test-hello"])
+    assert r.returncode != 0
+    assert f"    builder {lab.label(0)} refused (its host key does not match publicHostKey in the spec; not trusted " \
+           "(a reinstalled builder, or someone in between)); no builder left" in lines
+    assert "Accepted publickey" not in lab.servers[0].log.read_text()  # the device never logged in
+    assert without_state(snapshot(lab.root)) == without_state(before)
+
+
+@pytest.mark.root
+def test_a_config_only_push_contacts_no_builder(lab):
+    lab = lab([{"host": "localhost", "up": False, "speed": 2}, {"host": "127.0.0.1"}])
+    # the stopped builder's port: a tripwire that counts connection attempts
+    tripwire = socket.socket()
+    tripwire.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tripwire.bind(("127.0.0.1", lab.builders[0]["port"]))
+    tripwire.listen(8)
+    tripwire.settimeout(0.2)
+    attempts = []
+
+    def watch():
+        while not stop.is_set():
+            try:
+                conn, _ = tripwire.accept()
+                attempts.append(1)
+                conn.close()
+            except OSError:
+                pass
+
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        seen = lab.connections(1)
+        r, lines = lab.push(program={"package": "kiosk-test-kiosk", "executable": "/usr/bin/kiosk-test-kiosk",
+                                     "args": ["--big"]})
+        assert r.returncode == 0, r.stderr
+        assert "    packages: no change" in lines
+        assert not any("builder" in line for line in lines)
+        r, lines = lab.push(hostName="hall")  # and once more, something else
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop.set()
+        watcher.join()
+        tripwire.close()
+    assert attempts == [] and lab.connections(1) == seen
+
+
+@pytest.mark.root
+def test_a_board_that_builds_for_itself_falls_back_to_apt(lab):
+    lab = lab([{"host": "127.0.0.1", "up": False}], hardware="raspberryPi3")
+    r, lines = lab.push(packages=["kiosk-test-hello"])
+    assert r.returncode == 0, r.stderr
+    assert f"    builder {lab.label(0)} unreachable (connection refused); no builder left" in lines
+    assert "    raspberryPi3 can build for itself: resolving with apt on the device" in lines
+    assert "    installed: kiosk-test-hello 1.0" in lines
+    assert (lab.root / "usr/share/kiosk-test-hello/hello.txt").read_text() == "hello from kiosk-test-hello 1.0 (arm64)\n"
+
+
+@pytest.mark.root
+def test_builders_check_reports_up_and_down(lab):
+    lab = lab([{"host": "localhost", "up": False, "speed": 2}, {"host": "127.0.0.1"}])
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))
+    assert r.returncode == 1, r.stderr  # one builder is not usable
+    lines = r.stdout.splitlines()
+    assert lines[0].split() == ["BUILDER", "SPEED", "STATUS", "ARCHITECTURES", "FREE", "RTT"]
+    assert lines[1].startswith(f"root@{lab.label(0)}") and "unreachable: connection refused" in lines[1]
+    up = lines[2]
+    assert up.startswith(f"root@{lab.label(1)}") and "ok (kiosk 0.1.0, amd64)" in up
+    assert "amd64 arm64 armhf armel" in up and "GiB" in up and up.endswith(" ms")
+    assert lines[3] == "lobby (raspberryPi0, armel): 1 of 2 builder(s) can build for it"
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root), "--json")
+    report = json.loads(r.stdout)
+    down, ok = report["builders"]
+    assert report["deviceArchitecture"] == "armel"
+    assert (down["reachable"], down["ok"], down["error"]) == (False, False, "unreachable: connection refused")
+    assert (ok["reachable"], ok["ok"], ok["buildsForDevice"], ok["key"]) == (True, True, True, builders.DEFAULT_KEY)
+    assert ok["freeBytes"] > 0 and ok["rttMs"] > 0 and ok["connectMs"] >= 0 and "armel" in ok["architectures"]
+    # from a laptop, with the key kiosk build left next to the image
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--image-dir", str(lab.out), "--json")
+    assert json.loads(r.stdout)["builders"][1]["ok"] is True
+
+
+@pytest.mark.root
+def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
+    lab = lab([{"host": "127.0.0.1", "authorize": False}])
+    home = tmp_path / "home"
+    home.mkdir()
+    r = kiosk_cli("builders", "authorize", str(lab.spec_file), "--image-dir", str(lab.out), env={"HOME": str(home)})
+    assert r.returncode == 0, r.stderr
+    entry = (home / ".ssh/authorized_keys").read_text().splitlines()
+    public = lab.pub.read_text().strip()
+    assert len(entry) == 1 and entry[0].startswith('restrict,command="') and entry[0].endswith(
+        '/kiosk builder-serve" ' + public)
+    assert oct((home / ".ssh").stat().st_mode & 0o777) == "0o700"
+    assert oct((home / ".ssh/authorized_keys").stat().st_mode & 0o777) == "0o600"
+    again = kiosk_cli("builders", "authorize", str(lab.spec_file), "--image-dir", str(lab.out),
+                      env={"HOME": str(home)})
+    assert "is already authorized" in again.stdout
+    assert (home / ".ssh/authorized_keys").read_text().splitlines() == entry
+    # the key can only run builder-serve, whatever it asks for
+    (lab.servers[0].tmp / "authorized_keys").write_text(entry[0] + "\n")
+    known = tmp_path / "known"
+    known.write_text(f"[127.0.0.1]:{lab.servers[0].port} {lab.keys['b1_pub']}\n")
+    r = subprocess.run(["ssh", "-F", "/dev/null", "-i", str(lab.root / "etc/kiosk/builder_ed25519"),
+                        "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known}", "-o", "BatchMode=yes",
+                        "-p", str(lab.servers[0].port), "root@127.0.0.1", "cat /etc/shadow"],
+                       input="", capture_output=True, text=True, timeout=60)
+    answer = json.loads(r.stdout)
+    assert answer["ok"] is False and "expected one JSON request line" in answer["error"]
