@@ -294,6 +294,17 @@ def test_prepare_device_reuses_its_key_so_rebuilds_are_identical(tmp_path, archi
     assert any("b2.example:2222 has no publicHostKey" in line for line in logs)
 
 
+def test_a_device_without_a_builder_key_makes_one_and_says_so(tmp_path):
+    # an image built before the spec named builders: the first push that needs one makes the key
+    logs = []
+    key = builders.ensure_device_key(tmp_path, builders.DEFAULT_KEY, logs.append)
+    assert key == tmp_path / "etc/kiosk/builder_ed25519"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    public = Path(str(key) + ".pub").read_text().strip()
+    assert len(logs) == 1 and logs[0].endswith(public) and "authorize it on each builder" in logs[0]
+    assert builders.ensure_device_key(tmp_path, builders.DEFAULT_KEY, logs.append) == key and len(logs) == 1
+
+
 def test_remote_build_unreachable_builder_writes_nothing(tmp_path, archive, keys):
     spec = tmp_path / "nixiosk.json"
     spec.write_text(json.dumps(device_spec(archive, keys)))
@@ -489,3 +500,69 @@ def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
                        input="", capture_output=True, text=True, timeout=60)
     answer = json.loads(r.stdout)
     assert answer["ok"] is False and "expected one JSON request line" in answer["error"]
+
+
+# ---------------------------------------------------------------- kiosk build --builder (root)
+
+@pytest.fixture
+def build_box(tmp_path, archive, keys):
+    """A builder reachable with the user's own key (no forced command): what `kiosk build --builder` uses."""
+    directory = tmp_path / "box"
+    directory.mkdir()
+    server = Device(directory, device_spec(archive, keys), keys["client_pub"], keys["b1"])
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{server.port} {keys['b1_pub']}\n")
+    ssh = f"ssh -F /dev/null -i {keys['client']} -o IdentitiesOnly=yes -o UserKnownHostsFile={known}"
+    yield SimpleNamespace(server=server, target=f"root@127.0.0.1:{server.port}", env={"KIOSK_SSH_COMMAND": ssh})
+    server.close()
+
+
+@pytest.mark.root
+def test_remote_build_reports_the_builders_failure_and_writes_nothing(tmp_path, archive, keys, build_box):
+    # the builder runs the real `kiosk build`; its mmdebstrap refuses the unsigned test archive
+    spec = tmp_path / "nixiosk.json"
+    spec.write_text(json.dumps(device_spec(archive, keys, hardware="qemu")))
+    out = tmp_path / "out"
+    r = kiosk_cli("build", str(spec), "-o", str(out), "--builder", build_box.target, env=build_box.env)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0] == f"==> building on {build_box.target}"
+    assert "==> plan" in lines and "==> rootfs" in lines  # the builder's stages, streamed
+    failed = [line for line in lines if line.startswith("kiosk: ")]
+    assert failed[0].startswith(f"kiosk: the build on {build_box.target} failed: stage 'rootfs' failed after ")
+    assert lines[-1].endswith("; nothing was written")
+    assert list(out.iterdir()) == []
+    # a spec the builder refuses: its problems, exit status 2
+    bad = json.loads(spec.read_text())
+    bad["packages"] = ["kiosk-test-nope"]
+    spec.write_text(json.dumps(bad))
+    r = kiosk_cli("build", str(spec), "-o", str(out), "--builder", build_box.target, env=build_box.env)
+    assert r.returncode == 2 and 'Debian bookworm has no package "kiosk-test-nope"' in r.stderr
+
+
+@pytest.mark.root
+@pytest.mark.slow
+def test_remote_build_brings_back_the_image_checksummed(tmp_path, keys, build_box):
+    """A real image built on the builder from deb.debian.org (minutes): it comes back sparse, verified,
+    with its .bmap, manifest and SBOM, and the device's builder key kept next to it."""
+    data = {"hostName": "remote", "hardware": "qemu", "authorizedKeys": [keys["client_pub"]],
+            "program": {"package": "foot"},
+            "builders": [{"hostName": "b1.example", "publicHostKey": keys["b1_pub"]}]}
+    spec = tmp_path / "nixiosk.json"
+    spec.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    r = kiosk_cli("build", str(spec), "-o", str(out), "--builder", build_box.target, env=build_box.env)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    image = out / "remote-qemu.img"
+    assert manifest["image"] == str(image) and manifest["builtOn"] == build_box.target
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == manifest["imageSha256"]
+    assert image.stat().st_blocks * 512 < image.stat().st_size  # still sparse
+    assert (out / "remote-qemu.img.bmap").is_file() and (out / "remote-qemu.spdx.json").is_file()
+    assert oct((out / "remote-qemu.img.builder").stat().st_mode & 0o777) == "0o600"
+    first = (out / "remote-qemu.img.builder.pub").read_text()
+    # a second remote build sends the kept key along: the same key, the same image bytes
+    r = kiosk_cli("build", str(spec), "-o", str(out), "--builder", build_box.target, env=build_box.env)
+    assert r.returncode == 0, r.stderr
+    assert (out / "remote-qemu.img.builder.pub").read_text() == first
+    assert json.loads((out / "manifest.json").read_text())["imageSha256"] == manifest["imageSha256"]
