@@ -1043,6 +1043,10 @@ class BuilderInstaller(Installer):
         with _incoming(root) as work:
             entries = fetch_from_builders(root, data, request, work, log)
             if entries is None:
+                if board.get("canBuildItself") and not data.get("allowLocalBuild", True):
+                    raise KioskError(f"no builder could provide {' '.join(request['packages'])} for "
+                                     f"{request['architecture']} and allowLocalBuild is false; nothing was "
+                                     "installed (start a builder, see kiosk builders check)")
                 if not board.get("canBuildItself"):
                     raise KioskError(f"no builder could provide {' '.join(request['packages'])} for "
                                      f"{request['architecture']}; nothing was installed (a {board['name']} "

@@ -24,7 +24,7 @@ COMMAND_MODULES = (
     "kiosk.generations",     # generations, rollback, switch
     "kiosk.agent",           # agent
     "kiosk.discover",        # discover, resolve, ssh-proxy, ssh-config
-    "kiosk.builders",        # builders check/authorize, build-remote
+    "kiosk.builders",        # builders check/authorize, builder-serve (and build --builder)
     "kiosk.hooks",           # hook entry points used by configuration.git
 )
 

@@ -387,12 +387,13 @@ def _semantic_problems(data: dict, bad: set[str], warnings: list[str]) -> list[P
             except BadKey as why:
                 problems.append(Problem(ptr, f"this host key {why}",
                                         "paste the builder's host key line, e.g. from: ssh-keyscan -t ed25519 HOST"))
-    hosts = [b.get("hostName") for b in data.get("builders", []) if isinstance(b, dict)] \
-        if isinstance(data.get("builders"), list) else []
-    for i, host_name in enumerate(hosts):
-        if host_name is not None and host_name in hosts[:i] and ok(f"/builders/{i}/hostName"):
-            problems.append(Problem(f"/builders/{i}/hostName", f"builder {_show(host_name)} is listed twice",
-                                    "list each builder once"))
+    # The same builder is the same (user, host, port): one host may serve two users or ports.
+    logins = [(b.get("sshUser", "root"), b.get("hostName"), b.get("port", 22)) if isinstance(b, dict) else None
+              for b in data.get("builders", [])] if isinstance(data.get("builders"), list) else []
+    for i, login in enumerate(logins):
+        if login and login[1] is not None and login in logins[:i] and ok(f"/builders/{i}/hostName"):
+            problems.append(Problem(f"/builders/{i}/hostName",
+                                    f"builder {login[0]}@{login[1]}:{login[2]} is listed twice", "list each builder once"))
 
     problems.extend(_board_problems(data, ok, warnings))
     return problems

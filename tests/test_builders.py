@@ -450,6 +450,18 @@ def test_a_board_that_builds_for_itself_falls_back_to_apt(lab):
 
 
 @pytest.mark.root
+def test_allow_local_build_false_refuses_instead_of_building_on_the_device(lab):
+    lab = lab([{"host": "127.0.0.1", "up": False}], hardware="raspberryPi3")
+    before = snapshot(lab.root)
+    r, lines = lab.push(packages=["kiosk-test-hello"], allowLocalBuild=False)
+    assert r.returncode != 0
+    assert "    raspberryPi3 can build for itself: resolving with apt on the device" not in lines
+    assert "generation 2 failed: no builder could provide kiosk-test-hello for arm64 and allowLocalBuild is false; " \
+           "nothing was installed (start a builder, see kiosk builders check)" in "\n".join(lines)
+    assert without_state(snapshot(lab.root)) == without_state(before)
+
+
+@pytest.mark.root
 def test_builders_check_reports_up_and_down(lab):
     lab = lab([{"host": "localhost", "up": False, "speed": 2}, {"host": "127.0.0.1"}])
     r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))

@@ -67,8 +67,8 @@ CASES = [
     # --- top level
     ("unknown-top", [("/hostname", "x")], ['/hostname: unknown field "hostname"; did you mean "hostName"?']),
     ("unknown-top-far", [("/colour", "x")],
-     ['/colour: unknown field "colour"; remove it; fields here are: allowKioskLogin, authorizedKeys, builders, '
-      'debian, hardware, hostName, localSystem, locale, networks, packages, program, raspberryPi']),
+     ['/colour: unknown field "colour"; remove it; fields here are: allowKioskLogin, allowLocalBuild, authorizedKeys, '
+      'builders, debian, hardware, hostName, localSystem, locale, networks, packages, program, raspberryPi']),
     ("unknown-typo-network", [("/network", {})], ['/network: unknown field "network"; did you mean "networks"?']),
     ("unknown-typo-package", [("/package", [])], ['/package: unknown field "package"; did you mean "packages"?']),
     # --- hostName
@@ -289,8 +289,9 @@ CASES = [
     ("builder-hostkey-bad", [("/builders", [{"hostName": "b", "publicHostKey": "ssh-ed25519 nope!"}])],
      ["/builders/0/publicHostKey: this host key has a key body that is not valid base64 (truncated or mangled "
       "paste?); paste the builder's host key line, e.g. from: ssh-keyscan -t ed25519 HOST"]),
-    ("builder-dup", [("/builders", [{"hostName": "b"}, {"hostName": "b"}])],
-     ['/builders/1/hostName: builder "b" is listed twice; list each builder once']),
+    ("builder-dup", [("/builders", [{"hostName": "b"}, {"hostName": "b", "port": 22}])],
+     ["/builders/1/hostName: builder root@b:22 is listed twice; list each builder once"]),
+    ("local-build-type", [("/allowLocalBuild", "no")], [f"/allowLocalBuild: must be true or false, not a string; {BOOL_FIX}"]),
     ("builder-unknown", [("/builders", [{"hostName": "b", "user": "me"}])],
      ['/builders/0/user: unknown field "user"; remove it; fields here are: hostName, maxJobs, port, publicHostKey, '
       'speedFactor, sshKey, sshUser, systems']),
@@ -350,7 +351,8 @@ def test_valid_variants(base):
                     [("/networks", {"open-cafe": None, "hexnet": "ab" * 32, "x" * 32: "12345678"})],
                     [("/locale/regDom", "00")], [("/hardware", "qemu")], [("/hardware", "raspberryPi2"),
                                                                           ("/program/package", "chromium")],
-                    [("/localSystem", {"system": None, "sshUser": None, "hostName": None})]):
+                    [("/localSystem", {"system": None, "sshUser": None, "hostName": None})],
+                    [("/builders", [{"hostName": "b"}, {"hostName": "b", "port": 2222}])]):
         specmod.check(apply(base, changes))
 
 
