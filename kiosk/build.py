@@ -143,6 +143,14 @@ def configure_root(root: Path, spec_text: str, layer: dict, *, epoch: int, log) 
         key.unlink()
     machine_id = root / "etc/machine-id"
     machine_id.write_text("uninitialized\n")  # systemd makes a unique id on first boot
+    # "uninitialized" also makes the first boot run `systemctl preset-all` (enable-only): without this,
+    # Debian's presets (no "disable *") would enable every installed unit, e.g. ssh.socket next to
+    # ssh.service, both on port 22. What runs is what the build and the generation enabled.
+    preset = root / "etc/systemd/system-preset/00-kiosk.preset"
+    preset.parent.mkdir(parents=True, exist_ok=True)
+    preset.write_text("# Written by kiosk: first boot enables nothing the image did not enable itself.\ndisable *\n")
+    for path in (preset, preset.parent):
+        os.utime(path, (epoch, epoch))
     # Create the kiosk user now (the device would at first boot); natively, with the tree's own config.
     result = subprocess.run(["systemd-sysusers", f"--root={root}"], capture_output=True, text=True,
                             env=dict(os.environ, SOURCE_DATE_EPOCH=str(epoch)))
