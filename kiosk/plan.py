@@ -19,6 +19,10 @@ BASE_PACKAGES = (
     "systemd-sysv", "systemd-resolved", "udev", "dbus", "libpam-systemd", "kmod", "iproute2", "ca-certificates",
     "openssh-server", "wpasupplicant", "wireless-regdb", "locales", "tzdata", "fdisk", "e2fsprogs",
     "cage", "fonts-dejavu-core", "plymouth", "plymouth-themes",
+    # cage's seat: libseat's logind backend needs polkit to activate the session (EACCES without it), so
+    # seatd hands cage the DRM and input devices. cage 0.1.4 exits at start without the Xwayland binary
+    # (a Recommends, which the build does not install); X11 programs (chromium) need it anyway.
+    "seatd", "xwayland",
     "git", "python3", "python3-jsonschema", "python3-git", "python3-zeroconf", "python3-requests",
 )
 

@@ -189,7 +189,8 @@ def _display(spec: dict, board: dict) -> Layer:
     argv = " ".join([cage] + [systemd_quote(a) for a in rest])
     unit = (HEADER + "[Unit]\n"
             f"Description=Kiosk: {spec['program']['package']} full-screen under cage\n"
-            "After=systemd-user-sessions.service plymouth-quit-wait.service systemd-logind.service\n"
+            "After=systemd-user-sessions.service plymouth-quit-wait.service systemd-logind.service seatd.service\n"
+            "Wants=seatd.service\n"
             "Conflicts=getty@tty1.service\nStartLimitIntervalSec=0\n\n"
             "[Service]\n"
             f"User={KIOSK_USER}\nPAMName=login\nTTYPath=/dev/tty1\nTTYReset=yes\nTTYVHangup=yes\n"
@@ -197,6 +198,8 @@ def _display(spec: dict, board: dict) -> Layer:
             "UtmpIdentifier=tty1\nUtmpMode=user\n"
             f"WorkingDirectory=/home/{KIOSK_USER}\n"
             "Environment=XDG_SESSION_TYPE=wayland\n"
+            # seatd, not logind: logind refuses Activate to a non-root session owner without polkit.
+            "Environment=LIBSEAT_BACKEND=seatd\n"
             # Software rendering where the board has no GPU driver (QEMU); harmless on real boards.
             "Environment=WLR_RENDERER_ALLOW_SOFTWARE=1\n"
             "Environment=WLR_NO_HARDWARE_CURSORS=1\n"
