@@ -46,13 +46,7 @@ def kiosk_cli(*args, cwd=None, env=None, input=None):
     return subprocess.run([exe, *args], cwd=cwd, env=full_env, input=input, capture_output=True, text=True)
 
 
-@pytest.fixture(scope="session")
-def monkeypatch_offline():
-    """Never touch the network (fuzzing would otherwise fetch arbitrary mirrors)."""
-    old = os.environ.get("KIOSK_OFFLINE")
-    os.environ["KIOSK_OFFLINE"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("KIOSK_OFFLINE", None)
-    else:
-        os.environ["KIOSK_OFFLINE"] = old
+@pytest.fixture
+def monkeypatch_offline(monkeypatch):
+    """Never touch the network for this test (fuzzing would otherwise fetch arbitrary mirrors)."""
+    monkeypatch.setenv("KIOSK_OFFLINE", "1")

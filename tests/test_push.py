@@ -165,7 +165,7 @@ def test_bad_pushes_are_refused_and_change_nothing(device, client, spec):
     expected = validate_lines()
     assert expected == [
         'nixiosk.json: /colour: unknown field "colour"; remove it; fields here are: allowKioskLogin, '
-        'authorizedKeys, builders, debian, hardware, hostName, localSystem, locale, networks, packages, '
+        'allowLocalBuild, authorizedKeys, builders, debian, hardware, hostName, localSystem, locale, networks, packages, '
         'program, raspberryPi',
         'nixiosk.json: /hostName: "my_kiosk" is not a valid host name: it contains \'_\'; use 1-63 letters, '
         'digits and hyphens, not starting or ending with a hyphen, e.g. "lobby-screen"']
