@@ -335,7 +335,8 @@ def test_mmdebstrap_failure_names_the_stage(tmp_path, monkeypatch):
 
 # --- booting (smoke; the boot tests proper live elsewhere) --------------------------------------
 
-def _boot(cmd: list[str], until: str, seconds: int) -> str:
+def _boot(cmd: list[str], until: list[str], seconds: int) -> str:
+    """Run a QEMU command until every string of `until` appeared on its console (or timeout)."""
     import select
     import time
 
@@ -350,12 +351,14 @@ def _boot(cmd: list[str], until: str, seconds: int) -> str:
                 if not chunk:
                     break
                 out += chunk
-                if until.encode() in out:
+                # systemd colours its status lines: match on the text without escape sequences
+                text = re.sub(rb"\x1b\[[0-9;]*m", b"", out)
+                if all(u.encode() in text for u in until):
                     break
     finally:
         proc.kill()
         proc.wait()
-    return out.decode(errors="replace")
+    return re.sub(r"\x1b\[[0-9;]*m", "", out.decode(errors="replace"))
 
 
 @pytest.mark.slow
@@ -369,7 +372,9 @@ def test_boots_to_systemd(built_image, board, tmp_path):
     subprocess.run(["cp", "--sparse=always", str(img.image), str(disk)], check=True)
     if q.get("imagePowerOfTwo"):
         size = 1 << (disk.stat().st_size - 1).bit_length()
-        os.truncate(disk, size)
+    else:
+        size = disk.stat().st_size + 512 * MiB   # a bigger "card": the root must grow into it
+    os.truncate(disk, size)
     direct = hw["bootloader"] == "direct-kernel"
     kernel, initrd = ("vmlinuz", "initrd.img") if direct else (f"vmlinuz-{version}", f"initrd.img-{version}")
     (tmp_path / "kernel").write_bytes(read_boot_file(img.image, kernel))
@@ -387,7 +392,10 @@ def test_boots_to_systemd(built_image, board, tmp_path):
     for serial in q["serial"]:
         cmd += ["-serial", "stdio" if serial == "mon:stdio" else serial]
     cmd += [a.replace("{image}", str(disk)) for a in q["disk"]]
-    out = _boot(cmd, "Started kiosk.service", 400)
-    assert "kiosk-initramfs: switching to /sbin/init" in out, out[-3000:]
-    assert f"Hostname set to <{img.spec['hostName']}>" in out, out[-3000:]
-    assert "Finished kiosk-growroot.service" in out or "kiosk-growroot.se" in out, out[-3000:]
+    # The kiosk program itself is the boot tests' business; here: the initramfs found and mounted the
+    # root, systemd runs from it, and the first-boot grow of the root partition worked.
+    wanted = ["kiosk-initramfs: switching to /sbin/init", f"Hostname set to <{img.spec['hostName']}>",
+              "Finished kiosk-growroot.se", "resized filesystem to"]
+    out = _boot(cmd, wanted, 600)
+    for text in wanted:
+        assert text in out, out[-3000:]
