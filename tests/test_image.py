@@ -362,7 +362,7 @@ def _boot(cmd: list[str], until: list[str], seconds: int) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("board", ["raspberryPi3", "qemu"])
+@pytest.mark.parametrize("board", BOARDS)
 def test_boots_to_systemd(built_image, board, tmp_path):
     img = built_image(board)
     hw = _board(board)
