@@ -233,6 +233,13 @@ def run_logged(cmd: list[str], *, stage: str, log: Log, verbose: bool, env: dict
                          + "\n".join(last))
 
 
+def _interesting(line: str) -> bool:
+    """mmdebstrap's stage lines (not the hook command lines) and every warning or error."""
+    if line.startswith(("E: ", "W: ")):
+        return True
+    return line.startswith("I: ") and not line.startswith(("I: running --", "I: running special hook"))
+
+
 def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: bool = False) -> Path:
     """The cached base tree of plan's package set, as an uncompressed tarball (built if missing)."""
     tar = tarball_path(plan)
@@ -257,7 +264,7 @@ def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: b
         started = time.monotonic()
         try:
             run_logged(cmd, stage="rootfs (mmdebstrap)", log=log, verbose=verbose, env=env,
-                       interesting=lambda line: line.startswith(("I: ", "E: ", "W: ")))
+                       interesting=_interesting)
             packages = _parse_dpkg_query(Path(f"{tmp}.dpkg-query").read_text())
         except BaseException:
             tmp.unlink(missing_ok=True)

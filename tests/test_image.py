@@ -23,8 +23,6 @@ from imagetools import (  # noqa: F401  (built_image is a fixture)
     root_file_mode, root_listdir, root_stat,
 )
 
-pytestmark = pytest.mark.root
-
 BOARDS = ["raspberryPi3", "raspberryPi0", "qemu"]
 RASPI = ["raspberryPi3", "raspberryPi0"]
 MiB = 1 << 20
@@ -318,6 +316,7 @@ def test_rebuild_is_byte_identical(built_image, tmp_path):
         assert Path(str(again.image) + ".bmap").read_bytes() == bmap.read_bytes()
 
 
+@pytest.mark.root
 def test_mmdebstrap_failure_names_the_stage(tmp_path, monkeypatch):
     """A package that does not exist: a KioskError naming the stage and showing apt's complaint."""
     from kiosk import rootfs
@@ -331,6 +330,78 @@ def test_mmdebstrap_failure_names_the_stage(tmp_path, monkeypatch):
     text = str(info.value)
     assert "rootfs (mmdebstrap) failed" in text and "kiosk-no-such-package" in text
     assert not list((tmp_path / "rootfs").glob("*.tar"))
+
+
+# --- pure parts, no build ------------------------------------------------------------------------
+
+def test_cpio_is_newc_sorted_and_timeless(tmp_path):
+    import stat as st
+
+    from kiosk.bootfiles import _cpio_newc
+
+    entries = [("bin", st.S_IFDIR | 0o755, b""), ("bin/x", st.S_IFREG | 0o755, b"#!/bin/sh\n"),
+               ("init", st.S_IFREG | 0o700, b"abc")]
+    data = _cpio_newc(entries, 1234567890)
+    (tmp_path / "a.cpio").write_bytes(data)
+    listing = subprocess.run(["cpio", "-tv", "--quiet", "-F", str(tmp_path / "a.cpio")], capture_output=True,
+                             text=True, check=True).stdout
+    assert [line.split()[-1] for line in listing.splitlines()] == ["bin", "bin/x", "init"]
+    assert "-rwx------" in listing and "2009" in listing  # mode kept, mtime 1234567890 = Feb 2009
+    (tmp_path / "out").mkdir()
+    subprocess.run(["cpio", "-id", "--quiet", "-D", str(tmp_path / "out"), "-F", str(tmp_path / "a.cpio")],
+                   check=True)
+    assert (tmp_path / "out/init").read_bytes() == b"abc"
+    assert _cpio_newc(entries, 1234567890) == data
+
+
+def test_module_order_puts_dependencies_first(tmp_path):
+    from kiosk.bootfiles import module_load_order
+
+    (tmp_path / "modules.dep").write_text(
+        "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n"
+        "kernel/fs/jbd2/jbd2.ko:\nkernel/fs/mbcache.ko:\nkernel/lib/crc16.ko:\n"
+        "kernel/drivers/mmc/host/sdhci-iproc.ko: kernel/drivers/mmc/host/sdhci-pltfm.ko "
+        "kernel/drivers/mmc/host/sdhci.ko\n"
+        "kernel/drivers/mmc/host/sdhci-pltfm.ko: kernel/drivers/mmc/host/sdhci.ko\n"
+        "kernel/drivers/mmc/host/sdhci.ko:\n")
+    order = module_load_order(tmp_path, ["sdhci_iproc", "ext4", "not-there"])
+    names = [Path(p).name for p in order]
+    assert names.index("sdhci.ko") < names.index("sdhci-pltfm.ko") < names.index("sdhci-iproc.ko")
+    assert names.index("jbd2.ko") < names.index("ext4.ko") and names.index("crc16.ko") < names.index("ext4.ko")
+    assert len(names) == len(set(names)) == 7
+
+
+def test_raspi_cmdline_as_the_hook_writes_it():
+    from kiosk.bootfiles import raspi_cmdline_txt
+
+    line = raspi_cmdline_txt(["ttyS1,115200", "tty1"], "UUID=x", pi4=False, extra="quiet splash\n")
+    assert line == " console=ttyS1,115200 console=tty1 root=UUID=x rw fsck.repair=yes net.ifnames=0 cma=64M " \
+                   "rootwait quiet splash\n"
+    # Pi 4 at the default CMA: the hook leaves cma= out (and the double space in)
+    assert "  rootwait" in raspi_cmdline_txt(["ttyS1,115200"], "UUID=x", pi4=True)
+
+
+def test_identity_is_stable_and_per_device():
+    from kiosk.image import identity
+    from kiosk.plan import make_plan
+
+    a = identity(make_plan(full_spec("raspberryPi3", host="one")))
+    assert a == identity(make_plan(full_spec("raspberryPi3", host="one", packages=["less"])))
+    b = identity(make_plan(full_spec("raspberryPi3", host="two")))
+    assert len({a.disk_id, b.disk_id}) == 2 and len({a.root_uuid, b.root_uuid}) == 2
+    assert re.fullmatch(r"[0-9A-F]{4}-[0-9A-F]{4}", a.boot_uuid)
+
+
+def test_layout_counts_hard_links_once(tmp_path):
+    from kiosk.image import ALIGN, tree_usage, plan_layout
+
+    (tmp_path / "big").write_bytes(b"x" * (8 << 20))
+    for i in range(10):
+        os.link(tmp_path / "big", tmp_path / f"link{i}")
+    used, inodes = tree_usage(tmp_path)
+    assert used < 9 << 20 and inodes == 2
+    layout, _ = plan_layout(tmp_path)
+    assert layout.root_start % ALIGN == 0 and layout.root_size % ALIGN == 0 and layout.boot_start == ALIGN
 
 
 # --- booting (smoke; the boot tests proper live elsewhere) --------------------------------------
