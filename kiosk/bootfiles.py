@@ -133,7 +133,10 @@ mount -t sysfs -o nosuid,nodev,noexec sysfs /sys
 mount -t devtmpfs -o nosuid,mode=0755 devtmpfs /dev
 mount -t tmpfs -o nosuid,nodev,mode=0755 tmpfs /run
 
-root= ; rootfstype=auto ; rootflags= ; mode=rw ; init=/sbin/init ; rootdelay=90 ; quiet=
+# The root is mounted read-only whatever the command line says ("rw" is there because raspi-firmware's
+# hook writes it): systemd-fsck-root then checks it with the root's own e2fsck (fsck.repair=yes) and
+# systemd-remount-fs makes it read-write from /etc/fstab. kiosk.rootrw mounts it read-write here.
+root= ; rootfstype=auto ; rootflags= ; mode=ro ; init=/sbin/init ; rootdelay=90 ; quiet=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         root=*) root="${arg#root=}" ;;
@@ -141,8 +144,7 @@ for arg in $(cat /proc/cmdline); do
         rootflags=*) rootflags="${arg#rootflags=}" ;;
         rootdelay=*) rootdelay="${arg#rootdelay=}" ;;
         init=*) init="${arg#init=}" ;;
-        ro) mode=ro ;;
-        rw) mode=rw ;;
+        kiosk.rootrw) mode=rw ;;
         quiet) quiet=1 ;;
     esac
 done
@@ -186,7 +188,7 @@ while :; do
     waited=$((waited + 1))
 done
 
-say "mounting $dev ($root) on /root"
+say "mounting $dev ($root) on /root ($mode)"
 opts=$mode
 [ -n "$rootflags" ] && opts="$opts,$rootflags"
 if [ "$rootfstype" = auto ]; then

@@ -466,7 +466,10 @@ def test_boots_to_systemd(built_image, board, tmp_path):
     # The kiosk program itself is the boot tests' business; here: the initramfs found and mounted the
     # root, systemd runs from it, and the first-boot grow of the root partition worked.
     wanted = ["kiosk-initramfs: switching to /sbin/init", f"Hostname set to <{img.spec['hostName']}>",
-              "Finished kiosk-growroot.se", "resized filesystem to"]
+              "Finished kiosk-growroot.se", "resized filesystem to",
+              # mounted read-only by the initramfs, so systemd checks it before making it read-write
+              "(ro)", "Finished systemd-fsck-root"]
     out = _boot(cmd, wanted, 600)
+    (tmp_path / "console.log").write_text(out)
     for text in wanted:
         assert text in out, out[-3000:]
