@@ -1,0 +1,342 @@
+"""Boot real kiosk images in QEMU with `kiosk run`, and look inside them over SSH.
+
+Used by tests/test_boot.py and bench/boot.py:
+
+    spec = boot_spec("qemu", public_key)
+    image = build_boot_image(spec, out_dir, cache_dir)        # kiosk.build.build: generation 1 and all
+    with BootedVM(image, private_key, work_dir) as vm:          # `kiosk run IMAGE --headless ...`
+        vm.wait_for_ssh()
+        vm.ssh("systemctl is-active kiosk.service")
+
+The image is built by kiosk.build (the real `kiosk build` path: base root
+filesystem, configuration layer, generation 1 with configuration.git, the kiosk
+package, users), from the same package set as tests/imagetools.py's minimal
+images (program foot), so one cached base root filesystem per architecture
+serves both test modules.
+
+The program is foot running a shell that prints its arguments and then sleeps:
+foot's own argv carries the awkward arguments (spaces, $HOME, 100%, quotes,
+a backslash) so /proc/<pid>/cmdline proves systemd's quoting, and the screen
+shows them.
+
+Under QEMU's raspi machines Debian's kernels have no display device (no vc4
+emulation, no simpledrm): cage stops with "Found 0 GPUs". BootedVM.headless_kiosk()
+then restarts kiosk.service with wlroots' headless backend, so the program still
+runs under cage there with the unit's exact argv (see notes/boot.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import fcntl
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Boards booted by the default test suite, and the slow (-m slow) rest.
+DEFAULT_BOARDS = ("qemu", "raspberryPi3", "raspberryPi0")
+SLOW_BOARDS = ("raspberryPi4", "raspberryPi2", "raspberryPi1")
+
+# foot's argv after its executable: awkward arguments for systemd's ExecStart= quoting, then a shell that
+# prints its own (also awkward) arguments on the screen and keeps the terminal open.
+NASTY_ARGS = [
+    "--title=a b", "--app-id=kiosk-$HOME-100%", "--",
+    "/bin/sh", "-c", 'printf "%s\\n" "kiosk boot test" "$@"; exec sleep infinity', "sh",
+    'a "quoted" b', "$HOME", "100%", "back\\slash", "tab\there",
+]
+PROGRAM = {"package": "foot", "executable": "/usr/bin/foot", "args": NASTY_ARGS}
+
+# kiosk.service's log, cage's and the program's lines included: PAMName= puts the process in the logind
+# session's scope (session-N.scope), so `journalctl -u kiosk.service` alone misses what cage says.
+KIOSK_JOURNAL = "journalctl -b --no-pager -o cat _SYSTEMD_UNIT=kiosk.service + _COMM=cage + SYSLOG_IDENTIFIER=cage"
+# What the journal says when cage finds no display device (the raspi machines under QEMU).
+NO_DISPLAY_MARKERS = ("Found 0 GPUs", "Failed to open any DRM device", "Unable to create the wlroots backend")
+HEADLESS_DROPIN = ("[Service]\n# kiosk boot test: QEMU's raspi machines have no display device for Debian's kernel\n"
+                   "Environment=WLR_BACKENDS=headless WLR_RENDERER=pixman WLR_LIBINPUT_NO_DEVICES=1\n")
+
+
+def boot_spec(board: str, public_key: str, *, host: str | None = None, program: dict | None = None,
+              packages=()) -> dict:
+    """The spec a boot test builds: imagetools' minimal spec with the session's key and the nasty argv."""
+    from imagetools import TEST_KEY, full_spec
+
+    spec = full_spec(board, host=host or f"boot-{board.lower()}", program=copy.deepcopy(program or PROGRAM),
+                     packages=packages)
+    spec["authorizedKeys"] = [public_key.strip(), TEST_KEY]
+    return spec
+
+
+def make_key(directory: Path) -> tuple[Path, str]:
+    """A fresh ed25519 key pair: (private key path, public key line)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = directory / "id_ed25519"
+    if not key.exists():
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kiosk-boot-test", "-f", str(key)],
+                       check=True)
+    return key, key.with_suffix(".pub").read_text().strip()
+
+
+@contextlib.contextmanager
+def _env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def build_boot_image(spec: dict, out_dir: Path, cache_dir: Path, *, log=print) -> tuple[Path, dict]:
+    """Build the spec's image with kiosk.build.build (what `kiosk build` runs); (image, manifest).
+
+    Built once per out_dir: a later call (another worker, a rerun with the same basetemp) reuses it.
+    """
+    from kiosk import spec as specmod
+    from kiosk.build import Stages, build
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        marker = out_dir / "manifest.json"
+        text = json.dumps(spec, indent=2) + "\n"
+        if marker.exists() and (out_dir / "spec.json").exists() and (out_dir / "spec.json").read_text() == text:
+            manifest = json.loads(marker.read_text())
+            return Path(manifest["image"]), manifest
+        (out_dir / "spec.json").write_text(text)
+
+        class Out:
+            def write(self, s):
+                for line in s.splitlines():
+                    if line.strip():
+                        log(f"[{spec['hardware']}] {line}")
+
+            def flush(self):
+                pass
+
+        with _env(KIOSK_CACHE_DIR=cache_dir):
+            loaded = specmod.loads(text, str(out_dir / "spec.json"))
+            manifest = build(loaded, text, out_dir, stages=Stages(out=Out()))
+        return Path(manifest["image"]), manifest
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class BootedVM:
+    """One `kiosk run IMAGE --headless` in the background, with SSH and QMP at hand."""
+
+    image: Path
+    key: Path
+    work: Path
+    board: str = ""
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    started: float = 0.0        # time.monotonic() when `kiosk run` was started
+    qemu_started: float = 0.0   # ... when QEMU's monitor socket appeared (QEMU is up)
+    stopped: bool = False       # stop() was called (QEMU did not stop by itself)
+    ssh_up: float = 0.0         # ... when the first SSH command succeeded
+
+    def __post_init__(self):
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.qmp = self.work / "qmp.sock"
+        self.serial = self.work / "serial.log"
+        self.run_log = self.work / "kiosk-run.log"
+        self.cache = self.work / "cache"   # kiosk run's KIOSK_CACHE_DIR: its disk copy lives in cache/run
+
+    # -- lifecycle
+    def start(self) -> "BootedVM":
+        self.port = _free_port()
+        for path in (self.qmp, self.serial):
+            path.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "kiosk", "run", str(self.image), "--headless", "--ssh-port", str(self.port),
+                "--qmp", str(self.qmp), "--serial-log", str(self.serial), *self.extra_args]
+        self.started = time.monotonic()
+        env = dict(os.environ, KIOSK_CACHE_DIR=str(self.cache))
+        with open(self.run_log, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=env)
+        deadline = time.monotonic() + 120
+        while not self.qmp.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kiosk run exited with {self.proc.returncode}: {self.run_log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"QEMU did not start in 120 s: {self.run_log.read_text()}")
+            time.sleep(0.05)
+        self.qemu_started = time.monotonic()
+        return self
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)   # kiosk run stops QEMU and removes its copy
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- ssh
+    def ssh_argv(self, *options: str) -> list[str]:
+        return ["ssh", "-p", str(self.port), "-i", str(self.key), "-o", "StrictHostKeyChecking=no",
+                "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
+                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", *options, "root@127.0.0.1"]
+
+    def ssh(self, command: str, *, timeout: float = 120, check: bool = True, options=()) -> subprocess.CompletedProcess:
+        result = subprocess.run([*self.ssh_argv(*options), command], capture_output=True, text=True,
+                                timeout=timeout, stdin=subprocess.DEVNULL)
+        if check and result.returncode != 0:
+            raise AssertionError(f"ssh {command!r} exited {result.returncode}: {result.stderr.strip()}"
+                                 f"{result.stdout.strip()}")
+        return result
+
+    def wait_for_ssh(self, timeout: float = 900) -> float:
+        """Seconds from QEMU's start until the device's sshd answered with the key."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive():
+                raise AssertionError(f"QEMU stopped: {self.run_log.read_text()[-2000:]}\n{self.tail()}")
+            try:
+                if self.ssh("true", timeout=30, check=False).returncode == 0:
+                    self.ssh_up = time.monotonic()
+                    return self.ssh_up - self.qemu_started
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no SSH after {timeout:.0f} s; serial console:\n{self.tail()}")
+            time.sleep(2)
+
+    def wait_for(self, command: str, *, timeout: float = 600, interval: float = 2) -> str:
+        """Run command over SSH until it succeeds; its stdout."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while True:
+            last = self.ssh(command, check=False, timeout=60)
+            if last.returncode == 0:
+                return last.stdout
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{command!r} still failing after {timeout:.0f} s: {last.stdout} {last.stderr}")
+            time.sleep(interval)
+
+    def tail(self, lines: int = 40) -> str:
+        try:
+            text = self.serial.read_text(errors="replace")
+        except OSError:
+            return "(no serial log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -- the kiosk
+    def program_pid(self, executable: str) -> int | None:
+        """The pid of the program running under kiosk.service's cage, or None."""
+        out = self.ssh("main=$(systemctl show -p MainPID --value kiosk.service); "
+                       f"for p in $(pgrep -x -P \"$main\" {shlex.quote(Path(executable).name)}); do echo $p; done",
+                       check=False).stdout.split()
+        return int(out[0]) if out else None
+
+    def cmdline(self, pid: int | str) -> list[str]:
+        """/proc/<pid>/cmdline as the list of arguments, byte for byte (base64 over SSH)."""
+        raw = base64.b64decode(self.ssh(f"base64 -w0 /proc/{pid}/cmdline").stdout.strip())
+        return raw.decode("utf-8", "surrogateescape").split("\0")[:-1]
+
+    def wait_for_program(self, executable: str, *, timeout: float = 600) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            pid = self.program_pid(executable)
+            if pid:
+                return pid
+            if time.monotonic() > deadline:
+                journal = self.ssh(f"{KIOSK_JOURNAL} | tail -30", check=False).stdout
+                raise AssertionError(f"{executable} is not running under cage after {timeout:.0f} s; "
+                                     f"kiosk.service's journal:\n{journal}")
+            time.sleep(2)
+
+    def headless_kiosk(self) -> None:
+        """Restart kiosk.service with wlroots' headless backend (boards QEMU gives no display device)."""
+        command = ("mkdir -p /run/systemd/system/kiosk.service.d && "
+                   f"printf '%s' {shlex.quote(HEADLESS_DROPIN)} > /run/systemd/system/kiosk.service.d/headless.conf"
+                   " && systemctl daemon-reload"
+                   # cage 0.1.4 stuck after a failed start (it waits for any child: the PAM helper) ignores TERM
+                   " && systemctl kill -s KILL kiosk.service; systemctl reset-failed kiosk.service;"
+                   " systemctl restart kiosk.service")
+        self.ssh(command)
+
+    def guest_seconds(self, pid: int) -> float:
+        """When a process started, in seconds since the guest kernel started."""
+        out = self.ssh(f"cut -d' ' -f22 /proc/{pid}/stat; getconf CLK_TCK").stdout.split()
+        return int(out[0]) / int(out[1])
+
+    def unit_active_since(self, unit: str) -> float:
+        """Seconds since the guest kernel started when unit last became active."""
+        usec = self.ssh(f"systemctl show -p ActiveEnterTimestampMonotonic --value {unit}").stdout.strip()
+        return int(usec) / 1e6
+
+    def screendump(self, dest: Path) -> Path:
+        from kiosk.qemu import screendump
+        return screendump(self.qmp, dest)
+
+
+def png_colours(path: Path) -> int:
+    """How many distinct colours a PNG screenshot has."""
+    from kiosk.qemu import png_pixels
+
+    width, height, rows = png_pixels(Path(path).read_bytes())
+    colours = set()
+    for row in rows:
+        for i in range(0, len(row), 3):
+            colours.add(row[i:i + 3])
+    return len(colours)
+
+
+def make_fake_image(path: Path, *, files: dict[str, bytes], root_bytes: int = 32 << 20) -> Path:
+    """A small MBR image with a FAT partition holding `files` and an empty Linux partition (argv tests)."""
+    fat_start, fat_size = 1 << 20, 40 << 20
+    with open(path, "wb") as f:
+        f.truncate(fat_start + fat_size + root_bytes)
+    script = (f"label: dos\nunit: sectors\n\nstart={fat_start // 512}, size={fat_size // 512}, type=c\n"
+              f"start={(fat_start + fat_size) // 512}, size={root_bytes // 512}, type=83\n")
+    subprocess.run(["sfdisk", "--quiet", str(path)], input=script, text=True, check=True, capture_output=True)
+    subprocess.run(["mkfs.vfat", "-F", "32", "-n", "RASPIFIRM", f"--offset={fat_start // 512}", str(path),
+                    str(fat_size // 1024)], check=True, capture_output=True)
+    staging = path.with_name(path.name + ".files")
+    staging.mkdir(exist_ok=True)
+    names = []
+    for name, data in files.items():
+        (staging / name).write_bytes(data)
+        names.append(str(staging / name))
+    env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
+    subprocess.run(["mcopy", "-i", f"{path}@@{fat_start}", *names, "::"], check=True, env=env, capture_output=True)
+    return path
