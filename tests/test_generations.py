@@ -297,11 +297,13 @@ CRASH_STEPS = ["begin", "stopped", "linked", "flipped", "symlinks", "cleaned", "
 
 
 @pytest.fixture(scope="module")
-def two_generations(tmp_path_factory, monkeypatch_offline):
+def two_generations(tmp_path_factory):
     root = tmp_path_factory.mktemp("template") / "device"
     root.mkdir()
-    install(root)
-    add_generation(root, SECOND)
+    with pytest.MonkeyPatch.context() as offline:  # offline only while the template is made
+        offline.setenv("KIOSK_OFFLINE", "1")
+        install(root)
+        add_generation(root, SECOND)
     return root
 
 
