@@ -143,8 +143,26 @@ exit 0
 """
 
 
-def mmdebstrap_command(plan, out: Path, *, epoch: int, verbose: bool = False) -> list[str]:
-    """The whole mmdebstrap invocation (also shown by `--verbose` for reproducing by hand)."""
+def mmdebstrap_mode() -> str:
+    """root as root; otherwise unshare (user namespaces, needs /etc/subuid and /etc/subgid entries).
+
+    KIOSK_MMDEBSTRAP_MODE=unshare forces unshare mode (as root too: then only the mount, pid, uts and
+    ipc namespaces are new), to test that path.
+    """
+    forced = os.environ.get("KIOSK_MMDEBSTRAP_MODE")
+    if forced in ("root", "unshare"):
+        return forced
+    return "root" if os.geteuid() == 0 else "unshare"
+
+
+def mmdebstrap_command(plan, out: Path, *, epoch: int, verbose: bool = False,
+                       meta_dir: Path | None = None) -> list[str]:
+    """The whole mmdebstrap invocation (also shown by `--verbose` for reproducing by hand).
+
+    meta_dir receives `dpkg-query` (the installed packages), copied out of the chroot.
+    """
+    mode = mmdebstrap_mode()
+    meta_dir = meta_dir or out.parent
     debs = str(deb_cache_dir())
     packages = sorted(set(plan.packages) | set(RECIPE_PACKAGES))
     q = shlex.quote
@@ -152,14 +170,21 @@ def mmdebstrap_command(plan, out: Path, *, epoch: int, verbose: bool = False) ->
     noop = _NOOP_UPDATE_INITRAMFS.replace("'", "")
     archives = '"$1"/var/cache/apt/archives/'
     # Hard links where the cache and the chroot share a file system (instant), copies elsewhere.
-    sync_in = (f"mkdir -p {q(debs)} {archives}partial && "
+    # (copies in unshare mode: sync-out's tar fails on files hard-linked to the ones it writes)
+    link = "-l " if mode == "root" else ""
+    sync_in = (f"mkdir -p {archives}partial && "
                f"find {q(debs)} -maxdepth 1 -type f \\( -name '*_{plan.architecture}.deb' -o -name '*_all.deb' \\) "
-               f"-exec sh -c 'cp -l -t \"$0\" \"$@\" 2>/dev/null || cp -t \"$0\" \"$@\"' {archives} {{}} +")
-    sync_out = (f"find {archives} -maxdepth 1 -type f -name '*.deb' "
-                f"-exec sh -c 'cp -l -n -t \"$0\" \"$@\" 2>/dev/null || cp -n -t \"$0\" \"$@\"' {q(debs)} {{}} +")
+               f"-exec sh -c 'cp {link}-t \"$0\" \"$@\" 2>/dev/null || cp -t \"$0\" \"$@\"' {archives} {{}} +")
+    if mode == "root":
+        sync_out = (f"find {archives} -maxdepth 1 -type f -name '*.deb' "
+                    f"-exec sh -c 'cp -l -n -t \"$0\" \"$@\" 2>/dev/null || cp -n -t \"$0\" \"$@\"' {q(debs)} {{}} +")
+    else:
+        # In a user namespace the chroot's root cannot write the user's cache: mmdebstrap's own
+        # special hook copies out with the user's rights.
+        sync_out = f"sync-out /var/cache/apt/archives {debs}"
     cmd = [
         "mmdebstrap",
-        f"--mode={'root' if os.geteuid() == 0 else 'unshare'}",
+        f"--mode={mode}",
         "--variant=minbase",
         "--format=tar",
         f"--architectures={plan.architecture}",
@@ -195,7 +220,8 @@ def mmdebstrap_command(plan, out: Path, *, epoch: int, verbose: bool = False) ->
         # Record what is installed (parsed back by installed_packages()).
         "--customize-hook=chroot \"$1\" dpkg-query -W "
         "-f '${Package}\\t${Version}\\t${Architecture}\\t${source:Package}\\t${source:Version}\\n' "
-        f"> {q(str(out))}.dpkg-query",
+        "> \"$1\"/tmp/dpkg-query",
+        f"--customize-hook=copy-out /tmp/dpkg-query {meta_dir}",  # /tmp is emptied by mmdebstrap afterwards
     ]
     if verbose:
         cmd.append("--verbose")
@@ -215,6 +241,7 @@ def run_logged(cmd: list[str], *, stage: str, log: Log, verbose: bool, env: dict
     """Run cmd, showing its output (all of it when verbose, else the interesting lines);
     on failure raise a KioskError naming the stage with the last `tail` lines."""
     last: collections.deque[str] = collections.deque(maxlen=tail)
+    errors: list[str] = []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, text=True, errors="replace", bufsize=1)
     assert proc.stdout is not None
@@ -225,12 +252,15 @@ def run_logged(cmd: list[str], *, stage: str, log: Log, verbose: bool, env: dict
         if not line.strip():
             continue
         last.append(line)
+        if line.startswith(("E: ", "tar: ", "dpkg: error")) and line not in errors:
+            errors.append(line)
         if verbose or interesting(line):
             log(f"  {line}")
     code = proc.wait()
     if code != 0:
-        raise KioskError(f"{stage} failed ({Path(cmd[0]).name} exited with status {code}); last lines:\n"
-                         + "\n".join(last))
+        first = "\n".join(errors[:5])
+        raise KioskError(f"{stage} failed ({Path(cmd[0]).name} exited with status {code})"
+                         + (f"; errors:\n{first}" if first else "") + "\nlast lines:\n" + "\n".join(last))
 
 
 def _interesting(line: str) -> bool:
@@ -253,7 +283,10 @@ def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: b
             raise KioskError("rootfs: mmdebstrap is not installed (apt install mmdebstrap)")
         epoch = release_epoch(plan.mirror, plan.suite)
         tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
-        cmd = mmdebstrap_command(plan, tmp, epoch=epoch, verbose=verbose)
+        meta_dir = tar.with_name(f".{tar.name}.{os.getpid()}.meta")
+        meta_dir.mkdir(exist_ok=True)
+        deb_cache_dir().mkdir(parents=True, exist_ok=True)
+        cmd = mmdebstrap_command(plan, tmp, epoch=epoch, verbose=verbose, meta_dir=meta_dir)
         env = dict(os.environ, SOURCE_DATE_EPOCH=str(epoch), PYTHONHASHSEED="0", LC_ALL="C.UTF-8",
                    DEBIAN_FRONTEND="noninteractive")
         debs = deb_cache_dir()
@@ -265,12 +298,12 @@ def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: b
         try:
             run_logged(cmd, stage="rootfs (mmdebstrap)", log=log, verbose=verbose, env=env,
                        interesting=_interesting)
-            packages = _parse_dpkg_query(Path(f"{tmp}.dpkg-query").read_text())
+            packages = _parse_dpkg_query((meta_dir / "dpkg-query").read_text())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         finally:
-            Path(f"{tmp}.dpkg-query").unlink(missing_ok=True)
+            shutil.rmtree(meta_dir, ignore_errors=True)
         elapsed = time.monotonic() - started
         meta = {
             "recipe": RECIPE_VERSION, "packageKey": plan.package_key, "suite": plan.suite,
