@@ -383,6 +383,22 @@ def test_raspi_cmdline_as_the_hook_writes_it():
     assert "  rootwait" in raspi_cmdline_txt(["ttyS1,115200"], "UUID=x", pi4=True)
 
 
+def test_rootfs_stages_split_by_spec_only():
+    """The base never holds the program or the spec's packages, so changing those reuses it."""
+    from kiosk import rootfs
+    from kiosk.plan import make_plan
+
+    cog = rootfs.stages(make_plan(full_spec("raspberryPi3", program={"package": "cog", "executable": "/usr/bin/cog",
+                                                                      "args": []})))
+    foot_less = rootfs.stages(make_plan(full_spec("raspberryPi3", packages=["less"])))
+    assert cog[0] == foot_less[0] and cog[0].path == foot_less[0].path
+    assert cog[1].install == ("cog",) and foot_less[1].install == ("foot", "less")
+    assert "busybox-static" in cog[0].packages and "linux-image-arm64" in cog[0].packages
+    assert "cog" not in cog[0].packages and cog[1].parent == cog[0]
+    assert cog[1].path != foot_less[1].path and rootfs.tarball_path(make_plan(full_spec("raspberryPi3"))) != \
+        cog[1].path
+
+
 def test_identity_is_stable_and_per_device():
     from kiosk.image import identity
     from kiosk.plan import make_plan
