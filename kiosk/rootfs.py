@@ -12,10 +12,12 @@ An uncompressed tar is what the rest of the build reuses fastest: unpacking
 
 Things this recipe takes care of:
 
-- Downloaded .debs are kept in `cache_dir()/debs/<arch>/` and synced into the
-  chroot before apt runs (mmdebstrap's sync-in/sync-out hooks), so adding one
-  package downloads one package; the cache holds no apt lists, so apt always
-  resolves against the mirror's current index.
+- Downloaded .debs are kept in `cache_dir()/debs/` (all architectures: the
+  `_all.deb` ones are shared between boards), hard-linked into the chroot's
+  /var/cache/apt/archives before apt runs and back out at the end (copies, and
+  mmdebstrap's sync-out special hook, in unshare mode), so adding one package
+  downloads one package; no apt lists are cached, so apt always resolves
+  against the mirror's current index.
 - update-initramfs is diverted to a no-op while packages are installed: under
   qemu-user one mkinitramfs run costs ~10 minutes. kiosk.bootfiles builds a
   small initramfs natively instead. The diversion is removed at the end, so on
