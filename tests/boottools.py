@@ -82,9 +82,16 @@ def make_key(directory: Path) -> tuple[Path, str]:
     """A fresh ed25519 key pair: (private key path, public key line)."""
     directory.mkdir(parents=True, exist_ok=True)
     key = directory / "id_ed25519"
-    if not key.exists():
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kiosk-boot-test", "-f", str(key)],
-                       check=True)
+    lock = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)   # pytest-xdist workers share it
+    try:
+        if not key.with_suffix(".pub").exists():
+            key.unlink(missing_ok=True)
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "kiosk-boot-test", "-f", str(key)],
+                           check=True, stdin=subprocess.DEVNULL)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        os.close(lock)
     return key, key.with_suffix(".pub").read_text().strip()
 
 

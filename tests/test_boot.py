@@ -75,8 +75,8 @@ class Kiosk:
 
 @pytest.fixture(scope="session")
 def boot_key(tmp_path_factory):
-    """This session's SSH key; the images authorize it for root."""
-    return make_key(tmp_path_factory.mktemp("boot-key"))
+    """This run's SSH key (one for all xdist workers, so they agree on the images); root's authorized key."""
+    return make_key(_shared_dir(tmp_path_factory) / "boot-key")
 
 
 # All boots are slow-marked (./test.sh -m slow): under TCG on 2 cores three boots next to the cold image
