@@ -3,8 +3,8 @@
 The file format is bmap-tools' XML (format 2.0), so `bmaptool copy` accepts
 the maps `kiosk build` writes and `kiosk flash` accepts the maps `bmaptool
 create` writes (formats 1.0-1.4 and 2.0). A range is mapped when the image's
-file system stores data for it (SEEK_DATA/SEEK_HOLE); holes are never
-written to the card, which is what makes flashing a half-empty image fast.
+file system has blocks for it (FIEMAP, as bmaptool; unwritten extents
+included); holes are never written to the card, which is what makes flashing a half-empty image fast.
 
 `BmapFileChecksum` follows bmaptool exactly: the hash of the whole file as
 written, with the checksum's own digits replaced by ASCII zeros.
@@ -13,9 +13,11 @@ written, with the checksum's own digits replaced by ASCII zeros.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import re
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,40 +83,94 @@ def human_size(size: int) -> str:
 # Finding the mapped ranges of a sparse file
 
 def mapped_ranges(fd: int, size: int, block_size: int = BLOCK_SIZE) -> list[tuple[int, int]]:
-    """Inclusive (first, last) block ranges holding data, from SEEK_DATA/SEEK_HOLE.
+    """Inclusive (first, last) block ranges holding data.
 
-    Extents are widened to whole blocks (a file system with smaller blocks may
-    report a data run that starts or ends mid-block) and touching ranges merged.
-    Where the file system cannot tell holes from data the whole file is mapped.
+    The extents come from FIEMAP, as bmaptool's do: it also lists unwritten
+    (preallocated) extents, which mke2fs makes for the journal and the end of
+    the device and which must reach the card as zeros. SEEK_DATA cannot be
+    used for those: on ext4 it reports them as holes or data depending on
+    what is in the page cache, so the map would change from run to run. Where
+    FIEMAP is missing, SEEK_DATA/SEEK_HOLE; where both are, the whole file.
+    Extents are widened to whole blocks and touching ranges merged.
     """
     if size <= 0:
         return []
     blocks = -(-size // block_size)
-    ranges: list[tuple[int, int]] = []
-    offset = 0
     try:
-        while offset < size:
-            try:
-                data = os.lseek(fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after offset
-                    break
-                raise
-            if data >= size:
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            first = data // block_size
-            last = min(-(-min(hole, size) // block_size), blocks) - 1
-            if ranges and first <= ranges[-1][1] + 1:
-                ranges[-1] = (ranges[-1][0], max(last, ranges[-1][1]))
-            else:
-                ranges.append((first, last))
-            offset = max(hole, (last + 1) * block_size)
+        extents = _fiemap_extents(fd, size)
     except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # no hole support: all data
-            return [(0, blocks - 1)]
-        raise
+        if exc.errno not in _UNSUPPORTED:
+            raise
+        try:
+            extents = _seek_extents(fd, size)
+        except OSError as exc2:
+            if exc2.errno in _UNSUPPORTED:  # no hole support either: all data
+                return [(0, blocks - 1)]
+            raise
+    ranges: list[tuple[int, int]] = []
+    for start, end in extents:
+        first = start // block_size
+        last = min(-(-min(end, size) // block_size), blocks) - 1
+        if last < first:
+            continue
+        if ranges and first <= ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], max(last, ranges[-1][1]))
+        else:
+            ranges.append((first, last))
     return ranges
+
+
+_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOTTY)
+_FS_IOC_FIEMAP = 0xC020660B
+_FIEMAP_FLAG_SYNC = 0x1
+_FIEMAP_EXTENT_LAST = 0x1
+_FIEMAP_HEADER = struct.Struct("=QQLLLL")       # fm_start, fm_length, fm_flags, fm_mapped, fm_count, reserved
+_FIEMAP_EXTENT = struct.Struct("=QQQQQLLLL")    # logical, physical, length, 2 reserved, flags, 3 reserved
+_FIEMAP_BATCH = 512
+
+
+def _fiemap_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """Byte extents [start, end) the file system has allocated, unwritten ones included (FIEMAP)."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    while start < size:
+        request = bytearray(_FIEMAP_HEADER.size + _FIEMAP_BATCH * _FIEMAP_EXTENT.size)
+        _FIEMAP_HEADER.pack_into(request, 0, start, size - start, _FIEMAP_FLAG_SYNC, 0, _FIEMAP_BATCH, 0)
+        fcntl.ioctl(fd, _FS_IOC_FIEMAP, request)
+        mapped = _FIEMAP_HEADER.unpack_from(request, 0)[3]
+        if mapped == 0:
+            break
+        last_flags = 0
+        for i in range(mapped):
+            logical, _phys, length, _r1, _r2, flags, *_ = _FIEMAP_EXTENT.unpack_from(
+                request, _FIEMAP_HEADER.size + i * _FIEMAP_EXTENT.size)
+            if logical >= size:
+                last_flags = _FIEMAP_EXTENT_LAST
+                break
+            out.append((logical, min(logical + length, size)))
+            start, last_flags = logical + length, flags
+        if last_flags & _FIEMAP_EXTENT_LAST:
+            break
+    return out
+
+
+def _seek_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """Byte extents [start, end) holding data, from SEEK_DATA/SEEK_HOLE."""
+    out: list[tuple[int, int]] = []
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after offset
+                break
+            raise
+        if data >= size:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        out.append((data, min(hole, size)))
+        offset = hole
+    return out
 
 
 def _range_digest(fd: int, start: int, end: int, kind: str) -> str:

@@ -103,12 +103,48 @@ def test_without_hole_support_everything_is_mapped(tmp_path, monkeypatch):
             raise OSError(22, "Invalid argument")
         return real_lseek(fd, pos, how)
 
+    def ioctl(fd, request, arg):
+        raise OSError(25, "Inappropriate ioctl for device")
+
     monkeypatch.setattr(os, "lseek", lseek)
+    monkeypatch.setattr(bm.fcntl, "ioctl", ioctl)
     fd = os.open(path, os.O_RDONLY)
     try:
         assert bm.mapped_ranges(fd, 5 * 4096 + 1) == [(0, 5)]
     finally:
         os.close(fd)
+
+
+def test_without_fiemap_seek_data_finds_the_same_written_ranges(tmp_path, monkeypatch):
+    path = sparse(tmp_path, 10 * MiB, [(0, b"\x01" * 512), (4 * MiB, os.urandom(3 * 4096 + 1))])
+
+    def ioctl(fd, request, arg):
+        raise OSError(95, "Operation not supported")
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with_fiemap = bm.mapped_ranges(fd, os.fstat(fd).st_size)
+        monkeypatch.setattr(bm.fcntl, "ioctl", ioctl)
+        assert bm.mapped_ranges(fd, os.fstat(fd).st_size) == with_fiemap == [(0, 0), (1024, 1027)]
+    finally:
+        os.close(fd)
+
+
+def test_preallocated_unwritten_extents_are_mapped_as_bmaptool_does(tmp_path):
+    """mke2fs preallocates the journal (unwritten extents): they read as zeros and must reach the card
+    as zeros, whatever the page cache holds (SEEK_DATA's answer for them changes with it)."""
+    path = sparse(tmp_path, 8 * MiB, [(0, b"mbr")])
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 2 * MiB, MiB)
+        if subprocess.run(["filefrag", "-v", str(path)], capture_output=True, text=True).stdout.count(
+                "unwritten") == 0:
+            pytest.skip("this file system has no unwritten extents")
+        assert bm.mapped_ranges(fd, 8 * MiB) == [(0, 0), (512, 767)]
+    finally:
+        os.close(fd)
+    if shutil.which("bmaptool"):
+        assert bm.read_bmap(bmaptool_create(path, tmp_path / "t.bmap")).ranges == bm.block_map_of(path).ranges
 
 
 def test_an_all_hole_image_maps_nothing(tmp_path):
