@@ -74,8 +74,10 @@ def ref_problems(updates: list[tuple[str, str, str]]) -> list[str]:
     return problems
 
 
-def spec_at(commit: str):
-    """(text, Spec) of nixiosk.json in `commit`; InvalidSpec with the same one-line problems as `kiosk validate`."""
+def spec_at(commit: str, known_packages=frozenset()):
+    """(text, Spec) of nixiosk.json in `commit`; InvalidSpec with the same one-line problems as `kiosk validate`.
+
+    known_packages (the running generation's) are not looked up in the archive."""
     from kiosk import spec as specmod
 
     listing = _git("ls-tree", commit, "--", SPEC_FILE).stdout.decode().strip()
@@ -92,7 +94,7 @@ def spec_at(commit: str):
     except UnicodeDecodeError as exc:
         raise InvalidSpec(SPEC_FILE, [Problem("", f"is not UTF-8 text (bad byte at offset {exc.start})",
                                               "save the file as UTF-8")]) from None
-    return text, specmod.loads(text.removeprefix("\ufeff"), SPEC_FILE)
+    return text, specmod.loads(text.removeprefix("\ufeff"), SPEC_FILE, known_packages=known_packages)
 
 
 def in_place_problems(spec: dict, running: dict) -> list[Problem]:
@@ -154,7 +156,8 @@ def pre_receive(stdin, log: gens.Log) -> int:
 
     log.stage(f"validate nixiosk.json (commit {new[:12]})")
     try:
-        spec_text, spec = spec_at(new)
+        running = gens.current(root)
+        spec_text, spec = spec_at(new, frozenset(running.meta.get("packages", [])) if running else frozenset())
     except InvalidSpec as exc:
         return _refuse(log, exc.render().splitlines(), "nixiosk.json is not valid")
     for warning in spec.warnings:

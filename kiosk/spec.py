@@ -301,7 +301,8 @@ def _countries() -> frozenset[str] | None:
     return None
 
 
-def _semantic_problems(data: dict, bad: set[str], warnings: list[str]) -> list[Problem]:
+def _semantic_problems(data: dict, bad: set[str], warnings: list[str],
+                       known_packages: frozenset[str] = frozenset()) -> list[Problem]:
     """Checks on fields the schema accepted (pointers in `bad` already have a problem)."""
     problems: list[Problem] = []
 
@@ -395,12 +396,15 @@ def _semantic_problems(data: dict, bad: set[str], warnings: list[str]) -> list[P
             problems.append(Problem(f"/builders/{i}/hostName",
                                     f"builder {login[0]}@{login[1]}:{login[2]} is listed twice", "list each builder once"))
 
-    problems.extend(_board_problems(data, ok, warnings))
+    problems.extend(_board_problems(data, ok, warnings, known_packages))
     return problems
 
 
-def _board_problems(data: dict, ok, warnings: list[str]) -> list[Problem]:
-    """What the board can run, and whether the Debian archive has the packages for its architecture."""
+def _board_problems(data: dict, ok, warnings: list[str], known_packages: frozenset[str]) -> list[Problem]:
+    """What the board can run, and whether the Debian archive has the packages for its architecture.
+
+    known_packages (what a device already has installed) are not looked up: a push that changes no
+    package never fetches the archive's index, which a Pi 0 would take minutes to parse."""
     from kiosk.archive import ArchiveUnavailable, package_index
     from kiosk.hardware import load_board
 
@@ -422,7 +426,7 @@ def _board_problems(data: dict, ok, warnings: list[str]) -> list[Problem]:
             problems.append(Problem(ptr, f"\"{name}\" cannot run on {hardware}: "
                                     + board["refusedPrograms"][name].split(": ")[0],
                                     board["refusedPrograms"][name].split(": ", 1)[-1]))
-    wanted = [(p, n) for p, n in wanted if n not in board["refusedPrograms"]]
+    wanted = [(p, n) for p, n in wanted if n not in board["refusedPrograms"] and n not in known_packages]
     if not wanted:
         return problems
 
@@ -476,21 +480,23 @@ def with_defaults(data: dict) -> dict:
 
 # ---------------------------------------------------------------- entry points
 
-def check(data, source: str = "nixiosk.json") -> Spec:
-    """Validate parsed JSON; every problem at once. Returns the Spec with defaults filled in."""
+def check(data, source: str = "nixiosk.json", *, known_packages=frozenset()) -> Spec:
+    """Validate parsed JSON; every problem at once. Returns the Spec with defaults filled in.
+
+    known_packages: package names known to exist for the board (installed on the device)."""
     if not isinstance(data, dict):
         raise InvalidSpec(source, [Problem("", f"the spec must be a JSON object, not {_json_type(data)}",
                                            "start from nixiosk.json.sample")])
     problems = _schema_problems(data)
     warnings: list[str] = []
-    problems += _semantic_problems(data, {p.pointer for p in problems}, warnings)
+    problems += _semantic_problems(data, {p.pointer for p in problems}, warnings, frozenset(known_packages))
     if problems:
         raise InvalidSpec(source, problems)
     return Spec(with_defaults(data), source, warnings)
 
 
-def loads(text: str, source: str = "nixiosk.json") -> Spec:
-    return check(parse_json(text, source), source)
+def loads(text: str, source: str = "nixiosk.json", *, known_packages=frozenset()) -> Spec:
+    return check(parse_json(text, source), source, known_packages=known_packages)
 
 
 def load(path: str | Path) -> Spec:

@@ -380,6 +380,15 @@ def test_offline_archive_is_a_warning_not_a_failure(base, monkeypatch):
                              "package index); package names were not checked for arm64"]
 
 
+def test_packages_a_device_already_has_are_not_looked_up(base):
+    """A push that keeps the package set never fetches the archive's index (the device has them all);
+    a new package is still checked."""
+    spec = apply(base, [("/debian/mirror", "http://127.0.0.1:9/debian"), ("/packages", ["less"])])
+    assert specmod.check(spec, known_packages={"cog", "less"}).warnings == []
+    warned = specmod.check(spec, known_packages={"cog"}).warnings
+    assert len(warned) == 1 and "cannot reach http://127.0.0.1:9/debian" in warned[0]
+
+
 def test_unreachable_mirror_is_a_warning(base):
     spec = specmod.check(apply(base, [("/debian/mirror", "http://127.0.0.1:9/debian")]))
     assert len(spec.warnings) == 1 and "cannot reach http://127.0.0.1:9/debian/dists/bookworm/main" in spec.warnings[0]
