@@ -43,13 +43,8 @@ kiosk="$here/.venv/bin/kiosk"
 "$kiosk" validate "$spec"
 
 out="$here/out"
-if [ "$(id -u)" -ne 0 ] && ! unshare --user --map-root-user true 2>/dev/null; then
-    echo "deploy.sh: no user namespaces here: building as root" >&2
-    build=(sudo "$kiosk" build)
-else
-    build=("$kiosk" build)
-fi
-"${build[@]}" "$spec" -o "$out"
+# The image's files keep their owners (root, kiosk, ...): only root can give them, so the build runs as root.
+as_root "$kiosk" build "$spec" -o "$out"
 
 image=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["image"])' "$out/manifest.json")
 if [ -b "$target" ] || [ -b "$(readlink -f "$target" 2>/dev/null || echo "$target")" ]; then

@@ -252,6 +252,12 @@ def cmd_build(args) -> int:
     path = Path(args.spec)
     spec = specmod.load(path)
     print_warnings(spec)
+    if os.geteuid() != 0:
+        # Unpacked as a user, every file of the tree would belong to that user and mke2fs -d would copy
+        # that into the image (root's files owned by uid 1000): refuse rather than build a broken card.
+        raise KioskError("kiosk build must run as root: the image's files keep their owners (root, kiosk, "
+                         "_apt, ...) and only root can give them; run: sudo kiosk build "
+                         f"{args.spec} -o {args.output} (./deploy.sh asks for sudo itself)")
     stages = Stages()
     started = time.monotonic()
     manifest = build(spec, path.read_text(encoding="utf-8"), Path(args.output), verbose=args.verbose, stages=stages)

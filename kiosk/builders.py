@@ -834,6 +834,10 @@ def serve_build(req: dict, out, progress) -> None:
     spec = specmod.loads(text.removeprefix("\ufeff"), source)
     for warning in spec.warnings:
         progress(f"{source}: warning: {warning}")
+    if os.geteuid() != 0:
+        raise KioskError(f"this builder runs kiosk as uid {os.geteuid()}, not root: an image's files keep their "
+                         "owners and only root can give them; name a builder whose sshUser is root for image "
+                         "builds (package builds for a device need no root)")
     with _job_slot(int(req.get("maxJobs") or 1), progress):
         work = Path(tempfile.mkdtemp(prefix="build-", dir=_builder_tmp()))
         try:

@@ -184,8 +184,11 @@ def test_cmdline_txt_exact(built_image, board):
 @pytest.mark.parametrize("board", RASPI)
 def test_device_regenerates_the_same_boot_config(built_image, board, tmp_path):
     """Debian's own kernel hook, run on the image's files, writes the same config.txt and cmdline.txt."""
-    img = built_image(board)
-    hw = _board(board)
+    _check_hook_regenerates(built_image(board), tmp_path)
+
+
+def _check_hook_regenerates(img, tmp_path):
+    hw = _board(img.board)
     version = _kernel_version(img)
     t = tmp_path / "sys"
     (t / "boot/firmware").mkdir(parents=True)
@@ -200,6 +203,9 @@ def test_device_regenerates_the_same_boot_config(built_image, board, tmp_path):
     for path in ("/boot/firmware", "/boot/vmlinuz-", "/boot/initrd.img-", "/etc/default/", "/usr/lib/linux-image-"):
         hook = hook.replace(path, f"{t}{path}")
     hook = hook.replace("$(dpkg --print-architecture)", hw["architecture"]).replace("if ischroot", "if true")
+    if img.board == "raspberryPi4":  # the hook asks the running board's device tree
+        hook = hook.replace("grep -q 'Raspberry Pi \\(Compute Module \\)*4' /sys/firmware/devicetree/base/model "
+                            "2>/dev/null", "true")
     (t / "hook").write_text(hook)
     result = subprocess.run(["sh", str(t / "hook")], env=dict(os.environ, DEB_MAINT_PARAMS="configure"),
                             capture_output=True, text=True)
@@ -319,22 +325,94 @@ def test_rebuild_is_byte_identical(built_image, tmp_path):
 
 
 @pytest.mark.root
-def test_mmdebstrap_failure_names_the_stage(tmp_path, monkeypatch):
-    """A package that does not exist: a KioskError naming the stage and showing apt's complaint."""
+def test_mmdebstrap_failure_names_the_stage(tmp_path_factory, monkeypatch):
+    """A package that does not exist: a KioskError naming the stage and showing apt's complaint.
+
+    The spec's own packages go in the top layer: the base (shared with the qemu image's, so this costs
+    no extra mmdebstrap of the base) stays cached, the failed top leaves no tarball and no temp file."""
+    from imagetools import _cache_dir, _shared_dir
     from kiosk import rootfs
     from kiosk.errors import KioskError
     from kiosk.plan import make_plan
 
-    monkeypatch.setenv("KIOSK_CACHE_DIR", str(tmp_path))
+    cache = _cache_dir(_shared_dir(tmp_path_factory))
+    monkeypatch.setenv("KIOSK_CACHE_DIR", str(cache))
     plan = make_plan(full_spec("qemu", packages=["kiosk-no-such-package"]))
+    base, top = rootfs.stages(plan)
     with pytest.raises(KioskError) as info:
         rootfs.base_rootfs(plan)
     text = str(info.value)
     assert "rootfs (mmdebstrap) failed" in text and "kiosk-no-such-package" in text
-    assert not list((tmp_path / "rootfs").glob("*.tar"))
+    assert base.path.exists() and not top.path.exists()
+    assert not [p.name for p in top.path.parent.iterdir() if top.key in p.name and p.suffix != ".lock"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("board", ["raspberryPi0", "raspberryPi1", "raspberryPi2", "raspberryPi3", "raspberryPi4",
+                                   "qemu"])
+def test_sample_image_for_every_board(board, tmp_path_factory):
+    """The sample (cog showing a web page) for every board: builds, and its boot files are right."""
+    from imagetools import SAMPLE_PROGRAM, _cache_dir, _shared_dir
+
+    if os.geteuid() != 0:
+        pytest.skip("building an image needs root")
+    shared = _shared_dir(tmp_path_factory)
+    out = tmp_path_factory.mktemp(f"sample-{board}")
+    old = os.environ.get("KIOSK_CACHE_DIR")
+    os.environ["KIOSK_CACHE_DIR"] = str(_cache_dir(shared))
+    try:
+        img = build(full_spec(board, program=SAMPLE_PROGRAM), out, keep_root=False,
+                    log=lambda m: print(f"[{board}] {m}", flush=True))
+    finally:
+        os.environ.pop("KIOSK_CACHE_DIR") if old is None else os.environ.__setitem__("KIOSK_CACHE_DIR", old)
+    hw = _board(board)
+    (b0, bsize), (r0, rsize) = partition_offsets(img.image)
+    result = subprocess.run(["e2fsck", "-fn", f"{img.image}?offset={r0}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = boot_listdir(img.image)
+    if hw["bootloader"] == "raspi-firmware":
+        for dtb in hw["deviceTrees"]:
+            assert Path(dtb).name in names
+        assert {"bootcode.bin", "start.elf", "config.txt", "cmdline.txt"} <= set(names)
+        _check_hook_regenerates(img, tmp_path_factory.mktemp(f"hook-{board}"))
+    else:
+        assert {"vmlinuz", "initrd.img", "cmdline.txt"} <= set(names)
+    assert root_stat(img.image, "/usr/bin/cog")["type"] == "regular"
+    img.image.unlink()
 
 
 # --- pure parts, no build ------------------------------------------------------------------------
+
+def test_kiosk_build_as_a_user_is_refused_and_says_how(tmp_path):
+    """Not root: refused before any work (the image would give root's files to the user), exit 1, one line."""
+    import json
+    import tempfile
+
+    from conftest import kiosk_cli
+
+    public = Path(tempfile.mkdtemp(prefix="kiosk-user-build-"))
+    try:
+        public.chmod(0o755)
+        spec = public / "nixiosk.json"
+        spec.write_text(json.dumps(full_spec("qemu")))
+        spec.chmod(0o644)
+        argv = ["build", str(spec), "-o", str(public / "out")]
+        env = {"KIOSK_OFFLINE": "1", "KIOSK_CACHE_DIR": str(public / "cache"), "HOME": str(public)}
+        if os.geteuid() == 0:
+            exe = str(Path(shutil.which("kiosk", path=str(Path(__import__("sys").executable).parent))))
+            result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe, *argv],
+                                    capture_output=True, text=True, env=dict(os.environ, **env))
+        else:
+            result = kiosk_cli(*argv, env=env)
+        assert result.returncode == 1, result.stdout + result.stderr
+        lines = [line for line in result.stderr.splitlines() if ": warning: " not in line]
+        assert lines == [f"kiosk: kiosk build must run as root: the image's files keep their owners (root, kiosk, "
+                         f"_apt, ...) and only root can give them; run: sudo kiosk build {spec} -o {public / 'out'} "
+                         f"(./deploy.sh asks for sudo itself)"], result.stderr
+        assert "Traceback" not in result.stderr and not (public / "out").exists()
+    finally:
+        shutil.rmtree(public)
+
 
 def test_cpio_is_newc_sorted_and_timeless(tmp_path):
     import stat as st
