@@ -121,7 +121,8 @@ def _network(spec: dict) -> Layer:
     }
     # No wait-online: a kiosk without network must still show its program at once.
     for target, unit in (("multi-user.target", "systemd-networkd.service"), ("sockets.target", "systemd-networkd.socket"),
-                         ("multi-user.target", "systemd-resolved.service")):
+                         ("multi-user.target", "systemd-resolved.service"),
+                         ("sysinit.target", "systemd-timesyncd.service")):
         path, link = _wants(target, unit, f"{LIB_UNITS}/{unit}")
         layer[path] = link
     networks = spec["networks"]
@@ -195,10 +196,16 @@ def _display(spec: dict, board: dict) -> Layer:
             "Wants=seatd.service\n"
             "Conflicts=getty@tty1.service\nStartLimitIntervalSec=0\n\n"
             "[Service]\n"
-            f"User={KIOSK_USER}\nPAMName=login\nTTYPath=/dev/tty1\nTTYReset=yes\nTTYVHangup=yes\n"
+            # No PAMName= (no logind session): under PAM cage 0.1.4's final waitpid(0) waits for systemd's
+            # (sd-pam) helper after a failed start and never exits, so Restart= never fires (notes/boot.md).
+            # seatd gives the seat; the runtime directory is the unit's own; logs stay in the unit's journal.
+            f"User={KIOSK_USER}\nTTYPath=/dev/tty1\nTTYReset=yes\nTTYVHangup=yes\n"
             "TTYVTDisallocate=yes\nStandardInput=tty-fail\nStandardOutput=journal\nStandardError=journal\n"
             "UtmpIdentifier=tty1\nUtmpMode=user\n"
             f"WorkingDirectory=/home/{KIOSK_USER}\n"
+            "RuntimeDirectory=kiosk\nRuntimeDirectoryMode=0700\n"
+            "Environment=XDG_RUNTIME_DIR=/run/kiosk\n"
+            "EnvironmentFile=-/etc/default/locale\n"
             "Environment=XDG_SESSION_TYPE=wayland\n"
             # seatd, not logind: logind refuses Activate to a non-root session owner without polkit.
             "Environment=LIBSEAT_BACKEND=seatd\n"
