@@ -24,6 +24,9 @@ BASE_PACKAGES = (
     # (a Recommends, which the build does not install); X11 programs (chromium) need it anyway.
     "seatd", "xwayland",
     "git", "python3", "python3-jsonschema", "python3-git", "python3-zeroconf", "python3-requests",
+    # A Raspberry Pi has no real-time clock: without NTP it boots at systemd's build date and every TLS
+    # certificate a browser kiosk meets is "not yet valid".
+    "systemd-timesyncd",
 )
 
 
