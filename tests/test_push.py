@@ -339,15 +339,6 @@ def test_a_key_not_authorized_is_refused_by_sshd(device, tmp_path, keys):
     assert not (tmp_path / "s/clone").exists()
 
 
-@pytest.mark.skip(reason="needs a booted image (kiosk run / QEMU, being made by another engineer): build the "
-                         "qemu board's image, boot it with user networking forwarding a host port to 22, "
-                         "then run this module's good/refused/rollback cases against ssh://root@127.0.0.1:PORT"
-                         "/etc/kiosk/configuration.git with KIOSK_ACTIVATOR unset (real systemctl) and assert "
-                         "`systemctl is-active kiosk.service` over ssh after each push")
-def test_push_to_a_booted_vm():
-    pass
-
-
 def test_a_pusher_who_disconnects_does_not_stop_the_switch(make_device, tmp_path, keys, spec):
     """Ctrl-C (here: kill -9 of git push) mid-switch: the hook finishes the switch or rolls back, alone;
     the device never stays half-switched, and ends on what main says."""
