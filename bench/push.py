@@ -19,7 +19,15 @@ The activator is the recording one (no systemd here): on a device add the health
 check's settle time (KIOSK_HEALTH_SECONDS, default 4 s) and systemctl's own work;
 --settle S makes the recording activator wait S seconds to show that share.
 
+--vm does the same against a booted image instead: the qemu target's boot-test image
+(tests/boottools.py; KIOSK_TEST_CACHE_DIR keeps its base root filesystem), booted with
+`kiosk run` under QEMU, the device's own hooks, real systemd (health check included):
+
+  active   git push start -> the device printed "generation N is active" (streamed remote: line)
+  push     git push start -> git push returned
+
     sudo .venv/bin/python bench/push.py [--rounds 5] [--settle 0]
+    sudo .venv/bin/python bench/push.py --vm [--rounds 5]
 """
 
 from __future__ import annotations
@@ -52,10 +60,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--settle", type=float, default=0.0, help="health-check settle seconds (default 0)")
+    parser.add_argument("--vm", action="store_true", help="push to the qemu target booted in QEMU instead")
     args = parser.parse_args()
     if os.geteuid() != 0:
-        print("run as root (sshd, root logins)", file=sys.stderr)
+        print("run as root (sshd, root logins; --vm: building the image)", file=sys.stderr)
         return 2
+    if args.vm:
+        return vm_main(args)
 
     from fake_mirror import Server, write_mirror
     from sshd_harness import Client, Device, keygen
@@ -141,6 +152,65 @@ def main() -> int:
     finally:
         device.close()
         mirror.close()
+    return 0
+
+
+def vm_main(args) -> int:
+    """Config-only pushes to the qemu target booted in QEMU (TCG here), real systemd on the device."""
+    from boottools import BootedVM, boot_spec, build_boot_image, make_key
+    from sshd_harness import Client
+
+    tmp = Path(tempfile.mkdtemp(prefix="kiosk-bench-push-vm-"))
+    cache = Path(os.environ.get("KIOSK_TEST_CACHE_DIR") or tmp / "cache")
+    key, public = make_key(tmp / "key")
+    spec = boot_spec("qemu", public, host="bench-push")
+    started = time.monotonic()
+    image, _ = build_boot_image(spec, tmp / "image", cache, log=lambda m: None)
+    print(f"cores: {os.cpu_count()}; image built in {time.monotonic() - started:.0f} s; booting {image.name}")
+    vm = BootedVM(image, key, tmp / "vm", board="qemu")
+    vm.start()
+    try:
+        print(f"ssh after {vm.wait_for_ssh(timeout=1200):.0f} s")
+        vm.wait_for_program(spec["program"]["executable"], timeout=900)
+        host_key = " ".join(vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
+        client = Client(tmp, key, host_key, vm.port)
+        clone = client.clone(f"ssh://root@127.0.0.1:{vm.port}/etc/kiosk/configuration.git", "clone")
+        current = json.loads(clone.joinpath("nixiosk.json").read_text())
+        from kiosk.activation import DEFAULT_SETTLE_SECONDS
+        print(f"health check: the device's default ({DEFAULT_SETTLE_SECONDS:g} s settle), real systemd")
+        pushes, actives = [], []
+        for i in range(1, args.rounds + 1):
+            new = copy.deepcopy(current)
+            new["program"]["args"] = ["--title=round " + str(i), "--", "/bin/sh", "-c", "exec sleep infinity"]
+            client.commit_spec(clone, new, message=f"round {i}")
+            number = i + 1
+            start = time.monotonic()
+            proc = subprocess.Popen(["git", "push", "-q", "origin", "main"], cwd=clone, env=client.env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            active = None
+            lines = []
+            for line in proc.stderr:
+                lines.append(line)
+                if active is None and f"==> generation {number} is active" in line:
+                    active = time.monotonic() - start
+            proc.wait()
+            end = time.monotonic() - start
+            if proc.returncode != 0 or active is None:
+                print("".join(lines), file=sys.stderr)
+                raise SystemExit(f"round {i}: push failed")
+            pushes.append(end)
+            actives.append(active)
+            print(f"  round {i}: generation {number} active after {active:.2f} s, push returned after {end:.2f} s")
+
+        def row(name, values):
+            print(f"{name:7} median {statistics.median(values):.2f} s  (min {min(values):.2f}, "
+                  f"max {max(values):.2f}, n={len(values)})")
+
+        print()
+        row("active", actives)
+        row("push", pushes)
+    finally:
+        vm.stop()
     return 0
 
 
