@@ -14,7 +14,7 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 
 set +e
-.venv/bin/python -m pytest -n "${KIOSK_TEST_WORKERS:-auto}" -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -n "${KIOSK_TEST_WORKERS:-auto}" -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
