@@ -517,16 +517,21 @@ def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
 
 
 class _Reader:
-    """Reads and hashes the image's pieces in a thread, a few chunks ahead of the writer."""
+    """Reads pieces in a thread, a few chunks ahead of the consumer, so I/O overlaps hashing and writing.
 
-    def __init__(self, fd, todo, hashers, depth=4):
+    `read(view, start, end)` fills view with bytes [start, end). With `hashers`, the thread also
+    hashes each piece into hashers[index] (writing: the writer thread only writes); without, the
+    consumer hashes (verifying: reading the card overlaps hashing what was read).
+    """
+
+    def __init__(self, read, todo, hashers=None, depth=4):
         import mmap
         import queue
         import threading
-        self.fd, self.todo, self.hashers = fd, todo, hashers
+        self.read, self.todo, self.hashers = read, todo, hashers
         self.free = queue.Queue()
         for _ in range(depth):
-            self.free.put(mmap.mmap(-1, CHUNK))  # page-aligned: usable for O_DIRECT
+            self.free.put(mmap.mmap(-1, CHUNK + 4096))  # page-aligned: usable for O_DIRECT
         self.ready = queue.Queue()
         self.empty = queue.Empty
         self.stop = threading.Event()
@@ -544,11 +549,11 @@ class _Reader:
                         buf = self.free.get(timeout=0.1)
                     except self.empty:
                         buf = None
-                view = memoryview(buf)[:end - start]
-                _pread_full(self.fd, view, start, "the image")
-                self.hashers[index].update(view)
+                self.read(memoryview(buf), start, end)
+                if self.hashers is not None:
+                    self.hashers[index].update(memoryview(buf)[:end - start])
                 self.ready.put((start, end, index, buf))
-        except BaseException as exc:  # handed to the writer, which raises it
+        except BaseException as exc:  # handed to the consumer, which raises it
             self.ready.put(exc)
             return
         self.ready.put(None)
@@ -632,7 +637,8 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
         result.bytes += head_end
 
     done = 0
-    reader = _Reader(src, pieces(bmap, head_end), hashers)
+    reader = _Reader(lambda view, start, end: _pread_full(src, view[:end - start], start, label),
+                     pieces(bmap, head_end), hashers)
     try:
         for start, end, index, buf in reader:
             _pwrite_full(out_fd(start, end), memoryview(buf)[:end - start], start)
@@ -684,47 +690,50 @@ def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, la
     """
     import errno
     import hashlib
-    import mmap
 
     label = label or path
     progress = progress or _Quiet()
-    fd, direct = _open_for_reading(path)
+    state = dict(zip(("fd", "direct"), _open_for_reading(path)))
+    short: set[int] = set()   # pieces (by start) the target could not give in full: it ends there
+
+    def read(view: memoryview, start: int, end: int) -> None:
+        """Bytes [start, end) of the target into view; short only where the target itself ends."""
+        want, got = end - start, 0
+        while got < want:
+            # O_DIRECT reads whole sectors: round up (a disk's size is whole sectors, a file just
+            # reads short at its end); only the image's bytes are hashed.
+            ask = want - got + (-(want - got) % 512) if state["direct"] else want - got
+            try:
+                n = os.preadv(state["fd"], [view[got:got + ask]], start + got)
+            except OSError as exc:
+                if state["direct"] and exc.errno == errno.EINVAL:  # this file system wants other alignment
+                    os.close(state["fd"])
+                    state["fd"], state["direct"] = _open_for_reading(path, direct=False)
+                    continue
+                raise
+            if n == 0:
+                short.add(start)
+                return
+            got += n
+
+    hashers = [hashlib.new(kind) for _ in bmap.ranges]
+    range_end = [bmap.byte_range(first, last)[1] for first, last, _ in bmap.ranges]
+    done = 0
+    bad: dict[int, None] = {}   # differing ranges, in order
+    reader = _Reader(read, pieces(bmap))
     try:
-        buf = mmap.mmap(-1, CHUNK + 4096)
-        view = memoryview(buf)
-        done = 0
-        bad = []
-        for index, (first, last, _) in enumerate(bmap.ranges):
-            start, end = bmap.byte_range(first, last)
-            h = hashlib.new(kind)
-            pos = start
-            while pos < end:
-                want = min(end, (pos // CHUNK + 1) * CHUNK) - pos
-                got = 0
-                while got < want:
-                    # O_DIRECT reads whole sectors: round up (a disk's size is whole sectors, a
-                    # file just reads short at its end), then hash only the image's bytes.
-                    ask_len = want - got + (-(want - got) % 512) if direct else want - got
-                    try:
-                        n = os.preadv(fd, [view[got:got + ask_len]], pos + got)
-                    except OSError as exc:
-                        if direct and exc.errno == errno.EINVAL:  # this file system wants other alignment
-                            os.close(fd)
-                            fd, direct = _open_for_reading(path, direct=False)
-                            continue
-                        raise
-                    if n == 0:
-                        break
-                    got += n
-                h.update(view[:min(got, want)])
-                pos += want
-                done += want
-                progress.update(done)
-            if h.hexdigest() != expected[index]:
-                bad.append(index)
+        for start, end, index, buf in reader:
+            hashers[index].update(memoryview(buf)[:end - start])
+            reader.release(buf)
+            done += end - start
+            progress.update(done)
+            if start in short or (end == range_end[index] and hashers[index].hexdigest() != expected[index]):
+                bad[index] = None
         progress.update(done, force=True)
     finally:
-        os.close(fd)
+        reader.close()
+        os.close(state["fd"])
+    bad = list(bad)
     if bad:
         first, last, _ = bmap.ranges[bad[0]]
         start, end = bmap.byte_range(first, last)
