@@ -2,7 +2,6 @@
 (so the sample is used, and it says so), onto a plain file target. The real set-up, validation, build
 (reusing the test run's cached base root filesystem) and copy; the copy must be the image, byte for byte."""
 
-import hashlib
 import json
 import os
 import subprocess
@@ -11,15 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from kiosk.build import sha256_file
+
 DEPLOY = str(ROOT / "deploy.sh")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def test_deploy_sh_help_and_missing_target(tmp_path):
@@ -53,4 +46,4 @@ def test_deploy_sh_builds_the_sample_and_copies_it_to_a_file(tmp_path, tmp_path_
     assert "deploy.sh: no nixiosk.json here: using the sample" in result.stderr
     manifest = json.loads((ROOT / "out" / "manifest.json").read_text())
     assert Path(manifest["image"]).name == "nixiosk-raspberryPi3.img"
-    assert _sha256(target) == manifest["imageSha256"]
+    assert sha256_file(target) == manifest["imageSha256"]
