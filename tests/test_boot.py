@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -304,6 +305,73 @@ def test_git_push_to_the_booted_device(kiosk, tmp_path):
     assert vm.cmdline(pid)[1:] == pushed["program"]["args"], "not back on generation 2's argv"
     assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout.strip() == commit
     assert vm.ssh("systemctl is-active kiosk.service kiosk-agent.service").stdout.split() == ["active", "active"]
+
+
+@pytest.mark.root
+@pytest.mark.xdist_group("boot-power-cut")
+def test_power_cut_during_a_push_leaves_one_whole_generation(boot_key, tmp_path_factory, tmp_path):
+    """The qemu device loses power (QEMU killed with SIGKILL) while a push is switching: at the next boot
+    kiosk-recover.service returns it to one complete generation, the program runs with that generation's
+    argv, main was not moved, and the next push works."""
+    if os.geteuid() != 0:
+        pytest.skip("building images needs root (the CI runs as root)")
+    from sshd_harness import Client
+
+    key, public = boot_key
+    shared = _shared_dir(tmp_path_factory)
+    spec = boot_spec("qemu", public)
+    image, _ = build_boot_image(spec, shared / "boot-qemu", _cache_dir(shared), log=lambda m: print(m, flush=True))
+    disk = tmp_path / "disk.img"   # kept between the two boots: the device's own SD card
+    vm = BootedVM(image, key, tmp_path / "vm1", board="qemu", extra_args=["--disk", str(disk)]).start()
+    program = spec["program"]["executable"]
+    try:
+        vm.wait_for_ssh(timeout=1200)
+        vm.wait_for_program(program, timeout=900)
+        host_key = " ".join(vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
+        client = Client(tmp_path, key, host_key, vm.port)
+        clone = client.clone(f"ssh://root@127.0.0.1:{vm.port}/etc/kiosk/configuration.git", "configuration")
+        first = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout.strip()
+        pushed = json.loads((clone / "nixiosk.json").read_text())
+        pushed["program"]["args"] = ["--title=never", "--", "/bin/sh", "-c", "exec sleep infinity"]
+        client.commit_spec(clone, pushed, message="cut short")
+        push = client.popen_push(clone)
+        # the switch journal exists from the first live change until the health check is over (4 s)
+        vm.wait_for("test -e /var/lib/kiosk/switch.json", timeout=300, interval=0.2)
+        qemu = subprocess.run(["pgrep", "-P", str(vm.proc.pid)], capture_output=True, text=True).stdout.split()
+        assert qemu, "QEMU is not running under kiosk run"
+        for pid in qemu:
+            os.kill(int(pid), signal.SIGKILL)   # the power cut: no shutdown, no sync
+        vm.proc.wait(timeout=60)
+        push.wait(timeout=120)
+        assert push.returncode != 0
+    finally:
+        vm.stop()
+    assert disk.exists()
+
+    vm = BootedVM(image, key, tmp_path / "vm2", board="qemu", extra_args=["--disk", str(disk)]).start()
+    try:
+        vm.wait_for_ssh(timeout=1200)
+        journal = vm.ssh("journalctl -b -o cat -u kiosk-recover.service").stdout
+        assert "an interrupted push from generation 1 to 2" in journal, journal
+        assert vm.ssh("test -e /var/lib/kiosk/switch.json", check=False).returncode == 1
+        problems = vm.ssh("python3 -c 'from pathlib import Path; from kiosk import generations as g; "
+                          "print(g.verify(Path(\"/\")))'").stdout.strip()
+        assert problems == "[]", problems
+        state = json.loads(vm.ssh("kiosk generations --json").stdout)
+        assert state["current"] == state["default"] == 1, state
+        assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout.strip() == first
+        pid = vm.wait_for_program(program, timeout=900)
+        assert vm.cmdline(pid)[1:] == spec["program"]["args"]
+        assert vm.ssh("systemctl --failed --plain --no-legend --no-pager").stdout.strip() == ""
+        # and the device takes the next push
+        client = Client(tmp_path / "again", key, host_key, vm.port) if (tmp_path / "again").mkdir() is None else None
+        clone = client.clone(f"ssh://root@127.0.0.1:{vm.port}/etc/kiosk/configuration.git", "configuration")
+        client.commit_spec(clone, pushed, message="again")
+        result = client.push(clone)
+        assert result.returncode == 0, result.stderr
+        assert "==> generation 3 is active" in result.stderr, result.stderr
+    finally:
+        vm.stop()
 
 
 def test_stopping_kiosk_run_removes_its_copy(kiosk):
