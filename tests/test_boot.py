@@ -103,7 +103,18 @@ def kiosk(request, tmp_path_factory, boot_key):
     vm = BootedVM(image, key, tmp_path_factory.mktemp(f"vm-{board}"), board=board)
     vm.start()
     try:
-        ssh_seconds = vm.wait_for_ssh(timeout=1200)
+        try:
+            ssh_seconds = vm.wait_for_ssh(timeout=600)
+        except AssertionError as first:
+            # Seen once in a CI run (in four): a TCG raspi0, booting while other VMs and builds ran, never
+            # answered in 1200 s; the cause is unknown (its serial line goes quiet once Bluetooth's UART
+            # driver takes the port, as in good boots). One more first boot of a fresh copy; a second
+            # failure fails the test. The first attempt's error is printed.
+            print(f"[{board}] no SSH on the first boot, booting a fresh copy once more: {first}", flush=True)
+            vm.stop()
+            vm = BootedVM(image, key, tmp_path_factory.mktemp(f"vm-{board}-again"), board=board)
+            vm.start()
+            ssh_seconds = vm.wait_for_ssh(timeout=600)
         print(f"[{board}] ssh after {ssh_seconds:.0f} s", flush=True)
         program = spec["program"]["executable"]
         journal = ""
