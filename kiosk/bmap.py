@@ -4,7 +4,8 @@ The file format is bmap-tools' XML (format 2.0), so `bmaptool copy` accepts
 the maps `kiosk build` writes and `kiosk flash` accepts the maps `bmaptool
 create` writes (formats 1.0-1.4 and 2.0). A range is mapped when the image's
 file system has blocks for it (FIEMAP, as bmaptool; unwritten extents
-included); holes are never written to the card, which is what makes flashing a half-empty image fast.
+included); holes are never written to the card, which is what makes
+flashing a half-empty image fast.
 
 `BmapFileChecksum` follows bmaptool exactly: the hash of the whole file as
 written, with the checksum's own digits replaced by ASCII zeros.

@@ -242,6 +242,17 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, stages:
     return manifest
 
 
+def require_root(what: str, how: str) -> None:
+    """Refuse an image build without root, before any work.
+
+    Unpacked as a user, every file of the tree would belong to that user and mke2fs -d would copy
+    that into the image (root's files owned by uid 1000): a broken card that looks fine.
+    """
+    if os.geteuid() != 0:
+        raise KioskError(f"{what}: the image's files keep their owners (root, kiosk, _apt, ...) and only root "
+                         f"can give them; {how}")
+
+
 def cmd_build(args) -> int:
     from kiosk import spec as specmod
     from kiosk.spec_commands import print_warnings
@@ -252,12 +263,8 @@ def cmd_build(args) -> int:
     path = Path(args.spec)
     spec = specmod.load(path)
     print_warnings(spec)
-    if os.geteuid() != 0:
-        # Unpacked as a user, every file of the tree would belong to that user and mke2fs -d would copy
-        # that into the image (root's files owned by uid 1000): refuse rather than build a broken card.
-        raise KioskError("kiosk build must run as root: the image's files keep their owners (root, kiosk, "
-                         "_apt, ...) and only root can give them; run: sudo kiosk build "
-                         f"{args.spec} -o {args.output} (./deploy.sh asks for sudo itself)")
+    require_root("kiosk build must run as root", f"run: sudo kiosk build {args.spec} -o {args.output} "
+                 "(./deploy.sh asks for sudo itself)")
     stages = Stages()
     started = time.monotonic()
     manifest = build(spec, path.read_text(encoding="utf-8"), Path(args.output), verbose=args.verbose, stages=stages)

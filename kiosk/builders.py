@@ -825,7 +825,7 @@ def _builder_tmp() -> Path:
 def serve_build(req: dict, out, progress) -> None:
     """Build the image of the spec in the request here; answer with the image, .bmap, manifest, SBOM."""
     from kiosk import spec as specmod
-    from kiosk.build import Stages, build
+    from kiosk.build import Stages, build, require_root
 
     text = req.get("spec")
     if not isinstance(text, str):
@@ -834,10 +834,8 @@ def serve_build(req: dict, out, progress) -> None:
     spec = specmod.loads(text.removeprefix("\ufeff"), source)
     for warning in spec.warnings:
         progress(f"{source}: warning: {warning}")
-    if os.geteuid() != 0:
-        raise KioskError(f"this builder runs kiosk as uid {os.geteuid()}, not root: an image's files keep their "
-                         "owners and only root can give them; name a builder whose sshUser is root for image "
-                         "builds (package builds for a device need no root)")
+    require_root(f"this builder runs kiosk as uid {os.geteuid()}, not root",
+                 "name a builder whose sshUser is root for image builds (package builds for a device need no root)")
     with _job_slot(int(req.get("maxJobs") or 1), progress):
         work = Path(tempfile.mkdtemp(prefix="build-", dir=_builder_tmp()))
         try:

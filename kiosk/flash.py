@@ -693,22 +693,23 @@ def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, la
 
     label = label or path
     progress = progress or _Quiet()
-    state = dict(zip(("fd", "direct"), _open_for_reading(path)))
+    fd, direct = _open_for_reading(path)
     short: set[int] = set()   # pieces (by start) the target could not give in full: it ends there
 
     def read(view: memoryview, start: int, end: int) -> None:
         """Bytes [start, end) of the target into view; short only where the target itself ends."""
+        nonlocal fd, direct
         want, got = end - start, 0
         while got < want:
             # O_DIRECT reads whole sectors: round up (a disk's size is whole sectors, a file just
             # reads short at its end); only the image's bytes are hashed.
-            ask = want - got + (-(want - got) % 512) if state["direct"] else want - got
+            ask = want - got + (-(want - got) % 512) if direct else want - got
             try:
-                n = os.preadv(state["fd"], [view[got:got + ask]], start + got)
+                n = os.preadv(fd, [view[got:got + ask]], start + got)
             except OSError as exc:
-                if state["direct"] and exc.errno == errno.EINVAL:  # this file system wants other alignment
-                    os.close(state["fd"])
-                    state["fd"], state["direct"] = _open_for_reading(path, direct=False)
+                if direct and exc.errno == errno.EINVAL:  # this file system wants other alignment
+                    os.close(fd)
+                    fd, direct = _open_for_reading(path, direct=False)
                     continue
                 raise
             if n == 0:
@@ -732,7 +733,7 @@ def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, la
         progress.update(done, force=True)
     finally:
         reader.close()
-        os.close(state["fd"])
+        os.close(fd)
     bad = list(bad)
     if bad:
         first, last, _ = bmap.ranges[bad[0]]
