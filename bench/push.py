@@ -158,7 +158,6 @@ def main() -> int:
 def vm_main(args) -> int:
     """Config-only pushes to the qemu target booted in QEMU (TCG here), real systemd on the device."""
     from boottools import BootedVM, boot_spec, build_boot_image, make_key
-    from sshd_harness import Client
 
     tmp = Path(tempfile.mkdtemp(prefix="kiosk-bench-push-vm-"))
     cache = Path(os.environ.get("KIOSK_TEST_CACHE_DIR") or tmp / "cache")
@@ -172,9 +171,8 @@ def vm_main(args) -> int:
     try:
         print(f"ssh after {vm.wait_for_ssh(timeout=1200):.0f} s")
         vm.wait_for_program(spec["program"]["executable"], timeout=900)
-        host_key = " ".join(vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
-        client = Client(tmp, key, host_key, vm.port)
-        clone = client.clone(f"ssh://root@127.0.0.1:{vm.port}/etc/kiosk/configuration.git", "clone")
+        client = vm.git_client(tmp)
+        clone = client.clone(vm.repo_url, "clone")
         current = json.loads(clone.joinpath("nixiosk.json").read_text())
         from kiosk.activation import DEFAULT_SETTLE_SECONDS
         print(f"health check: the device's default ({DEFAULT_SETTLE_SECONDS:g} s settle), real systemd")

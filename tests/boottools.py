@@ -237,6 +237,19 @@ class BootedVM:
                                  f"{result.stdout.strip()}")
         return result
 
+    @property
+    def repo_url(self) -> str:
+        """The device's configuration repository, as a user clones it."""
+        return f"ssh://root@127.0.0.1:{self.port}/etc/kiosk/configuration.git"
+
+    def git_client(self, directory: Path):
+        """A user's git over ssh to this device (sshd_harness.Client), its real host key in known_hosts."""
+        from sshd_harness import Client
+
+        directory.mkdir(parents=True, exist_ok=True)
+        host_key = " ".join(self.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
+        return Client(directory, self.key, host_key, self.port)
+
     def wait_for_ssh(self, timeout: float = 900) -> float:
         """Seconds from QEMU's start until the device's sshd answered with the key."""
         deadline = time.monotonic() + timeout

@@ -24,6 +24,7 @@ errors, on small fake images (no build, no boot).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -251,13 +252,12 @@ def test_git_push_to_the_booted_device(kiosk, tmp_path):
     program that exits at once is rolled back by the device itself, and the push says so."""
     if kiosk.board != "qemu":
         pytest.skip("pushed to end to end on the qemu target; the hooks are the same code on every board")
-    from sshd_harness import Client, remote_lines
+    from sshd_harness import remote_lines
 
     vm = kiosk.vm
     program = kiosk.spec["program"]["executable"]
-    host_key = " ".join(vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
-    client = Client(tmp_path, vm.key, host_key, vm.port)   # known_hosts holds the device's real host key
-    clone = client.clone(f"ssh://root@127.0.0.1:{vm.port}/etc/kiosk/configuration.git", "configuration")
+    client = vm.git_client(tmp_path)
+    clone = client.clone(vm.repo_url, "configuration")
     spec = json.loads((clone / "nixiosk.json").read_text())
     assert spec["program"] == kiosk.spec["program"]
 
@@ -269,7 +269,7 @@ def test_git_push_to_the_booted_device(kiosk, tmp_path):
 
     # 1. a good push: new arguments, the kiosk restarted with them
     before = cage_pid()
-    pushed = json.loads(json.dumps(spec))
+    pushed = copy.deepcopy(spec)
     pushed["program"]["args"] = ["--title=pushed", "--", "/bin/sh", "-c", "echo pushed; exec sleep infinity"]
     commit = client.commit_spec(clone, pushed, message="new arguments")
     started = time.monotonic()
@@ -303,7 +303,7 @@ def test_git_push_to_the_booted_device(kiosk, tmp_path):
     client.git("reset", "-q", "--hard", "HEAD~1", cwd=clone)
 
     # 3. a program that exits at once: the device rolls back to generation 2 by itself
-    dying = json.loads(json.dumps(pushed))
+    dying = copy.deepcopy(pushed)
     dying["program"]["args"] = ["--", "/bin/false"]
     client.commit_spec(clone, dying, message="a program that dies")
     result = client.push(clone)
@@ -326,8 +326,6 @@ def test_power_cut_during_a_push_leaves_one_whole_generation(boot_key, tmp_path_
     argv, main was not moved, and the next push works."""
     if os.geteuid() != 0:
         pytest.skip("building images needs root (the CI runs as root)")
-    from sshd_harness import Client
-
     key, public = boot_key
     shared = _shared_dir(tmp_path_factory)
     spec = boot_spec("qemu", public)
@@ -338,9 +336,8 @@ def test_power_cut_during_a_push_leaves_one_whole_generation(boot_key, tmp_path_
     try:
         vm.wait_for_ssh(timeout=1200)
         vm.wait_for_program(program, timeout=900)
-        host_key = " ".join(vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
-        client = Client(tmp_path, key, host_key, vm.port)
-        clone = client.clone(f"ssh://root@127.0.0.1:{vm.port}/etc/kiosk/configuration.git", "configuration")
+        client = vm.git_client(tmp_path)
+        clone = client.clone(vm.repo_url, "configuration")
         first = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout.strip()
         pushed = json.loads((clone / "nixiosk.json").read_text())
         pushed["program"]["args"] = ["--title=never", "--", "/bin/sh", "-c", "exec sleep infinity"]
@@ -375,8 +372,8 @@ def test_power_cut_during_a_push_leaves_one_whole_generation(boot_key, tmp_path_
         assert vm.cmdline(pid)[1:] == spec["program"]["args"]
         assert vm.ssh("systemctl --failed --plain --no-legend --no-pager").stdout.strip() == ""
         # and the device takes the next push
-        client = Client(tmp_path / "again", key, host_key, vm.port) if (tmp_path / "again").mkdir() is None else None
-        clone = client.clone(f"ssh://root@127.0.0.1:{vm.port}/etc/kiosk/configuration.git", "configuration")
+        client = vm.git_client(tmp_path / "again")
+        clone = client.clone(vm.repo_url, "configuration")
         client.commit_spec(clone, pushed, message="again")
         result = client.push(clone)
         assert result.returncode == 0, result.stderr

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -350,7 +353,7 @@ def test_mmdebstrap_failure_names_the_stage(tmp_path_factory, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("board", ["raspberryPi0", "raspberryPi1", "raspberryPi2", "raspberryPi3", "raspberryPi4",
                                    "qemu"])
-def test_sample_image_for_every_board(board, tmp_path_factory):
+def test_sample_image_for_every_board(board, tmp_path_factory, monkeypatch):
     """The sample (cog showing a web page) for every board: builds, and its boot files are right."""
     from imagetools import SAMPLE_PROGRAM, _cache_dir, _shared_dir
 
@@ -358,13 +361,9 @@ def test_sample_image_for_every_board(board, tmp_path_factory):
         pytest.skip("building an image needs root")
     shared = _shared_dir(tmp_path_factory)
     out = tmp_path_factory.mktemp(f"sample-{board}")
-    old = os.environ.get("KIOSK_CACHE_DIR")
-    os.environ["KIOSK_CACHE_DIR"] = str(_cache_dir(shared))
-    try:
-        img = build(full_spec(board, program=SAMPLE_PROGRAM), out, keep_root=False,
-                    log=lambda m: print(f"[{board}] {m}", flush=True))
-    finally:
-        os.environ.pop("KIOSK_CACHE_DIR") if old is None else os.environ.__setitem__("KIOSK_CACHE_DIR", old)
+    monkeypatch.setenv("KIOSK_CACHE_DIR", str(_cache_dir(shared)))
+    img = build(full_spec(board, program=SAMPLE_PROGRAM), out, keep_root=False,
+                log=lambda m: print(f"[{board}] {m}", flush=True))
     hw = _board(board)
     (b0, bsize), (r0, rsize) = partition_offsets(img.image)
     result = subprocess.run(["e2fsck", "-fn", f"{img.image}?offset={r0}"], capture_output=True, text=True)
@@ -385,9 +384,6 @@ def test_sample_image_for_every_board(board, tmp_path_factory):
 
 def test_kiosk_build_as_a_user_is_refused_and_says_how(tmp_path):
     """Not root: refused before any work (the image would give root's files to the user), exit 1, one line."""
-    import json
-    import tempfile
-
     from conftest import kiosk_cli
 
     public = Path(tempfile.mkdtemp(prefix="kiosk-user-build-"))
@@ -399,7 +395,7 @@ def test_kiosk_build_as_a_user_is_refused_and_says_how(tmp_path):
         argv = ["build", str(spec), "-o", str(public / "out")]
         env = {"KIOSK_OFFLINE": "1", "KIOSK_CACHE_DIR": str(public / "cache"), "HOME": str(public)}
         if os.geteuid() == 0:
-            exe = str(Path(shutil.which("kiosk", path=str(Path(__import__("sys").executable).parent))))
+            exe = shutil.which("kiosk", path=str(Path(sys.executable).parent))
             result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe, *argv],
                                     capture_output=True, text=True, env=dict(os.environ, **env))
         else:
