@@ -178,6 +178,7 @@ class BootedVM:
 
     # -- lifecycle
     def start(self) -> "BootedVM":
+        self._close_shared()
         self.port = _free_port()
         for path in (self.qmp, self.serial):
             path.unlink(missing_ok=True)
@@ -200,6 +201,7 @@ class BootedVM:
 
     def stop(self) -> None:
         self.stopped = True
+        self._close_shared()
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)   # kiosk run stops QEMU and removes its copy
             try:
@@ -223,8 +225,41 @@ class BootedVM:
                 "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
                 "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", *options, "root@127.0.0.1"]
 
-    def ssh(self, command: str, *, timeout: float = 300, check: bool = True, options=()) -> subprocess.CompletedProcess:
+    @property
+    def control_path(self) -> str:
+        """The shared connection's socket: short (a unix socket path has 108 bytes), one per VM port."""
+        return f"/tmp/kiosk-vm-{self.port}.ssh"
+
+    def _shared(self) -> tuple[str, ...]:
+        """Options that run a command over one shared, already logged-in connection (ssh -M).
+
+        Every login on a TCG raspi0 costs seconds, and logind's session churn is where its guest
+        kernel was caught in a soft lockup for minutes (notes/boot.md); one login serves all the
+        plain commands. Tests of authentication itself pass `options` and get their own connection.
+        When the shared one is gone (the device rebooted), commands connect directly until a new one is up.
+        """
+        if not os.path.exists(self.control_path):
+            subprocess.run([*self.ssh_argv("-M", "-N", "-f", "-o", f"ControlPath={self.control_path}",
+                                           "-o", "ControlPersist=yes", "-o", "ServerAliveInterval=30",
+                                           "-o", "ServerAliveCountMax=20")],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           timeout=120, check=False)
+        return ("-o", f"ControlPath={self.control_path}", "-o", "ControlMaster=no")
+
+    def _close_shared(self) -> None:
+        if self.port and os.path.exists(self.control_path):
+            subprocess.run(["ssh", "-o", f"ControlPath={self.control_path}", "-O", "exit", "root@127.0.0.1"],
+                           capture_output=True, timeout=30, check=False)
+            Path(self.control_path).unlink(missing_ok=True)
+
+    def ssh(self, command: str, *, timeout: float = 300, check: bool = True, options=(),
+            shared: bool = True) -> subprocess.CompletedProcess:
         for attempt in range(3):
+            if not options and shared:
+                try:
+                    options = self._shared()
+                except subprocess.TimeoutExpired:
+                    options = ()
             result = subprocess.run([*self.ssh_argv(*options), command], capture_output=True, text=True,
                                     timeout=timeout, stdin=subprocess.DEVNULL)
             # 255 is ssh's own failure; on a busy TCG raspi1ap a connection sometimes drops with no message.
@@ -257,7 +292,7 @@ class BootedVM:
             if not self.alive():
                 raise AssertionError(f"QEMU stopped: {self.run_log.read_text()[-2000:]}\n{self.tail()}")
             try:
-                if self.ssh("true", timeout=30, check=False).returncode == 0:
+                if self.ssh("true", timeout=30, check=False, shared=False).returncode == 0:
                     self.ssh_up = time.monotonic()
                     return self.ssh_up - self.qemu_started
             except subprocess.TimeoutExpired:
