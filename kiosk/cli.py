@@ -2,7 +2,8 @@
 
 Each stage module exposes `register(subparsers)`, adding its sub-commands with
 `set_defaults(func=...)`; the function returns the exit status. Heavy imports
-stay inside those functions so `kiosk --help` is fast on a Raspberry Pi 0.
+stay inside those functions, and running one command imports only its own
+stage (COMMANDS), so `kiosk hook ...` on a Raspberry Pi 0 does not pay for zeroconf's or QEMU's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,25 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Which stage registers each command; tests/test_spec.py checks it against what the stages register.
+COMMANDS = {
+    "validate": "kiosk.spec_commands", "show": "kiosk.spec_commands", "build": "kiosk.build",
+    "run": "kiosk.qemu", "flash": "kiosk.flash", "generations": "kiosk.generations",
+    "rollback": "kiosk.generations", "switch": "kiosk.generations", "agent": "kiosk.agent",
+    "discover": "kiosk.discover", "resolve": "kiosk.discover", "ssh-proxy": "kiosk.discover",
+    "ssh-config": "kiosk.discover", "builders": "kiosk.builders", "builder-serve": "kiosk.builders",
+    "hook": "kiosk.hooks",
+}
+
+
+def _stages_for(argv: list[str]) -> tuple[str, ...]:
+    """The one stage a known command needs; every stage for --help, no command or an unknown one."""
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # global options take no values
+    stage = COMMANDS.get(command)
+    return (stage,) if stage in COMMAND_MODULES else COMMAND_MODULES
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiosk",
         description="Build, flash and update Raspberry Pi kiosks from one nixiosk.json.",
@@ -37,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kiosk {__version__}")
     parser.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if argv is None else _stages_for(argv):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -49,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

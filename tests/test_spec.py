@@ -2,7 +2,10 @@
 
 import copy
 import hashlib
+import importlib
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT, kiosk_cli
@@ -501,6 +504,26 @@ def test_help_lists_the_commands():
     assert result.returncode == 0
     for command in ("validate", "show"):
         assert command in result.stdout
+
+
+def test_each_command_loads_only_its_own_stage():
+    """cli.COMMANDS names the stage of every command the stages register, and nothing else."""
+    import argparse
+
+    from kiosk import cli
+
+    registered = {}
+    for stage in cli.COMMAND_MODULES:
+        sub = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(stage).register(sub)
+        registered.update(dict.fromkeys(sub.choices, stage))
+    assert cli.COMMANDS == registered
+    assert cli._stages_for(["--debug", "flash", "x.img", "/dev/sdb"]) == ("kiosk.flash",)
+    assert cli._stages_for(["--help"]) == cli._stages_for(["nonsense"]) == cli.COMMAND_MODULES
+    probe = ("import sys\nfrom kiosk import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith('kiosk.')))")
+    loaded = subprocess.run([sys.executable, "-c", probe, "validate", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert "kiosk.discover" not in loaded.stdout and "kiosk.qemu" not in loaded.stdout, loaded.stdout
 
 
 def test_sample_is_valid_against_the_real_archive():
