@@ -7,12 +7,15 @@ line naming the device, the reason and what to do, with exit status 2; an I/O
 failure exits 1; Ctrl-C exits 130 saying what state the card is in.
 
 Speed: only the mapped ranges of the block map are written (IMAGE.bmap, or
-the image's own data extents from SEEK_DATA/SEEK_HOLE), in aligned chunks of
-up to 4 MiB, while a reader thread reads and hashes the next chunks.
+the image's own data extents from FIEMAP/SEEK_DATA), in aligned chunks of up
+to 4 MiB, while a reader thread reads the next chunks.
 
-Trust: after an fsync the written ranges are read back bypassing the page
-cache and compared with the block map's checksums (or, for a map without
-checksums, with the hashes computed while writing).
+Trust: every written range is read back bypassing the page cache and compared
+with the block map's checksums (or, for a map without checksums, with the
+hashes of the image computed while writing). The read-back runs in a thread
+behind the writer, on what an fdatasync has made durable, so checking costs
+little more than writing; the partition table goes on last, after the rest
+has been read back and found right.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 from kiosk.errors import KioskError, one_line
 
 CHUNK = 4 << 20          # bytes per write: large and aligned, what SD cards like
+VERIFY_BATCH = 64 << 20  # bytes written between an fdatasync and handing them to the read-back
 HEAD_BYTES = 1 << 20     # the partition table region, written last
 DIRECT_WRITES = True     # O_DIRECT for aligned writes to a device (see notes/flash.md for the measurements)
 SYSTEM_MOUNTS = ("/", "/boot", "/boot/efi", "/boot/firmware", "/home", "/usr", "/var")
@@ -46,9 +50,13 @@ class Interrupted(KioskError):
 
 
 class VerifyFailed(KioskError):
-    """Read-back differs from the image; exit status 1."""
+    """Read-back differs from the image; exit status 1. `ranges`: indices of the differing ranges."""
 
     exit_code = 1
+
+    def __init__(self, message: str, ranges=()):
+        super().__init__(message)
+        self.ranges = list(ranges)
 
 
 @dataclass(frozen=True)
@@ -487,12 +495,18 @@ class Written:
     seconds: float = 0.0
     expected: list = field(default_factory=list)   # hex digest per range of the block map
     kind: str = "sha256"
+    late: list = field(default_factory=list)      # ranges still to read back (they overlap the head)
 
 
-def pieces(bmap, lo: int = 0, hi: int | None = None):
-    """(start, end, range index) byte pieces of the mapped ranges within [lo, hi), cut at CHUNK boundaries."""
+def pieces(bmap, lo: int = 0, hi: int | None = None, ranges=None):
+    """(start, end, range index) byte pieces of the mapped ranges within [lo, hi), cut at CHUNK boundaries.
+
+    `ranges`, if given, keeps only the ranges with those indices.
+    """
     hi = bmap.image_size if hi is None else hi
     for index, (first, last, _) in enumerate(bmap.ranges):
+        if ranges is not None and index not in ranges:
+            continue
         start, end = bmap.byte_range(first, last)
         start, end = max(start, lo), min(end, hi)
         while start < end:
@@ -576,7 +590,8 @@ class _Reader:
 
 
 def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = False,
-                direct_dst: int | None = None, label: str = "the image") -> Written:
+                direct_dst: int | None = None, label: str = "the image", verify_path: str | None = None,
+                verify_label: str | None = None) -> Written:
     """Write the mapped ranges of `bmap` from fd `src` to fd `dst`, then fsync; return digests to verify.
 
     With `head_last` (block devices) the first HEAD_BYTES (1 MiB: MBR, GPT and the
@@ -591,6 +606,13 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
     `direct_dst`, if given, is an O_DIRECT descriptor of the same target used for
     every sector-aligned piece (no page cache filling up, progress that is true).
 
+    With `verify_path` (the target, opened again for reading) the target is read back while
+    it is written (_Behind): each VERIFY_BATCH is fdatasync'ed and handed over, and the
+    head is written only once all of it has been read back right. Ranges that overlap the
+    head are left to the caller (Written.late). The image is then hashed only if the map
+    has no checksums: the read-back against the map's checksums checks the image too, and
+    a mismatch is blamed on the image or on the card by hashing that range of the image.
+
     Raises KioskError when the image does not match the map's checksums.
     """
     import hashlib
@@ -598,45 +620,57 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
 
     progress = progress or _Quiet()
     kind = bmap.checksum_type or "sha256"
-    hashers = [hashlib.new(kind) for _ in bmap.ranges]
+    stated = [digest for _, _, digest in bmap.ranges]
+    hash_image = verify_path is None or None in stated
+    hashers = [hashlib.new(kind) for _ in bmap.ranges] if hash_image else None
     range_end = [bmap.byte_range(first, last)[1] for first, last, _ in bmap.ranges]
-    result = Written(kind=kind)
+    expected = list(stated)   # filled in as the image is hashed, where the map has no checksums
+    result = Written(kind=kind, expected=expected)
     head_end = min(HEAD_BYTES, bmap.image_size) if head_last else 0
+    result.late = [i for i, (first, _, _) in enumerate(bmap.ranges) if first * bmap.block_size < head_end]
+    late = set(result.late)
     total = bmap.mapped_bytes
     started = time.monotonic()
 
-    def check_range(index: int) -> None:
-        stated = bmap.ranges[index][2]
+    def mismatch(index: int, actual: str) -> KioskError:
+        first, last, _ = bmap.ranges[index]
+        start, end = bmap.byte_range(first, last)
+        return KioskError(f"{label} does not match its block map: blocks {first}-{last} "
+                          f"(bytes {start}-{end - 1}) have {kind} {actual}, the map says {stated[index]}; "
+                          f"rebuild the image or its map")
+
+    def range_done(index: int) -> None:
+        if not hash_image:
+            return
         actual = hashers[index].hexdigest()
-        if stated is not None and stated != actual:
-            first, last, _ = bmap.ranges[index]
-            start, end = bmap.byte_range(first, last)
-            raise KioskError(f"{label} does not match its block map: blocks {first}-{last} "
-                             f"(bytes {start}-{end - 1}) have {kind} {actual}, the map says {stated}; "
-                             f"rebuild the image or its map")
+        if stated[index] is not None and stated[index] != actual:
+            raise mismatch(index, actual)
+        expected[index] = actual
 
     def out_fd(start: int, end: int) -> int:
         if direct_dst is not None and start % 512 == 0 and (end - start) % 512 == 0:
             return direct_dst
         return dst
 
-    # The head: read and hash it now (it comes first in every range's byte order), write it last.
+    # The head: read (and hash) it now (it comes first in every range's byte order), write it last.
     head = []
     for start, end, index in pieces(bmap, 0, head_end):
         buf = mmap.mmap(-1, end - start + (-(end - start) % 4096))
         view = memoryview(buf)[:end - start]
         _pread_full(src, view, start, label)
-        hashers[index].update(view)
+        if hash_image:
+            hashers[index].update(view)
         head.append((start, end, index, buf))
         if end == range_end[index]:
-            check_range(index)
+            range_done(index)
     if head_end:
         zeros = mmap.mmap(-1, head_end + (-head_end % 4096))
         _pwrite_full(out_fd(0, head_end), memoryview(zeros)[:head_end], 0)
         os.fsync(dst)
         result.bytes += head_end
 
-    done = 0
+    done, batch, batched = 0, [], 0
+    behind = _Behind(verify_path, bmap, expected, kind, verify_label or verify_path) if verify_path else None
     reader = _Reader(lambda view, start, end: _pread_full(src, view[:end - start], start, label),
                      pieces(bmap, head_end), hashers)
     try:
@@ -647,17 +681,40 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
             result.bytes += end - start
             progress.update(done)
             if end == range_end[index]:
-                check_range(index)
+                range_done(index)
+            if behind is not None and index not in late:
+                batch.append((start, end, index))
+                batched += end - start
+                if batched >= VERIFY_BATCH:
+                    os.fdatasync(dst)
+                    behind.publish(batch)
+                    batch, batched = [], 0
+    except BaseException:
+        if behind is not None:
+            behind.abandon()
+        raise
     finally:
         reader.close()
     os.fsync(dst)
+    if behind is not None:
+        behind.publish(batch)
+        progress.update(done, force=True)
+        progress.close()
+        try:
+            behind.finish()
+        except VerifyFailed as failed:
+            for index in failed.ranges if not hash_image else ():
+                actual = _range_digest(src, bmap, index, kind, label)
+                if actual != stated[index]:
+                    raise mismatch(index, actual) from None
+            raise
     for start, end, index, buf in head:
         _pwrite_full(out_fd(start, end), memoryview(buf)[:end - start], start)
         done += end - start
         result.bytes += end - start
     os.fsync(dst)
-    progress.update(done, force=True)
-    result.expected = [stated or hashers[i].hexdigest() for i, (_, _, stated) in enumerate(bmap.ranges)]
+    if behind is None:   # (with it, the line was closed before the read-back's; the head is at most 1 MiB)
+        progress.update(done, force=True)
     result.seconds = time.monotonic() - started
     assert done == total
     return result
@@ -682,9 +739,12 @@ def _open_for_reading(path: str, direct: bool = True) -> tuple[int, bool]:
     return fd, direct
 
 
-def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, label: str | None = None) -> int:
+def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, label: str | None = None,
+           todo=None) -> int:
     """Read every mapped range of `path` back, past the page cache, and compare with `expected`.
 
+    `todo` (default: all of `pieces(bmap)`) may be a subset of whole ranges, or a stream that
+    waits for the writer (_Behind).
     Raises VerifyFailed naming the first differing range (block numbers and byte
     offsets) and how many differ; returns the bytes read.
     """
@@ -704,6 +764,8 @@ def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, la
             # O_DIRECT reads whole sectors: round up (a disk's size is whole sectors, a file just
             # reads short at its end); only the image's bytes are hashed.
             ask = want - got + (-(want - got) % 512) if direct else want - got
+            if not direct:   # pages the writer left behind must not stand in for the medium
+                os.posix_fadvise(fd, start + got, ask, os.POSIX_FADV_DONTNEED)
             try:
                 n = os.preadv(fd, [view[got:got + ask]], start + got)
             except OSError as exc:
@@ -721,7 +783,7 @@ def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, la
     range_end = [bmap.byte_range(first, last)[1] for first, last, _ in bmap.ranges]
     done = 0
     bad: dict[int, None] = {}   # differing ranges, in order
-    reader = _Reader(read, pieces(bmap))
+    reader = _Reader(read, pieces(bmap) if todo is None else todo)
     try:
         for start, end, index, buf in reader:
             hashers[index].update(memoryview(buf)[:end - start])
@@ -741,8 +803,90 @@ def verify(path: str, bmap, expected: list[str], kind: str, *, progress=None, la
         more = f" (and {len(bad) - 1} more of {len(bmap.ranges)} ranges)" if len(bad) > 1 else ""
         raise VerifyFailed(f"verification failed: {label} differs from the image in blocks {first}-{last} "
                            f"(bytes {start}-{end - 1}){more}; write it again, and if it fails again "
-                           f"the card is faulty or fake: use another card")
+                           f"the card is faulty or fake: use another card", bad)
     return done
+
+
+class _Behind:
+    """Reads back, in its own thread, what the writer has made durable (fdatasync), as it goes.
+
+    The writer publishes batches of pieces; `finish()` waits for the read-back of all of
+    them, showing progress, and raises its VerifyFailed or I/O error. On an SD card this
+    costs about what reading afterwards would; where reads and writes overlap (USB SSDs,
+    loop devices) the check is almost free.
+    """
+
+    def __init__(self, path: str, bmap, expected: list, kind: str, label: str):
+        import queue
+        import threading
+        self.label, self.batches, self.published, self.done = label, queue.Queue(), 0, 0
+        self.error: BaseException | None = None
+        self.progress = Progress(f"verifying {label}", 0)   # shown by finish(); its rate counts from now
+        self.thread = threading.Thread(target=self._run, args=(path, bmap, expected, kind),
+                                       name="kiosk-flash-verify", daemon=True)
+        self.thread.start()
+
+    def _stream(self):
+        while (batch := self.batches.get()) is not None:
+            yield from batch
+
+    def _run(self, path, bmap, expected, kind):
+        try:
+            verify(path, bmap, expected, kind, progress=self, label=self.label, todo=self._stream())
+        except BaseException as exc:   # raised again by finish(), in the writer's thread
+            self.error = exc
+
+    def update(self, done: int, force: bool = False) -> None:   # verify()'s progress
+        self.done = done
+
+    def publish(self, batch: list) -> None:
+        if batch:
+            self.batches.put(batch)
+            self.published += sum(end - start for start, end, _ in batch)
+
+    def finish(self) -> int:
+        """Wait until everything published has been read back; the bytes read back."""
+        self.batches.put(None)
+        progress, progress.total = self.progress, self.published
+        try:
+            while self.thread.is_alive():
+                self.thread.join(0.25)
+                progress.update(self.done)
+            progress.update(self.done, force=True)
+        finally:
+            progress.close()
+        if self.error is not None:
+            raise self.error
+        return self.done
+
+    def abandon(self) -> None:
+        """The writer failed: let the thread end (it stops at the end of what was published)."""
+        self.batches.put(None)
+
+
+def verify_late(path: str, bmap, written: Written, label: str) -> int:
+    """Read back the ranges write_image left for after the head (those that overlap it)."""
+    late = set(written.late)
+    if not late:
+        return 0
+    size = sum(end - start for start, end, _ in pieces(bmap, ranges=late))
+    # Usually the MBR's 4 KiB: worth a progress line only when an unsparse image makes it one long range.
+    check = Progress(f"verifying {label} (ranges from its first MiB)", size) if size > 4 * CHUNK else _Quiet()
+    try:
+        return verify(path, bmap, written.expected, written.kind, progress=check, label=label,
+                      todo=pieces(bmap, ranges=late))
+    finally:
+        check.close()
+
+
+def _range_digest(fd: int, bmap, index: int, kind: str, label: str) -> str:
+    import hashlib
+    import mmap
+    hasher, buf = hashlib.new(kind), mmap.mmap(-1, CHUNK)
+    for start, end, _ in pieces(bmap, ranges={index}):
+        _pread_full(fd, memoryview(buf)[:end - start], start, label)
+        hasher.update(memoryview(buf)[:end - start])
+    return hasher.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,15 +940,12 @@ def flash_file(image_fd: int, image: Path, target: Path, bmap, args) -> int:
         progress = Progress(f"writing {target}", bmap.mapped_bytes)
         try:
             os.ftruncate(fd, bmap.image_size)
-            written = write_image(image_fd, fd, bmap, progress=progress, label=str(image))
+            written = write_image(image_fd, fd, bmap, progress=progress, label=str(image),
+                                  verify_path=None if args.no_verify else tmp, verify_label=str(target))
         finally:
             progress.close()
         if not args.no_verify:
-            check = Progress(f"verifying {target}", bmap.mapped_bytes)
-            try:
-                verify(tmp, bmap, written.expected, written.kind, progress=check, label=str(target))
-            finally:
-                check.close()
+            verify_late(tmp, bmap, written, str(target))
         os.fchmod(fd, 0o644)
         os.replace(tmp, target)
         renamed = True
@@ -898,20 +1039,17 @@ def flash_device(image_fd: int, image: Path, name: str, bmap, args, roots: Roots
         if size < bmap.image_size:
             raise _refuse(name, f"it holds {human(size)} but the image is {human(bmap.image_size)}",
                           f"use a card of at least {human(bmap.image_size)}")
-        stage = "writing"
+        stage = "writing"   # and, unless --no-verify, reading back: the partition table goes on last
         progress = Progress(f"writing {path}", bmap.mapped_bytes)
         try:
-            written = write_image(image_fd, fd, bmap, progress=progress, head_last=True,
-                                  direct_dst=direct, label=str(image))
+            written = write_image(image_fd, fd, bmap, progress=progress, head_last=True, direct_dst=direct,
+                                  label=str(image), verify_path=None if args.no_verify else str(roots.dev / name),
+                                  verify_label=path)
         finally:
             progress.close()
         if not args.no_verify:
             stage = "verifying"
-            check = Progress(f"verifying {path}", bmap.mapped_bytes)
-            try:
-                verify(str(roots.dev / name), bmap, written.expected, written.kind, progress=check, label=path)
-            finally:
-                check.close()
+            verify_late(str(roots.dev / name), bmap, written, path)
         stage = "done"
         try:
             import fcntl

@@ -851,25 +851,58 @@ def test_yes_skips_the_question_not_the_refusals(image, loops, run, typed, monke
 
 
 @root_only
+@pytest.mark.parametrize("batch", [flash.VERIFY_BATCH, 1 * MiB])
+@pytest.mark.parametrize("with_map", [True, False], ids=["map", "no-map"])
+def test_the_card_is_read_back_behind_the_writer(image, loops, run, typed, monkeypatch, tmp_path, batch, with_map):
+    """Batches are fdatasync'ed, then read back while later ones are written; the map's checksums, or
+    without a map the image's own hashes, are what the card must read back as."""
+    if not with_map:
+        bare = tmp_path / "bare.img"
+        subprocess.run(["cp", "--sparse=always", str(image), str(bare)], check=True)
+        image = bare
+    dev = loops()
+    typed(dev)
+    monkeypatch.setattr(flash, "VERIFY_BATCH", batch)
+    published, real_publish, real_fdatasync = [], flash._Behind.publish, os.fdatasync
+    monkeypatch.setattr(flash._Behind, "publish", lambda self, b: (published.append(list(b)), real_publish(self, b)))
+    synced = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(len(published)), real_fdatasync(fd)))
+    r = run(image, dev, "--allow-fixed-disk")
+    assert r.code == 0, r.err
+    assert read_dev(dev, 64 * MiB) == image.read_bytes()
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        m = flash._load_map(image, fd, image.stat().st_size, None)[0]
+    finally:
+        os.close(fd)
+    head_ranges = [i for i, (first, _, _) in enumerate(m.ranges) if first * 4096 < flash.HEAD_BYTES]
+    read_back = [piece for b in published for piece in b]
+    assert read_back == list(flash.pieces(m, flash.HEAD_BYTES, ranges=set(range(len(m.ranges))) - set(head_ranges)))
+    if batch < flash.VERIFY_BATCH:
+        assert len(published) > 2 and synced[:2] == [0, 1], "each batch is synced before it is read back"
+
+
+@root_only
 def test_a_flipped_byte_on_the_card_fails_verification(image, loops, run, typed, monkeypatch):
     dev = loops()
     typed(dev)
     m = bm.read_bmap(Path(str(image) + ".bmap"))
     first, last, _ = max(m.ranges, key=lambda r: r[1] - r[0])
     offset = (first + last) // 2 * 4096 + 123
-    real_verify = flash.verify
+    real_publish = flash._Behind.publish
 
-    def corrupt_then_verify(path, *args, **kw):
-        fd = os.open(dev, os.O_RDWR)  # the card goes bad between writing and reading back
-        try:
-            byte = os.pread(fd, 1, offset)
-            os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return real_verify(path, *args, **kw)
+    def corrupt_then_publish(self, batch):
+        if any(start <= offset < end for start, end, _ in batch):
+            fd = os.open(dev, os.O_RDWR)  # the card goes bad between writing and reading back
+            try:
+                byte = os.pread(fd, 1, offset)
+                os.pwrite(fd, bytes([byte[0] ^ 0x01]), offset)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return real_publish(self, batch)
 
-    monkeypatch.setattr(flash, "verify", corrupt_then_verify)
+    monkeypatch.setattr(flash._Behind, "publish", corrupt_then_publish)
     r = run(image, dev, "--allow-fixed-disk")
     assert r.code == 1
     assert last_line(r.err) == (
@@ -877,9 +910,12 @@ def test_a_flipped_byte_on_the_card_fails_verification(image, loops, run, typed,
         f"{(last + 1) * 4096 - 1}); write it again, and if it fails again the card is faulty or fake: "
         f"use another card")
     assert r.out == ""
-    # And directly: verify() on the device names the same range.
+    # The read-back ran before the partition table was written: the card has none, it cannot half-work.
+    assert read_dev(dev, flash.HEAD_BYTES) == bytes(flash.HEAD_BYTES)
+    # And directly: verify() of that range on the device names it.
+    index = m.ranges.index(max(m.ranges, key=lambda r: r[1] - r[0]))
     with pytest.raises(flash.VerifyFailed, match=rf"in blocks {first}-{last} \(bytes {first * 4096}-"):
-        real_verify(dev, m, [d for _, _, d in m.ranges], "sha256")
+        flash.verify(dev, m, [d for _, _, d in m.ranges], "sha256", todo=flash.pieces(m, ranges={index}))
 
 
 @root_only
@@ -932,6 +968,22 @@ def test_ctrl_c_while_writing_a_card_leaves_no_partition_table(image, loops, run
 
 
 @root_only
+def test_ctrl_c_while_reading_back_behind_the_writer(image, loops, run, typed, monkeypatch):
+    """The read-back of everything but the first MiB happens before the partition table is written."""
+    dev = loops()
+    typed(dev)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flash._Behind, "finish", interrupted)
+    r = run(image, dev, "--allow-fixed-disk")
+    assert (r.code, last_line(r.err)) == (130, f"kiosk: interrupted: {dev} is partially written and will not "
+                                               f"boot; run the command again")
+    assert read_dev(dev, MiB) == b"\0" * MiB
+
+
+@root_only
 def test_ctrl_c_while_verifying(image, loops, run, typed, monkeypatch):
     dev = loops()
     typed(dev)
@@ -939,7 +991,7 @@ def test_ctrl_c_while_verifying(image, loops, run, typed, monkeypatch):
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flash, "verify", interrupted)
+    monkeypatch.setattr(flash, "verify_late", interrupted)
     r = run(image, dev, "--allow-fixed-disk")
     assert (r.code, last_line(r.err)) == (130, f"kiosk: interrupted while verifying: {dev} is fully written but "
                                                f"not verified; run the command again to write and verify it")
