@@ -6,7 +6,7 @@ partition, about 37% of it random data in a few extents: "less than half
 full"), writes its block map as `kiosk build` does, then writes it to a fresh
 loop device with each method, in the same run:
 
-  kiosk flash            (block map, O_DIRECT writes, read-back verification)
+  kiosk flash            (block map, O_DIRECT writes, read back and checked behind the writer)
   kiosk flash --no-verify
   kiosk flash, buffered  (DIRECT_WRITES=False: page-cache writes, fsync at the end)
   bmaptool copy          (the peer tool, for reference)
