@@ -252,6 +252,19 @@ def _debugfs_quote(path: str) -> str | None:
     return f'"{path}"'
 
 
+def _copy_range(fin: int, fout: int, count: int, src_at: int, dst_at: int) -> int:
+    """copy_file_range, or read and write where the kernel will not copy between these file systems
+    (EXDEV since Linux 5.19 for most pairs, e.g. an image on ext4 and a copy on tmpfs)."""
+    import errno
+    try:
+        return os.copy_file_range(fin, fout, count, src_at, dst_at)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(fin, min(count, 8 << 20), src_at)
+    return os.pwrite(fout, data, dst_at) if data else 0
+
+
 def copy_sparse(src: Path, dst: Path, offset: int) -> int:
     """Copy src's data (not its holes) into dst at offset; returns the bytes copied."""
     copied = 0
@@ -265,7 +278,7 @@ def copy_sparse(src: Path, dst: Path, offset: int) -> int:
                 break
             hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
             while data < hole:
-                n = os.copy_file_range(fin.fileno(), fout.fileno(), hole - data, data, data + offset)
+                n = _copy_range(fin.fileno(), fout.fileno(), hole - data, data, data + offset)
                 if n <= 0:
                     raise KioskError(f"image: copying {src} into {dst} stopped at {data}")
                 data += n

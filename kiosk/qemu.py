@@ -301,6 +301,58 @@ def make_disk(image: Path, dest: Path, size: int) -> None:
     os.replace(tmp, dest)
 
 
+RUN_HEADROOM = 512 * MiB   # what a device writes in a session (journal, grow-root, a push) beyond its image
+
+
+def check_free_space(image: Path, where: Path, headroom: int = RUN_HEADROOM) -> None:
+    """Refuse to start when the copy would not fit: a VM whose disk fills is paused by QEMU without a word.
+
+    The copy is sparse: it needs the image's allocated bytes, plus what the device will write.
+    """
+    need = image.stat().st_blocks * 512 + headroom
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise KioskError(f"{where} has {free / GiB:.1f} GiB free; the copy QEMU boots needs "
+                         f"{need / GiB:.1f} GiB (the image's data and {headroom // MiB} MiB for what the device "
+                         f"writes): free some space, or point KIOSK_CACHE_DIR at a disk with room")
+
+
+class DiskWatch:
+    """Says why a VM stopped when its disk copy cannot be written (virtio: QEMU pauses it silently).
+
+    Listens on a QMP socket of its own (QEMU serves one client per socket; the user's
+    --qmp stays free for screenshots) for BLOCK_IO_ERROR, and prints one line.
+    """
+
+    def __init__(self, path: Path, where: Path, out):
+        import threading
+        self.path, self.where, self.out = path, where, out
+        self.said = False
+        self.thread = threading.Thread(target=self._run, name="kiosk-run-diskwatch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def message(self, event: dict) -> str:
+        data = event.get("data", {})
+        why = "the host's disk is full" if data.get("nospace") else data.get("reason", "an I/O error on the host")
+        action = "QEMU paused the device" if data.get("action") == "stop" else "the device saw an I/O error"
+        return (f"kiosk: {action}: its disk copy could not be written ({why}; the copy is in {self.where}); "
+                f"free some space and type `cont` on the monitor to go on, or stop it with Ctrl-C")
+
+    def _run(self) -> None:
+        try:
+            with QMP(self.path, timeout=60) as qmp:
+                qmp.sock.settimeout(None)
+                for line in iter(qmp.file.readline, ""):
+                    event = json.loads(line)
+                    if event.get("event") == "BLOCK_IO_ERROR" and not self.said:
+                        self.said = True
+                        print(self.message(event), file=self.out, flush=True)
+        except (OSError, ValueError, KioskError):
+            return   # QEMU went away: nothing more to watch
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -350,6 +402,7 @@ class Machine:
     extra_append: list[str] = field(default_factory=list)
     host_name: str | None = None
     accel: str = "auto"
+    watch_qmp: Path | None = None   # a second monitor, kiosk run's own (DiskWatch)
 
     @property
     def has_display(self) -> bool:
@@ -390,6 +443,8 @@ class Machine:
         if self.headless:
             args += ["-display", "none"]
         args += ["-qmp", f"unix:{self.qmp},server=on,wait=off"]
+        if self.watch_qmp is not None:
+            args += ["-qmp", f"unix:{self.watch_qmp},server=on,wait=off"]
         if self.host_name:
             args += ["-name", self.host_name]
         return args
@@ -583,9 +638,14 @@ def _build(spec_path: str, output: str) -> None:
 
 class _StderrRelay:
     """QEMU's stderr to ours, with each known noisy message shown once: with the raspi machines' usb-net,
-    slirp reports "Failed to send packet" again and again while the device works normally."""
+    slirp reports "Failed to send packet" again and again while the device works normally; the raspi
+    SD card model reports every failed write of its disk copy (no pause there, unlike virtio)."""
 
-    REPEATED = (re.compile(r"Slirp: Failed to send packet"),)
+    REPEATED = (
+        (re.compile(r"Slirp: Failed to send packet"), "harmless; repeats hidden"),
+        (re.compile(r"sd_blk_(write|read): \w+ error on host side"),
+         "the disk copy could not be written or read: is the host's disk full? repeats hidden"),
+    )
 
     def __init__(self, source, dest):
         import threading
@@ -603,12 +663,12 @@ class _StderrRelay:
     def _run(self) -> None:
         for raw in iter(self.source.readline, b""):
             line = raw.decode(errors="replace")
-            kind = next((n for n, pattern in enumerate(self.REPEATED) if pattern.search(line)), None)
+            kind = next((n for n, (pattern, _) in enumerate(self.REPEATED) if pattern.search(line)), None)
             if kind is not None:
                 if kind in self.seen:
                     continue
                 self.seen.add(kind)
-                line = line.rstrip("\n") + " (harmless; repeats hidden)\n"
+                line = line.rstrip("\n") + f" ({self.REPEATED[kind][1]})\n"
             with contextlib.suppress(OSError, ValueError):
                 self.dest.write(line)
                 self.dest.flush()
@@ -660,6 +720,9 @@ def _run(args) -> int:
     work_parent = resources.cache_dir() / "run"
     work_parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f"{image.stem}-", dir=work_parent))
+    # kiosk run's own monitor socket: a short private path (a unix socket's has at most 107 bytes; the work
+    # directory under a deep cache or test directory can be longer, and QEMU then serves nothing there).
+    sockets = Path(tempfile.mkdtemp(prefix="kiosk-run-"))
     keep = args.keep or args.disk is not None
     proc = None
     try:
@@ -668,6 +731,7 @@ def _run(args) -> int:
         if disk == image:
             raise UsageError("--disk must not be the image itself (kiosk run never writes to your image)")
         if not disk.exists() and not args.print_command:
+            check_free_space(image, disk.parent)
             make_disk(image, disk, size)
         qmp = Path(args.qmp).resolve() if args.qmp else work / "qmp.sock"
         headless = args.headless
@@ -677,7 +741,8 @@ def _run(args) -> int:
             headless = True
         machine = Machine(board=board, disk=disk, boot=boot, ssh_port=port, qmp=qmp, headless=headless,
                           memory=args.memory, serial_log=Path(args.serial_log).resolve() if args.serial_log else None,
-                          extra_append=list(args.append or []), host_name=host, accel=args.accel)
+                          extra_append=list(args.append or []), host_name=host, accel=args.accel,
+                          watch_qmp=None if args.print_command else sockets / "watch.sock")
         argv = machine.argv()
         if args.print_command:
             print(shlex.join(argv))
@@ -697,6 +762,7 @@ def _run(args) -> int:
                                 stderr=subprocess.PIPE)
         relay = _StderrRelay(proc.stderr, sys.stderr)
         relay.start()
+        DiskWatch(machine.watch_qmp, disk.parent, sys.stderr).start()
         code = proc.wait()
         relay.join(timeout=5)
         if code not in (0, -signal.SIGTERM):
@@ -711,7 +777,8 @@ def _run(args) -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if keep:
+        shutil.rmtree(sockets, ignore_errors=True)
+        if keep and (proc is not None or args.print_command):   # (a failure before QEMU leaves nothing to keep)
             print(f"kiosk: kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)

@@ -24,6 +24,7 @@ errors, on small fake images (no build, no boot).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -397,6 +398,51 @@ def test_stopping_kiosk_run_removes_its_copy(kiosk):
 
 KERNEL_VERSION = {"armel": "6.1.0-28-rpi", "armhf": "6.1.0-28-armmp", "arm64": "6.1.0-28-arm64",
                   "amd64": "6.1.0-28-amd64"}
+@pytest.mark.root
+@pytest.mark.xdist_group("boot-disk-full")
+def test_a_full_host_disk_is_said_not_a_silent_pause(boot_key, tmp_path_factory, tmp_path):
+    """`kiosk run` refuses to start without room for its copy, and says so when a running device fills the
+    host's disk (QEMU pauses a virtio VM on ENOSPC without a word: it looked like a hung device)."""
+    if os.geteuid() != 0:
+        pytest.skip("building images and mounting a tmpfs need root (the CI runs as root)")
+    from kiosk.qemu import RUN_HEADROOM
+
+    key, public = boot_key
+    shared = _shared_dir(tmp_path_factory)
+    image, _ = build_boot_image(boot_spec("qemu", public), shared / "boot-qemu", _cache_dir(shared),
+                                log=lambda m: print(m, flush=True))
+    allocated = image.stat().st_blocks * 512
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={allocated // 2}", "kiosk-test", str(small)], check=True)
+    vm = None
+    try:
+        # 1. Not even room for the copy: refused before QEMU starts, in one line, nothing left behind.
+        result = kiosk_cli("run", str(image), "--headless", "--disk", str(small / "disk.img"),
+                           env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.count("\n") == 1 and f"{small} has " in result.stderr, result.stderr
+        assert "KIOSK_CACHE_DIR" in result.stderr and list(small.iterdir()) == []
+        # 2. Room for the copy and the headroom, not for what the device then writes.
+        subprocess.run(["mount", "-o", f"remount,size={allocated + RUN_HEADROOM + 64 * MiB}", str(small)], check=True)
+        vm = BootedVM(image, key, tmp_path / "vm", board="qemu",
+                      extra_args=["--disk", str(small / "disk.img"), "--disk-size", "4G"]).start()
+        vm.wait_for_ssh(timeout=1200)
+        with contextlib.suppress(subprocess.TimeoutExpired):   # the VM pauses in the middle of it
+            vm.ssh("dd if=/dev/zero of=/var/tmp/fill bs=1M count=1536 conv=fsync", check=False, timeout=120)
+        deadline = time.monotonic() + 120
+        while "QEMU paused the device" not in vm.run_log.read_text() and time.monotonic() < deadline:
+            time.sleep(1)
+        said = [line for line in vm.run_log.read_text().splitlines() if "QEMU paused the device" in line]
+        assert said == [f"kiosk: QEMU paused the device: its disk copy could not be written (the host's disk is "
+                        f"full; the copy is in {small}); free some space and type `cont` on the monitor to go on, "
+                        f"or stop it with Ctrl-C"], vm.run_log.read_text()[-2000:]
+    finally:
+        if vm is not None:
+            vm.stop()
+        subprocess.run(["umount", str(small)], check=False)
+
+
 ALL_BOARDS = ["qemu", "raspberryPi0", "raspberryPi1", "raspberryPi2", "raspberryPi3", "raspberryPi4"]
 
 
