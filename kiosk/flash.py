@@ -1119,9 +1119,10 @@ def cmd_flash(args, roots: Roots = Roots()) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "flash", help="write an image to an SD card: only its data, then read back and verified",
+        "flash", help="write an image to an SD card: only its data, read back and verified",
         description="Write IMAGE to TARGET (a card's whole-disk device, or a file). Only the blocks "
-                    "listed in the block map are written; then they are read back and checked. "
+                    "listed in the block map are written, and read back and checked as the writing goes on; the "
+                    "partition table is written last, once the rest has checked out. "
                     "kiosk refuses partitions, mounted disks, the system's own disks, LVM/RAID/LUKS "
                     "members, read-only and too small disks, and fixed disks unless --allow-fixed-disk.")
     p.add_argument("image", metavar="IMAGE", help="the disk image (kiosk build's .img)")
