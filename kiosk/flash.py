@@ -689,13 +689,13 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
                     os.fdatasync(dst)
                     behind.publish(batch)
                     batch, batched = [], 0
-    except BaseException:
+        os.fsync(dst)
+    except BaseException:   # (the fsync too: a card pulled out there must not leave the read-back waiting)
         if behind is not None:
             behind.abandon()
         raise
     finally:
         reader.close()
-    os.fsync(dst)
     if behind is not None:
         behind.publish(batch)
         progress.update(done, force=True)
