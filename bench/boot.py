@@ -4,7 +4,7 @@
     sudo .venv/bin/python bench/boot.py                       # qemu (q35), raspberryPi3 (raspi3b), raspberryPi0 (raspi0)
     sudo .venv/bin/python bench/boot.py --boards raspberryPi4 raspberryPi2 raspberryPi1 --runs 1
 
-For each board: build the boot-test image once (kiosk.build, program foot, as
+For each board: build the boot-test image once (kiosk.image.pipeline, program foot, as
 tests/test_boot.py does; KIOSK_TEST_CACHE_DIR or --cache keeps the base root
 filesystems between runs), then boot it --runs times, each time on a fresh copy
 (a first boot: machine id, host keys, grow-root), and record:
@@ -39,7 +39,7 @@ from boottools import BootedVM, boot_spec, build_boot_image, make_key  # noqa: E
 
 
 def has_display(board: str) -> bool:
-    from kiosk.hardware import load_board
+    from kiosk.spec.hardware import load_board
     return bool(load_board(board)["qemu"].get("display"))
 
 
@@ -78,7 +78,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
-    from kiosk.hardware import load_board
+    from kiosk.spec.hardware import load_board
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kiosk-bench-boot-"))
     cache = Path(args.cache) if args.cache else work / "cache"

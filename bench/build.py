@@ -50,15 +50,15 @@ def spec(board: str, *, url: str = SAMPLE_URL, packages=()) -> dict:
 
 def layer_for(s: dict) -> dict:
     try:
-        from kiosk.render import render
+        from kiosk.config.render import render
     except ImportError:
         return {}
     return render(s)
 
 
 def build(name: str, s: dict, out: Path, verbose: bool) -> dict:
-    from kiosk import image
-    from kiosk.plan import make_plan
+    from kiosk.image import assemble as image
+    from kiosk.spec.plan import make_plan
 
     plan = make_plan(s)
     timings: dict = {}

@@ -59,8 +59,8 @@ def main() -> int:
     from fake_mirror import Server
     from sshd_harness import Device, keygen
 
-    from kiosk import builders
-    from kiosk.spec import with_defaults
+    from kiosk.builders import builders
+    from kiosk.spec.load import with_defaults
 
     (tmp / "archive").mkdir()
     debs = write_archive(tmp / "archive", arches=("armel",), payload_kib=args.kib)

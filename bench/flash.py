@@ -88,14 +88,14 @@ def kiosk_command() -> list[str]:
     print("note: `python -m kiosk` does not start in this tree right now; using a flash-only driver",
           file=sys.stderr)
     return [sys.executable, "-c",
-            "import sys; from kiosk import cli; cli.COMMAND_MODULES = ('kiosk.flash',); "
+            "import sys; from kiosk import cli; cli.COMMAND_MODULES = ('kiosk.flash.writer',); "
             "sys.exit(cli.main(sys.argv[1:]))"]
 
 
 def buffered_command() -> list[str]:
     return [sys.executable, "-c",
             "import sys; from kiosk import cli, flash; flash.DIRECT_WRITES = False; "
-            "cli.COMMAND_MODULES = ('kiosk.flash',); sys.exit(cli.main(sys.argv[1:]))"]
+            "cli.COMMAND_MODULES = ('kiosk.flash.writer',); sys.exit(cli.main(sys.argv[1:]))"]
 
 
 def timed(name: str, image: Path, work: Path, argv_for, stdin_for=None) -> dict:
@@ -131,7 +131,7 @@ def main() -> int:
         print("bench/flash.py: needs root (loop devices, drop_caches)", file=sys.stderr)
         return 2
 
-    from kiosk.bmap import read_bmap, write_bmap
+    from kiosk.image.bmap import read_bmap, write_bmap
 
     work = Path(tempfile.mkdtemp(prefix="kiosk-bench-flash-", dir=args.dir))
     try:

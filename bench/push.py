@@ -71,7 +71,7 @@ def main() -> int:
     from fake_mirror import Server, write_mirror
     from sshd_harness import Client, Device, keygen
 
-    from kiosk import generations as gens
+    from kiosk.device import generations as gens
 
     tmp = Path(tempfile.mkdtemp(prefix="kiosk-bench-push-"))
     os.environ["KIOSK_CACHE_DIR"] = str(tmp / "cache")
@@ -174,7 +174,7 @@ def vm_main(args) -> int:
         client = vm.git_client(tmp)
         clone = client.clone(vm.repo_url, "clone")
         current = json.loads(clone.joinpath("nixiosk.json").read_text())
-        from kiosk.activation import DEFAULT_SETTLE_SECONDS
+        from kiosk.device.activation import DEFAULT_SETTLE_SECONDS
         print(f"health check: the device's default ({DEFAULT_SETTLE_SECONDS:g} s settle), real systemd")
         pushes, actives = [], []
         for i in range(1, args.rounds + 1):

@@ -14,30 +14,30 @@ import sys
 import traceback
 
 from kiosk import __version__
-from kiosk.errors import InvalidSpec, KioskError
+from kiosk.core.errors import InvalidSpec, KioskError
 
 # Stage modules that contribute sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "kiosk.spec_commands",   # validate, show
-    "kiosk.build",           # build
-    "kiosk.qemu",            # run
-    "kiosk.flash",           # flash
-    "kiosk.generations",     # generations, rollback, switch
-    "kiosk.agent",           # agent
-    "kiosk.discover",        # discover, resolve, ssh-proxy, ssh-config
-    "kiosk.builders",        # builders check/authorize, builder-serve (and build --builder)
-    "kiosk.hooks",           # hook entry points used by configuration.git
+    "kiosk.spec.commands",   # validate, show
+    "kiosk.image.pipeline",           # build
+    "kiosk.qemu.machine",            # run
+    "kiosk.flash.writer",           # flash
+    "kiosk.device.generations",     # generations, rollback, switch
+    "kiosk.net.agent",           # agent
+    "kiosk.net.discover",        # discover, resolve, ssh-proxy, ssh-config
+    "kiosk.builders.builders",        # builders check/authorize, builder-serve (and build --builder)
+    "kiosk.device.hooks",           # hook entry points used by configuration.git
 )
 
 
 # Which stage registers each command; tests/test_spec.py checks it against what the stages register.
 COMMANDS = {
-    "validate": "kiosk.spec_commands", "show": "kiosk.spec_commands", "build": "kiosk.build",
-    "run": "kiosk.qemu", "flash": "kiosk.flash", "generations": "kiosk.generations",
-    "rollback": "kiosk.generations", "switch": "kiosk.generations", "agent": "kiosk.agent",
-    "discover": "kiosk.discover", "resolve": "kiosk.discover", "ssh-proxy": "kiosk.discover",
-    "ssh-config": "kiosk.discover", "builders": "kiosk.builders", "builder-serve": "kiosk.builders",
-    "hook": "kiosk.hooks",
+    "validate": "kiosk.spec.commands", "show": "kiosk.spec.commands", "build": "kiosk.image.pipeline",
+    "run": "kiosk.qemu.machine", "flash": "kiosk.flash.writer", "generations": "kiosk.device.generations",
+    "rollback": "kiosk.device.generations", "switch": "kiosk.device.generations", "agent": "kiosk.net.agent",
+    "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
+    "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.builders", "builder-serve": "kiosk.builders.builders",
+    "hook": "kiosk.device.hooks",
 }
 
 

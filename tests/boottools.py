@@ -114,8 +114,8 @@ def build_boot_image(spec: dict, out_dir: Path, cache_dir: Path, *, log=print) -
 
     Built once per out_dir: a later call (another worker, a rerun with the same basetemp) reuses it.
     """
-    from kiosk import spec as specmod
-    from kiosk.build import Stages, build
+    from kiosk.spec import load as specmod
+    from kiosk.image.pipeline import Stages, build
 
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT)
@@ -371,13 +371,13 @@ class BootedVM:
         return int(usec) / 1e6
 
     def screendump(self, dest: Path) -> Path:
-        from kiosk.qemu import screendump
+        from kiosk.qemu.machine import screendump
         return screendump(self.qmp, dest)
 
 
 def png_colours(path: Path) -> int:
     """How many distinct colours a PNG screenshot has."""
-    from kiosk.qemu import png_pixels
+    from kiosk.qemu.machine import png_pixels
 
     width, height, rows = png_pixels(Path(path).read_bytes())
     colours = set()

@@ -61,9 +61,9 @@ def full_spec(board: str, *, host: str | None = None, program: dict | None = Non
 
 
 def render_layer(spec: dict) -> dict:
-    """kiosk.render's layer for the spec, or {} if this copy has no renderer."""
+    """kiosk.config.render's layer for the spec, or {} if this copy has no renderer."""
     try:
-        from kiosk.render import render
+        from kiosk.config.render import render
     except ImportError:
         return {}
     return render(spec)
@@ -83,7 +83,7 @@ class BuiltImage:
 
     @property
     def plan(self):
-        from kiosk.plan import make_plan
+        from kiosk.spec.plan import make_plan
         return make_plan(self.spec)
 
 
@@ -167,8 +167,8 @@ def boot_listdir(image: Path | str) -> list[str]:
 def build(spec: dict, out_dir: Path, *, keep_root: bool = True, layer: dict | None = None,
           log=print) -> BuiltImage:
     """Build one image with kiosk's own modules, as `kiosk build` does."""
-    from kiosk import image as kimage
-    from kiosk.plan import make_plan
+    from kiosk.image import assemble as kimage
+    from kiosk.spec.plan import make_plan
 
     plan = make_plan(spec)
     timings: dict = {}

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from kiosk import generations as gens
-from kiosk import resources
-from kiosk.render import render
-from kiosk.spec import loads
+from kiosk.device import generations as gens
+from kiosk.core import paths as resources
+from kiosk.config.render import render
+from kiosk.spec.load import loads
 
 VENV_BIN = str(Path(sys.executable).parent)
 EPOCH = 1700000000

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from kiosk import bmap as bm
-from kiosk.errors import KioskError
+from kiosk.image import bmap as bm
+from kiosk.core.errors import KioskError
 
 MiB = 1 << 20
 needs_bmaptool = pytest.mark.skipif(not shutil.which("bmaptool"), reason="bmap-tools not installed")

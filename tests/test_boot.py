@@ -51,7 +51,7 @@ MiB = 1 << 20
 
 
 def _board(name: str) -> dict:
-    from kiosk.hardware import load_board
+    from kiosk.spec.hardware import load_board
     return load_board(name)
 
 
@@ -153,9 +153,9 @@ def test_kiosk_service_runs_the_program_under_cage(kiosk):
 
 
 def test_the_program_gets_exactly_the_specs_argv(kiosk):
-    from kiosk.render import program_argv
+    from kiosk.config.render import program_argv
 
-    argv = program_argv(kiosk.spec)
+    argv = program_argv(kiosk.spec.load)
     main = int(kiosk.vm.ssh("systemctl show -p MainPID --value kiosk.service").stdout)
     assert kiosk.vm.cmdline(main) == argv
     program = kiosk.vm.cmdline(kiosk.program_pid)
@@ -214,7 +214,7 @@ def test_grow_root_filled_the_disk(kiosk):
 
 def test_the_users_image_is_untouched(kiosk):
     digest = hashlib.sha256()
-    with open(kiosk.image, "rb") as f:
+    with open(kiosk.image.assemble, "rb") as f:
         for chunk in iter(lambda: f.read(8 << 20), b""):
             digest.update(chunk)
     assert digest.hexdigest() == kiosk.manifest["imageSha256"]
@@ -363,7 +363,7 @@ def test_power_cut_during_a_push_leaves_one_whole_generation(boot_key, tmp_path_
         journal = vm.ssh("journalctl -b -o cat -u kiosk-recover.service").stdout
         assert "an interrupted push from generation 1 to 2" in journal, journal
         assert vm.ssh("test -e /var/lib/kiosk/switch.json", check=False).returncode == 1
-        problems = vm.ssh("python3 -c 'from pathlib import Path; from kiosk import generations as g; "
+        problems = vm.ssh("python3 -c 'from pathlib import Path; from kiosk.device import generations as g; "
                           "print(g.verify(Path(\"/\")))'").stdout.strip()
         assert problems == "[]", problems
         state = json.loads(vm.ssh("kiosk generations --json").stdout)
@@ -405,7 +405,7 @@ def test_a_full_host_disk_is_said_not_a_silent_pause(boot_key, tmp_path_factory,
     host's disk (QEMU pauses a virtio VM on ENOSPC without a word: it looked like a hung device)."""
     if os.geteuid() != 0:
         pytest.skip("building images and mounting a tmpfs need root (the CI runs as root)")
-    from kiosk.qemu import RUN_HEADROOM
+    from kiosk.qemu.machine import RUN_HEADROOM
 
     key, public = boot_key
     shared = _shared_dir(tmp_path_factory)
@@ -448,7 +448,7 @@ ALL_BOARDS = ["qemu", "raspberryPi0", "raspberryPi1", "raspberryPi2", "raspberry
 
 def fake_image(tmp_path: Path, board_name: str) -> Path:
     """What kiosk build's FAT partition holds for the board, with tiny stand-ins for kernel and initramfs."""
-    from kiosk.bootfiles import consoles
+    from kiosk.image.bootfiles import consoles
 
     board = _board(board_name)
     root = "UUID=0b0e53b3-1c1e-4d5a-8f3e-5e1d1a2b3c4d"
@@ -509,7 +509,7 @@ def test_kiosk_run_command_line(board_name, tmp_path):
 
 
 def test_kiosk_run_grows_a_power_of_two_copy(tmp_path):
-    from kiosk.qemu import disk_size
+    from kiosk.qemu.machine import disk_size
 
     raspi, qemu = _board("raspberryPi3"), _board("qemu")
     assert disk_size(1400 * MiB, raspi) == 2048 * MiB
@@ -577,7 +577,7 @@ def test_kiosk_run_errors_are_one_line(tmp_path):
 
 
 def test_screendump_converts_ppm_to_png():
-    from kiosk.qemu import png_pixels, ppm_to_png
+    from kiosk.qemu.machine import png_pixels, ppm_to_png
 
     width, height = 3, 2
     pixels = bytes([255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30, 40, 50, 60, 70, 80, 90])

@@ -27,9 +27,9 @@ from conftest import kiosk_cli
 from fake_mirror import Server
 from sshd_harness import Client, Device, free_port, keygen, remote_lines, snapshot
 
-from kiosk import builders
-from kiosk import generations as gens
-from kiosk.builders import Builder, Refused
+from kiosk.builders import builders
+from kiosk.device import generations as gens
+from kiosk.builders.builders import Builder, Refused
 
 EPOCH = 1700000000
 ARCH = {"raspberryPi0": "armel", "raspberryPi3": "arm64", "qemu": "amd64"}
@@ -268,7 +268,7 @@ def test_payload_damage_is_refused_and_nothing_is_left(tmp_path):
 def test_prepare_device_reuses_its_key_so_rebuilds_are_identical(tmp_path, archive, keys):
     spec = device_spec(archive, keys, [{"hostName": "b1.example", "publicHostKey": keys["b1_pub"]},
                                        {"hostName": "b2.example", "port": 2222, "sshKey": "/etc/kiosk/other_key"}])
-    spec = __import__("kiosk.spec", fromlist=["with_defaults"]).with_defaults(spec)
+    spec = __import__("kiosk.spec.load", fromlist=["with_defaults"]).with_defaults(spec)
     out = tmp_path / "out"
     logs = []
     trees = []

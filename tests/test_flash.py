@@ -15,9 +15,10 @@ from types import SimpleNamespace
 import pytest
 from test_bmap import make_disk_image
 
-from kiosk import bmap as bm
-from kiosk import cli, flash
-from kiosk.flash import Refused, Roots
+from kiosk.image import bmap as bm
+from kiosk import cli
+from kiosk.flash import writer as flash
+from kiosk.flash.writer import Refused, Roots
 
 MiB = 1 << 20
 root_only = pytest.mark.root
@@ -422,7 +423,7 @@ def image(tmp_path_factory):
 @pytest.fixture
 def run(monkeypatch, capsys):
     """kiosk.cli.main with only the flash stage (other stages of this tree are not this file's business)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash.writer",))
 
     def go(*argv):
         code = cli.main(["flash", *map(str, argv)])
@@ -622,7 +623,7 @@ def test_verify_names_the_corrupted_range(image, tmp_path):
 
 
 def test_help_lists_the_options(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash.writer",))
     with pytest.raises(SystemExit) as info:
         cli.main(["flash", "--help"])
     assert info.value.code == 0

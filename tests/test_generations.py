@@ -13,9 +13,11 @@ from conftest import kiosk_cli
 from sshd_harness import EPOCH, copy_root, snapshot
 from test_spec import ED25519, RSA
 
-from kiosk import activation, generations as gens, resources
-from kiosk.render import render
-from kiosk.spec import check
+from kiosk.device import activation
+from kiosk.device import generations as gens
+from kiosk.core import paths as resources
+from kiosk.config.render import render
+from kiosk.spec.load import check
 
 BASE = {
     "hostName": "lobby", "hardware": "raspberryPi3", "authorizedKeys": [ED25519],
@@ -42,7 +44,7 @@ def install(root, data=BASE):
 
 def add_generation(root, data, commit="f" * 40):
     spec = check(copy.deepcopy(data)).data
-    from kiosk.plan import make_plan
+    from kiosk.spec.plan import make_plan
     return gens.write_generation(root, spec_text(data), render(spec), commit=commit,
                                  packages=make_plan(spec).packages, previous=gens.pointer(root))
 
@@ -122,7 +124,7 @@ def test_first_generation_is_complete_linked_private_and_reproducible(tmp_path, 
 
 def test_first_generation_replaces_the_layer_written_as_plain_files(tmp_path, monkeypatch_offline):
     """The image build writes the layer as plain files first (the boot stage reads them): they become links."""
-    from kiosk.layer import apply_layer
+    from kiosk.config.layer import apply_layer
     root = tmp_path / "tree"
     apply_layer(render(check(copy.deepcopy(BASE)).data), root, mtime=EPOCH)
     assert (root / "etc/hostname").is_file() and not (root / "etc/hostname").is_symlink()

@@ -32,7 +32,7 @@ MiB = 1 << 20
 
 
 def _board(name: str) -> dict:
-    from kiosk.hardware import load_board
+    from kiosk.spec.hardware import load_board
     return load_board(name)
 
 
@@ -82,7 +82,7 @@ def test_partition_table(built_image, board):
     assert (p2["size"] * 512) % (4 * MiB) == 0
     assert (p2["start"] + p2["size"]) * 512 == img.image.stat().st_size
     # the disk identifier is fixed (derived from the spec), never random
-    from kiosk.image import identity
+    from kiosk.image.assemble import identity
     assert int(table["id"], 16) == identity(img.plan).disk_id
 
 
@@ -283,7 +283,7 @@ def test_build_leaves_no_traces(built_image, board):
 
 @pytest.mark.parametrize("board", BOARDS)
 def test_installed_packages_recorded(built_image, board, tmp_path):
-    from kiosk import rootfs
+    from kiosk.image import rootfs
 
     img = built_image(board)
     hw = _board(board)
@@ -334,9 +334,9 @@ def test_mmdebstrap_failure_names_the_stage(tmp_path_factory, monkeypatch):
     The spec's own packages go in the top layer: the base (shared with the qemu image's, so this costs
     no extra mmdebstrap of the base) stays cached, the failed top leaves no tarball and no temp file."""
     from imagetools import _cache_dir, _shared_dir
-    from kiosk import rootfs
-    from kiosk.errors import KioskError
-    from kiosk.plan import make_plan
+    from kiosk.image import rootfs
+    from kiosk.core.errors import KioskError
+    from kiosk.spec.plan import make_plan
 
     cache = _cache_dir(_shared_dir(tmp_path_factory))
     monkeypatch.setenv("KIOSK_CACHE_DIR", str(cache))
@@ -413,7 +413,7 @@ def test_kiosk_build_as_a_user_is_refused_and_says_how(tmp_path):
 def test_cpio_is_newc_sorted_and_timeless(tmp_path):
     import stat as st
 
-    from kiosk.bootfiles import _cpio_newc
+    from kiosk.image.bootfiles import _cpio_newc
 
     entries = [("bin", st.S_IFDIR | 0o755, b""), ("bin/x", st.S_IFREG | 0o755, b"#!/bin/sh\n"),
                ("init", st.S_IFREG | 0o700, b"abc")]
@@ -431,7 +431,7 @@ def test_cpio_is_newc_sorted_and_timeless(tmp_path):
 
 
 def test_module_order_puts_dependencies_first(tmp_path):
-    from kiosk.bootfiles import module_load_order
+    from kiosk.image.bootfiles import module_load_order
 
     (tmp_path / "modules.dep").write_text(
         "kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n"
@@ -448,7 +448,7 @@ def test_module_order_puts_dependencies_first(tmp_path):
 
 
 def test_raspi_cmdline_as_the_hook_writes_it():
-    from kiosk.bootfiles import raspi_cmdline_txt
+    from kiosk.image.bootfiles import raspi_cmdline_txt
 
     line = raspi_cmdline_txt(["ttyS1,115200", "tty1"], "UUID=x", pi4=False, extra="quiet splash\n")
     assert line == " console=ttyS1,115200 console=tty1 root=UUID=x rw fsck.repair=yes net.ifnames=0 cma=64M " \
@@ -459,8 +459,8 @@ def test_raspi_cmdline_as_the_hook_writes_it():
 
 def test_rootfs_stages_split_by_spec_only():
     """The base never holds the program or the spec's packages, so changing those reuses it."""
-    from kiosk import rootfs
-    from kiosk.plan import make_plan
+    from kiosk.image import rootfs
+    from kiosk.spec.plan import make_plan
 
     cog = rootfs.stages(make_plan(full_spec("raspberryPi3", program={"package": "cog", "executable": "/usr/bin/cog",
                                                                       "args": []})))
@@ -474,8 +474,8 @@ def test_rootfs_stages_split_by_spec_only():
 
 
 def test_identity_is_stable_and_per_device():
-    from kiosk.image import identity
-    from kiosk.plan import make_plan
+    from kiosk.image.assemble import identity
+    from kiosk.spec.plan import make_plan
 
     a = identity(make_plan(full_spec("raspberryPi3", host="one")))
     assert a == identity(make_plan(full_spec("raspberryPi3", host="one", packages=["less"])))
@@ -485,7 +485,7 @@ def test_identity_is_stable_and_per_device():
 
 
 def test_layout_counts_hard_links_once(tmp_path):
-    from kiosk.image import ALIGN, tree_usage, plan_layout
+    from kiosk.image.assemble import ALIGN, tree_usage, plan_layout
 
     (tmp_path / "big").write_bytes(b"x" * (8 << 20))
     for i in range(10):
@@ -570,7 +570,7 @@ def test_boots_to_systemd(built_image, board, tmp_path):
 def test_copy_sparse_works_across_file_systems(tmp_path):
     """kiosk run's copy may live on another file system than the image (a tmpfs, another disk), where
     copy_file_range says EXDEV: the data still arrives, the holes stay holes."""
-    from kiosk.image import copy_sparse
+    from kiosk.image.assemble import copy_sparse
 
     src = tmp_path / "src.img"
     with open(src, "wb") as f:

@@ -145,7 +145,7 @@ class Watch:
 # --- without a network -------------------------------------------------------------------------
 
 def test_state_is_read_without_trusting_it(tmp_path, monkeypatch):
-    from kiosk.agent import read_state, sanitize_label
+    from kiosk.net.agent import read_state, sanitize_label
 
     monkeypatch.setattr("socket.gethostname", lambda: "Build_Host.example.org")
     assert read_state(tmp_path / "missing") == ("Build-Host", {"version": "0.1.0"})
@@ -161,15 +161,15 @@ def test_state_is_read_without_trusting_it(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, name", [("kitchen", "kitchen.local."), ("Kitchen.local", "Kitchen.local."),
                                         ("kitchen.LOCAL.", "kitchen.local."), ("a-1", "a-1.local.")])
 def test_host_names(text, name):
-    from kiosk.discover import mdns_name
+    from kiosk.net.discover import mdns_name
 
     assert mdns_name(text) == name
 
 
 @pytest.mark.parametrize("text", ["", ".local", "-a", "a-", "a_b", "a.b.local", "x" * 64, "k\nl"])
 def test_not_host_names(text):
-    from kiosk.discover import mdns_name
-    from kiosk.errors import UsageError
+    from kiosk.net.discover import mdns_name
+    from kiosk.core.errors import UsageError
 
     with pytest.raises(UsageError):
         mdns_name(text)
@@ -178,7 +178,7 @@ def test_not_host_names(text):
 def test_relay_passes_eof_both_ways():
     import socket as so
 
-    from kiosk.discover import relay
+    from kiosk.net.discover import relay
 
     near, far = so.socketpair()
     stdin_r, stdin_w = os.pipe()

@@ -15,7 +15,7 @@ import pytest
 from conftest import kiosk_cli
 from sshd_harness import Client, Device, keygen, remote_lines, snapshot
 
-from kiosk import generations as gens
+from kiosk.device import generations as gens
 
 pytestmark = pytest.mark.root
 

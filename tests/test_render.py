@@ -5,8 +5,8 @@ import copy
 import pytest
 from test_spec import ED25519, RSA
 
-from kiosk import render
-from kiosk.spec import check
+from kiosk.config import render
+from kiosk.spec.load import check
 
 BASE = {
     "hostName": "lobby", "hardware": "raspberryPi3", "authorizedKeys": [ED25519, RSA],
@@ -60,7 +60,7 @@ def test_wifi_psk_file_is_0600_with_derived_psk_and_hex_ssids(spec):
     assert entry.mode == 0o600 and entry.uid == 0
     conf = entry.data.decode()
     assert "country=DE\n" in conf
-    from kiosk.spec import network_psk
+    from kiosk.spec.load import network_psk
     assert f"\tssid={b'cafe'.hex()}\n\tscan_ssid=1\n\tpsk={network_psk('cafe', 'correct horse battery')}\n" in conf
     assert "correct horse battery" not in conf  # only the derived PSK is stored
     assert f"\tssid={b'open-lounge'.hex()}\n\tscan_ssid=1\n\tkey_mgmt=NONE\n" in conf

@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import ROOT, kiosk_cli
 
-from kiosk import spec as specmod
-from kiosk.errors import InvalidSpec
+from kiosk.spec import load as specmod
+from kiosk.core.errors import InvalidSpec
 
 ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJm3XhbxwLjt9VB664C9Vr+iDThEr1j/adD4jr43+d79 sample@kiosk"
 RSA = ("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC14yWU2rDsIrOqcQAwgWs+lSiKQNJh+26c/ehFn6G7mKEDlqSsfYgumgzp5TvQS6BVS2yZF"
@@ -518,12 +518,12 @@ def test_each_command_loads_only_its_own_stage():
         importlib.import_module(stage).register(sub)
         registered.update(dict.fromkeys(sub.choices, stage))
     assert cli.COMMANDS == registered
-    assert cli._stages_for(["--debug", "flash", "x.img", "/dev/sdb"]) == ("kiosk.flash",)
+    assert cli._stages_for(["--debug", "flash", "x.img", "/dev/sdb"]) == ("kiosk.flash.writer",)
     assert cli._stages_for(["--help"]) == cli._stages_for(["nonsense"]) == cli.COMMAND_MODULES
     probe = ("import sys\nfrom kiosk import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in sys.modules if m.startswith('kiosk.')))")
     loaded = subprocess.run([sys.executable, "-c", probe, "validate", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert "kiosk.discover" not in loaded.stdout and "kiosk.qemu" not in loaded.stdout, loaded.stdout
+    assert "kiosk.net.discover" not in loaded.stdout and "kiosk.qemu.machine" not in loaded.stdout, loaded.stdout
 
 
 def test_sample_is_valid_against_the_real_archive():

@@ -5,8 +5,8 @@ import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kiosk import spec as specmod
-from kiosk.errors import InvalidSpec
+from kiosk.spec import load as specmod
+from kiosk.core.errors import InvalidSpec
 
 FIELDS = sorted(specmod.schema()["properties"]) + ["program", "package", "args", "ssid", "hostName", "lang"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from kiosk import resources
-from kiosk.errors import KioskError
+from kiosk.core import paths as resources
+from kiosk.core.errors import KioskError
 
 # Nixiosk targets that are the same thing here under another name.
 ALIASES = {"qemu-no-virtfs": "qemu"}

@@ -50,14 +50,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kiosk import resources
-from kiosk.errors import KioskError
+from kiosk.core import paths as resources
+from kiosk.core.errors import KioskError
 
 # Bump when the recipe below changes what ends up in the tarball.
 RECIPE_VERSION = "5"
 
 # Always installed on top of the plan's packages: busybox-static of the target
-# architecture is what the native initramfs (kiosk.bootfiles) is made of.
+# architecture is what the native initramfs (kiosk.image.bootfiles) is made of.
 RECIPE_PACKAGES = ("busybox-static",)
 
 COMPONENTS = ("main", "non-free-firmware")

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiosk.errors import KioskError
+from kiosk.core.errors import KioskError
 
 UNIT_DIR = "/etc/systemd/system"
 DEFAULT_TARGET = f"{UNIT_DIR}/default.target"

@@ -52,9 +52,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiosk import __version__, resources
-from kiosk.errors import KioskError, UsageError
-from kiosk.generations import Installer
+from kiosk import __version__
+from kiosk.core import paths as resources
+from kiosk.core.errors import KioskError, UsageError
+from kiosk.device.generations import Installer
 
 PROTOCOL = 1
 DEFAULT_KEY = "/etc/kiosk/builder_ed25519"
@@ -121,7 +122,7 @@ def _data(spec) -> dict:
 
 
 def _board(data: dict) -> dict | None:
-    from kiosk.hardware import load_board
+    from kiosk.spec.hardware import load_board
     try:
         return load_board(data["hardware"])
     except (KeyError, KioskError):
@@ -141,7 +142,7 @@ def effective_builders(spec) -> list[Builder]:
 
     localSystem is Nixiosk's build platform: the machine that cross-built the device's system.
     So it builds for its own `system` AND for the device it is named in."""
-    from kiosk.spec import builder_architectures
+    from kiosk.spec.load import builder_architectures
 
     data = _data(spec)
     found: list[Builder] = []
@@ -173,7 +174,7 @@ def names_builders(spec) -> bool:
 
 def known_hosts_text(builders: list[Builder]) -> str:
     """known_hosts lines for the builders whose host key the spec pins ([host]:port for other ports)."""
-    from kiosk.sshkeys import parse_public_key
+    from kiosk.spec.sshkeys import parse_public_key
 
     lines = []
     for b in builders:
@@ -447,7 +448,7 @@ def _answer(out, header: dict, payload: Path | None = None) -> None:
 
 
 def _human(size: int) -> str:
-    from kiosk.bmap import human_size
+    from kiosk.image.bmap import human_size
     return human_size(size)
 
 
@@ -573,7 +574,7 @@ def apt_options(req: dict, status: Path) -> tuple[list[str], Path]:
     base = resources.cache_dir() / "builder" / "apt" / f"{req['suite']}-{arch}-{key}"
     for sub in ("lists/partial", "state", "cache", "etc/parts", "etc/preferences.d", "log"):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    from kiosk.rootfs import deb_cache_dir
+    from kiosk.image.rootfs import deb_cache_dir
     archives = deb_cache_dir()
     (archives / "partial").mkdir(parents=True, exist_ok=True)
     if trusted:
@@ -667,7 +668,7 @@ def fetch_packages(req: dict, work: Path, log) -> list[dict]:
         if not entries:
             log(f"apt: nothing to fetch: the device already has {' '.join(packages)}")
             return []
-        from kiosk.rootfs import deb_cache_dir
+        from kiosk.image.rootfs import deb_cache_dir
         archives = deb_cache_dir()
         for attempt in (1, 2):
             _run_apt(["apt-get", "-q", "-y", *opts, "--download-only", "install", *packages],
@@ -756,7 +757,7 @@ def _job_slot(max_jobs: int, progress):
 
 def probe() -> dict:
     """What this machine can do as a builder."""
-    from kiosk.rootfs import host_arch
+    from kiosk.image.rootfs import host_arch
 
     apt = shutil.which("apt-get")
     version = None
@@ -824,8 +825,8 @@ def _builder_tmp() -> Path:
 
 def serve_build(req: dict, out, progress) -> None:
     """Build the image of the spec in the request here; answer with the image, .bmap, manifest, SBOM."""
-    from kiosk import spec as specmod
-    from kiosk.build import Stages, build, require_root
+    from kiosk.spec import load as specmod
+    from kiosk.image.pipeline import Stages, build, require_root
 
     text = req.get("spec")
     if not isinstance(text, str):
@@ -1142,7 +1143,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def key_fingerprint(public_line: str) -> str:
     import base64
-    from kiosk.sshkeys import parse_public_key
+    from kiosk.spec.sshkeys import parse_public_key
     blob = parse_public_key(public_line).blob
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
@@ -1150,7 +1151,7 @@ def key_fingerprint(public_line: str) -> str:
 def device_key(spec: dict, out_dir: Path, log) -> tuple[bytes, str]:
     """The device's builder key pair: reused from out_dir when there (so a rebuild of the same
     spec gives the same image bytes, and builders stay authorized), else made once."""
-    from kiosk.sshkeys import BadKey, parse_public_key
+    from kiosk.spec.sshkeys import BadKey, parse_public_key
 
     private, public = device_key_paths(spec, out_dir)
     if private.is_file() and public.is_file():
@@ -1252,8 +1253,8 @@ def parse_target(text: str) -> tuple[str | None, str, int | None]:
 def remote_build(args) -> int:
     """`kiosk build --builder HOST`: the builder runs `kiosk build` on this spec; the image, its .bmap,
     manifest.json and SBOM come back checksummed (the image sparse), then are renamed into place."""
-    from kiosk import spec as specmod
-    from kiosk.spec_commands import print_warnings
+    from kiosk.spec import load as specmod
+    from kiosk.spec.commands import print_warnings
 
     path = Path(args.spec)
     spec = specmod.load(path)
@@ -1310,7 +1311,7 @@ def remote_build(args) -> int:
             image = out_dir / Path(manifest["image"]).name
             manifest.update(image=str(image), bmap=str(image) + ".bmap",
                             sbom=str(out_dir / Path(manifest.get("sbom", "")).name), builtOn=where)
-            from kiosk.build import write_json_atomic
+            from kiosk.image.pipeline import write_json_atomic
             write_json_atomic(manifest_path, manifest)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
@@ -1366,8 +1367,8 @@ def check_builder(b: Builder, key: Path | None, known_hosts: Path | None, tcp: t
 
 
 def cmd_check(args) -> int:
-    from kiosk import spec as specmod
-    from kiosk.spec_commands import print_warnings
+    from kiosk.spec import load as specmod
+    from kiosk.spec.commands import print_warnings
 
     root = Path(args.root)
     spec = specmod.load(args.spec or _default_spec(root))
@@ -1447,7 +1448,7 @@ def _serve_command() -> str:
 
 
 def cmd_authorize(args) -> int:
-    from kiosk.sshkeys import BadKey, parse_public_key
+    from kiosk.spec.sshkeys import BadKey, parse_public_key
 
     if args.key == "-":
         line, where = sys.stdin.read().strip(), "stdin"
@@ -1458,7 +1459,7 @@ def cmd_authorize(args) -> int:
         except OSError as exc:
             raise UsageError(f"{args.key}: {exc.strerror}") from None
     else:
-        from kiosk import spec as specmod
+        from kiosk.spec import load as specmod
         spec = specmod.load(args.spec or "nixiosk.json")
         _, pub = device_key_paths(spec.data, Path(args.image_dir))
         if not pub.is_file():

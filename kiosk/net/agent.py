@@ -40,11 +40,11 @@ import time
 from pathlib import Path
 
 from kiosk import __version__
-from kiosk.discover import (KIOSK_TYPE, SSH_TYPE, cached_addresses, ipv4_of, local_addresses, resolve,
+from kiosk.net.discover import (KIOSK_TYPE, SSH_TYPE, cached_addresses, ipv4_of, local_addresses, resolve,
                             tolerate_bad_packets)
-from kiosk.errors import UsageError
+from kiosk.core.errors import UsageError
 
-log = logging.getLogger("kiosk.agent")
+log = logging.getLogger("kiosk.net.agent")
 
 DEFAULT_STATE_DIR = "/var/lib/kiosk"
 PROBE_TIME = 1.0     # seconds listening for another owner of a host name (3 queries, as RFC 6762 probes)

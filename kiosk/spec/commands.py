@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kiosk import spec as specmod
+from kiosk.spec import load as specmod
 
 
 def add_spec_argument(parser) -> None:
@@ -28,7 +28,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from kiosk.plan import make_plan
+    from kiosk.spec.plan import make_plan
 
     spec = specmod.load(args.spec)
     print_warnings(spec)

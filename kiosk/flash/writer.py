@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiosk.errors import KioskError, one_line
+from kiosk.core.errors import KioskError, one_line
 
 CHUNK = 4 << 20          # bytes per write: large and aligned, what SD cards like
 VERIFY_BATCH = 64 << 20  # bytes written between an fdatasync and handing them to the read-back
@@ -70,7 +70,7 @@ class Roots:
 
 
 def human(size: int) -> str:
-    from kiosk.bmap import human_size
+    from kiosk.image.bmap import human_size
     return human_size(size)
 
 
@@ -893,7 +893,7 @@ def _range_digest(fd: int, bmap, index: int, kind: str, label: str) -> str:
 # The command
 
 def _load_map(image: Path, image_fd: int, size: int, bmap_arg: str | None):
-    from kiosk import bmap as bmapmod
+    from kiosk.image import bmap as bmapmod
 
     path = Path(bmap_arg) if bmap_arg else Path(str(image) + ".bmap")
     if bmap_arg or path.exists():
@@ -918,7 +918,7 @@ def flash_file(image_fd: int, image: Path, target: Path, bmap, args) -> int:
     import errno
     import tempfile
 
-    from kiosk.errors import UsageError
+    from kiosk.core.errors import UsageError
 
     target = target.absolute()
     try:
@@ -1078,7 +1078,7 @@ def flash_device(image_fd: int, image: Path, name: str, bmap, args, roots: Roots
 
 
 def cmd_flash(args, roots: Roots = Roots()) -> int:
-    from kiosk.errors import UsageError
+    from kiosk.core.errors import UsageError
 
     image = Path(args.image)
     try:

@@ -49,9 +49,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiosk import activation
-from kiosk.errors import KioskError, UsageError
-from kiosk.layer import Layer, apply_layer
+from kiosk.device import activation
+from kiosk.core.errors import KioskError, UsageError
+from kiosk.config.layer import Layer, apply_layer
 
 STATE = "var/lib/kiosk"
 DEVICE_STATE = "/var/lib/kiosk"
@@ -189,7 +189,7 @@ class Generation:
         return (self.path / "nixiosk.json").read_text(encoding="utf-8")
 
     def spec(self) -> dict:
-        from kiosk.spec import with_defaults
+        from kiosk.spec.load import with_defaults
         return with_defaults(json.loads(self.spec_text))
 
     def texts(self, paths) -> dict[str, str]:
@@ -495,7 +495,7 @@ def device_lock(root: Path, what: str, log: Log, timeout: float | None = None):
 # ---------------------------------------------------------------- packages
 
 class Installer:
-    """Installs Debian packages on the device. Issue 8 (kiosk.builders) provides one for remote builders."""
+    """Installs Debian packages on the device. Issue 8 (kiosk.builders.builders) provides one for remote builders."""
 
     name = "none"
 
@@ -549,7 +549,7 @@ def default_installer(root: Path, spec: dict, activator: activation.Activator | 
     so tests run them for real); else the recording installer in tests; else apt."""
     if spec.get("builders") or (spec.get("localSystem") or {}).get("hostName"):
         try:
-            from kiosk import builders  # issue 8
+            from kiosk.builders import builders  # issue 8
             return builders.package_installer(spec)
         except (ImportError, AttributeError):
             pass
@@ -993,8 +993,8 @@ def install_first_generation(root: Path, spec_text: str, layer: Layer, *, epoch:
     copies the hooks in, writes generation 1 (status active), links it, and points current and
     default at it. Works on any tree (links still name the device path /var/lib/kiosk/current/...).
     """
-    from kiosk.plan import make_plan
-    from kiosk.spec import with_defaults
+    from kiosk.spec.plan import make_plan
+    from kiosk.spec.load import with_defaults
 
     root = Path(root)
     repo = repo_dir(root)
@@ -1077,7 +1077,7 @@ def recovery_unit() -> tuple[str, str]:
 
 def recovery_layer() -> Layer:
     """recovery_unit() as layer entries, enabled (for the image build's base tree, not a generation)."""
-    from kiosk.layer import file, symlink
+    from kiosk.config.layer import file, symlink
     path, text = recovery_unit()
     return {path: file(text), "/etc/systemd/system/sysinit.target.wants/kiosk-recover.service": symlink(path)}
 

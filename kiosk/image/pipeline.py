@@ -18,10 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from kiosk import __version__, resources
-from kiosk.errors import KioskError
+from kiosk import __version__
+from kiosk.core import paths as resources
+from kiosk.core.errors import KioskError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent   # kiosk/, with its subpackages
 DEVICE_PYTHON_DIR = "usr/lib/python3/dist-packages/kiosk"
 DEVICE_DATA_DIR = "usr/share/kiosk"
 
@@ -56,8 +57,10 @@ def install_kiosk_package(root: Path, mtime: int) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    for source in sorted(PACKAGE_DIR.glob("*.py")):
-        shutil.copy2(source, dest / source.name)
+    for source in sorted(PACKAGE_DIR.rglob("*.py")):
+        target = dest / source.relative_to(PACKAGE_DIR)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
     data = root / DEVICE_DATA_DIR
     if data.exists():
         shutil.rmtree(data)
@@ -130,8 +133,8 @@ def configure_root(root: Path, spec_text: str, layer: dict, *, epoch: int, log) 
     """
     import subprocess
 
-    from kiosk.generations import install_first_generation, recovery_layer
-    from kiosk.layer import apply_layer
+    from kiosk.device.generations import install_first_generation, recovery_layer
+    from kiosk.config.layer import apply_layer
 
     install_kiosk_package(root, epoch)
     commit = install_first_generation(root, spec_text, layer, epoch=epoch, hooks_dir=resources.hooks_dir())
@@ -183,10 +186,12 @@ def _clamp_shadow_dates(root: Path, epoch: int) -> None:
 
 def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, stages: Stages | None = None) -> dict:
     """Build the image for a validated spec; returns the manifest (also written to out_dir/manifest.json)."""
-    from kiosk import bootfiles, image, rootfs
-    from kiosk.layer import apply_layer
-    from kiosk.plan import make_plan
-    from kiosk.render import render
+    from kiosk.image import bootfiles
+    from kiosk.image import assemble as image
+    from kiosk.image import rootfs
+    from kiosk.config.layer import apply_layer
+    from kiosk.spec.plan import make_plan
+    from kiosk.config.render import render
 
     stages = stages or Stages()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +218,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, stages:
             boot = bootfiles.boot_files(plan, root, root=ident.root, epoch=epoch, log=stages.log)
             commit = configure_root(root, spec_text, layer, epoch=epoch, log=stages.log)
             if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
-                from kiosk.builders import prepare_device_for_builders  # issue 8: the device's builder key
+                from kiosk.builders.builders import prepare_device_for_builders  # issue 8: the device's builder key
                 prepare_device_for_builders(root, spec.data, out_dir, stages.log, epoch=epoch)
         with stages.stage("image"):
             out_image = out_dir / image.image_name(plan)
@@ -254,11 +259,11 @@ def require_root(what: str, how: str) -> None:
 
 
 def cmd_build(args) -> int:
-    from kiosk import spec as specmod
-    from kiosk.spec_commands import print_warnings
+    from kiosk.spec import load as specmod
+    from kiosk.spec.commands import print_warnings
 
     if getattr(args, "builder", None):
-        from kiosk.builders import remote_build  # issue 8: build on a bigger machine over ssh
+        from kiosk.builders.builders import remote_build  # issue 8: build on a bigger machine over ssh
         return remote_build(args)
     path = Path(args.spec)
     spec = specmod.load(path)

@@ -11,7 +11,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from kiosk.hardware import load_board
+from kiosk.spec.hardware import load_board
 
 # Every kiosk: init, networking, SSH, the display stack, and what the device-side
 # kiosk package needs (Debian's own python3 libraries, git for configuration.git).

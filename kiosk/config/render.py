@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 
 from kiosk import __version__
-from kiosk.hardware import load_board
-from kiosk.layer import Layer, directory, file, symlink
-from kiosk.sshkeys import parse_public_key
-from kiosk.spec import network_psk
+from kiosk.spec.hardware import load_board
+from kiosk.config.layer import Layer, directory, file, symlink
+from kiosk.spec.sshkeys import parse_public_key
+from kiosk.spec.load import network_psk
 
 UNIT_DIR = "/etc/systemd/system"
 LIB_UNITS = "/lib/systemd/system"

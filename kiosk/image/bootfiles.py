@@ -33,7 +33,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-from kiosk.errors import KioskError
+from kiosk.core.errors import KioskError
 
 Log = Callable[[str], None]
 
@@ -255,7 +255,7 @@ def build_initramfs(plan, root_dir: Path, version: str, *, epoch: int, log: Log)
     """The gzip-compressed initramfs for the tree's kernel, made natively (reproducible bytes)."""
     busybox = next((p for p in (root_dir / "usr/bin/busybox", root_dir / "bin/busybox") if p.is_file()), None)
     if busybox is None:
-        raise KioskError("boot files: busybox-static is not installed in the root tree (kiosk.rootfs adds it)")
+        raise KioskError("boot files: busybox-static is not installed in the root tree (kiosk.image.rootfs adds it)")
     moddir = root_dir / "lib/modules" / version
     if not (moddir / "modules.dep").is_file():
         raise KioskError(f"boot files: {moddir}/modules.dep is missing (depmod did not run for {version})")

@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from kiosk import activation
-from kiosk import generations as gens
-from kiosk.errors import InvalidSpec, KioskError, Problem
+from kiosk.device import activation
+from kiosk.device import generations as gens
+from kiosk.core.errors import InvalidSpec, KioskError, Problem
 
 ZERO = "0" * 40
 MAIN = gens.BRANCH
@@ -78,7 +78,7 @@ def spec_at(commit: str, known_packages=frozenset()):
     """(text, Spec) of nixiosk.json in `commit`; InvalidSpec with the same one-line problems as `kiosk validate`.
 
     known_packages (the running generation's) are not looked up in the archive."""
-    from kiosk import spec as specmod
+    from kiosk.spec import load as specmod
 
     listing = _git("ls-tree", commit, "--", SPEC_FILE).stdout.decode().strip()
     if not listing:
@@ -99,7 +99,7 @@ def spec_at(commit: str, known_packages=frozenset()):
 
 def in_place_problems(spec: dict, running: dict) -> list[Problem]:
     """What a push cannot change on a running device: the board (kernel, firmware, architecture), the suite."""
-    from kiosk.hardware import ALIASES
+    from kiosk.spec.hardware import ALIASES
 
     problems = []
     old_hw, new_hw = running["hardware"], spec["hardware"]
@@ -141,8 +141,8 @@ def _wait_for_previous_push(root: Path, activator, log: gens.Log, timeout: float
 
 
 def pre_receive(stdin, log: gens.Log) -> int:
-    from kiosk.plan import make_plan
-    from kiosk.render import render
+    from kiosk.spec.plan import make_plan
+    from kiosk.config.render import render
 
     os.umask(0o022)
     root = device_root()

@@ -41,7 +41,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kiosk.errors import KioskError, UsageError
+from kiosk.core.errors import KioskError, UsageError
 
 # The Debian package that ships each QEMU binary.
 QEMU_PACKAGES = {
@@ -174,7 +174,7 @@ def root_read(image: Path, path: str, *, hops: int = 16) -> bytes | None:
 def board_of_image(image: Path) -> tuple[str, str | None]:
     """(board, host name) the image was built for: release.json inside it, else manifest.json beside it,
     else the file name (<host>-<board>.img)."""
-    from kiosk.hardware import board_names
+    from kiosk.spec.hardware import board_names
 
     data = root_read(image, "/etc/kiosk/release.json")
     if data:
@@ -288,7 +288,7 @@ def disk_size(image_bytes: int, board: dict, requested: int | None = None) -> in
 
 def make_disk(image: Path, dest: Path, size: int) -> None:
     """A sparse copy of image at dest, `size` bytes long (the user's image is never opened for writing)."""
-    from kiosk.image import copy_sparse
+    from kiosk.image.assemble import copy_sparse
 
     tmp = dest.with_name(f".{dest.name}.tmp")
     with open(tmp, "wb") as f:
@@ -611,8 +611,8 @@ def _resolve_target(args) -> tuple[Path, str | None]:
     if not head.startswith(b"{"):
         raise UsageError(f"{target}: neither a disk image (no MBR partition table) nor a spec (JSON); "
                          "give an image made by kiosk build, or its nixiosk.json")
-    from kiosk import spec as specmod
-    from kiosk.hardware import load_board
+    from kiosk.spec import load as specmod
+    from kiosk.spec.hardware import load_board
 
     spec = specmod.load(target)
     board = load_board(spec.data["hardware"])
@@ -626,7 +626,7 @@ def _resolve_target(args) -> tuple[Path, str | None]:
 
 
 def _build(spec_path: str, output: str) -> None:
-    from kiosk.build import cmd_build
+    from kiosk.image.pipeline import cmd_build
 
     class _Args:
         spec = spec_path
@@ -694,8 +694,8 @@ def cmd_run(args) -> int:
 
 
 def _run(args) -> int:
-    from kiosk import resources
-    from kiosk.hardware import load_board
+    from kiosk.core import paths as resources
+    from kiosk.spec.hardware import load_board
 
     image, spec_path = _resolve_target(args)
     if spec_path and (args.build or not image.is_file()):

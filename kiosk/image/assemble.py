@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kiosk.errors import KioskError
+from kiosk.core.errors import KioskError
 
 Log = Callable[[str], None]
 
@@ -370,7 +370,7 @@ def partitions(image: Path | str) -> list[dict]:
 
 def _write_bmap(image: Path, log: Log) -> Path | None:
     try:
-        from kiosk.bmap import write_bmap
+        from kiosk.image.bmap import write_bmap
     except ImportError:
         log("image: kiosk.bmap is not available; no block map written")
         return None
@@ -438,9 +438,10 @@ def build_image(plan, layer: dict, out_dir: Path, *, log: Log = _noop_log, verbo
     Fills `timings` (if given) with seconds per stage: rootfs, unpack, layer, bootfiles, image.
     keep_root: also leave the final root tree there (tests inspect it); otherwise it is removed.
     """
-    from kiosk import bootfiles, rootfs
-    from kiosk.layer import apply_layer
-    from kiosk import resources
+    from kiosk.image import bootfiles
+    from kiosk.image import rootfs
+    from kiosk.config.layer import apply_layer
+    from kiosk.core import paths as resources
 
     timings = timings if timings is not None else {}
     out_dir = Path(out_dir)

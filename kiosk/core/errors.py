@@ -1,7 +1,9 @@
 """The errors a user can see, and the exit codes they map to.
 
-Exit codes: 0 success, 2 invalid input (spec, arguments), 1 anything else.
-Only these exceptions reach the user as text; anything else is an internal error.
+Exit codes: 0 success, 2 invalid input (spec, arguments) or a refusal, 1 anything else.
+Every failure a user can act on is a KioskError: a message saying what went wrong and, apart,
+a hint saying what to do about it. Only cli.py turns them into text and exit codes; anything
+else that escapes is an internal error.
 """
 
 from __future__ import annotations
@@ -31,13 +33,27 @@ class Problem:
 
 
 class KioskError(Exception):
-    """A failure the user can act on; printed as one message, exit status 1."""
+    """A failure the user can act on: `message; hint` on one line, exit status 1."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", hint: str = ""):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}; {self.hint}" if self.hint else self.message
 
 
 class UsageError(KioskError):
     """Bad command-line input; exit status 2."""
+
+    exit_code = 2
+
+
+class Refused(KioskError):
+    """kiosk will not do this (write that disk, take that key); nothing was changed. Exit status 2."""
 
     exit_code = 2
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from kiosk import resources
+from kiosk.core import paths as resources
 
 COMPONENTS = ("main", "non-free-firmware")
 CACHE_SECONDS = 24 * 3600

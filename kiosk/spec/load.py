@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from kiosk import resources
-from kiosk.errors import InvalidSpec, Problem
-from kiosk.sshkeys import BadKey, parse_public_key
+from kiosk.core import paths as resources
+from kiosk.core.errors import InvalidSpec, Problem
+from kiosk.spec.sshkeys import BadKey, parse_public_key
 
 HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -405,8 +405,8 @@ def _board_problems(data: dict, ok, warnings: list[str], known_packages: frozens
 
     known_packages (what a device already has installed) are not looked up: a push that changes no
     package never fetches the archive's index, which a Pi 0 would take minutes to parse."""
-    from kiosk.archive import ArchiveUnavailable, package_index
-    from kiosk.hardware import load_board
+    from kiosk.spec.archive import ArchiveUnavailable, package_index
+    from kiosk.spec.hardware import load_board
 
     hardware = data.get("hardware")
     if not isinstance(hardware, str) or not ok("/hardware"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
-from kiosk.errors import KioskError
+from kiosk.core.errors import KioskError
 
 BLOCK_SIZE = 4096
 FORMAT_VERSION = "2.0"

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from kiosk.errors import KioskError, UsageError, one_line
+from kiosk.core.errors import KioskError, UsageError, one_line
 
 KIOSK_TYPE = "_kiosk._tcp.local."
 SSH_TYPE = "_ssh._tcp.local."

@@ -1,0 +1,104 @@
+"""Where things are, and the KIOSK_* settings read from the environment: in one place, documented.
+
+Data files (schemas/, hardware/, hooks/) sit beside the package in a source checkout and under
+/usr/share/kiosk on a device (or an installed copy); KIOSK_DATA_DIR overrides both. Paths on a
+device are relative to its root (`root / STATE`), so the same code serves a tree being built, a
+test harness (KIOSK_ROOT) and the running device ("/").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kiosk.core.errors import KioskError
+
+_CHECKOUT = Path(__file__).resolve().parent.parent.parent
+_INSTALLED = Path("/usr/share/kiosk")
+
+# ---------------------------------------------------------------- on a device (relative to its root)
+STATE = "var/lib/kiosk"                              # generations, pointers, journal, push log
+REPO = "etc/kiosk/configuration.git"                 # what `git push` reaches
+DEVICE_PYTHON_DIR = "usr/lib/python3/dist-packages/kiosk"
+DEVICE_DATA_DIR = "usr/share/kiosk"
+BUILDER_KEY = "/etc/kiosk/builder_ed25519"           # the device's key for its builders (absolute)
+BUILDERS_KNOWN_HOSTS = "/etc/kiosk/builders_known_hosts"
+BUILDERS_SSH_CONFIG = "/etc/kiosk/builders_ssh_config"
+
+# ---------------------------------------------------------------- the settings
+# Every KIOSK_* variable kiosk reads, and what it does. Those marked "tests" are never set on a real
+# device or builder: they let the test suite reach a state it could not reach otherwise.
+SETTINGS = {
+    "KIOSK_DATA_DIR": "where schemas/, hardware/ and hooks/ are",
+    "KIOSK_CACHE_DIR": "downloads, root filesystems and kiosk run's copies (default ~/.cache/kiosk)",
+    "KIOSK_ROOT": "the device root the hooks and device commands work on (default /)",
+    "KIOSK_OFFLINE": "1: never fetch the archive's package index (validation skips package look-ups)",
+    "KIOSK_MMDEBSTRAP_MODE": "force mmdebstrap's --mode (root, unshare, ...)",
+    "KIOSK_ACTIVATOR": "how a switch tells the service manager: systemd (default on a device) or none",
+    "KIOSK_HEALTH_SECONDS": "how long a new generation must stay healthy before it is kept",
+    "KIOSK_LOCK_TIMEOUT": "seconds a push or switch waits for the device lock",
+    "KIOSK_KEEP_GENERATIONS": "how many generations pruning keeps",
+    "KIOSK_BUILDER_CONNECT_TIMEOUT": "seconds to reach a builder's ssh port",
+    "KIOSK_BUILDER_TIMEOUT": "seconds one builder request may take",
+    "KIOSK_BUILDER_COMMAND": "the command run on a builder (default: kiosk builder-serve)",
+    "KIOSK_BUILDER_COMPRESSION": "compression ssh uses towards a builder",
+    "KIOSK_SSH_COMMAND": "the ssh client kiosk build --builder runs (default: ssh)",
+    "KIOSK_TEST_CRASH_AT": "tests: SIGKILL the switch at this step",
+    "KIOSK_TEST_UNSIGNED_MIRROR": "tests: 1 makes apt trust an unsigned mirror",
+    "KIOSK_BUILDER_TEST_CORRUPT": "tests: the builder damages its answer (payload or deb)",
+}
+
+
+def setting(name: str, default: str | None = None) -> str | None:
+    """A KIOSK_* variable's value (empty counts as unset)."""
+    if name not in SETTINGS:
+        raise KeyError(f"{name} is not a kiosk setting (add it to paths.SETTINGS)")
+    return os.environ.get(name) or default
+
+
+def number_setting(name: str, default: float) -> float:
+    """A numeric KIOSK_* variable; a value that is not a number is the user's error, said as such."""
+    text = setting(name)
+    if text is None:
+        return float(default)
+    try:
+        return float(text)
+    except ValueError:
+        raise KioskError(f"{name}={text!r} is not a number", hint=f"unset it or give seconds, e.g. {name}={default:g}")
+
+
+# ---------------------------------------------------------------- data files and the cache
+
+def data_dir() -> Path:
+    override = setting("KIOSK_DATA_DIR")
+    if override:
+        return Path(override)
+    if (_CHECKOUT / "schemas").is_dir():
+        return _CHECKOUT
+    return _INSTALLED
+
+
+def schemas_dir() -> Path:
+    return data_dir() / "schemas"
+
+
+def hardware_dir() -> Path:
+    return data_dir() / "hardware"
+
+
+def hooks_dir() -> Path:
+    return data_dir() / "hooks"
+
+
+def cache_dir() -> Path:
+    """Downloads and built root filesystems; KIOSK_CACHE_DIR or XDG cache."""
+    override = setting("KIOSK_CACHE_DIR")
+    if override:
+        return Path(override)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kiosk"
+
+
+def device_root() -> Path:
+    """The root the device commands and hooks work on: / on a device, a tree in tests."""
+    return Path(setting("KIOSK_ROOT") or "/")

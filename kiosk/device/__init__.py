@@ -1,0 +1,1 @@
+"""The device side: generations, switching and recovery, activation, the push hooks."""

@@ -1,0 +1,1 @@
+"""`kiosk run`: boot an image in QEMU the way its board would."""
