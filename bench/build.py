@@ -48,30 +48,30 @@ def spec(board: str, *, url: str = SAMPLE_URL, packages=()) -> dict:
     }
 
 
-def layer_for(s: dict) -> dict:
-    try:
-        from kiosk.config.render import render
-    except ImportError:
-        return {}
-    return render(s)
-
-
 def build(name: str, s: dict, out: Path, verbose: bool) -> dict:
-    from kiosk.image import assemble as image
-    from kiosk.spec.plan import make_plan
+    """One build through kiosk's pipeline (what `kiosk build` runs), timed by its own stages."""
+    from kiosk.core.log import Log
+    from kiosk.image.pipeline import build as pipeline_build
+    from kiosk.spec.load import loads
 
-    plan = make_plan(s)
-    timings: dict = {}
     started = time.monotonic()
 
-    def log(msg: str) -> None:
-        if verbose or msg.startswith(("stage ", "rootfs: built", "image: ")):
-            print(f"    [{time.monotonic() - started:6.1f}] {msg}", flush=True)
+    class Lines:
+        def write(self, text):
+            for line in text.splitlines():
+                msg = line.strip()
+                if msg and (verbose or line.startswith("==>") or msg.startswith(("rootfs: built", "image: "))):
+                    print(f"    [{time.monotonic() - started:6.1f}] {msg}", flush=True)
 
-    path = image.build_image(plan, layer_for(s), out, log=log, timings=timings)
+        def flush(self):
+            pass
+
+    text = json.dumps(s, indent=2) + "\n"
+    manifest = pipeline_build(loads(text, f"{name}.json"), text, out, log=Log(out=Lines()))
     total = time.monotonic() - started
+    timings = manifest["stageSeconds"]
     result = {"name": name, "board": s["hardware"], "seconds": round(total, 1), "stages": timings,
-              "imageMiB": path.stat().st_size >> 20, "sha256": image.image_sha256(path)}
+              "imageMiB": manifest["imageBytes"] >> 20, "sha256": manifest["imageSha256"]}
     print(f"{name}: {total:.1f} s  (" + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + ")", flush=True)
     return result
 

@@ -38,7 +38,8 @@ def percentile(values: list[float], p: float) -> float:
 
 def client(agents: int, resolves: int, t0: float) -> dict:
     """Runs inside the client namespace; returns the figures."""
-    from kiosk.net.discover import discover, resolve
+    from kiosk.net.discover import discover
+    from kiosk.net.mdns import resolve
 
     enough = lambda found: len(found) >= agents  # noqa: E731
     while len(discover(timeout=5, until=enough)) < agents:

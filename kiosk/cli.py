@@ -19,7 +19,7 @@ from kiosk.core.errors import InvalidSpec, KioskError
 # Stage modules that contribute sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
     "kiosk.spec.commands",   # validate, show
-    "kiosk.image.pipeline",           # build
+    "kiosk.image.commands",  # build
     "kiosk.qemu.machine",            # run
     "kiosk.flash.writer",           # flash
     "kiosk.device.generations",     # generations, rollback, switch
@@ -32,7 +32,7 @@ COMMAND_MODULES = (
 
 # Which stage registers each command; tests/test_spec.py checks it against what the stages register.
 COMMANDS = {
-    "validate": "kiosk.spec.commands", "show": "kiosk.spec.commands", "build": "kiosk.image.pipeline",
+    "validate": "kiosk.spec.commands", "show": "kiosk.spec.commands", "build": "kiosk.image.commands",
     "run": "kiosk.qemu.machine", "flash": "kiosk.flash.writer", "generations": "kiosk.device.generations",
     "rollback": "kiosk.device.generations", "switch": "kiosk.device.generations", "agent": "kiosk.net.agent",
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
@@ -54,7 +54,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         description="Build, flash and update Raspberry Pi kiosks from one nixiosk.json.",
     )
     parser.add_argument("--version", action="version", version=f"kiosk {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show a traceback on internal errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show every command kiosk runs, and a traceback on internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES if argv is None else _stages_for(argv):
         try:
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from kiosk.core import run as runmod
+    runmod.DEBUG = args.debug   # every command line kiosk runs goes to stderr first
     try:
         return int(args.func(args) or 0)
     except KioskError as exc:

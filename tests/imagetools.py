@@ -60,15 +60,6 @@ def full_spec(board: str, *, host: str | None = None, program: dict | None = Non
     }
 
 
-def render_layer(spec: dict) -> dict:
-    """kiosk.config.render's layer for the spec, or {} if this copy has no renderer."""
-    try:
-        from kiosk.config.render import render
-    except ImportError:
-        return {}
-    return render(spec)
-
-
 @dataclass
 class BuiltImage:
     board: str
@@ -164,19 +155,32 @@ def boot_listdir(image: Path | str) -> list[str]:
     return sorted(line.strip().lstrip(":/").strip("/") for line in out.splitlines() if line.strip())
 
 
-def build(spec: dict, out_dir: Path, *, keep_root: bool = True, layer: dict | None = None,
-          log=print) -> BuiltImage:
-    """Build one image with kiosk's own modules, as `kiosk build` does."""
-    from kiosk.image import assemble as kimage
-    from kiosk.spec.plan import make_plan
+def build(spec: dict, out_dir: Path, *, keep_root: bool = True, log=print) -> BuiltImage:
+    """Build one image through kiosk's build pipeline: exactly what `kiosk build` runs."""
+    from kiosk.core.log import Log
+    from kiosk.image.pipeline import build as pipeline_build
+    from kiosk.spec.load import loads
 
-    plan = make_plan(spec)
-    timings: dict = {}
+    class Lines:
+        def write(self, text):
+            for line in text.splitlines():
+                if line.strip():
+                    log(line.strip())
+
+        def flush(self):
+            pass
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(spec, indent=2) + "\n"
+    (out_dir / "nixiosk.json").write_text(text)
     root = out_dir / "root" if keep_root else None
-    path = kimage.build_image(plan, render_layer(spec) if layer is None else layer, out_dir, log=log,
-                              timings=timings, keep_root=root)
+    manifest = pipeline_build(loads(text, str(out_dir / "nixiosk.json")), text, out_dir, log=Log(out=Lines()),
+                              keep_root=root)
+    path = Path(manifest["image"])
     boot, rootfs = partition_offsets(path)
-    return BuiltImage(spec["hardware"], path, root, boot[0], boot[1], rootfs[0], rootfs[1], spec, timings)
+    return BuiltImage(spec["hardware"], path, root, boot[0], boot[1], rootfs[0], rootfs[1], spec,
+                      manifest["stageSeconds"])
 
 
 def _shared_dir(tmp_path_factory) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-from kiosk.image.pipeline import sha256_file
+from kiosk.core.files import sha256_file
 
 DEPLOY = str(ROOT / "deploy.sh")
 

@@ -161,14 +161,14 @@ def test_state_is_read_without_trusting_it(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, name", [("kitchen", "kitchen.local."), ("Kitchen.local", "Kitchen.local."),
                                         ("kitchen.LOCAL.", "kitchen.local."), ("a-1", "a-1.local.")])
 def test_host_names(text, name):
-    from kiosk.net.discover import mdns_name
+    from kiosk.net.mdns import mdns_name
 
     assert mdns_name(text) == name
 
 
 @pytest.mark.parametrize("text", ["", ".local", "-a", "a-", "a_b", "a.b.local", "x" * 64, "k\nl"])
 def test_not_host_names(text):
-    from kiosk.net.discover import mdns_name
+    from kiosk.net.mdns import mdns_name
     from kiosk.core.errors import UsageError
 
     with pytest.raises(UsageError):

@@ -22,7 +22,6 @@ import hashlib
 import os
 import shutil
 import stat
-import subprocess
 import tempfile
 import time
 import uuid as uuidlib
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from kiosk.core.errors import KioskError
+from kiosk.core.files import write_atomic
+from kiosk.core.run import run
 
 Log = Callable[[str], None]
 
@@ -130,12 +131,7 @@ def plan_layout(root_dir: Path) -> tuple[Layout, int]:
 
 
 def _run(cmd: list[str], *, stage: str, env: dict | None = None, input: str | None = None) -> str:
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, input=input)
-    if result.returncode != 0:
-        out = (result.stdout + result.stderr).strip().splitlines()
-        raise KioskError(f"{stage} failed: {' '.join(cmd[:2])}... exited with status {result.returncode}:\n"
-                         + "\n".join(out[-20:]))
-    return result.stdout
+    return run(cmd, what=f"{stage} failed", env=env, input=input).stdout
 
 
 # --- root tree additions that depend on the image layout ---------------------------------------
@@ -183,24 +179,16 @@ def write_root_files(root_dir: Path, ident: Identity) -> None:
              "# <file system>\t<mount point>\t<type>\t<options>\t<dump>\t<pass>\n"
              f"UUID={ident.root_uuid}\t/\text4\trw,noatime,errors=remount-ro\t0\t1\n"
              f"UUID={ident.boot_uuid}\t{BOOT_MOUNT}\tvfat\trw,noatime,umask=0022,nofail\t0\t2\n")
-    _write(root_dir / "etc/fstab", fstab)
+    write_atomic(root_dir / "etc/fstab", fstab)
     (root_dir / BOOT_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    _write(root_dir / "usr/lib/kiosk/growroot", GROWROOT_SCRIPT, 0o755)
-    _write(root_dir / "etc/systemd/system/kiosk-growroot.service", GROWROOT_UNIT)
+    write_atomic(root_dir / "usr/lib/kiosk/growroot", GROWROOT_SCRIPT, 0o755)
+    write_atomic(root_dir / "etc/systemd/system/kiosk-growroot.service", GROWROOT_UNIT)
     wants = root_dir / "etc/systemd/system/local-fs.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     link = wants / "kiosk-growroot.service"
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to("/etc/systemd/system/kiosk-growroot.service")
-
-
-def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.kiosk-tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 # --- filesystems ---------------------------------------------------------------------------------
@@ -220,7 +208,7 @@ def write_partition_table(image: Path, layout: Layout, ident: Identity) -> None:
 def make_fat(image: Path, layout: Layout, files: dict[str, bytes | Path], ident: Identity, *, epoch: int,
              staging: Path) -> None:
     """FAT32 at layout.boot_start in image, holding files (sorted), every time = epoch."""
-    env = dict(os.environ, SOURCE_DATE_EPOCH=str(epoch), MTOOLS_SKIP_CHECK="1", TZ="UTC")
+    env = dict(SOURCE_DATE_EPOCH=str(epoch), MTOOLS_SKIP_CHECK="1", TZ="UTC")
     # 2 KiB clusters: 256 MiB in 512 B sectors would make mkfs.vfat pick 4 KiB clusters with --offset,
     # too few for FAT32 (65525 minimum). -h: hidden sectors = the partition's start, as on a real card.
     _run(["mkfs.vfat", "-F", "32", "-S", "512", "-s", "4", "-h", str(layout.boot_start // SECTOR),
@@ -290,7 +278,7 @@ def copy_sparse(src: Path, dst: Path, offset: int) -> int:
 def make_ext4(fs: Path, layout: Layout, root_dir: Path, ident: Identity, *, epoch: int, inodes: int,
               log: Log) -> None:
     """ext4 from root_dir in the file fs (created, layout.root_size long); every timestamp clamped to epoch."""
-    env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), TZ="UTC",
+    env = dict(E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), TZ="UTC",
                MKE2FS_CONFIG="/etc/mke2fs.conf")
     fs.unlink(missing_ok=True)
     with open(fs, "wb") as f:
@@ -302,8 +290,7 @@ def shift_right(path: Path, by: int) -> bool:
     """Insert `by` bytes of hole at the start of path without copying (FALLOC_FL_INSERT_RANGE, ext4/XFS)."""
     if not shutil.which("fallocate"):
         return False
-    result = subprocess.run(["fallocate", "--insert-range", "--offset", "0", "--length", str(by), str(path)],
-                            capture_output=True, text=True)
+    result = run(["fallocate", "--insert-range", "--offset", "0", "--length", str(by), str(path)], check=False)
     return result.returncode == 0
 
 
@@ -336,8 +323,7 @@ def _make_ext4_file(fs: Path, layout: Layout, root_dir: Path, ident: Identity, *
         f.write("\n".join(commands) + "\n")
         script = f.name
     try:
-        result = subprocess.run(["debugfs", "-w", "-f", script, str(fs)],
-                                capture_output=True, text=True, env=env)
+        result = run(["debugfs", "-w", "-f", script, str(fs)], env=env, check=False)
     finally:
         os.unlink(script)
     errors = [line for line in result.stderr.splitlines() if line and not line.startswith("debugfs ")]
@@ -348,14 +334,6 @@ def _make_ext4_file(fs: Path, layout: Layout, root_dir: Path, ident: Identity, *
 
 
 # --- the whole image -------------------------------------------------------------------------
-
-def image_sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def partitions(image: Path | str) -> list[dict]:
     """The image's partitions as sfdisk reports them: start/size in bytes, type, bootable."""
@@ -429,57 +407,3 @@ def assemble(plan, root_dir: Path, boot: dict[str, bytes | Path], out_image: Pat
 
 def image_name(plan) -> str:
     return f"{plan.spec['hostName']}-{plan.board['name']}.img"
-
-
-def build_image(plan, layer: dict, out_dir: Path, *, log: Log = _noop_log, verbose: bool = False,
-                timings: dict | None = None, keep_root: Path | None = None) -> Path:
-    """The whole chain: cached base rootfs -> unpacked tree + layer -> boot files -> image (+ .bmap).
-
-    Fills `timings` (if given) with seconds per stage: rootfs, unpack, layer, bootfiles, image.
-    keep_root: also leave the final root tree there (tests inspect it); otherwise it is removed.
-    """
-    from kiosk.image import bootfiles
-    from kiosk.image import rootfs
-    from kiosk.config.layer import apply_layer
-    from kiosk.core import paths as resources
-
-    timings = timings if timings is not None else {}
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def stage(name: str, started: float) -> None:
-        timings[name] = round(time.monotonic() - started, 2)
-        log(f"stage {name}: {timings[name]:.1f} s")
-
-    t = time.monotonic()
-    tar = rootfs.base_rootfs(plan, log=log, verbose=verbose)
-    epoch = rootfs.read_metadata(tar)["sourceDateEpoch"]
-    stage("rootfs", t)
-    work_parent = resources.cache_dir() / "tmp"
-    work_parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=work_parent))
-    try:
-        root_dir = work / "root"
-        root_dir.mkdir()
-        t = time.monotonic()
-        rootfs.extract(tar, root_dir, log=log)
-        stage("unpack", t)
-        t = time.monotonic()
-        apply_layer(layer, root_dir, mtime=epoch)
-        stage("layer", t)
-        t = time.monotonic()
-        ident = identity(plan)
-        boot = bootfiles.boot_files(plan, root_dir, root=ident.root, epoch=epoch, log=log)
-        stage("bootfiles", t)
-        t = time.monotonic()
-        image = assemble(plan, root_dir, boot, out_dir / image_name(plan), epoch=epoch, log=log, ident=ident)
-        stage("image", t)
-        if keep_root is not None:
-            keep_root = Path(keep_root)
-            if keep_root.exists():
-                shutil.rmtree(keep_root)
-            keep_root.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(root_dir, keep_root)
-        return image
-    finally:
-        shutil.rmtree(work, ignore_errors=True)

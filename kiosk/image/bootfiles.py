@@ -26,14 +26,14 @@ Debian's mkinitramfs under qemu-user instead costs ~10 minutes.
 from __future__ import annotations
 
 import gzip
-import os
 import re
 import stat
-import subprocess
 from pathlib import Path
 from typing import Callable
 
 from kiosk.core.errors import KioskError
+from kiosk.core.files import write_atomic
+from kiosk.core.run import run
 
 Log = Callable[[str], None]
 
@@ -240,7 +240,7 @@ def _depmod(entries: dict[str, tuple[int, bytes]], version: str) -> dict[str, by
                 else:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data)
-        result = subprocess.run(["depmod", "-b", str(base), version], capture_output=True, text=True)
+        result = run(["depmod", "-b", str(base), version], check=False)
         if result.returncode != 0:
             return {}
         out = {}
@@ -362,14 +362,6 @@ def _set_default(text: str, key: str, value: str) -> str:
     return text.rstrip("\n") + f"\n{line}\n"
 
 
-def _write(path: Path, data: str | bytes, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.kiosk-tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def _dtb_dir(root_dir: Path, version: str) -> Path:
     for candidate in (root_dir / "usr/lib" / f"linux-image-{version}", root_dir / "lib" / f"linux-image-{version}"):
         if candidate.is_dir():
@@ -389,7 +381,7 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     vmlinuz = root_dir / "boot" / f"vmlinuz-{version}"
     initrd = build_initramfs(plan, root_dir, version, epoch=epoch, log=log)
     # On the device, raspi-firmware's hooks copy /boot/initrd.img-* to the FAT partition: keep ours there.
-    _write(root_dir / "boot" / f"initrd.img-{version}", initrd)
+    write_atomic(root_dir / "boot" / f"initrd.img-{version}", initrd)
     files: dict[str, bytes | Path] = {}
 
     if board["bootloader"] == "direct-kernel":
@@ -422,13 +414,13 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     text = defaults.read_text() if defaults.is_file() else ""
     text = _set_default(text, "CONSOLES", f'"{" ".join(consoles(board))}"')
     text = _set_default(text, "ROOTPART", f'"{root}"')
-    _write(defaults, text)
+    write_atomic(defaults, text)
     custom_path = root_dir / "etc/default/raspi-firmware-custom"
     extra_path = root_dir / "etc/default/raspi-extra-cmdline"
     if not custom_path.is_file():
-        _write(custom_path, firmware_custom(plan))
+        write_atomic(custom_path, firmware_custom(plan))
     if not extra_path.is_file():
-        _write(extra_path, extra_cmdline(plan))
+        write_atomic(extra_path, extra_cmdline(plan))
     custom = custom_path.read_text()
     extra = extra_path.read_text()
     files["config.txt"] = raspi_config_txt(plan.architecture, f"vmlinuz-{version}", f"initrd.img-{version}",
@@ -457,4 +449,4 @@ fi
 
 def _install_direct_kernel_hook(root_dir: Path) -> None:
     for hook_dir in ("etc/kernel/postinst.d", "etc/initramfs/post-update.d"):
-        _write(root_dir / hook_dir / "z50-kiosk-direct-kernel", DIRECT_KERNEL_HOOK, 0o755)
+        write_atomic(root_dir / hook_dir / "z50-kiosk-direct-kernel", DIRECT_KERNEL_HOOK, 0o755)

@@ -33,7 +33,6 @@ Things this recipe takes care of:
 
 from __future__ import annotations
 
-import collections
 import email.utils
 import fcntl
 import hashlib
@@ -42,7 +41,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import tarfile
 import time
 import urllib.request
@@ -52,6 +50,7 @@ from typing import Callable
 
 from kiosk.core import paths as resources
 from kiosk.core.errors import KioskError
+from kiosk.core.run import run, run_lines
 
 # Bump when the recipe below changes what ends up in the tarball.
 RECIPE_VERSION = "5"
@@ -72,8 +71,7 @@ def _noop_log(msg: str) -> None:
 
 
 def host_arch() -> str:
-    return subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return run(["dpkg", "--print-architecture"]).stdout.strip()
 
 
 def rootfs_dir() -> Path:
@@ -164,8 +162,7 @@ def check_foreign_arch(arch: str) -> None:
     """A foreign architecture needs qemu-user via binfmt_misc; say how to get it if missing."""
     if arch == host_arch():
         return
-    result = subprocess.run(["arch-test", arch], capture_output=True, text=True) if shutil.which("arch-test") \
-        else None
+    result = run(["arch-test", arch], check=False) if shutil.which("arch-test") else None
     if result is not None and result.returncode == 0:
         return
     binfmt = Path("/proc/sys/fs/binfmt_misc")
@@ -173,9 +170,9 @@ def check_foreign_arch(arch: str) -> None:
     if not (binfmt / "status").exists():
         hint = " binfmt_misc is not mounted: mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc;"
     name = QEMU_BINFMT.get(arch, "qemu-" + arch)
-    raise KioskError(f"rootfs: cannot run {arch} programs on this {host_arch()} machine;{hint} "
-                     f"install qemu-user-static and binfmt-support, then update-binfmts --enable {name} "
-                     f"(check with: arch-test {arch})")
+    raise KioskError(f"rootfs: cannot run {arch} programs on this {host_arch()} machine",
+                     hint=f"{hint.strip()} install qemu-user-static and binfmt-support, then update-binfmts "
+                          f"--enable {name} (check with: arch-test {arch})".strip())
 
 
 # The no-op that stands in for update-initramfs while packages are installed.
@@ -192,7 +189,7 @@ def mmdebstrap_mode() -> str:
     KIOSK_MMDEBSTRAP_MODE=unshare forces unshare mode (as root too: then only the mount, pid, uts and
     ipc namespaces are new), to test that path.
     """
-    forced = os.environ.get("KIOSK_MMDEBSTRAP_MODE")
+    forced = resources.setting("KIOSK_MMDEBSTRAP_MODE")
     if forced in ("root", "unshare"):
         return forced
     return "root" if os.geteuid() == 0 else "unshare"
@@ -302,29 +299,13 @@ def _lock(path: Path):
 
 def run_logged(cmd: list[str], *, stage: str, log: Log, verbose: bool, env: dict | None = None,
                interesting: Callable[[str], bool] = lambda line: False, tail: int = 20) -> None:
-    """Run cmd, showing its output (all of it when verbose, else the interesting lines);
-    on failure raise a KioskError naming the stage with the last `tail` lines."""
-    last: collections.deque[str] = collections.deque(maxlen=tail)
-    errors: list[str] = []
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=env, text=True, errors="replace", bufsize=1)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n")
-        # progress bars redraw with \r: keep the last state
-        line = line.rsplit("\r", 1)[-1]
-        if not line.strip():
-            continue
-        last.append(line)
-        if line.startswith(("E: ", "tar: ", "dpkg: error")) and line not in errors:
-            errors.append(line)
+    """Run cmd, showing its output (all of it when verbose, else the interesting lines); a failure names
+    the stage, the tool's error lines first, then its last `tail` lines."""
+    def show(line: str) -> None:
         if verbose or interesting(line):
             log(f"  {line}")
-    code = proc.wait()
-    if code != 0:
-        first = "\n".join(errors[:5])
-        raise KioskError(f"{stage} failed ({Path(cmd[0]).name} exited with status {code})"
-                         + (f"; errors:\n{first}" if first else "") + "\nlast lines:\n" + "\n".join(last))
+    run_lines(cmd, show, env=env, what=f"{stage} failed", tail=tail,
+              important=lambda line: line.startswith(("E: ", "tar: ", "dpkg: error")))
 
 
 def _interesting(line: str) -> bool:
@@ -358,7 +339,7 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
             log(f"rootfs: reusing the {what}: {tar.name} ({stage.architecture}, {len(stage.packages)} packages)")
             return tar
         if not shutil.which("mmdebstrap"):
-            raise KioskError("rootfs: mmdebstrap is not installed (apt install mmdebstrap)")
+            raise KioskError("rootfs: mmdebstrap is not installed", hint="apt install mmdebstrap")
         epoch = read_metadata(parent_tar)["sourceDateEpoch"] if parent_tar else \
             release_epoch(stage.mirror, stage.suite)
         tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
@@ -366,8 +347,7 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
         meta_dir.mkdir(exist_ok=True)
         deb_cache_dir().mkdir(parents=True, exist_ok=True)
         cmd = mmdebstrap_command(stage, tmp, verbose=verbose, meta_dir=meta_dir, parent_tar=parent_tar)
-        env = dict(os.environ, SOURCE_DATE_EPOCH=str(epoch), PYTHONHASHSEED="0", LC_ALL="C.UTF-8",
-                   DEBIAN_FRONTEND="noninteractive")
+        env = dict(SOURCE_DATE_EPOCH=str(epoch), PYTHONHASHSEED="0", DEBIAN_FRONTEND="noninteractive")
         debs = deb_cache_dir()
         cached = len(list(debs.glob(f"*_{stage.architecture}.deb")) + list(debs.glob("*_all.deb"))) \
             if debs.is_dir() else 0
@@ -459,7 +439,5 @@ def extract(tar: Path, dest: Path, *, log: Log = _noop_log) -> None:
     if os.geteuid() == 0:
         cmd.insert(1, "--same-owner")
         cmd.insert(1, "--preserve-permissions")
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise KioskError(f"rootfs: unpacking {tar} failed: {result.stderr.strip()[-2000:]}")
+    run(cmd, what=f"rootfs: unpacking {tar} failed")
     log(f"rootfs: unpacked {tar.name} in {time.monotonic() - started:.1f} s")

@@ -36,13 +36,12 @@ import select
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 
 from kiosk import __version__
-from kiosk.net.discover import (KIOSK_TYPE, SSH_TYPE, cached_addresses, ipv4_of, local_addresses, resolve,
+from kiosk.net.mdns import (KIOSK_TYPE, SSH_TYPE, cached_addresses, ipv4_of, local_addresses, resolve,
                             tolerate_bad_packets)
-from kiosk.core.errors import UsageError
+from kiosk.core.errors import KioskError, UsageError
 
 log = logging.getLogger("kiosk.net.agent")
 
@@ -202,7 +201,8 @@ class Agent:
             if n == 1:
                 owner = others
             log.warning("%s.local is taken (answered by %s)", candidate, " ".join(sorted(others)))
-        raise RuntimeError(f"no free host name from {base}.local to {base}-{MAX_SUFFIX}.local")
+        raise KioskError(f"no free host name from {base}.local to {base}-{MAX_SUFFIX}.local",
+                         hint="give this device another hostName: every numbered name is taken on this network")
 
     def _check_conflict(self) -> None:
         """Another device announcing our host name after we claimed it (RFC 6762 section 9).

@@ -1,15 +1,7 @@
 """Finding kiosks from the user's machine: `kiosk discover`, `resolve`, `ssh-proxy`, `ssh-config`.
 
-Everything here works with the python-zeroconf APIs that both Debian bookworm's
-0.47.3 (the device) and current releases (a laptop) have: no AddressResolver,
-no update_interfaces.
-
-Name resolution uses mDNS "legacy unicast" (RFC 6762 section 6.7): the query goes
-to 224.0.0.251:5353 from an ephemeral port, and responders answer straight back
-to that port, at once, with every address in one packet. That is what
-`dig -p 5353 @224.0.0.251` does; it needs no port 5353 of our own (so it works
-beside avahi-daemon) and no root, and it is not subject to the one-second
-multicast rate limit that would otherwise delay repeated lookups.
+Names and resolution live in kiosk.net.mdns (the device's agent uses them too); this module browses
+_kiosk._tcp and connects ssh to a HOST.local.
 """
 
 from __future__ import annotations
@@ -18,7 +10,6 @@ import ipaddress
 import json
 import os
 import queue
-import re
 import selectors
 import shlex
 import shutil
@@ -29,170 +20,8 @@ import time
 from pathlib import Path
 
 from kiosk.core.errors import KioskError, UsageError, one_line
-
-KIOSK_TYPE = "_kiosk._tcp.local."
-SSH_TYPE = "_ssh._tcp.local."
-DEFAULT_TIMEOUT = 3.0
-
-_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-_IFF_UP = 0x1
-_IFF_LOOPBACK = 0x8
-
-
-# --- names and local addresses (shared with kiosk.agent) -------------------------------------
-
-def mdns_name(host: str) -> str:
-    """'kitchen', 'kitchen.local' or 'kitchen.local.' -> 'kitchen.local.'; UsageError otherwise."""
-    name = host.strip().rstrip(".")
-    if name.lower().endswith(".local"):
-        name = name[: -len(".local")]
-    if not _LABEL.match(name):
-        raise UsageError(f"{one_line(host)!s} is not a host name: use letters, digits and '-' "
-                         "(at most 63), optionally followed by .local")
-    return f"{name}.local."
-
-
-def is_mdns_host(host: str) -> bool:
-    return host.strip().rstrip(".").lower().endswith(".local")
-
-
-def _interface_up(name: str) -> bool:
-    try:
-        flags = int(Path(f"/sys/class/net/{name}/flags").read_text(), 16)
-    except (OSError, ValueError):
-        return True  # no sysfs (not Linux, or a rename in flight): trust the address list
-    return bool(flags & _IFF_UP) and not flags & _IFF_LOOPBACK
-
-
-def local_addresses() -> dict[str, list[str]]:
-    """Non-loopback addresses of interfaces that are up: {interface: [address, ...]}.
-
-    Read with ifaddr (getifaddrs(3) through ctypes), which python-zeroconf itself
-    depends on: one system call, cheap enough to poll every two seconds on a Pi 0.
-    IPv6 link-local addresses are included (as avahi does); scope ids are not.
-    """
-    import ifaddr
-
-    result: dict[str, set[str]] = {}
-    for adapter in ifaddr.get_adapters():
-        if not _interface_up(adapter.name):
-            continue
-        for ip in adapter.ips:
-            text = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
-            try:
-                addr = ipaddress.ip_address(text.split("%")[0])
-            except ValueError:
-                continue
-            if addr.is_loopback or addr.is_unspecified or addr.is_multicast:
-                continue
-            result.setdefault(adapter.name, set()).add(str(addr))
-    return {name: sort_addresses(addrs) for name, addrs in sorted(result.items())}
-
-
-def sort_addresses(addresses) -> list[str]:
-    """IPv4 first, then global IPv6, then link-local IPv6; numeric order within each."""
-    def key(text: str):
-        addr = ipaddress.ip_address(text)
-        return (addr.version, addr.is_link_local, addr.packed)
-    return sorted(set(addresses), key=key)
-
-
-def ipv4_of(addresses: dict[str, list[str]]) -> list[str]:
-    return [a for addrs in addresses.values() for a in addrs if ":" not in a]
-
-
-def tolerate_bad_packets(zc, log=None) -> None:
-    """Count, don't print, errors escaping zeroconf's event loop.
-
-    Some malformed packets make bookworm's zeroconf 0.47.3 raise out of
-    datagram_received (a HINFO string that is not UTF-8 raises UnicodeDecodeError);
-    asyncio would log a traceback for each one. The loop carries on either way,
-    so: nothing on a user's terminal, and at most one line a minute in the agent's
-    log (`log`), with the count.
-    """
-    state = {"count": 0, "last": -60.0}
-
-    def handler(loop, context) -> None:
-        state["count"] += 1
-        if log is None:
-            return
-        exc = context.get("exception")
-        log.debug("error in zeroconf's event loop: %s", context.get("message"), exc_info=exc)
-        now = time.monotonic()
-        if now - state["last"] >= 60:
-            what = f"{type(exc).__name__}: {exc}" if exc else context.get("message")
-            log.warning("ignored %d packet(s) or event(s) zeroconf could not handle (latest: %s)",
-                        state["count"], one_line(str(what))[:200])
-            state["count"], state["last"] = 0, now
-
-    zc.loop.set_exception_handler(handler)
-
-
-# --- resolving <host>.local ------------------------------------------------------------------
-
-def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
-            interfaces: list[str] | None = None) -> list[str]:
-    """Every address any responder gives for HOST.local, or [] after `timeout` seconds.
-
-    Queries A and AAAA in one legacy-unicast packet, sent out of every IPv4
-    interface, repeated after 0.25, 0.5, 1, 2 ... s; returns `settle` seconds after
-    the first answer (so a second responder for the same name is heard too).
-    """
-    from zeroconf import DNSOutgoing, DNSQuestion, IPVersion, Zeroconf
-    from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_A, _TYPE_AAAA
-
-    name = mdns_name(host)
-    if interfaces is None:
-        interfaces = ipv4_of(local_addresses())
-    if not interfaces:
-        raise KioskError("no network: this machine has no IPv4 address to send mDNS queries from")
-    try:
-        zc = Zeroconf(interfaces=interfaces, unicast=True, ip_version=IPVersion.V4Only)
-    except OSError as exc:
-        raise KioskError(f"cannot open an mDNS socket: {exc}") from exc
-    tolerate_bad_packets(zc)
-    try:
-        query = DNSOutgoing(_FLAGS_QR_QUERY)
-        query.add_question(DNSQuestion(name, _TYPE_A, _CLASS_IN))
-        query.add_question(DNSQuestion(name, _TYPE_AAAA, _CLASS_IN))
-        start = time.monotonic()
-        deadline = start + timeout
-        next_send, gap = start, 0.25
-        answered_at = None
-        while True:
-            now = time.monotonic()
-            if now >= next_send and answered_at is None:
-                zc.send(query)
-                next_send, gap = now + gap, gap * 2
-            found = cached_addresses(zc, name)
-            if found and answered_at is None:
-                answered_at = now
-            if answered_at is not None and now - answered_at >= settle:
-                return sort_addresses(found)
-            if now >= deadline:
-                return sort_addresses(found)
-            time.sleep(0.005)
-    finally:
-        zc.close()
-
-
-def cached_addresses(zc, name: str) -> list[str]:
-    """Unexpired A/AAAA addresses for `name` in zc's cache (what it has heard on the network)."""
-    from zeroconf import current_time_millis
-    from zeroconf.const import _CLASS_IN, _TYPE_A, _TYPE_AAAA
-
-    found = []
-    now_ms = current_time_millis()  # zeroconf's clock (monotonic), not the wall clock
-    for type_, family in ((_TYPE_A, socket.AF_INET), (_TYPE_AAAA, socket.AF_INET6)):
-        for record in zc.cache.get_all_by_details(name, type_, _CLASS_IN):
-            if record.is_expired(now_ms):
-                continue
-            try:
-                found.append(socket.inet_ntop(family, record.address))
-            except (ValueError, OSError):
-                continue  # a malformed record from a hostile responder
-    return found
-
+from kiosk.net.mdns import (DEFAULT_TIMEOUT, KIOSK_TYPE, is_mdns_host, mdns_name, resolve, sort_addresses,
+                            tolerate_bad_packets)
 
 def cmd_resolve(args) -> int:
     name = mdns_name(args.host)

@@ -18,12 +18,13 @@ from hashlib import sha256
 from pathlib import Path
 
 from kiosk.core import paths as resources
+from kiosk.core.errors import KioskError
 
 COMPONENTS = ("main", "non-free-firmware")
 CACHE_SECONDS = 24 * 3600
 
 
-class ArchiveUnavailable(Exception):
+class ArchiveUnavailable(KioskError):
     """The index could not be fetched (offline, mirror down); the text says why."""
 
 
@@ -93,7 +94,7 @@ def package_index(mirror: str, suite: str, arch: str, *, timeout: float = 20.0) 
     KIOSK_OFFLINE=1 never touches the network: a stale cache is used, none raises.
     """
     cache = _cache_file(mirror, suite, arch)
-    offline = os.environ.get("KIOSK_OFFLINE") == "1"
+    offline = resources.setting("KIOSK_OFFLINE") == "1"
     cached = None
     if cache.is_file():
         try:

@@ -12,6 +12,8 @@ import binascii
 import struct
 from dataclasses import dataclass
 
+from kiosk.core.errors import KioskError
+
 # Types bookworm's OpenSSH 9.2 accepts by default (ssh-dss is disabled there), with the
 # number of length-prefixed fields their wire-format blob holds (the type name included).
 KEY_FIELDS = {
@@ -36,7 +38,7 @@ def _fields(blob: bytes) -> list[bytes] | None:
     return fields
 
 
-class BadKey(ValueError):
+class BadKey(KioskError):
     """Why a key line does not parse; the text is shown to the user."""
 
 

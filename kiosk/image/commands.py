@@ -1,0 +1,41 @@
+"""`kiosk build`: the command around the pipeline (and `--builder`, which hands the build to another machine)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from kiosk.core.log import Log
+from kiosk.image.pipeline import build, require_root
+
+
+def cmd_build(args) -> int:
+    from kiosk.spec import load as specmod
+    from kiosk.spec.commands import print_warnings
+
+    if getattr(args, "builder", None):
+        from kiosk.builders.builders import remote_build  # issue 8: build on a bigger machine over ssh
+        return remote_build(args)
+    path = Path(args.spec)
+    spec = specmod.load(path)
+    print_warnings(spec)
+    require_root("kiosk build must run as root", f"run: sudo kiosk build {args.spec} -o {args.output} "
+                 "(./deploy.sh asks for sudo itself)")
+    started = time.monotonic()
+    manifest = build(spec, path.read_text(encoding="utf-8"), Path(args.output), verbose=args.verbose, log=Log())
+    print(f"{manifest['image']}\n  sha256 {manifest['imageSha256']}\n  block map {manifest['bmap']}\n"
+          f"  built in {time.monotonic() - started:.0f}s; write it with: kiosk flash {manifest['image']} /dev/mmcblk0")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build", help="build the SD card image (+ .bmap, manifest.json, SPDX SBOM)",
+                       description="Build <hostName>-<hardware>.img from a spec, from Debian packages of the "
+                                   "board's architecture. Caches the base root filesystem by package set, so a "
+                                   "configuration-only change rebuilds in seconds.")
+    p.add_argument("spec", nargs="?", default="nixiosk.json", metavar="SPEC", help="the spec (default: nixiosk.json)")
+    p.add_argument("-o", "--output", default="out", metavar="DIR", help="output directory (default: out)")
+    p.add_argument("-v", "--verbose", action="store_true", help="stream the tools' output")
+    p.add_argument("--builder", metavar="[USER@]HOST[:PORT]",
+                   help="build on that machine over ssh (kiosk installed there) and fetch the image, checksummed")
+    p.set_defaults(func=cmd_build)
