@@ -88,14 +88,14 @@ def kiosk_command() -> list[str]:
     print("note: `python -m kiosk` does not start in this tree right now; using a flash-only driver",
           file=sys.stderr)
     return [sys.executable, "-c",
-            "import sys; from kiosk import cli; cli.COMMAND_MODULES = ('kiosk.flash.writer',); "
+            "import sys; from kiosk import cli; cli.COMMAND_MODULES = ('kiosk.flash.command',); "
             "sys.exit(cli.main(sys.argv[1:]))"]
 
 
 def buffered_command() -> list[str]:
     return [sys.executable, "-c",
-            "import sys; from kiosk import cli, flash; flash.DIRECT_WRITES = False; "
-            "cli.COMMAND_MODULES = ('kiosk.flash.writer',); sys.exit(cli.main(sys.argv[1:]))"]
+            "import sys; from kiosk import cli; from kiosk.flash import command; command.DIRECT_WRITES = False; "
+            "cli.COMMAND_MODULES = ('kiosk.flash.command',); sys.exit(cli.main(sys.argv[1:]))"]
 
 
 def timed(name: str, image: Path, work: Path, argv_for, stdin_for=None) -> dict:

@@ -21,7 +21,7 @@ COMMAND_MODULES = (
     "kiosk.spec.commands",   # validate, show
     "kiosk.image.commands",  # build
     "kiosk.qemu.machine",            # run
-    "kiosk.flash.writer",           # flash
+    "kiosk.flash.command",          # flash
     "kiosk.device.generations",     # generations, rollback, switch
     "kiosk.net.agent",           # agent
     "kiosk.net.discover",        # discover, resolve, ssh-proxy, ssh-config
@@ -33,7 +33,7 @@ COMMAND_MODULES = (
 # Which stage registers each command; tests/test_spec.py checks it against what the stages register.
 COMMANDS = {
     "validate": "kiosk.spec.commands", "show": "kiosk.spec.commands", "build": "kiosk.image.commands",
-    "run": "kiosk.qemu.machine", "flash": "kiosk.flash.writer", "generations": "kiosk.device.generations",
+    "run": "kiosk.qemu.command", "flash": "kiosk.flash.command", "generations": "kiosk.device.generations",
     "rollback": "kiosk.device.generations", "switch": "kiosk.device.generations", "agent": "kiosk.net.agent",
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
     "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.builders", "builder-serve": "kiosk.builders.builders",

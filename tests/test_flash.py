@@ -15,10 +15,11 @@ from types import SimpleNamespace
 import pytest
 from test_bmap import make_disk_image
 
-from kiosk.image import bmap as bm
 from kiosk import cli
-from kiosk.flash import writer as flash
-from kiosk.flash.writer import Refused, Roots
+from kiosk.core.errors import Refused
+from kiosk.flash import command, progress, target, writer
+from kiosk.flash.target import Roots
+from kiosk.image import bmap as bm
 
 MiB = 1 << 20
 root_only = pytest.mark.root
@@ -118,6 +119,7 @@ def refusal(fn, *args, **kw) -> str:
     assert info.value.exit_code == 2
     text = str(info.value)
     assert "\n" not in text
+    assert info.value.hint and text.endswith(f"; {info.value.hint}")   # the fix is the hint, apart from the reason
     return text
 
 
@@ -142,22 +144,22 @@ def test_a_partition_is_refused_naming_its_disk(fake):
     laptop(fake)
     fake.disk("mmcblk0", "179:0", bus=MMC)
     fake.partition("mmcblk0", 1, "179:1")
-    assert refusal(flash.check_whole_disk, "sdb1", fake.roots) == (
+    assert refusal(target.check_whole_disk, "sdb1", fake.roots) == (
         "refusing to write /dev/sdb1: it is a partition of /dev/sdb; "
         "flash the whole disk instead: kiosk flash IMAGE /dev/sdb")
-    assert refusal(flash.check_whole_disk, "mmcblk0p1", fake.roots) == (
+    assert refusal(target.check_whole_disk, "mmcblk0p1", fake.roots) == (
         "refusing to write /dev/mmcblk0p1: it is a partition of /dev/mmcblk0; "
         "flash the whole disk instead: kiosk flash IMAGE /dev/mmcblk0")
-    flash.check_whole_disk("sdb", fake.roots)
-    assert refusal(flash.check_whole_disk, "sdz", fake.roots) == (
+    target.check_whole_disk("sdb", fake.roots)
+    assert refusal(target.check_whole_disk, "sdz", fake.roots) == (
         f"refusing to write /dev/sdz: no such disk in {fake.sys}/class/block; pass the card's device (see lsblk)")
 
 
 def test_a_disk_with_a_mounted_partition_is_refused(fake):
     laptop(fake)
-    flash.check_not_mounted("sdb", fake.roots)
+    target.check_not_mounted("sdb", fake.roots)
     fake.mount("8:17", "/media/me/BOOT FS", "/dev/sdb1", "vfat")
-    assert refusal(flash.check_not_mounted, "sdb", fake.roots) == (
+    assert refusal(target.check_not_mounted, "sdb", fake.roots) == (
         "refusing to write /dev/sdb: /dev/sdb1 is mounted on /media/me/BOOT FS; "
         "unmount it first: umount '/media/me/BOOT FS'")
 
@@ -166,12 +168,12 @@ def test_a_disk_mounted_whole_or_through_a_holder_is_refused(fake):
     laptop(fake)
     fake.holder("sdb2", "dm-3", "254:3", uuid="CRYPT-LUKS2-abc-secret", dm_name="secret")
     fake.mount("254:3", "/mnt/secret", "/dev/mapper/secret")
-    assert refusal(flash.check_not_mounted, "sdb", fake.roots) == (
+    assert refusal(target.check_not_mounted, "sdb", fake.roots) == (
         "refusing to write /dev/sdb: /dev/sdb2 (through /dev/dm-3) is mounted on /mnt/secret; "
         "unmount it first: umount /mnt/secret")
     fake.disk("sdc", "8:32", bus=USB)
     fake.mount("8:32", "/mnt/stick", "/dev/sdc", "vfat")
-    assert refusal(flash.check_not_mounted, "sdc", fake.roots) == (
+    assert refusal(target.check_not_mounted, "sdc", fake.roots) == (
         "refusing to write /dev/sdc: /dev/sdc is mounted on /mnt/stick; unmount it first: umount /mnt/stick")
 
 
@@ -181,24 +183,24 @@ def test_loop_devices_set_up_on_the_disk_are_followed(fake):
     fake.partition("loop3", 2, "259:7")
     fake.mount("259:7", "/mnt/x", "/dev/loop3p2")
     fake.loop("loop4", "7:4", "/home/me/other.img")
-    assert refusal(flash.check_not_mounted, "sdb", fake.roots) == (
+    assert refusal(target.check_not_mounted, "sdb", fake.roots) == (
         "refusing to write /dev/sdb: /dev/sdb (through /dev/loop3p2) is mounted on /mnt/x; "
         "unmount it first: umount /mnt/x")
 
 
 def test_the_disk_holding_root_or_boot_is_refused(fake):
     laptop(fake)
-    assert refusal(flash.check_not_system_disk, "sda", fake.roots) == (
+    assert refusal(target.check_not_system_disk, "sda", fake.roots) == (
         "refusing to write /dev/sda: it holds / of the running system (/dev/sda2); "
         "this is not an SD card: pick the card's device (see lsblk)")
-    flash.check_not_system_disk("sdb", fake.roots)
+    target.check_not_system_disk("sdb", fake.roots)
 
 
 def test_home_on_btrfs_is_found_by_its_source_not_its_anonymous_devnum(fake):
     fake.disk("nvme0n1", "259:0", bus=SATA)
     fake.partition("nvme0n1", 2, "259:2")
     fake.mount("0:31", "/home", "/dev/nvme0n1p2", "btrfs")
-    assert refusal(flash.check_not_system_disk, "nvme0n1", fake.roots) == (
+    assert refusal(target.check_not_system_disk, "nvme0n1", fake.roots) == (
         "refusing to write /dev/nvme0n1: it holds /home of the running system (/dev/nvme0n1p2); "
         "this is not an SD card: pick the card's device (see lsblk)")
 
@@ -206,17 +208,17 @@ def test_home_on_btrfs_is_found_by_its_source_not_its_anonymous_devnum(fake):
 def test_a_disk_with_swap_is_refused(fake):
     laptop(fake)
     fake.swap("/dev/sda3")
-    assert refusal(flash.check_not_swap, "sda", fake.roots) == (
+    assert refusal(target.check_not_swap, "sda", fake.roots) == (
         "refusing to write /dev/sda: /dev/sda3 is in use as swap of the running system; this is not an SD card: "
         "pick the card's device (see lsblk), or run 'swapoff /dev/sda3' first if you really mean it")
-    flash.check_not_swap("sdb", fake.roots)
+    target.check_not_swap("sdb", fake.roots)
 
 
 def test_swap_on_lvm_is_traced_to_its_disk(fake):
     laptop(fake)
     fake.holder("sdb2", "dm-1", "254:1", uuid="LVM-Kx1", dm_name="vg-swap")
     fake.swap("/dev/mapper/vg-swap")
-    assert refusal(flash.check_not_swap, "sdb", fake.roots) == (
+    assert refusal(target.check_not_swap, "sdb", fake.roots) == (
         "refusing to write /dev/sdb: /dev/sdb2 is in use as swap of the running system; this is not an SD card: "
         "pick the card's device (see lsblk), or run 'swapoff /dev/mapper/vg-swap' first if you really mean it")
 
@@ -231,9 +233,9 @@ def test_swap_on_lvm_is_traced_to_its_disk(fake):
 ])
 def test_lvm_md_and_luks_members_are_refused(fake, holder, uuid, dm_name, what, fix):
     laptop(fake)
-    flash.check_no_holders("sdb", fake.roots)
+    target.check_no_holders("sdb", fake.roots)
     fake.holder("sdb2", holder, "254:0", uuid=uuid, dm_name=dm_name)
-    assert refusal(flash.check_no_holders, "sdb", fake.roots) == \
+    assert refusal(target.check_no_holders, "sdb", fake.roots) == \
         f"refusing to write /dev/sdb: /dev/sdb2 is in use by {what}; {fix}"
 
 
@@ -241,20 +243,20 @@ def test_a_whole_disk_pv_and_a_stacked_device_are_refused(fake):
     laptop(fake)
     fake.disk("sdc", "8:32", bus=USB)
     fake.holder("sdc", "dm-2", "254:2", uuid="LVM-pv", dm_name="data-lv")
-    assert refusal(flash.check_no_holders, "sdc", fake.roots) == (
+    assert refusal(target.check_no_holders, "sdc", fake.roots) == (
         "refusing to write /dev/sdc: /dev/sdc is in use by LVM volume /dev/mapper/data-lv; "
         "deactivate its volume group first: vgchange -an data")
-    assert refusal(flash.check_no_holders, "dm-2", fake.roots) == (
+    assert refusal(target.check_no_holders, "dm-2", fake.roots) == (
         "refusing to write /dev/dm-2: it is a virtual device on top of /dev/sdc; pick the card's own device (see lsblk)")
 
 
 def test_a_disk_smaller_than_the_image_is_refused(fake):
     fake.disk("sdb", "8:16", 32 * MiB, bus=USB)
     fake.disk("sdc", "8:32", 0, bus=USB)
-    flash.check_size("sdb", 32 * MiB, fake.roots)
-    assert refusal(flash.check_size, "sdb", 64 * MiB, fake.roots) == (
+    target.check_size("sdb", 32 * MiB, fake.roots)
+    assert refusal(target.check_size, "sdb", 64 * MiB, fake.roots) == (
         "refusing to write /dev/sdb: it holds 32.0 MiB but the image is 64.0 MiB; use a card of at least 64.0 MiB")
-    assert refusal(flash.check_size, "sdc", 64 * MiB, fake.roots) == (
+    assert refusal(target.check_size, "sdc", 64 * MiB, fake.roots) == (
         "refusing to write /dev/sdc: it holds nothing (no medium?) but the image is 64.0 MiB; "
         "use a card of at least 64.0 MiB")
 
@@ -262,8 +264,8 @@ def test_a_disk_smaller_than_the_image_is_refused(fake):
 def test_a_read_only_disk_is_refused(fake):
     fake.disk("mmcblk0", "179:0", bus=MMC, ro=1)
     fake.disk("mmcblk1", "179:8", bus=MMC, ro=0)
-    flash.check_writable("mmcblk1", fake.roots)
-    assert refusal(flash.check_writable, "mmcblk0", fake.roots) == (
+    target.check_writable("mmcblk1", fake.roots)
+    assert refusal(target.check_writable, "mmcblk0", fake.roots) == (
         "refusing to write /dev/mmcblk0: the kernel reports it read-only; "
         "slide the SD card's lock switch away from LOCK and insert it again")
 
@@ -273,18 +275,18 @@ def test_disk_kinds(fake):
     fake.disk("mmcblk0", "179:0", bus=MMC)
     fake.disk("sdc", "8:32", bus=SATA.replace("ata1", "ata2"), removable=1)  # a built-in card reader
     fake.disk("loop0", "7:0", bus=VIRTUAL)
-    kinds = {n: flash.disk_kind(n, fake.roots) for n in ("sda", "sdb", "mmcblk0", "sdc", "loop0")}
+    kinds = {n: target.disk_kind(n, fake.roots) for n in ("sda", "sdb", "mmcblk0", "sdc", "loop0")}
     assert kinds == {"sda": None, "sdb": "USB", "mmcblk0": "SD/MMC", "sdc": "removable", "loop0": None}
 
 
 def test_a_fixed_disk_needs_the_flag(fake):
     laptop(fake)
     asked = []
-    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=False, ask=asked.append) == (
+    assert refusal(target.check_removable, "sda", fake.roots, allow_fixed=False, ask=asked.append) == (
         "refusing to write /dev/sda: it is a fixed disk (not removable, not SD/MMC, not USB); "
         "if you really mean it, pass --allow-fixed-disk")
     assert asked == []
-    flash.check_removable("sdb", fake.roots, allow_fixed=False, ask=asked.append)  # USB: no question
+    target.check_removable("sdb", fake.roots, allow_fixed=False, ask=asked.append)  # USB: no question
     assert asked == []
 
 
@@ -298,16 +300,16 @@ def test_a_fixed_disk_with_the_flag_needs_its_name_typed_exactly(fake):
             return answer
         return ask
 
-    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing("sda")) == (
+    assert refusal(target.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing("sda")) == (
         "refusing to write /dev/sda: it is a fixed disk and 'sda' was typed, not /dev/sda; "
         "type /dev/sda exactly to confirm")
-    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing("/dev/sdb")) == (
+    assert refusal(target.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing("/dev/sdb")) == (
         "refusing to write /dev/sda: it is a fixed disk and '/dev/sdb' was typed, not /dev/sda; "
         "type /dev/sda exactly to confirm")
-    assert refusal(flash.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing(None)) == (
+    assert refusal(target.check_removable, "sda", fake.roots, allow_fixed=True, ask=typing(None)) == (
         "refusing to write /dev/sda: it is a fixed disk and no device name was typed; "
         "type /dev/sda at the prompt to confirm")
-    flash.check_removable("sda", fake.roots, allow_fixed=True, ask=typing("/dev/sda"))
+    target.check_removable("sda", fake.roots, allow_fixed=True, ask=typing("/dev/sda"))
     assert prompts[-1] == "/dev/sda is a fixed disk: everything on it will be lost. Type /dev/sda to write it: "
 
 
@@ -316,16 +318,16 @@ def test_check_disk_gives_the_most_specific_reason_first_and_describes_before_as
     fake.swap("/dev/sda3")
     events = []
     # The system disk: its / is named, not "fixed disk", and nothing is described or asked.
-    assert refusal(flash.check_disk, "sda", 64 * MiB, fake.roots, allow_fixed=True,
+    assert refusal(target.check_disk, "sda", 64 * MiB, fake.roots, allow_fixed=True,
                    ask=lambda p: events.append("ask"), describe=lambda: events.append("describe")
                    ).startswith("refusing to write /dev/sda: it holds / of the running system")
     assert events == []
     fake.disk("sdc", "8:32", bus=SATA.replace("ata1", "ata3"))
-    flash.check_disk("sdc", 64 * MiB, fake.roots, allow_fixed=True,
+    target.check_disk("sdc", 64 * MiB, fake.roots, allow_fixed=True,
                      ask=lambda p: events.append("ask") or "/dev/sdc", describe=lambda: events.append("describe"))
     assert events == ["describe", "ask"]
     events.clear()
-    assert refusal(flash.check_disk, "sdc", 64 * MiB, fake.roots, allow_fixed=False,
+    assert refusal(target.check_disk, "sdc", 64 * MiB, fake.roots, allow_fixed=False,
                    ask=lambda p: events.append("ask"), describe=lambda: events.append("describe")
                    ).endswith("if you really mean it, pass --allow-fixed-disk")
     assert events == []
@@ -335,20 +337,20 @@ def test_describe_shows_model_size_partitions_and_labels(fake):
     laptop(fake)
     fake.disk("mmcblk0", "179:0", 30 << 30, bus=MMC, type="SD", name="SC32G")
     info = {"sdb1": {"fstype": "vfat", "label": "bootfs"}, "sdb2": {"fstype": "ext4", "label": "root\nfs"}}
-    assert flash.describe_disk("sdb", fake.roots, lsblk=lambda dev: info) == [
+    assert target.describe_disk("sdb", fake.roots, lsblk=lambda dev: info) == [
         "/dev/sdb: Generic STORAGE DEVICE, 32.0 GiB, USB",
         "  /dev/sdb1  256.0 MiB  vfat  label 'bootfs'",
         "  /dev/sdb2  31.0 GiB  ext4  label 'root\\nfs'",
     ]
-    assert flash.describe_disk("mmcblk0", fake.roots, lsblk=None) == [
+    assert target.describe_disk("mmcblk0", fake.roots, lsblk=None) == [
         "/dev/mmcblk0: SD SC32G, 30.0 GiB, SD/MMC", "  no partitions"]
 
 
 def test_resolve_target_refuses_what_is_not_a_block_device(tmp_path):
     (tmp_path / "file").write_text("x")
-    assert refusal(flash.resolve_target, str(tmp_path / "file")) == \
+    assert refusal(target.resolve_target, str(tmp_path / "file")) == \
         f"refusing to write {tmp_path}/file: not a block device; pass the card's device (see lsblk)"
-    assert refusal(flash.resolve_target, str(tmp_path / "none")) == \
+    assert refusal(target.resolve_target, str(tmp_path / "none")) == \
         f"refusing to write {tmp_path}/none: No such file or directory; pass the card's device (see lsblk)"
 
 
@@ -374,7 +376,7 @@ class Stream(io.StringIO):
 
 def test_progress_on_a_terminal_is_one_updating_line():
     clock, out = Clock(), Stream(tty=True)
-    p = flash.Progress("writing /dev/sdb", 100 * MiB, stream=out, clock=clock)
+    p = progress.Progress("writing /dev/sdb", 100 * MiB, stream=out, clock=clock)
     clock.now += 2
     p.update(20 * MiB)
     clock.now += 0.1
@@ -389,7 +391,7 @@ def test_progress_on_a_terminal_is_one_updating_line():
 
 def test_progress_in_a_log_is_a_line_every_few_seconds():
     clock, out = Clock(), Stream(tty=False)
-    p = flash.Progress("verifying /dev/sdb", 10 * MiB, stream=out, clock=clock)
+    p = progress.Progress("verifying /dev/sdb", 10 * MiB, stream=out, clock=clock)
     clock.now += 1
     p.update(MiB)  # before the first interval: quiet
     clock.now += 4
@@ -403,11 +405,11 @@ def test_progress_in_a_log_is_a_line_every_few_seconds():
 
 def test_pieces_are_cut_at_4_mib_boundaries_and_clipped_to_the_image():
     m = bm.BlockMap(9 * MiB + 10, 4096, ((0, 0, None), (1000, 2100, None), (2304, 2304, None)), 1103, None)
-    got = list(flash.pieces(m))
+    got = list(writer.pieces(m))
     assert got == [(0, 4096, 0), (1000 * 4096, 4 * MiB, 1), (4 * MiB, 8 * MiB, 1), (8 * MiB, 2101 * 4096, 1),
                    (9 * MiB, 9 * MiB + 10, 2)]
-    assert list(flash.pieces(m, MiB)) == got[1:]
-    assert list(flash.pieces(m, 0, MiB)) == got[:1]
+    assert list(writer.pieces(m, MiB)) == got[1:]
+    assert list(writer.pieces(m, 0, MiB)) == got[:1]
 
 
 # =============================================================================================
@@ -423,7 +425,7 @@ def image(tmp_path_factory):
 @pytest.fixture
 def run(monkeypatch, capsys):
     """kiosk.cli.main with only the flash stage (other stages of this tree are not this file's business)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash.writer",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash.command",))
 
     def go(*argv):
         code = cli.main(["flash", *map(str, argv)])
@@ -543,7 +545,7 @@ def test_ctrl_c_while_writing_a_file_leaves_nothing(image, tmp_path, run, monkey
             raise KeyboardInterrupt
         os.pwrite(fd, view, offset)
 
-    monkeypatch.setattr(flash, "_pwrite_full", interrupted)
+    monkeypatch.setattr(writer, "_pwrite_full", interrupted)
     out = tmp_path / "card.img"
     r = run(image, out)
     assert r.code == 130
@@ -555,7 +557,7 @@ def test_an_io_error_is_exit_1_and_leaves_nothing(image, tmp_path, run, monkeypa
     def failing(fd, view, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(flash, "_pwrite_full", failing)
+    monkeypatch.setattr(writer, "_pwrite_full", failing)
     out = tmp_path / "card.img"
     r = run(image, out)
     assert r.code == 1
@@ -568,7 +570,7 @@ def test_head_last_order(image, tmp_path):
     """Zero the first MiB, sync, write the rest, sync, then the image's first MiB, sync."""
     m = bm.read_bmap(Path(str(image) + ".bmap"))
     events = []
-    real_pwrite, real_fsync = flash._pwrite_full, os.fsync
+    real_pwrite, real_fsync = writer._pwrite_full, os.fsync
 
     def pwrite(fd, view, offset):
         events.append(("write", offset, len(view), bytes(view).count(0) == len(view)))
@@ -579,11 +581,11 @@ def test_head_last_order(image, tmp_path):
         f.write(b"\xaa" * (64 * MiB))
     src, dst = os.open(image, os.O_RDONLY), os.open(out, os.O_RDWR)
     try:
-        flash._pwrite_full = pwrite
+        writer._pwrite_full = pwrite
         os.fsync = lambda fd: events.append(("sync",)) or real_fsync(fd)
-        written = flash.write_image(src, dst, m, head_last=True)
+        written = writer.write_image(src, dst, m, head_last=True)
     finally:
-        flash._pwrite_full, os.fsync = real_pwrite, real_fsync
+        writer._pwrite_full, os.fsync = real_pwrite, real_fsync
         os.close(src)
         os.close(dst)
     assert events[:2] == [("write", 0, MiB, True), ("sync",)]
@@ -606,7 +608,7 @@ def test_verify_names_the_corrupted_range(image, tmp_path):
     out = tmp_path / "card.img"
     shutil.copy(image, out)
     expected = [d for _, _, d in m.ranges]
-    assert flash.verify(str(out), m, expected, "sha256") == m.mapped_bytes
+    assert writer.verify(str(out), m, expected, "sha256") == m.mapped_bytes
     index = len(m.ranges) // 2
     first, last, _ = m.ranges[index]
     with open(out, "r+b") as f:
@@ -614,16 +616,17 @@ def test_verify_names_the_corrupted_range(image, tmp_path):
         byte = f.read(1)
         f.seek(last * 4096 + 4095)
         f.write(bytes([byte[0] ^ 0x80]))
-    with pytest.raises(flash.VerifyFailed) as info:
-        flash.verify(str(out), m, expected, "sha256")
+    with pytest.raises(writer.VerifyFailed) as info:
+        writer.verify(str(out), m, expected, "sha256")
     assert info.value.exit_code == 1
+    assert info.value.hint == "write it again, and if it fails again the card is faulty or fake: use another card"
     assert str(info.value) == (
         f"verification failed: {out} differs from the image in blocks {first}-{last} (bytes {first * 4096}-"
         f"{last * 4096 + 4095}); write it again, and if it fails again the card is faulty or fake: use another card")
 
 
 def test_help_lists_the_options(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash.writer",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("kiosk.flash.command",))
     with pytest.raises(SystemExit) as info:
         cli.main(["flash", "--help"])
     assert info.value.code == 0
@@ -678,7 +681,7 @@ def typed(monkeypatch):
         def ask(prompt):
             prompts.append(prompt)
             return text
-        monkeypatch.setattr(flash, "ask", ask)
+        monkeypatch.setattr(command, "ask", ask)
         return prompts
     return answer
 
@@ -819,14 +822,14 @@ def test_a_fixed_disk_is_refused_without_the_flag_or_with_a_wrong_name(image, lo
 @root_only
 def test_the_question_needs_a_terminal_or_yes(image, loops, run, typed, monkeypatch):
     dev = loops()
-    monkeypatch.setattr(flash, "disk_kind", lambda name, roots=None: "USB")  # as if it were a USB card reader
-    monkeypatch.setattr(flash, "stdin_is_tty", lambda: False)
+    monkeypatch.setattr(target, "disk_kind", lambda name, roots=None: "USB")  # as if it were a USB card reader
+    monkeypatch.setattr(command, "stdin_is_tty", lambda: False)
     prompts = typed("y")
     r = run(image, dev)
     assert (r.code, last_line(r.err)) == (2, f"kiosk: refusing to write {dev}: there is no terminal to ask for "
                                              f"confirmation; pass --yes to write without asking")
     assert prompts == []
-    monkeypatch.setattr(flash, "stdin_is_tty", lambda: True)
+    monkeypatch.setattr(command, "stdin_is_tty", lambda: True)
     typed("")
     r = run(image, dev)
     assert (r.code, last_line(r.err)) == (2, f"kiosk: refusing to write {dev}: not confirmed; "
@@ -843,7 +846,7 @@ def test_the_question_needs_a_terminal_or_yes(image, loops, run, typed, monkeypa
 @root_only
 def test_yes_skips_the_question_not_the_refusals(image, loops, run, typed, monkeypatch):
     dev = loops()
-    monkeypatch.setattr(flash, "disk_kind", lambda name, roots=None: "USB")
+    monkeypatch.setattr(target, "disk_kind", lambda name, roots=None: "USB")
     prompts = typed("no")
     r = run(image, dev, "--yes", "--no-verify")
     assert r.code == 0, r.err
@@ -852,7 +855,7 @@ def test_yes_skips_the_question_not_the_refusals(image, loops, run, typed, monke
 
 
 @root_only
-@pytest.mark.parametrize("batch", [flash.VERIFY_BATCH, 1 * MiB])
+@pytest.mark.parametrize("batch", [writer.VERIFY_BATCH, 1 * MiB])
 @pytest.mark.parametrize("with_map", [True, False], ids=["map", "no-map"])
 def test_the_card_is_read_back_behind_the_writer(image, loops, run, typed, monkeypatch, tmp_path, batch, with_map):
     """Batches are fdatasync'ed, then read back while later ones are written; the map's checksums, or
@@ -863,9 +866,9 @@ def test_the_card_is_read_back_behind_the_writer(image, loops, run, typed, monke
         image = bare
     dev = loops()
     typed(dev)
-    monkeypatch.setattr(flash, "VERIFY_BATCH", batch)
-    published, real_publish, real_fdatasync = [], flash._Behind.publish, os.fdatasync
-    monkeypatch.setattr(flash._Behind, "publish", lambda self, b: (published.append(list(b)), real_publish(self, b)))
+    monkeypatch.setattr(writer, "VERIFY_BATCH", batch)
+    published, real_publish, real_fdatasync = [], writer._Behind.publish, os.fdatasync
+    monkeypatch.setattr(writer._Behind, "publish", lambda self, b: (published.append(list(b)), real_publish(self, b)))
     synced = []
     monkeypatch.setattr(os, "fdatasync", lambda fd: (synced.append(len(published)), real_fdatasync(fd)))
     r = run(image, dev, "--allow-fixed-disk")
@@ -873,13 +876,13 @@ def test_the_card_is_read_back_behind_the_writer(image, loops, run, typed, monke
     assert read_dev(dev, 64 * MiB) == image.read_bytes()
     fd = os.open(image, os.O_RDONLY)
     try:
-        m = flash._load_map(image, fd, image.stat().st_size, None)[0]
+        m = command._load_map(image, fd, image.stat().st_size, None)[0]
     finally:
         os.close(fd)
-    head_ranges = [i for i, (first, _, _) in enumerate(m.ranges) if first * 4096 < flash.HEAD_BYTES]
+    head_ranges = [i for i, (first, _, _) in enumerate(m.ranges) if first * 4096 < writer.HEAD_BYTES]
     read_back = [piece for b in published for piece in b]
-    assert read_back == list(flash.pieces(m, flash.HEAD_BYTES, ranges=set(range(len(m.ranges))) - set(head_ranges)))
-    if batch < flash.VERIFY_BATCH:
+    assert read_back == list(writer.pieces(m, writer.HEAD_BYTES, ranges=set(range(len(m.ranges))) - set(head_ranges)))
+    if batch < writer.VERIFY_BATCH:
         assert len(published) > 2 and synced[:2] == [0, 1], "each batch is synced before it is read back"
 
 
@@ -890,7 +893,7 @@ def test_a_flipped_byte_on_the_card_fails_verification(image, loops, run, typed,
     m = bm.read_bmap(Path(str(image) + ".bmap"))
     first, last, _ = max(m.ranges, key=lambda r: r[1] - r[0])
     offset = (first + last) // 2 * 4096 + 123
-    real_publish = flash._Behind.publish
+    real_publish = writer._Behind.publish
 
     def corrupt_then_publish(self, batch):
         if any(start <= offset < end for start, end, _ in batch):
@@ -903,7 +906,7 @@ def test_a_flipped_byte_on_the_card_fails_verification(image, loops, run, typed,
                 os.close(fd)
         return real_publish(self, batch)
 
-    monkeypatch.setattr(flash._Behind, "publish", corrupt_then_publish)
+    monkeypatch.setattr(writer._Behind, "publish", corrupt_then_publish)
     r = run(image, dev, "--allow-fixed-disk")
     assert r.code == 1
     assert last_line(r.err) == (
@@ -912,11 +915,11 @@ def test_a_flipped_byte_on_the_card_fails_verification(image, loops, run, typed,
         f"use another card")
     assert r.out == ""
     # The read-back ran before the partition table was written: the card has none, it cannot half-work.
-    assert read_dev(dev, flash.HEAD_BYTES) == bytes(flash.HEAD_BYTES)
+    assert read_dev(dev, writer.HEAD_BYTES) == bytes(writer.HEAD_BYTES)
     # And directly: verify() of that range on the device names it.
     index = m.ranges.index(max(m.ranges, key=lambda r: r[1] - r[0]))
-    with pytest.raises(flash.VerifyFailed, match=rf"in blocks {first}-{last} \(bytes {first * 4096}-"):
-        flash.verify(dev, m, [d for _, _, d in m.ranges], "sha256", todo=flash.pieces(m, ranges={index}))
+    with pytest.raises(writer.VerifyFailed, match=rf"in blocks {first}-{last} \(bytes {first * 4096}-"):
+        writer.verify(dev, m, [d for _, _, d in m.ranges], "sha256", todo=writer.pieces(m, ranges={index}))
 
 
 @root_only
@@ -951,7 +954,7 @@ def test_ctrl_c_while_writing_a_card_leaves_no_partition_table(image, loops, run
     assert run(image, dev, "--allow-fixed-disk").code == 0
     assert read_dev(dev, 512)[510:] == b"\x55\xaa"  # a valid MBR from the first write
     calls = []
-    real = flash._pwrite_full
+    real = writer._pwrite_full
 
     def interrupted(fd, view, offset):
         calls.append(offset)
@@ -959,7 +962,7 @@ def test_ctrl_c_while_writing_a_card_leaves_no_partition_table(image, loops, run
             raise KeyboardInterrupt
         real(fd, view, offset)
 
-    monkeypatch.setattr(flash, "_pwrite_full", interrupted)
+    monkeypatch.setattr(writer, "_pwrite_full", interrupted)
     r = run(image, dev, "--allow-fixed-disk")
     assert r.code == 130
     assert last_line(r.err) == (f"kiosk: interrupted: {dev} is partially written and will not boot; "
@@ -977,7 +980,7 @@ def test_ctrl_c_while_reading_back_behind_the_writer(image, loops, run, typed, m
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flash._Behind, "finish", interrupted)
+    monkeypatch.setattr(writer._Behind, "finish", interrupted)
     r = run(image, dev, "--allow-fixed-disk")
     assert (r.code, last_line(r.err)) == (130, f"kiosk: interrupted: {dev} is partially written and will not "
                                                f"boot; run the command again")
@@ -992,7 +995,7 @@ def test_ctrl_c_while_verifying(image, loops, run, typed, monkeypatch):
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flash, "verify_late", interrupted)
+    monkeypatch.setattr(command, "verify_late", interrupted)
     r = run(image, dev, "--allow-fixed-disk")
     assert (r.code, last_line(r.err)) == (130, f"kiosk: interrupted while verifying: {dev} is fully written but "
                                                f"not verified; run the command again to write and verify it")
@@ -1009,9 +1012,9 @@ def test_an_io_error_on_a_card_is_exit_1(image, loops, run, typed, monkeypatch):
         calls.append(offset)
         if len(calls) == 2:
             raise OSError(errno.EIO, "Input/output error")
-        flash.os.pwrite(fd, view, offset)
+        os.pwrite(fd, view, offset)
 
-    monkeypatch.setattr(flash, "_pwrite_full", failing)
+    monkeypatch.setattr(writer, "_pwrite_full", failing)
     r = run(image, dev, "--allow-fixed-disk")
     assert (r.code, last_line(r.err)) == (1, f"kiosk: writing {dev} failed: Input/output error; {dev} is partially "
                                              f"written and will not boot; run the command again")
@@ -1041,13 +1044,13 @@ def test_an_image_not_matching_its_map_on_a_card_says_the_card_state(image, loop
 @root_only
 def test_ctrl_c_at_the_question_writes_nothing(image, loops, run, monkeypatch):
     dev = loops(fill=b"\x11")
-    monkeypatch.setattr(flash, "disk_kind", lambda name, roots=None: "USB")
-    monkeypatch.setattr(flash, "stdin_is_tty", lambda: True)
+    monkeypatch.setattr(target, "disk_kind", lambda name, roots=None: "USB")
+    monkeypatch.setattr(command, "stdin_is_tty", lambda: True)
 
     def ctrl_c(prompt):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(flash, "ask", ctrl_c)
+    monkeypatch.setattr(command, "ask", ctrl_c)
     r = run(image, dev)
     assert (r.code, last_line(r.err)) == (130, "kiosk: interrupted: nothing was written")
     assert read_dev(dev, 80 * MiB) == b"\x11" * (80 * MiB)

@@ -518,7 +518,7 @@ def test_each_command_loads_only_its_own_stage():
         importlib.import_module(stage).register(sub)
         registered.update(dict.fromkeys(sub.choices, stage))
     assert cli.COMMANDS == registered
-    assert cli._stages_for(["--debug", "flash", "x.img", "/dev/sdb"]) == ("kiosk.flash.writer",)
+    assert cli._stages_for(["--debug", "flash", "x.img", "/dev/sdb"]) == ("kiosk.flash.command",)
     assert cli._stages_for(["--help"]) == cli._stages_for(["nonsense"]) == cli.COMMAND_MODULES
     probe = ("import sys\nfrom kiosk import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in sys.modules if m.startswith('kiosk.')))")
