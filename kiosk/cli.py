@@ -20,7 +20,7 @@ from kiosk.core.errors import InvalidSpec, KioskError
 COMMAND_MODULES = (
     "kiosk.spec.commands",   # validate, show
     "kiosk.image.pipeline",           # build
-    "kiosk.qemu.machine",            # run
+    "kiosk.qemu.command",            # run
     "kiosk.flash.writer",           # flash
     "kiosk.device.generations",     # generations, rollback, switch
     "kiosk.net.agent",           # agent
@@ -33,7 +33,7 @@ COMMAND_MODULES = (
 # Which stage registers each command; tests/test_spec.py checks it against what the stages register.
 COMMANDS = {
     "validate": "kiosk.spec.commands", "show": "kiosk.spec.commands", "build": "kiosk.image.pipeline",
-    "run": "kiosk.qemu.machine", "flash": "kiosk.flash.writer", "generations": "kiosk.device.generations",
+    "run": "kiosk.qemu.command", "flash": "kiosk.flash.writer", "generations": "kiosk.device.generations",
     "rollback": "kiosk.device.generations", "switch": "kiosk.device.generations", "agent": "kiosk.net.agent",
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
     "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.builders", "builder-serve": "kiosk.builders.builders",

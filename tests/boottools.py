@@ -371,13 +371,13 @@ class BootedVM:
         return int(usec) / 1e6
 
     def screendump(self, dest: Path) -> Path:
-        from kiosk.qemu.machine import screendump
+        from kiosk.qemu.qmp import screendump
         return screendump(self.qmp, dest)
 
 
 def png_colours(path: Path) -> int:
     """How many distinct colours a PNG screenshot has."""
-    from kiosk.qemu.machine import png_pixels
+    from pngtools import png_pixels
 
     width, height, rows = png_pixels(Path(path).read_bytes())
     colours = set()
