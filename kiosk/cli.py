@@ -20,7 +20,7 @@ from kiosk.core.errors import InvalidSpec, KioskError
 COMMAND_MODULES = (
     "kiosk.spec.commands",   # validate, show
     "kiosk.image.commands",  # build
-    "kiosk.qemu.machine",            # run
+    "kiosk.qemu.command",    # run
     "kiosk.flash.command",          # flash
     "kiosk.device.generations",     # generations, rollback, switch
     "kiosk.net.agent",           # agent

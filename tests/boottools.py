@@ -110,12 +110,13 @@ def _env(**values):
 
 
 def build_boot_image(spec: dict, out_dir: Path, cache_dir: Path, *, log=print) -> tuple[Path, dict]:
-    """Build the spec's image with kiosk.build.build (what `kiosk build` runs); (image, manifest).
+    """Build the spec's image with kiosk.image.pipeline.build (what `kiosk build` runs); (image, manifest).
 
     Built once per out_dir: a later call (another worker, a rerun with the same basetemp) reuses it.
     """
     from kiosk.spec import load as specmod
-    from kiosk.image.pipeline import Stages, build
+    from kiosk.core.log import Log
+    from kiosk.image.pipeline import build
 
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = os.open(out_dir / ".lock", os.O_RDWR | os.O_CREAT)
@@ -139,7 +140,7 @@ def build_boot_image(spec: dict, out_dir: Path, cache_dir: Path, *, log=print) -
 
         with _env(KIOSK_CACHE_DIR=cache_dir):
             loaded = specmod.loads(text, str(out_dir / "spec.json"))
-            manifest = build(loaded, text, out_dir, stages=Stages(out=Out()))
+            manifest = build(loaded, text, out_dir, log=Log(out=Out()))
         return Path(manifest["image"]), manifest
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
@@ -371,13 +372,13 @@ class BootedVM:
         return int(usec) / 1e6
 
     def screendump(self, dest: Path) -> Path:
-        from kiosk.qemu.machine import screendump
+        from kiosk.qemu.qmp import screendump
         return screendump(self.qmp, dest)
 
 
 def png_colours(path: Path) -> int:
     """How many distinct colours a PNG screenshot has."""
-    from kiosk.qemu.machine import png_pixels
+    from pngtools import png_pixels
 
     width, height, rows = png_pixels(Path(path).read_bytes())
     colours = set()

@@ -405,7 +405,7 @@ def test_a_full_host_disk_is_said_not_a_silent_pause(boot_key, tmp_path_factory,
     host's disk (QEMU pauses a virtio VM on ENOSPC without a word: it looked like a hung device)."""
     if os.geteuid() != 0:
         pytest.skip("building images and mounting a tmpfs need root (the CI runs as root)")
-    from kiosk.qemu.machine import RUN_HEADROOM
+    from kiosk.qemu.disk import RUN_HEADROOM
 
     key, public = boot_key
     shared = _shared_dir(tmp_path_factory)
@@ -509,7 +509,7 @@ def test_kiosk_run_command_line(board_name, tmp_path):
 
 
 def test_kiosk_run_grows_a_power_of_two_copy(tmp_path):
-    from kiosk.qemu.machine import disk_size
+    from kiosk.qemu.disk import disk_size
 
     raspi, qemu = _board("raspberryPi3"), _board("qemu")
     assert disk_size(1400 * MiB, raspi) == 2048 * MiB
@@ -577,7 +577,8 @@ def test_kiosk_run_errors_are_one_line(tmp_path):
 
 
 def test_screendump_converts_ppm_to_png():
-    from kiosk.qemu.machine import png_pixels, ppm_to_png
+    from kiosk.qemu.qmp import ppm_to_png
+    from pngtools import png_pixels
 
     width, height = 3, 2
     pixels = bytes([255, 0, 0, 0, 255, 0, 0, 0, 255, 10, 20, 30, 40, 50, 60, 70, 80, 90])

@@ -523,7 +523,7 @@ def test_each_command_loads_only_its_own_stage():
     probe = ("import sys\nfrom kiosk import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
              "print(sorted(m for m in sys.modules if m.startswith('kiosk.')))")
     loaded = subprocess.run([sys.executable, "-c", probe, "validate", "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert "kiosk.net.discover" not in loaded.stdout and "kiosk.qemu.machine" not in loaded.stdout, loaded.stdout
+    assert "kiosk.net.discover" not in loaded.stdout and "kiosk.qemu.command" not in loaded.stdout, loaded.stdout
 
 
 def test_sample_is_valid_against_the_real_archive():

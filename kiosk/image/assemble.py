@@ -335,17 +335,6 @@ def _make_ext4_file(fs: Path, layout: Layout, root_dir: Path, ident: Identity, *
 
 # --- the whole image -------------------------------------------------------------------------
 
-def partitions(image: Path | str) -> list[dict]:
-    """The image's partitions as sfdisk reports them: start/size in bytes, type, bootable."""
-    import json
-
-    out = json.loads(_run(["sfdisk", "--json", str(image)], stage="image (read partition table)"))
-    table = out["partitiontable"]
-    sector = table.get("sectorsize", SECTOR)
-    return [{"node": p["node"], "start": p["start"] * sector, "size": p["size"] * sector, "type": p["type"],
-             "bootable": p.get("bootable", False)} for p in table["partitions"]]
-
-
 def _write_bmap(image: Path, log: Log) -> Path | None:
     try:
         from kiosk.image.bmap import write_bmap
