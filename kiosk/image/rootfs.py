@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from kiosk.core import paths as resources
+from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run, run_lines
 
@@ -75,12 +75,12 @@ def host_arch() -> str:
 
 
 def rootfs_dir() -> Path:
-    return resources.cache_dir() / "rootfs"
+    return paths.cache_dir() / "rootfs"
 
 
 def deb_cache_dir() -> Path:
     """Downloaded .debs of every architecture (arch: all ones are shared between boards)."""
-    return resources.cache_dir() / "debs"
+    return paths.cache_dir() / "debs"
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def mmdebstrap_mode() -> str:
     KIOSK_MMDEBSTRAP_MODE=unshare forces unshare mode (as root too: then only the mount, pid, uts and
     ipc namespaces are new), to test that path.
     """
-    forced = resources.setting("KIOSK_MMDEBSTRAP_MODE")
+    forced = paths.setting("KIOSK_MMDEBSTRAP_MODE")
     if forced in ("root", "unshare"):
         return forced
     return "root" if os.geteuid() == 0 else "unshare"

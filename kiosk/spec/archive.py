@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from kiosk.core import paths as resources
+from kiosk.core import paths
 from kiosk.core.errors import KioskError
 
 COMPONENTS = ("main", "non-free-firmware")
@@ -55,7 +55,7 @@ def _parse(text: str) -> tuple[set[str], dict[str, set[str]]]:
 
 def _cache_file(mirror: str, suite: str, arch: str) -> Path:
     key = sha256(f"{mirror.rstrip('/')}|{suite}|{arch}".encode()).hexdigest()[:16]
-    return resources.cache_dir() / "archive" / f"{suite}-{arch}-{key}.json"
+    return paths.cache_dir() / "archive" / f"{suite}-{arch}-{key}.json"
 
 
 def _fetch(mirror: str, suite: str, arch: str, timeout: float) -> tuple[set[str], dict[str, set[str]]]:
@@ -94,7 +94,7 @@ def package_index(mirror: str, suite: str, arch: str, *, timeout: float = 20.0) 
     KIOSK_OFFLINE=1 never touches the network: a stale cache is used, none raises.
     """
     cache = _cache_file(mirror, suite, arch)
-    offline = resources.setting("KIOSK_OFFLINE") == "1"
+    offline = paths.setting("KIOSK_OFFLINE") == "1"
     cached = None
     if cache.is_file():
         try:

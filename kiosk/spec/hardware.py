@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from kiosk.core import paths as resources
+from kiosk.core import paths
 from kiosk.core.errors import KioskError
 
 # Nixiosk targets that are the same thing here under another name.
@@ -13,7 +13,7 @@ ALIASES = {"qemu-no-virtfs": "qemu"}
 
 
 def board_names() -> list[str]:
-    return sorted(p.stem for p in resources.hardware_dir().glob("*.json"))
+    return sorted(p.stem for p in paths.hardware_dir().glob("*.json"))
 
 
 @lru_cache(maxsize=None)
@@ -22,14 +22,14 @@ def load_board(name: str) -> dict:
     import jsonschema
 
     name = ALIASES.get(name, name)
-    path = resources.hardware_dir() / f"{name}.json"
+    path = paths.hardware_dir() / f"{name}.json"
     if not path.is_file():
         raise KioskError(f"unknown board {name!r}; boards: {', '.join(board_names())}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise KioskError(f"{path}: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    schema = json.loads((resources.schemas_dir() / "hardware.schema.json").read_text())
+    schema = json.loads((paths.schemas_dir() / "hardware.schema.json").read_text())
     errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(data), key=lambda e: list(e.path))
     if errors:
         lines = [f"{path}: /{'/'.join(map(str, e.path))}: {e.message}" for e in errors]

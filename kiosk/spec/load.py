@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from kiosk.core import paths as resources
+from kiosk.core import paths
 from kiosk.core.errors import InvalidSpec, Problem
 from kiosk.spec.sshkeys import BadKey, parse_public_key
 
@@ -46,7 +46,7 @@ def canonical_json(data) -> str:
 
 @lru_cache(maxsize=1)
 def schema() -> dict:
-    return json.loads((resources.schemas_dir() / "nixiosk.schema.json").read_text())
+    return json.loads((paths.schemas_dir() / "nixiosk.schema.json").read_text())
 
 
 def pointer(parts) -> str:
