@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -130,6 +131,20 @@ def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
     interface, repeated after 0.25, 0.5, 1, 2 ... s; returns `settle` seconds after
     the first answer (so a second responder for the same name is heard too).
     """
+    return _ask(host, timeout, settle, interfaces, probe=False)
+
+
+def probe(host: str, duration: float, interfaces: list[str] | None = None) -> list[str]:
+    """Every address given for HOST.local in answers to three queries 0.25 s apart, heard for `duration` s.
+
+    The answers come back to this call's own ephemeral port (legacy unicast), so
+    only a responder that answers *this* question counts: an unsolicited
+    announcement multicast to port 5353 never reaches it (RFC 6762 sections 8.1, 9).
+    """
+    return _ask(host, duration, duration, interfaces, probe=True)
+
+
+def _ask(host: str, timeout: float, settle: float, interfaces: list[str] | None, probe: bool) -> list[str]:
     from zeroconf import DNSOutgoing, DNSQuestion, IPVersion, Zeroconf
     from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_A, _TYPE_AAAA
 
@@ -144,18 +159,26 @@ def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
         raise KioskError(f"cannot open an mDNS socket: {exc}") from exc
     tolerate_bad_packets(zc)
     try:
-        query = DNSOutgoing(_FLAGS_QR_QUERY)
-        query.add_question(DNSQuestion(name, _TYPE_A, _CLASS_IN))
-        query.add_question(DNSQuestion(name, _TYPE_AAAA, _CLASS_IN))
+        def query() -> DNSOutgoing:
+            # A fresh random ID each time: responders drop a packet identical to one they saw within the
+            # last second (zeroconf does, from any sender), so with ID 0 the repeats of a query, or another
+            # host's lookup of the same name, would go unanswered for a second.
+            out = DNSOutgoing(_FLAGS_QR_QUERY, multicast=False, id_=secrets.randbits(16))  # False: write the ID
+            out.add_question(DNSQuestion(name, _TYPE_A, _CLASS_IN))
+            out.add_question(DNSQuestion(name, _TYPE_AAAA, _CLASS_IN))
+            return out
+
         start = time.monotonic()
         deadline = start + timeout
         next_send, gap = start, 0.25
+        sent = 0
         answered_at = None
         while True:
             now = time.monotonic()
-            if now >= next_send and answered_at is None:
-                zc.send(query)
-                next_send, gap = now + gap, gap * 2
+            if now >= next_send and (sent < 3 if probe else answered_at is None):
+                zc.send(query())
+                sent += 1
+                next_send, gap = now + gap, (gap if probe else gap * 2)
             found = cached_addresses(zc, name)
             if found and answered_at is None:
                 answered_at = now
@@ -170,6 +193,11 @@ def resolve(host: str, timeout: float = DEFAULT_TIMEOUT, settle: float = 0.02,
 
 def cached_addresses(zc, name: str) -> list[str]:
     """Unexpired A/AAAA addresses for `name` in zc's cache (what it has heard on the network)."""
+    return [address for address, _ in cached_records(zc, name)]
+
+
+def cached_records(zc, name: str) -> list[tuple[str, object]]:
+    """(address, record) for every unexpired A/AAAA record of `name` in zc's cache."""
     from zeroconf import current_time_millis
     from zeroconf.const import _CLASS_IN, _TYPE_A, _TYPE_AAAA
 
@@ -180,7 +208,7 @@ def cached_addresses(zc, name: str) -> list[str]:
             if record.is_expired(now_ms):
                 continue
             try:
-                found.append(socket.inet_ntop(family, record.address))
+                found.append((socket.inet_ntop(family, record.address), record))
             except (ValueError, OSError):
                 continue  # a malformed record from a hostile responder
     return found
