@@ -9,6 +9,9 @@ namespace deletes its veth ends) after ending the processes it started.
 Run as a script inside a namespace for the helpers a test needs there:
     python mdns_netns.py echo PORT          TCP echo server (prints "ready" once listening)
     python mdns_netns.py fuzz IP COUNT SEED  send COUNT hostile mDNS packets to IP and 224.0.0.251
+    python mdns_netns.py forge NAME ADDRESS SECONDS INTERVAL
+                                             announce "NAME is at ADDRESS" (unsolicited A, cache-flush)
+                                             every INTERVAL s for SECONDS s; prints how many were sent
 """
 
 from __future__ import annotations
@@ -249,10 +252,36 @@ def fuzz(ip: str, count: int, seed: int) -> None:
     print(sent, flush=True)
 
 
+def forged_announcement(name: str, address: str, ttl: int = 120) -> bytes:
+    """An unsolicited mDNS response: `name` A `address`, cache-flush set, as its owner would announce it."""
+    labels = b"".join(bytes([len(label)]) + label.encode() for label in name.rstrip(".").split("."))
+    return (struct.pack("!HH4H", 0, 0x8400, 0, 1, 0, 0) + labels + b"\x00"
+            + struct.pack("!HHIH", 1, 0x8001, ttl, 4) + socket.inet_aton(address))
+
+
+def forge(name: str, address: str, seconds: float, interval: float) -> None:
+    """Announce a forged address for `name` from port 5353 every `interval` s, for `seconds` s."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+    s.bind(("", 5353))
+    packet = forged_announcement(name, address)
+    sent = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        s.sendto(packet, ("224.0.0.251", 5353))
+        sent += 1
+        time.sleep(interval)
+    print(sent, flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "echo":
         echo_server(int(sys.argv[2]))
     elif sys.argv[1] == "fuzz":
         fuzz(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    elif sys.argv[1] == "forge":
+        forge(sys.argv[2], sys.argv[3], float(sys.argv[4]), float(sys.argv[5]))
     else:
         raise SystemExit(f"unknown helper {sys.argv[1]}")

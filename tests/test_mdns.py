@@ -313,6 +313,36 @@ def test_two_networks_joined_with_one_name_twice(lan, tmp_path, agent_py):
 
 
 @network
+@pytest.mark.parametrize("agent_py", PYTHONS)
+def test_forged_announcements_do_not_take_the_name(lan, tmp_path, agent_py):
+    """An attacker announcing "hijack.local is at <a greater address>" every 0.3 s, never answering a query,
+    is not a conflict (RFC 6762 section 9): the device keeps its name and services, and keeps answering."""
+    device, attacker, laptop = lan.add_host(), lan.add_host(), lan.add_host()
+    agent = start_agent(device, tmp_path, "hijack", agent_py)
+    wait_for(lambda: resolved(laptop, "hijack"), 20, "hijack.local")
+    forged = f"{lan.subnet}.250"  # greater than the device's: the tie-break an old agent lost
+    forger = attacker.popen(sys.executable, HELPER, "forge", "hijack.local.", forged, "20", "0.3",
+                            stdout=subprocess.PIPE, text=True, env=ENV)
+    during = []
+    while forger.poll() is None:
+        during.append(ipv4(resolved(laptop, "hijack", timeout=1)))
+    assert int(forger.stdout.read()) > 50, "the attack ran"
+    after = [ipv4(resolved(laptop, "hijack", timeout=1)) for _ in range(8)]
+    log = agent.log()
+    assert len(during) >= 10, during
+    ok_during = sum(found == {device.ip} for found in during)
+    assert ok_during >= 0.9 * len(during), (f"{ok_during} of {len(during)} resolutions during the attack", log)
+    assert all(found == {device.ip} for found in after), (after, log)
+    k = discovered(laptop)
+    assert set(k) == {"hijack.local"}, (sorted(k), log)
+    assert (k["hijack.local"]["name"], k["hijack.local"]["service"]) == ("hijack", "hijack._kiosk._tcp.local.")
+    assert "hijack-" not in log and "takes another" not in log, log
+    assert forged in log, "the forged claim is logged"
+    assert "Traceback" not in log and len(log.splitlines()) < 10, f"no log flood: {log}"
+    assert agent.proc.poll() is None
+
+
+@network
 def test_addresses_follow_the_network(lan, tmp_path):
     device, laptop = lan.add_host(address=False), lan.add_host()
     agent = start_agent(device, tmp_path, "roamer", sys.executable, "--interval", "1")

@@ -8,6 +8,11 @@ What python-zeroconf does not do, and this does:
 - Probe the host name before claiming it (the library only probes service
   instance names): when another device answers for `<hostName>.local`, take
   `<hostName>-2` (then -3, ...), log it loudly, and say so in TXT `host`.
+- Defend the name once claimed (RFC 6762 section 9): another host's address for
+  it, heard in an announcement, only makes the agent probe again (rate-limited)
+  and re-announce; it gives the name up only to a host that answers its probes
+  for it, twice, and wins the tie-break. Forged unsolicited announcements cannot
+  take the name or make the service names drift.
 - Follow the running generation (/var/lib/kiosk/current): a new hostName, board,
   program or commit is re-announced without a restart. Polled every --interval
   seconds; SIGHUP makes it look at once.
@@ -36,10 +41,11 @@ import select
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from kiosk import __version__
-from kiosk.net.mdns import (KIOSK_TYPE, SSH_TYPE, cached_addresses, ipv4_of, local_addresses, resolve,
+from kiosk.net.mdns import (KIOSK_TYPE, SSH_TYPE, cached_records, ipv4_of, local_addresses, probe, resolve,
                             tolerate_bad_packets)
 from kiosk.core.errors import KioskError, UsageError
 
@@ -47,6 +53,9 @@ log = logging.getLogger("kiosk.net.agent")
 
 DEFAULT_STATE_DIR = "/var/lib/kiosk"
 PROBE_TIME = 1.0     # seconds listening for another owner of a host name (3 queries, as RFC 6762 probes)
+REPROBE_MIN = 5.0    # after a re-probe that nobody answered, wait this long before the next one ...
+REPROBE_MAX = 60.0   # ... doubling up to this while unanswered announcements keep coming
+QUIET_RESET = 120.0  # seconds without foreign records after which a new one is probed at once again
 MAX_SUFFIX = 99
 TXT_MAX = 200        # bytes per TXT value we publish; a TXT string is at most 255
 
@@ -119,6 +128,10 @@ class Agent:
         self.instances: dict[str, str] = {}  # service type -> instance name we registered
         self.published: set[str] = set()     # every address this process ever announced
         self.defended: set[str] = set()      # the other claimant we last re-announced against
+        self.reported: set[str] = set()      # addresses claimed by unanswered announcements, logged once
+        self.probe_gap = 0.0                 # seconds between re-probes that found nobody (backing off)
+        self.next_probe = 0.0                # time.monotonic() before which we do not re-probe
+        self.last_probe = 0.0
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -205,32 +218,79 @@ class Agent:
                          hint="give this device another hostName: every numbered name is taken on this network")
 
     def _check_conflict(self) -> None:
-        """Another device announcing our host name after we claimed it (RFC 6762 section 9).
+        """Another host claiming our host name after we probed and announced it (RFC 6762 section 9).
 
-        Happens when two devices with one name probe at the same moment (a power cut ends)
-        or two networks are joined. Both devices see each other's announcements and
-        decide alike: the one whose greatest IPv4 address is greater keeps the name and
-        re-announces (peers flush the other's address records); the other drops its
-        records silently (a goodbye would also retract the PTR/SRV both share) and
-        claims a new name, which the probe then finds taken: name-2.
+        A genuine conflict: two devices with one name probed at the same moment (a power cut
+        ends) or two networks were joined. A forged one: anyone on the LAN can multicast
+        "<name>.local is at 10.0.0.250" as often as they like. So a foreign address record in
+        our cache is only a reason to probe again, never to give the name up: the name is
+        ours until another host ANSWERS our probe for it with other addresses (an answer
+        comes back to the probe's own port; an unsolicited announcement never does), and
+        answers a second probe too. Then both devices decide alike: the one whose greatest
+        IPv4 address is greater keeps the name and re-announces (peers flush the other's
+        address records); the other drops its records silently (a goodbye would also
+        retract the PTR/SRV both share) and claims a new name, which the probe then finds
+        taken: name-2. A probe that ends with us keeping the name re-announces our records
+        (flushing forged ones from peers' caches) and backs the next one off (5 s, doubling
+        to 60 s), so a flood of announcements cannot make us flood the network.
         """
-        theirs = set(cached_addresses(self.zc, f"{self.name}.local.")) - self.published
-        if not theirs:
+        now = time.monotonic()
+        if now < self.next_probe:
             return
+        records = [(a, r) for a, r in cached_records(self.zc, f"{self.name}.local.") if a not in self.published]
+        if not records:
+            if now - self.last_probe > QUIET_RESET:
+                self.probe_gap = 0.0
+            return
+        claimed = {a for a, _ in records}
+        self.last_probe = now
+        answered = self._probe_others()
+        if answered and self._wins(answered):
+            again = self._probe_others()  # one answer is not enough: it must be there when asked again
+            if again and self._wins(again):
+                log.warning("HOST NAME CONFLICT: %s also answers for %s.local; it keeps the name (greater "
+                            "address), this device takes another", " ".join(sorted(answered | again)), self.name)
+                self._forget_services()
+                self._claim_and_register(self.base)
+                return
+            answered = again
+        self._forget_cached([r for _, r in records])  # judged; only a new announcement makes us look again
+        if answered and answered != self.defended:
+            log.warning("HOST NAME CONFLICT: %s also answers for %s.local; this device keeps the name "
+                        "(greater address) and re-announces it", " ".join(sorted(answered)), self.name)
+        elif not answered and claimed - self.reported:
+            log.warning("announcements claim %s.local for %s, but no host answers for it with that address "
+                        "when asked: not a conflict (RFC 6762 section 9); this device keeps the name and "
+                        "re-announces it", self.name, " ".join(sorted(claimed)))
+            self.reported = claimed | (self.reported if len(self.reported) < 256 else set())
+        self.defended = answered
+        self.zc.update_service(self._kiosk_info())
+        self.zc.update_service(self._ssh_info())
+        self.probe_gap = min(max(2 * self.probe_gap, REPROBE_MIN), REPROBE_MAX)
+        self.next_probe = now + self.probe_gap
+
+    def _probe_others(self) -> set[str]:
+        """Addresses other hosts give when asked for our name (three queries over PROBE_TIME)."""
+        answers = probe(self.name, PROBE_TIME, interfaces=ipv4_of(self.addresses))
+        return set(answers) - set(_flat(self.addresses))
+
+    def _wins(self, answered: set[str]) -> bool:
+        """The tie-break both devices make alike: whether `answered` (other hosts' addresses) beats ours."""
         mine = ipv4_of(self.addresses) or _flat(self.addresses)
-        their_v4 = [a for a in theirs if ":" not in a]
-        if max(map(_packed, mine)) > max(map(_packed, their_v4 or theirs)):
-            if theirs != self.defended:
-                log.warning("HOST NAME CONFLICT: %s also announces %s.local; this device keeps the name "
-                            "(greater address) and re-announces it", " ".join(sorted(theirs)), self.name)
-                self.defended = theirs
-                self.zc.update_service(self._kiosk_info())
-                self.zc.update_service(self._ssh_info())
-            return
-        log.warning("HOST NAME CONFLICT: %s also announces %s.local; it keeps the name (greater address), "
-                    "this device takes another", " ".join(sorted(theirs)), self.name)
-        self._forget_services()
-        self._claim_and_register(self.base)
+        their_v4 = [a for a in answered if ":" not in a]
+        return max(map(_packed, their_v4 or answered)) > max(map(_packed, mine))
+
+    def _forget_cached(self, records: list) -> None:
+        """Drop records from our own cache (in zeroconf's loop; those that expired meanwhile are gone)."""
+        from zeroconf.const import _CLASS_IN
+
+        zc = self.zc
+
+        def drop() -> None:
+            present = [r for r in records if r in zc.cache.get_all_by_details(r.name, r.type, _CLASS_IN)]
+            zc.cache.async_remove_records(present)
+
+        zc.loop.call_soon_threadsafe(drop)
 
     def _forget_services(self) -> None:
         """Stop answering for our services and name, without goodbyes."""
