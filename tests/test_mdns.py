@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import kiosk_cli
 from mdns_netns import Lan, make_state_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,6 +174,29 @@ def test_not_host_names(text):
 
     with pytest.raises(UsageError):
         mdns_name(text)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "-1", "0", "86401"])
+@pytest.mark.parametrize("command", [["resolve", "kitchen"], ["ssh-proxy", "kitchen.local", "22"], ["discover"],
+                                     ["discover", "--watch", "--json"], ["agent", "--state-dir", "/nonexistent"]])
+def test_durations_that_are_not_are_refused(command, value):
+    """float() takes nan and inf: each used to hang (a deadline never reached) or do nothing at all."""
+    option = "--interval" if command[0] == "agent" else "--timeout"
+
+    def hung(signum, frame):
+        raise TimeoutError(f"kiosk {' '.join(command)} {option} {value} still running after 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)  # subprocess.run kills the child when this interrupts it
+    try:
+        r = kiosk_cli(*command, f"{option}={value}")  # "=": argparse would take -inf for an option
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.startswith(f"kiosk: {option} ") and "is not a usable number of seconds" in r.stderr, r.stderr
+    assert "above 0" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stdout == ""
 
 
 def test_relay_passes_eof_both_ways():

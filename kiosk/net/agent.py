@@ -46,8 +46,8 @@ from pathlib import Path
 
 from kiosk import __version__
 from kiosk.net.mdns import (KIOSK_TYPE, SSH_TYPE, cached_records, ipv4_of, local_addresses, probe, resolve,
-                            tolerate_bad_packets)
-from kiosk.core.errors import KioskError, UsageError
+                            seconds, tolerate_bad_packets)
+from kiosk.core.errors import KioskError
 
 log = logging.getLogger("kiosk.net.agent")
 
@@ -456,8 +456,7 @@ def _no_socket_tracebacks(record: logging.LogRecord) -> bool:
 
 
 def cmd_agent(args) -> int:
-    if args.interval <= 0:
-        raise UsageError("--interval must be positive")
+    seconds(args.interval, "--interval", maximum=3600)
     logging.basicConfig(stream=sys.stderr, level=logging.DEBUG if args.verbose else logging.INFO,
                         format="kiosk-agent: %(levelname)s: %(message)s")
     zeroconf_log = logging.getLogger("zeroconf")

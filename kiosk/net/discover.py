@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 from kiosk.core.errors import KioskError, UsageError, one_line
-from kiosk.net.mdns import (DEFAULT_TIMEOUT, KIOSK_TYPE, is_mdns_host, mdns_name, resolve, sort_addresses,
-                            tolerate_bad_packets)
+from kiosk.net.mdns import (DEFAULT_TIMEOUT, KIOSK_TYPE, is_mdns_host, mdns_name, resolve, seconds,
+                            sort_addresses, tolerate_bad_packets)
 
 def cmd_resolve(args) -> int:
     name = mdns_name(args.host)
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    seconds(args.timeout, "--timeout")
     addresses = resolve(name, timeout=args.timeout)
     if not addresses:
         raise KioskError(f"no answer for {name[:-1]} within {args.timeout:g} s: is the device on this network "
@@ -251,6 +250,7 @@ def relay(sock: socket.socket, stdin_fd: int = 0, stdout_fd: int = 1) -> None:
 def cmd_ssh_proxy(args) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"port {args.port} is not between 1 and 65535")
+    seconds(args.timeout, "--timeout")
     sock = _connect(args.host, args.port, args.timeout)
     try:
         relay(sock)
@@ -313,6 +313,5 @@ def _discover_entry(args) -> int:
     args.timeout_given = args.timeout is not None
     if args.timeout is None:
         args.timeout = DEFAULT_TIMEOUT
-    if args.timeout <= 0:
-        raise UsageError("--timeout must be positive")
+    seconds(args.timeout, "--timeout")
     return cmd_discover(args)

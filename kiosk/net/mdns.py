@@ -15,6 +15,7 @@ multicast rate limit that would otherwise delay repeated lookups.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import secrets
 import socket
@@ -26,6 +27,7 @@ from kiosk.core.errors import KioskError, UsageError, one_line
 KIOSK_TYPE = "_kiosk._tcp.local."
 SSH_TYPE = "_ssh._tcp.local."
 DEFAULT_TIMEOUT = 3.0
+MAX_SECONDS = 86400.0  # a day: the most any --timeout or --interval may be (a bigger one is a typo, or a hang)
 
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _IFF_UP = 0x1
@@ -43,6 +45,17 @@ def mdns_name(host: str) -> str:
         raise UsageError(f"{one_line(host)!s} is not a host name: use letters, digits and '-' "
                          "(at most 63), optionally followed by .local")
     return f"{name}.local."
+
+
+def seconds(value: float, option: str, maximum: float = MAX_SECONDS) -> float:
+    """`value` when it is a usable duration (finite, above 0, at most `maximum`); UsageError naming `option` if not.
+
+    argparse's float() takes "nan", "inf" and "1e999": each would make a loop wait forever.
+    """
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        raise UsageError(f"{option} {value:g} is not a usable number of seconds",
+                         hint=f"give a number above 0 and at most {maximum:g}, e.g. {option} 3")
+    return value
 
 
 def is_mdns_host(host: str) -> bool:
