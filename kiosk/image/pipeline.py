@@ -218,7 +218,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, stages:
             boot = bootfiles.boot_files(plan, root, root=ident.root, epoch=epoch, log=stages.log)
             commit = configure_root(root, spec_text, layer, epoch=epoch, log=stages.log)
             if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
-                from kiosk.builders.builders import prepare_device_for_builders  # issue 8: the device's builder key
+                from kiosk.builders.keys import prepare_device_for_builders  # issue 8: the device's builder key
                 prepare_device_for_builders(root, spec.data, out_dir, stages.log, epoch=epoch)
         with stages.stage("image"):
             out_image = out_dir / image.image_name(plan)
@@ -263,7 +263,7 @@ def cmd_build(args) -> int:
     from kiosk.spec.commands import print_warnings
 
     if getattr(args, "builder", None):
-        from kiosk.builders.builders import remote_build  # issue 8: build on a bigger machine over ssh
+        from kiosk.builders.remote import remote_build  # issue 8: build on a bigger machine over ssh
         return remote_build(args)
     path = Path(args.spec)
     spec = specmod.load(path)
