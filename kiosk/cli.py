@@ -25,7 +25,8 @@ COMMAND_MODULES = (
     "kiosk.device.generations",     # generations, rollback, switch
     "kiosk.net.agent",           # agent
     "kiosk.net.discover",        # discover, resolve, ssh-proxy, ssh-config
-    "kiosk.builders.builders",        # builders check/authorize, builder-serve (and build --builder)
+    "kiosk.builders.commands",        # builders check/authorize (build --builder is kiosk.builders.remote)
+    "kiosk.buildhost.commands",       # builder-serve
     "kiosk.device.hooks",           # hook entry points used by configuration.git
 )
 
@@ -36,7 +37,8 @@ COMMANDS = {
     "run": "kiosk.qemu.command", "flash": "kiosk.flash.command", "generations": "kiosk.device.generations",
     "rollback": "kiosk.device.generations", "switch": "kiosk.device.generations", "agent": "kiosk.net.agent",
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
-    "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.builders", "builder-serve": "kiosk.builders.builders",
+    "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.commands",
+    "builder-serve": "kiosk.buildhost.commands",
     "hook": "kiosk.device.hooks",
 }
 

@@ -99,6 +99,11 @@ def cache_dir() -> Path:
     return Path(base) / "kiosk"
 
 
+def deb_cache_dir() -> Path:
+    """Downloaded .debs of every architecture, shared by image builds and builders (arch: all ones too)."""
+    return cache_dir() / "debs"
+
+
 def device_root() -> Path:
     """The root the device commands and hooks work on: / on a device, a tree in tests."""
     return Path(setting("KIOSK_ROOT") or "/")

@@ -495,7 +495,7 @@ def device_lock(root: Path, what: str, log: Log, timeout: float | None = None):
 # ---------------------------------------------------------------- packages
 
 class Installer:
-    """Installs Debian packages on the device. Issue 8 (kiosk.builders.builders) provides one for remote builders."""
+    """Installs Debian packages on the device. Issue 8 (kiosk.device.fetch) provides one for remote builders."""
 
     name = "none"
 
@@ -549,8 +549,8 @@ def default_installer(root: Path, spec: dict, activator: activation.Activator | 
     so tests run them for real); else the recording installer in tests; else apt."""
     if spec.get("builders") or (spec.get("localSystem") or {}).get("hostName"):
         try:
-            from kiosk.builders import builders  # issue 8
-            return builders.package_installer(spec)
+            from kiosk.device import fetch  # issue 8
+            return fetch.package_installer(spec)
         except (ImportError, AttributeError):
             pass
     if isinstance(activator, activation.RecordingActivator):

@@ -14,7 +14,7 @@ def cmd_build(args) -> int:
     from kiosk.spec.commands import print_warnings
 
     if getattr(args, "builder", None):
-        from kiosk.builders.builders import remote_build  # issue 8: build on a bigger machine over ssh
+        from kiosk.builders.remote import remote_build  # issue 8: build on a bigger machine over ssh
         return remote_build(args)
     path = Path(args.spec)
     spec = specmod.load(path)
