@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiosk.device import generations as gens
+from kiosk.device import provision
 from kiosk.core import paths as resources
 from kiosk.config.render import render
 from kiosk.spec.load import loads
@@ -70,9 +70,9 @@ class Device:
         self.recording.write_text("{}")
         self.spec_text = json.dumps(spec, indent=2) + "\n"
         layer = render(loads(self.spec_text).data)
-        self.first_commit = gens.install_first_generation(self.root, self.spec_text, layer, epoch=EPOCH,
+        self.first_commit = provision.install_first_generation(self.root, self.spec_text, layer, epoch=EPOCH,
                                                           hooks_dir=resources.hooks_dir())
-        self.repo = self.root / gens.REPO
+        self.repo = self.root / resources.REPO
         self.port = free_port()
         (tmp / "authorized_keys").write_text(client_pub + "\n")
         hook_env = {

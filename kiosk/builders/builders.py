@@ -55,7 +55,7 @@ from pathlib import Path
 from kiosk import __version__
 from kiosk.core import paths as resources
 from kiosk.core.errors import KioskError, UsageError
-from kiosk.device.generations import Installer
+from kiosk.device.packages import Installer
 
 PROTOCOL = 1
 DEFAULT_KEY = "/etc/kiosk/builder_ed25519"

@@ -133,7 +133,7 @@ def configure_root(root: Path, spec_text: str, layer: dict, *, epoch: int, log) 
     """
     import subprocess
 
-    from kiosk.device.generations import install_first_generation, recovery_layer
+    from kiosk.device.provision import install_first_generation, recovery_layer
     from kiosk.config.layer import apply_layer
 
     install_kiosk_package(root, epoch)
