@@ -34,7 +34,7 @@ from kiosk.builders.ssh import ssh_problem
 from kiosk.builders.wire import BadAnswer, receive_payload
 from kiosk.core.errors import UsageError
 from kiosk.core.paths import BUILDER_KEY
-from kiosk.device import generations as gens
+from kiosk.device import store
 from kiosk.device.fetch import ensure_device_key
 
 EPOCH = 1700000000
@@ -344,7 +344,7 @@ def test_package_change_is_built_remotely_after_failover(lab):
     assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0", "kiosk-test-hello": "1.0",
                                         "kiosk-test-libhello": "1.0"}
     assert (lab.root / "usr/share/kiosk-test-hello/hello.txt").read_text() == "hello from kiosk-test-hello 1.0 (armel)\n"
-    assert gens.pointer(lab.root) == 2 and gens.current(lab.root).meta["status"] == "active"
+    assert store.pointer(lab.root) == 2 and store.current(lab.root).meta["status"] == "active"
     assert not (lab.root / "var/cache").exists()  # the transfer's directory is gone
 
     # a second package with the same dependency: only what the device lacks comes back
@@ -371,7 +371,7 @@ def test_all_builders_down_the_push_fails_and_the_device_is_unchanged(lab):
     assert lines[-1] == "==> push refused: the new generation could not be prepared; nothing on the device was changed"
     assert without_state(snapshot(lab.root)) == without_state(before)
     assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0"}
-    assert gens.pointer(lab.root) == 1
+    assert store.pointer(lab.root) == 1
 
 
 @pytest.mark.root

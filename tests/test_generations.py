@@ -13,11 +13,12 @@ from conftest import kiosk_cli
 from sshd_harness import EPOCH, copy_root, snapshot
 from test_spec import ED25519, RSA
 
-from kiosk.device import activation
-from kiosk.device import generations as gens
+from kiosk.core.log import Log
+from kiosk.device import activation, links, packages, pending, provision, recover, store, switch
 from kiosk.core import paths as resources
 from kiosk.config.render import render
 from kiosk.spec.load import check
+from kiosk.spec.plan import make_plan
 
 BASE = {
     "hostName": "lobby", "hardware": "raspberryPi3", "authorizedKeys": [ED25519],
@@ -38,19 +39,20 @@ def spec_text(data) -> str:
 
 def install(root, data=BASE):
     text = spec_text(data)
-    return gens.install_first_generation(root, text, render(check(copy.deepcopy(data)).data), epoch=EPOCH,
-                                         hooks_dir=resources.hooks_dir())
+    spec = check(copy.deepcopy(data)).data
+    return provision.install_first_generation(root, text, render(spec), make_plan(spec), epoch=EPOCH,
+                                              hooks_dir=resources.hooks_dir())
 
 
 def add_generation(root, data, commit="f" * 40):
     spec = check(copy.deepcopy(data)).data
     from kiosk.spec.plan import make_plan
-    return gens.write_generation(root, spec_text(data), render(spec), commit=commit,
-                                 packages=make_plan(spec).packages, previous=gens.pointer(root))
+    return store.write_generation(root, spec_text(data), render(spec), commit=commit,
+                                 packages=make_plan(spec).packages, previous=store.pointer(root))
 
 
 def statuses(root):
-    return {g.number: g.meta["status"] for g in gens.list_generations(root)}
+    return {g.number: g.meta["status"] for g in store.list_generations(root)}
 
 
 @pytest.fixture
@@ -86,23 +88,23 @@ def test_first_generation_is_complete_linked_private_and_reproducible(tmp_path, 
     times = {p: os.lstat(a / p).st_mtime for p in snapshot(a)}
     assert set(times.values()) == {EPOCH}  # every file, link and directory made or changed
 
-    repo = a / gens.REPO
+    repo = a / resources.REPO
     assert stat.S_IMODE(repo.stat().st_mode) == 0o700  # Wi-Fi passphrases
     for hook in ("pre-receive", "post-receive"):
         assert stat.S_IMODE((repo / "hooks" / hook).stat().st_mode) == 0o755
     config = (repo / "config").read_text()
     assert "denyNonFastForwards = true" in config and "denyDeletes = true" in config
     assert (repo / "HEAD").read_text() == "ref: refs/heads/main\n"
-    assert gens.repo_main(a) == commit
+    assert pending.repo_main(a) == commit
 
-    gen = gens.generation(a, 1)
+    gen = store.generation(a, 1)
     assert gen.spec_text == spec_text(BASE)
     assert stat.S_IMODE((gen.path / "nixiosk.json").stat().st_mode) == 0o600
     meta = gen.meta
     assert meta["number"] == 1 and meta["status"] == "active" and meta["previous"] is None
-    assert meta["commit"] == gens.repo_main(a) and meta["date"] == "2023-11-14T22:13:20Z"
+    assert meta["commit"] == pending.repo_main(a) and meta["date"] == "2023-11-14T22:13:20Z"
     assert "cog" in meta["packages"] and "linux-image-arm64" in meta["packages"]
-    assert gens.pointer(a, "current") == gens.pointer(a, "default") == 1
+    assert store.pointer(a, "current") == store.pointer(a, "default") == 1
     assert os.readlink(a / "var/lib/kiosk/current") == "generations/1"
     # relative links through `current`: they resolve inside whatever tree holds them
     assert os.readlink(a / "etc/hostname") == "../var/lib/kiosk/current/root/etc/hostname"
@@ -112,7 +114,7 @@ def test_first_generation_is_complete_linked_private_and_reproducible(tmp_path, 
     assert (a / "etc/hostname").read_text() == "lobby\n"
     assert os.readlink(a / "etc/localtime") == "/usr/share/zoneinfo/America/New_York"
     assert stat.S_IMODE((gen.path / "root/etc/wpa_supplicant/wpa_supplicant-wlan0.conf").stat().st_mode) == 0o600
-    assert gens.verify(a) == []
+    assert links.verify(a) == []
     manifest = gen.manifest
     assert manifest["/etc/hostname"] == {"kind": "file", "mode": "0644", "uid": 0, "gid": 0,
                                          "sha256": __import__("hashlib").sha256(b"lobby\n").hexdigest()}
@@ -120,6 +122,21 @@ def test_first_generation_is_complete_linked_private_and_reproducible(tmp_path, 
 
     with pytest.raises(Exception, match="already has generations"):
         install(a)
+
+
+def test_read_running_gives_a_reader_the_spec_and_meta_and_never_raises(device, tmp_path):
+    """What the agent announces: the running generation's nixiosk.json and meta.json, {} for what is unreadable."""
+    spec, meta = store.read_running(store.state_dir(device))
+    assert spec["hostName"] == "lobby" and meta["number"] == 1 and meta["commit"] == pending.repo_main(device)
+    warnings = []
+    assert store.read_running(tmp_path / "nothing", warnings.append) == ({}, {}) and warnings == []
+    broken = tmp_path / "broken"
+    (broken / "generations/1").mkdir(parents=True)
+    (broken / "generations/1/nixiosk.json").write_text("{")
+    (broken / "generations/1/meta.json").write_text("[1]")
+    (broken / "current").symlink_to("generations/1")
+    assert store.read_running(broken, warnings.append) == ({}, {})
+    assert len(warnings) == 1 and warnings[0].startswith(f"cannot read {broken}/current/nixiosk.json (")
 
 
 def test_first_generation_replaces_the_layer_written_as_plain_files(tmp_path, monkeypatch_offline):
@@ -130,7 +147,7 @@ def test_first_generation_replaces_the_layer_written_as_plain_files(tmp_path, mo
     assert (root / "etc/hostname").is_file() and not (root / "etc/hostname").is_symlink()
     install(root)
     assert (root / "etc/hostname").is_symlink()
-    assert gens.verify(root) == []
+    assert links.verify(root) == []
     # systemd's --root tools follow the links inside the tree (they ignore absolute ones: systemd 252)
     if shutil.which("systemd-sysusers"):
         for name in ("passwd", "group", "shadow", "gshadow"):
@@ -141,22 +158,22 @@ def test_first_generation_replaces_the_layer_written_as_plain_files(tmp_path, mo
 
 
 def test_recovery_unit_runs_early_and_only_when_needed():
-    path, text = gens.recovery_unit()
+    path, text = provision.recovery_unit()
     assert path == "/etc/systemd/system/kiosk-recover.service"
     assert "ExecStart=/usr/bin/kiosk switch --recover --at-boot\n" in text
     assert "DefaultDependencies=no\n" in text and "Before=sysinit.target" in text
     for marker in ("switch.json", "pending.json", "default-differs"):
         assert f"ConditionPathExists=|/var/lib/kiosk/{marker}\n" in text
-    layer = gens.recovery_layer()
+    layer = provision.recovery_layer()
     assert layer["/etc/systemd/system/sysinit.target.wants/kiosk-recover.service"].target == path
 
 
 # ---------------------------------------------------------------- the activation plan
 
 def test_activation_plan_between_two_specs(monkeypatch_offline):
-    first = gens.manifest_of(render(check(copy.deepcopy(BASE)).data))
+    first = store.manifest_of(render(check(copy.deepcopy(BASE)).data))
     second_layer = render(check(copy.deepcopy(SECOND)).data)
-    second = gens.manifest_of(second_layer)
+    second = store.manifest_of(second_layer)
     texts = {p: e.data.decode() for p, e in second_layer.items() if e.kind == "file"}
     old_texts = {p: e.data.decode() for p, e in render(check(copy.deepcopy(BASE)).data).items() if e.kind == "file"}
     plan = activation.plan(first, second, new_texts=texts, old_texts=old_texts)
@@ -176,18 +193,18 @@ def test_activation_plan_between_two_specs(monkeypatch_offline):
     assert same.empty() and same.lines() == []
 
     # only the SSH keys: nothing to restart (read at every login)
-    keys = gens.manifest_of(render(check(dict(copy.deepcopy(BASE), authorizedKeys=[ED25519, RSA])).data))
+    keys = store.manifest_of(render(check(dict(copy.deepcopy(BASE), authorizedKeys=[ED25519, RSA])).data))
     assert activation.plan(first, keys).empty()
 
     # the regulatory domain: wpa_supplicant's country= now, the cfg80211 option at the next boot
-    reg = gens.manifest_of(render(check(dict(copy.deepcopy(BASE), locale=dict(BASE["locale"], regDom="DE"))).data))
+    reg = store.manifest_of(render(check(dict(copy.deepcopy(BASE), locale=dict(BASE["locale"], regDom="DE"))).data))
     p = activation.plan(first, reg)
     assert p.at_boot == ["the Wi-Fi regulatory domain (cfg80211 module option)"]
     assert p.restart == ["wpa_supplicant@wlan0.service"] and not p.daemon_reload
 
     # firmware settings: raspi-firmware's hook rewrites config.txt now; the firmware reads it at the next boot
     fw_spec = dict(copy.deepcopy(BASE), raspberryPi={"firmwareConfig": "hdmi_force_hotplug=1"})
-    fw = gens.manifest_of(render(check(fw_spec).data))
+    fw = store.manifest_of(render(check(fw_spec).data))
     p = activation.plan(first, fw)
     assert p.commands == [["/usr/lib/kiosk/update-boot-config"]]
     assert p.at_boot == ["firmware settings (config.txt/cmdline.txt rewritten now, read at the next boot)"]
@@ -218,16 +235,16 @@ def test_switch_test_boot_and_dry_activate(device, recording):
     # test: activate now, keep the boot default; the next boot returns to it
     r = kiosk_cli("switch", "test", "2", "--root", str(root))
     assert r.returncode == 0, r.stderr
-    assert gens.pointer(root, "current") == 2 and gens.pointer(root, "default") == 1
+    assert store.pointer(root, "current") == 2 and store.pointer(root, "default") == 1
     assert (root / "var/lib/kiosk/default-differs").read_text() == "1\n"
-    assert gens.verify(root) == []
+    assert links.verify(root) == []
     assert ["set-hostname", "hall"] in calls(recording)
     assert calls(recording)[-2] == ["run", ["usermod", "--shell", "/bin/bash", "kiosk"]]
     assert not (root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf").is_symlink()
     r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
     assert r.returncode == 0, r.stderr
-    assert gens.pointer(root, "current") == gens.pointer(root, "default") == 1
-    assert gens.verify(root) == [] and calls(recording)[-1] == ["boot-reconcile", None]
+    assert store.pointer(root, "current") == store.pointer(root, "default") == 1
+    assert links.verify(root) == [] and calls(recording)[-1] == ["boot-reconcile", None]
     assert not (root / "var/lib/kiosk/default-differs").exists()
     assert (root / "etc/wpa_supplicant/wpa_supplicant-wlan0.conf").is_symlink()
 
@@ -235,11 +252,11 @@ def test_switch_test_boot_and_dry_activate(device, recording):
     n = len(calls(recording))
     r = kiosk_cli("switch", "boot", "2", "--root", str(root))
     assert r.returncode == 0, r.stderr
-    assert gens.pointer(root, "current") == 1 and gens.pointer(root, "default") == 2
-    assert len(calls(recording)) == n and gens.verify(root) == []
+    assert store.pointer(root, "current") == 1 and store.pointer(root, "default") == 2
+    assert len(calls(recording)) == n and links.verify(root) == []
     r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
     assert r.returncode == 0
-    assert gens.pointer(root, "current") == 2 and gens.verify(root) == []
+    assert store.pointer(root, "current") == 2 and links.verify(root) == []
     assert statuses(root) == {1: "superseded", 2: "active"}
 
     # switch (back to 1) and the listing
@@ -252,21 +269,21 @@ def test_switch_test_boot_and_dry_activate(device, recording):
         [(1, "active", True), (2, "superseded", False)]
     r = kiosk_cli("generations", "--root", str(root))
     assert r.stdout.splitlines()[0] == "   GEN  DATE                  COMMIT        STATUS       NOTE"
-    assert r.stdout.splitlines()[1] == f"*    1  2023-11-14T22:13:20Z  {gens.repo_main(root)[:12]}  active       current; default"
-    assert r.stdout.splitlines()[2] == "     2  " + gens.generation(root, 2).meta["date"] + "  ffffffffffff  superseded   "
+    assert r.stdout.splitlines()[1] == f"*    1  2023-11-14T22:13:20Z  {pending.repo_main(root)[:12]}  active       current; default"
+    assert r.stdout.splitlines()[2] == "     2  " + store.generation(root, 2).meta["date"] + "  ffffffffffff  superseded   "
 
 
 def test_rollback_command(device, recording):
     root = device
     add_generation(root, SECOND)
     assert kiosk_cli("switch", "switch", "--root", str(root)).returncode == 0  # newest: 2
-    assert gens.pointer(root) == 2
+    assert store.pointer(root) == 2
     r = kiosk_cli("rollback", "--root", str(root))
     assert r.returncode == 0, r.stderr
     assert "==> rolling back from generation 2 to 1\n" in r.stderr
-    assert gens.pointer(root) == gens.pointer(root, "default") == 1
+    assert store.pointer(root) == store.pointer(root, "default") == 1
     assert statuses(root) == {1: "active", 2: "rolled-back"}
-    assert gens.verify(root) == []
+    assert links.verify(root) == []
     r = kiosk_cli("rollback", "--root", str(root))
     assert r.returncode == 1 and "no earlier good generation to roll back to" in r.stderr
 
@@ -281,10 +298,10 @@ def test_a_failing_unit_rolls_back_by_itself(device, recording):
     assert "    FAILED kiosk.service: exited at once (status 1)\n" in r.stderr
     assert "kiosk: rolled back to generation 1: generation 2 failed: kiosk.service: exited at once (status 1)" \
         in r.stderr
-    assert gens.pointer(root) == gens.pointer(root, "default") == 1
+    assert store.pointer(root) == store.pointer(root, "default") == 1
     assert statuses(root) == {1: "active", 2: "failed"}
-    assert gens.generation(root, 2).meta["reason"] == "kiosk.service: exited at once (status 1)"
-    assert gens.verify(root) == [] and gens.read_journal(root) is None
+    assert store.generation(root, 2).meta["reason"] == "kiosk.service: exited at once (status 1)"
+    assert links.verify(root) == [] and switch.read_journal(root) is None
     # the way back was activated too: Wi-Fi started again, the console login stopped
     assert ["start", ["wpa_supplicant@wlan0.service"]] in calls(recording)
     assert ["stop", ["autovt@*.service", "console-getty.service", "getty@*.service", "getty@tty2.service",
@@ -311,10 +328,10 @@ def two_generations(tmp_path_factory):
 
 def assert_consistent_on(root, number):
     """ONE complete generation: every path linked into it, nothing of another left, pointers agree."""
-    assert gens.read_journal(root) is None
-    assert gens.pointer(root, "current") == gens.pointer(root, "default") == number
-    assert gens.verify(root) == []
-    target = gens.generation(root, number)
+    assert switch.read_journal(root) is None
+    assert store.pointer(root, "current") == store.pointer(root, "default") == number
+    assert links.verify(root) == []
+    target = store.generation(root, number)
     for path, entry in target.manifest.items():
         live = root / path.lstrip("/")
         if entry["kind"] == "file":  # the link chain ends in this generation, inside ROOT
@@ -327,7 +344,7 @@ def test_kill_9_during_a_switch_then_recover(two_generations, tmp_path, recordin
     root = copy_root(two_generations, tmp_path / "device")
     r = kiosk_cli("switch", "switch", "2", "--root", str(root), env={"KIOSK_TEST_CRASH_AT": step})
     assert r.returncode == -9, r.stderr  # really killed
-    journal = gens.read_journal(root)
+    journal = switch.read_journal(root)
     assert journal["step"] == step and journal["safe"] == 1
     r = kiosk_cli("switch", "--recover", "--root", str(root))
     assert r.returncode == 0, r.stderr
@@ -350,7 +367,7 @@ def test_kill_9_during_a_rollback_then_recover(two_generations, tmp_path, record
     recording.write_text(json.dumps({"fail": [{"unit": "kiosk.service", "when": "hall"}]}))
     r = kiosk_cli("switch", "switch", "2", "--root", str(root), env={"KIOSK_TEST_CRASH_AT": f"rollback-{step}"})
     assert r.returncode == -9, r.stderr
-    assert gens.read_journal(root)["purpose"] == "rollback"
+    assert switch.read_journal(root)["purpose"] == "rollback"
     r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
     assert r.returncode == 0, r.stderr
     assert_consistent_on(root, 1)
@@ -362,7 +379,7 @@ def test_a_build_cut_short_is_never_a_generation(device, recording):
     (tmp / "root/etc").mkdir(parents=True)
     r = kiosk_cli("switch", "--recover", "--root", str(device))
     assert r.returncode == 0
-    assert not tmp.exists() and [g.number for g in gens.list_generations(device)] == [1]
+    assert not tmp.exists() and [g.number for g in store.list_generations(device)] == [1]
 
 
 # ---------------------------------------------------------------- a push whose ref update never happened
@@ -371,57 +388,57 @@ def test_unconfirmed_push_is_undone_at_boot(device, recording):
     root = device
     gen = add_generation(root, SECOND, commit="e" * 40)
     assert kiosk_cli("switch", "switch", "2", "--root", str(root)).returncode == 0
-    gens.write_pending(root, "e" * 40, gen.number, 1, pid=2 ** 22 + 7)  # no such process
+    pending.write_pending(root, "e" * 40, gen.number, 1, pid=2 ** 22 + 7)  # no such process
     r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
     assert r.returncode == 0, r.stderr
     assert "generation 2's push did not complete; returning to generation 1" in r.stderr
     assert_consistent_on(root, 1)
     assert statuses(root) == {1: "active", 2: "failed"}
-    assert gens.read_pending(root) is None
+    assert pending.read_pending(root) is None
 
 
 def test_unconfirmed_push_is_undone_by_the_next_push(device, recording):
     root = device
     gen = add_generation(root, SECOND, commit="e" * 40)
     assert kiosk_cli("switch", "switch", "2", "--root", str(root)).returncode == 0
-    gens.write_pending(root, "e" * 40, gen.number, 1, pid=2 ** 22 + 7)
-    log = gens.Log(open(os.devnull, "w"))
-    assert gens.resolve_pending(root, activation.from_env(root), log) == "reverted"
+    pending.write_pending(root, "e" * 40, gen.number, 1, pid=2 ** 22 + 7)
+    log = Log(open(os.devnull, "w"))
+    assert recover.resolve_pending(root, activation.from_env(root), log) == "reverted"
     assert_consistent_on(root, 1)
     # a pending push whose receive-pack still runs is waited for, not undone
-    gens.write_pending(root, "e" * 40, gen.number, 1, pid=os.getpid())
-    assert gens.resolve_pending(root, activation.from_env(root), log) == "in-progress"
+    pending.write_pending(root, "e" * 40, gen.number, 1, pid=os.getpid())
+    assert recover.resolve_pending(root, activation.from_env(root), log) == "in-progress"
     # and one git did record is confirmed
-    gens.write_pending(root, gens.repo_main(root), 1, None, pid=2 ** 22 + 7)
-    assert gens.resolve_pending(root, activation.from_env(root), log) == "confirmed"
+    pending.write_pending(root, pending.repo_main(root), 1, None, pid=2 ** 22 + 7)
+    assert recover.resolve_pending(root, activation.from_env(root), log) == "confirmed"
 
 
 # ---------------------------------------------------------------- packages
 
 def test_ensure_packages_installs_only_what_is_added(device, tmp_path):
     recorder = activation.RecordingActivator(tmp_path / "rec.json", device)
-    installer = gens.default_installer(device, {}, recorder)
+    installer = packages.default_installer(device, {}, recorder)
     lines = []
-    added = gens.ensure_packages(device, ["cog", "foot"], ["cog", "htop", "kodi"], {}, lines.append, installer)
+    added = packages.ensure_packages(device, ["cog", "foot"], ["cog", "htop", "kodi"], {}, lines.append, installer)
     assert added == ["htop", "kodi"]
     assert json.loads((tmp_path / "rec.json").read_text())["installs"] == [["htop", "kodi"]]
     assert lines == ["no longer named (left installed, not used): foot", "installing with recording: htop kodi"]
-    assert gens.ensure_packages(device, ["cog"], ["cog"], {}, lines.append, installer) == []
+    assert packages.ensure_packages(device, ["cog"], ["cog"], {}, lines.append, installer) == []
     # a tree that is not the running system never runs apt
-    assert isinstance(gens.default_installer(device, {}), gens.Installer)
-    assert gens.default_installer(device, {}).name == "none"
+    assert isinstance(packages.default_installer(device, {}), packages.Installer)
+    assert packages.default_installer(device, {}).name == "none"
 
 
 def test_prune_keeps_the_newest_and_the_current(device):
     for _ in range(12):
         add_generation(device, SECOND)
     lines = []
-    assert gens.prune(device, lines.append, keep=10) == [2, 3]
-    assert [g.number for g in gens.list_generations(device)] == [1, *range(4, 14)]
+    assert switch.prune(device, lines.append, keep=10) == [2, 3]
+    assert [g.number for g in store.list_generations(device)] == [1, *range(4, 14)]
     assert lines == ["deleted 2 old generation(s): 2, 3"]
     assert not list((device / "var/lib/kiosk/generations").glob(".*"))
-    assert gens.verify(device) == []
-    assert gens.write_generation(device, spec_text(BASE), {}, commit="0" * 40, packages=[], previous=1).number == 14
+    assert links.verify(device) == []
+    assert store.write_generation(device, spec_text(BASE), {}, commit="0" * 40, packages=[], previous=1).number == 14
 
 
 def test_systemd_activator_reads_systemctl(tmp_path):
@@ -449,7 +466,7 @@ exit 0
     a.reload(["ssh.service"])
     a.stop([])
     with pytest.raises(activation.ActivationFailed,
-                       match=r"^systemctl restart bad.service failed: Job for bad.service failed because"):
+                       match=r"systemctl restart bad.service exited with status 1:\n  Job for bad.service failed because"):
         a.restart(["bad.service"])
     problems = a.health(["kiosk.service", "kiosk-agent.service", "ssh.service", "nope.service"], 0.01)
     assert problems == ["kiosk.service: restarted 1 time(s) within 0s (the program exits at once)",

@@ -21,7 +21,7 @@ from kiosk.core.errors import KioskError
 from kiosk.core.files import human_size
 from kiosk.core.paths import setting
 from kiosk.core.run import run, run_lines
-from kiosk.device.generations import Installer
+from kiosk.device.packages import Installer
 
 START_A_BUILDER = "start a builder, see kiosk builders check"
 
