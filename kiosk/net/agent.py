@@ -28,7 +28,6 @@ mDNS traffic goes over IPv4 (AAAA records are still answered, over IPv4).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
