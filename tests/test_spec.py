@@ -524,6 +524,12 @@ def test_each_command_loads_only_its_own_stage():
              "print(sorted(m for m in sys.modules if m.startswith('kiosk.')))")
     loaded = subprocess.run([sys.executable, "-c", probe, "validate", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert "kiosk.net.discover" not in loaded.stdout and "kiosk.qemu.command" not in loaded.stdout, loaded.stdout
+    # Device commands run on a Pi 0, where GitPython alone takes seconds to import: only a push reads the repository.
+    probe = ("import sys\nfrom kiosk import cli\ntry:\n    cli.main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in sys.modules if m == 'git' or m.startswith('kiosk.')))")
+    for command in (["generations", "--help"], ["hook", "--help"], ["switch", "--help"]):
+        loaded = subprocess.run([sys.executable, "-c", probe, *command], capture_output=True, text=True, cwd=ROOT)
+        assert "kiosk.device" in loaded.stdout and "'git'" not in loaded.stdout, (command, loaded.stdout)
 
 
 def test_sample_is_valid_against_the_real_archive():

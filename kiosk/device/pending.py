@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import git
-
 from kiosk.core.files import read_json, remove_durable
 from kiosk.device.store import BRANCH, repo_dir, state_dir, write_state
 
@@ -49,6 +47,7 @@ def repo_main(root: Path) -> str | None:
     path = repo_dir(root)
     if not path.is_dir():
         return None
+    import git  # here, not at the top: every device command imports this module, few need GitPython
     with git.Repo(path) as repo:
         try:
             return git.SymbolicReference.dereference_recursive(repo, BRANCH)
