@@ -53,11 +53,11 @@ def check_no_password_hash(root: Path) -> None:
     for number, line in enumerate(shadow.read_text().splitlines(), 1):
         fields = line.split(":")
         if len(fields) > 1 and fields[1] not in ("*", "!", "!*", "!!") and not fields[1].startswith("!"):
-            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} has a password; "
-                             "kiosk images must have none (this is a bug in the build)")
+            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} has a password",
+                             hint="kiosk images must have none: this is a bug in the build, please report it")
         if len(fields) > 1 and fields[1].startswith("!") and len(fields[1]) > 2:
-            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} holds a (locked) password hash; "
-                             "kiosk images must have none")
+            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} holds a (locked) password hash",
+                             hint="kiosk images must have none: this is a bug in the build, please report it")
 
 
 def configure_root(root: Path, spec_text: str, layer: dict, plan, *, epoch: int, log) -> str:
