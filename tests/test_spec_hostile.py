@@ -175,6 +175,14 @@ def test_a_syntax_error_on_a_huge_line_shows_only_its_surroundings(tmp_path):
     assert "\x1b" not in result.stderr  # a terminal escape in the file is shown escaped, never sent to the terminal
 
 
+def test_an_unclosed_string_full_of_brackets_is_a_syntax_error_not_a_nesting_one(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text('{"hostName": "' + "[" * 1000)
+    assert kiosk("validate", str(path)).stderr.splitlines()[0] == (
+        f'{path}: /hostName: line 1 column 14: this string is never closed; add the closing " (and write a " '
+        'inside a string as \\")')
+
+
 # ---------------------------------------------------------------- must fix 7: config.txt keys that decide what boots
 
 BRICK = "decides what boots; a bad value would brick the device with no way back"

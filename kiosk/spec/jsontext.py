@@ -24,7 +24,8 @@ MAX_DEPTH = 16           # the deepest real path is /builders/0/systems/0 (4 con
 MAX_DIGITS = 30          # the largest real number is a port (5 digits)
 MAX_KEY = 256            # field names are short; an SSID is at most 32 bytes
 
-_STRING = re.compile(r'"(?:[^"\\]++|\\[\s\S])*+"')
+# A JSON string, or an unterminated one up to the end (the parser stops there too, without recursing).
+_STRING = re.compile(r'"(?:[^"\\]++|\\[\s\S])*+\\?(?P<end>"|\Z)')
 _BRACKET = re.compile(r"[\[\]{}]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -72,7 +73,7 @@ def pointer_at(text: str, pos: int) -> str:
 
 def _blank_strings(text: str) -> str:
     """The text with every string's inside replaced by spaces: same length, brackets and numbers only outside."""
-    return _STRING.sub(lambda m: '"' + " " * (len(m.group()) - 2) + '"', text)
+    return _STRING.sub(lambda m: '"' + " " * (len(m.group()) - 1 - len(m["end"])) + m["end"], text)
 
 
 # ---------------------------------------------------------------- limits on the text
@@ -179,6 +180,8 @@ def _syntax_error(text: str, exc: json.JSONDecodeError, source: str) -> InvalidS
         message, fix = "expected ',' between items", "add a comma after the previous item"
     elif exc.msg.startswith("Invalid control character"):
         message, fix = "a raw line break or tab inside a string", "write it as \\n or \\t"
+    elif exc.msg.startswith("Unterminated string"):
+        message, fix = "this string is never closed", "add the closing \" (and write a \" inside a string as \\\")"
     elif exc.msg.startswith("Expecting value"):
         message, fix = "expected a value", "write a string, number, true, false, null, object or array here"
     lines = text.splitlines()
