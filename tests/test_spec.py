@@ -287,8 +287,8 @@ CASES = [
      ['/builders/0/systems/1: "riscv64" is not a valid choice; use Debian architectures (amd64, arm64, armhf, '
       'armel) or Nix systems (aarch64-linux, ...)']),
     ("builder-sshkey-relative", [("/builders", [{"hostName": "b", "sshKey": "id_ed25519"}])],
-     ['/builders/0/sshKey: "id_ed25519" is not in the right form; use an absolute path on the device, e.g. '
-      '"/etc/kiosk/builder_ed25519"']),
+     ['/builders/0/sshKey: "id_ed25519" is not in the right form; use an absolute path on the device without \'..\' '
+      'parts, e.g. "/etc/kiosk/builder_ed25519"']),
     ("builder-hostkey-bad", [("/builders", [{"hostName": "b", "publicHostKey": "ssh-ed25519 nope!"}])],
      ["/builders/0/publicHostKey: this host key has a key body that is not valid base64 (truncated or mangled "
       "paste?); paste the builder's host key line, e.g. from: ssh-keyscan -t ed25519 HOST"]),
