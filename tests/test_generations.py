@@ -4,15 +4,19 @@ switches in every mode, the activation plan, and kill -9 at every step of a swit
 import copy
 import json
 import os
+import hashlib
 import shutil
 import stat
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import kiosk_cli
 from sshd_harness import EPOCH, copy_root, snapshot
 from test_spec import ED25519, RSA
 
+from kiosk.core.errors import InvalidSpec, KioskError
 from kiosk.core.log import Log
 from kiosk.device import activation, links, packages, pending, provision, recover, store, switch
 from kiosk.core import paths as resources
@@ -429,16 +433,250 @@ def test_ensure_packages_installs_only_what_is_added(device, tmp_path):
     assert packages.default_installer(device, {}).name == "none"
 
 
-def test_prune_keeps_the_newest_and_the_current(device):
+def set_status(root, number, status):
+    store.update_meta(store.generation(root, number), status=status)
+
+
+def test_prune_keeps_what_rollback_needs_and_nothing_else(device):
+    root = device
     for _ in range(12):
-        add_generation(device, SECOND)
+        add_generation(root, SECOND)  # 2..13
+    for n in range(2, 7):
+        set_status(root, n, "superseded")
+    for n in (7, 8, 9, 10, 11, 13):
+        set_status(root, n, "failed")
+    set_status(root, 12, "rolled-back")
+    pending.write_pending(root, "e" * 40, 8, 1, pid=2 ** 22 + 7)              # a pending push names 8
+    store.write_state(switch.journal_path(root), {"from": 1, "to": 3, "safe": 1, "mode": "switch",
+                                                  "purpose": "push", "defaultBefore": 1, "step": "begin"})
+    (root / "var/lib/kiosk/generations/9/meta.json").write_text("{not json")  # damaged: left to a person
     lines = []
-    assert switch.prune(device, lines.append, keep=10) == [2, 3]
-    assert [g.number for g in store.list_generations(device)] == [1, *range(4, 14)]
-    assert lines == ["deleted 2 old generation(s): 2, 3"]
-    assert not list((device / "var/lib/kiosk/generations").glob(".*"))
-    assert links.verify(device) == []
-    assert store.write_generation(device, spec_text(BASE), {}, commit="0" * 40, packages=[], previous=1).number == 14
+    # kept: 1 (current, default), 13 (the newest), 5 6 12 (the 3 newest good besides 1... counted with it:
+    # good = 1-6, 12, the newest 3 of them are 5, 6, 12), 8 (pending), 3 (the journal), 9 (damaged)
+    assert switch.prune(root, lines.append, keep=3) == [2, 4, 7, 10, 11]
+    assert [g.number for g in store.list_generations(root)] == [1, 3, 5, 6, 8, 9, 12, 13]
+    assert lines == ["deleted 5 old generation(s): 2, 4, 7, 10, 11"]
+    assert not list((root / "var/lib/kiosk/generations").glob(".*"))
+    # the next number is never one given out before
+    assert store.write_generation(root, spec_text(BASE), {}, commit="0" * 40, packages=[], previous=1).number == 14
+    switch.journal_path(root).unlink()
+    pending.clear_pending(root)
+    assert links.verify(root) == []
+    # with nothing pending, the default keep (10) and a push's generations all failed: only 1 and the newest stay
+    for n in (3, 5, 6, 12):
+        set_status(root, n, "failed")
+    (root / "var/lib/kiosk/generations/9/meta.json").write_text(json.dumps({"status": "failed", "commit": "",
+                                                                            "packages": []}))
+    assert switch.prune(root, lines.append) == [3, 5, 6, 8, 9, 12, 13]
+    assert [g.number for g in store.list_generations(root)] == [1, 14]
+
+
+def test_prune_keep_setting_and_an_unreadable_state_file(device, monkeypatch):
+    add_generation(device, SECOND)
+    set_status(device, 2, "failed")
+    add_generation(device, SECOND)
+    for bad in ("0", "2.5", "-3", "nan", "many"):
+        monkeypatch.setenv("KIOSK_KEEP_GENERATIONS", bad)
+        with pytest.raises(KioskError, match="KIOSK_KEEP_GENERATIONS="):
+            switch.prune(device, print)
+    monkeypatch.setenv("KIOSK_KEEP_GENERATIONS", "1")
+    (device / "var/lib/kiosk/pending.json").write_text("[]")
+    lines = []
+    assert switch.prune(device, lines.append) == []  # what it names is unknown: nothing is deleted
+    assert lines == [f"not deleting old generations: {device}/var/lib/kiosk/pending.json is damaged: a JSON list, "
+                     "not an object; kiosk switch --recover sets it aside"]
+    (device / "var/lib/kiosk/pending.json").unlink()
+    assert switch.prune(device, lines.append) == [2]
+
+
+def test_a_power_cut_in_the_middle_of_a_prune(device, recording):
+    """kill -9 between a generation's rename and the deletion of its files: the store lists only whole
+    generations, and recovery deletes what is left."""
+    root = device
+    for _ in range(4):
+        add_generation(root, SECOND)
+    for n in (2, 3, 4):
+        set_status(root, n, "failed")
+    code = f"from kiosk.device import switch; switch.prune({str(root)!r}, print)"
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, KIOSK_TEST_CRASH_AT="prune"),
+                       capture_output=True, text=True)
+    assert r.returncode == -9, r.stderr  # really killed, after the first rename
+    base = root / "var/lib/kiosk/generations"
+    assert sorted(p.name for p in base.iterdir()) == [".tmp-gone-2", "1", "3", "4", "5"]
+    assert [g.number for g in store.list_generations(root)] == [1, 3, 4, 5]
+    assert links.verify(root) == []
+    r = kiosk_cli("switch", "--recover", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "generation 1 is linked (nothing to recover)" in r.stderr
+    assert sorted(p.name for p in base.iterdir()) == ["1", "3", "4", "5"]
+    assert switch.prune(root, print) == [3, 4]
+    assert_consistent_on(root, 1)
+
+
+# ---------------------------------------------------------------- what a damaged device says
+
+def test_rollback_and_switch_to_no_such_generation(device, recording):
+    root = device
+    add_generation(root, SECOND)
+    before = snapshot(root)
+    for argv in (["rollback", "0"], ["rollback", "-1"], ["switch", "switch", "0"], ["switch", "test", "-2"]):
+        r = kiosk_cli(*argv, "--root", str(root))
+        assert r.returncode == 2, (argv, r.stderr)
+        assert r.stderr == f"kiosk: there is no generation {argv[-1]}: generations are numbered from 1; " \
+                           "see: kiosk generations\n"
+    for argv in (["rollback", "7"], ["switch", "boot", "7"]):
+        r = kiosk_cli(*argv, "--root", str(root))
+        assert (r.returncode, r.stderr) == (2, "kiosk: there is no generation 7; see: kiosk generations\n")
+    assert snapshot(root) == before and calls(recording) == []
+
+
+DAMAGED_META = [
+    ("not-json", b"{\"status\": \"active\"", "meta.json is not readable JSON (Expecting ',' delimiter"),
+    ("empty", b"", "meta.json is not readable JSON (Expecting value"),
+    ("binary", b"\xff\xfe\x00garbage", "meta.json is not readable JSON ("),
+    ("a-list", b"[1, 2]", "meta.json is a JSON list, not an object"),
+    ("no-status", b'{"commit": "", "packages": []}', 'meta.json has no "status"'),
+    ("odd-status", b'{"status": "happy", "commit": "", "packages": []}', "meta.json has the unknown status 'happy'"),
+    ("packages-string", b'{"status": "active", "commit": "", "packages": "cog"}', 'meta.json "packages" is not a list'),
+    ("previous-string", b'{"status": "superseded", "commit": "", "packages": [], "previous": "1"}',
+     'meta.json "previous" has the wrong type'),
+]
+
+
+@pytest.mark.parametrize("name,content,why", DAMAGED_META, ids=[d[0] for d in DAMAGED_META])
+def test_a_damaged_meta_json_is_shown_skipped_and_recovered_from(device, recording, name, content, why):
+    root = device
+    add_generation(root, SECOND)
+    add_generation(root, SECOND)
+    assert kiosk_cli("switch", "switch", "3", "--root", str(root)).returncode == 0
+    meta2 = root / "var/lib/kiosk/generations/2/meta.json"
+    set_status(root, 2, "superseded")
+    meta2.write_bytes(content)
+
+    r = kiosk_cli("generations", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    row = r.stdout.splitlines()[2]
+    assert row.startswith(f"{'':2}{2:>4}  {'':20}  {'':12}  {'damaged':11}  damaged: {why}"), row
+    listing = json.loads(kiosk_cli("generations", "--json", "--root", str(root)).stdout)
+    assert listing["generations"][1]["status"] == "damaged"
+
+    r = kiosk_cli("rollback", "2", "--root", str(root))
+    assert r.returncode == 1 and r.stderr.startswith("kiosk: generation 2 is damaged: " + why), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and store.pointer(root) == 3
+    # the previous good one is 1: the damaged one is skipped, not a traceback
+    r = kiosk_cli("rollback", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert store.pointer(root) == 1
+    assert kiosk_cli("switch", "switch", "--root", str(root)).returncode == 0  # the newest not failed: 3
+    assert store.pointer(root) == 3
+    # the current one damaged: listed, rolled back from, recovered with
+    (root / "var/lib/kiosk/generations/3/meta.json").write_bytes(content)
+    r = kiosk_cli("generations", "--root", str(root))
+    assert r.returncode == 0 and r.stdout.splitlines()[3].startswith(f"* {3:>4}  {'':20}  {'':12}  damaged "), r.stdout
+    r = kiosk_cli("rollback", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert store.pointer(root) == 1 and statuses(root)[1] == "active"
+    r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert links.verify(root) == []
+    # a damaged meta.json is evidence: rewritten only when kiosk decides a status for it
+    assert (root / "var/lib/kiosk/generations/2/meta.json").read_bytes() == content
+    assert statuses(root)[3] == "damaged"
+
+
+def test_a_damaged_journal_or_pending_file_is_recovered_from(two_generations, tmp_path, recording):
+    root = copy_root(two_generations, tmp_path / "device")
+    r = kiosk_cli("switch", "switch", "2", "--root", str(root), env={"KIOSK_TEST_CRASH_AT": "flipped"})
+    assert r.returncode == -9 and store.pointer(root) == 2
+    journal = root / "var/lib/kiosk/switch.json"
+    journal.write_text('{"from": 1, "to": 2, "safe": "one"}')
+    (root / "var/lib/kiosk/pending.json").write_text("\x00\x01")
+    r = kiosk_cli("switch", "--recover", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert f"{root}/var/lib/kiosk/pending.json is damaged: not readable JSON (" in r.stderr
+    assert f'{journal} is damaged: "safe" is missing or of the wrong type' in r.stderr
+    assert "returning to generation 1 (the journal of the interrupted switch is damaged)" in r.stderr
+    assert_consistent_on(root, 1)
+    assert not (root / "var/lib/kiosk/pending.json").exists()
+    # a journal naming a generation that is not there
+    store.write_state(journal, {"from": 1, "to": 2, "safe": 9, "mode": "switch", "purpose": "push",
+                                "defaultBefore": 1, "step": "linked"})
+    r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "names generation 9, which does not exist" in r.stderr
+    assert_consistent_on(root, 1)
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-1", ""])
+def test_a_bad_lock_timeout_is_one_line(device, value):
+    r = subprocess.run([shutil.which("kiosk", path=os.path.dirname(sys.executable)), "rollback", "--root",
+                        str(device)], env=dict(os.environ, KIOSK_LOCK_TIMEOUT=value), capture_output=True,
+                       text=True, timeout=20)
+    if value == "":  # unset in effect: the default; nothing to roll back to
+        assert r.stderr == "kiosk: no earlier good generation to roll back to; see: kiosk generations\n"
+        return
+    assert r.returncode == 1
+    assert r.stderr.startswith(f"kiosk: KIOSK_LOCK_TIMEOUT={value!r} is not a "), r.stderr
+    assert r.stderr.endswith("; unset it or give seconds, e.g. KIOSK_LOCK_TIMEOUT=600\n")
+    assert len(r.stderr.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- secrets and odd spec text
+
+def readable_by_others(root):
+    """Every regular file under root that a user other than its owner (the kiosk user) can open."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if os.lstat(os.path.join(dirpath, d)).st_mode & 0o005 == 0o005]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o004:
+                out.append(path)
+    return out
+
+
+def test_no_file_others_can_read_holds_a_digest_of_a_secret(device, monkeypatch_offline):
+    root = device
+    add_generation(root, dict(copy.deepcopy(SECOND), networks={"cafe": "another passphrase"}))
+    private = [p for p in (root / "var/lib/kiosk/generations").rglob("*")
+               if p.is_file() and not p.is_symlink() and p.stat().st_mode & 0o077 == 0]
+    secrets = {p: p.read_bytes() for p in private}
+    assert any(p.name == "wpa_supplicant-wlan0.conf" for p in secrets) and any(p.name == "nixiosk.json" for p in secrets)
+    digests = {hashlib.sha256(data).hexdigest(): p for p, data in secrets.items()}
+    readable = readable_by_others(root)
+    assert readable  # meta.json, the public files of each generation...
+    for path in readable:
+        data = Path(path).read_bytes()
+        for digest, secret in digests.items():
+            assert digest.encode() not in data and digest.upper().encode() not in data, (path, secret)
+            assert hashlib.sha256(secrets[secret]).digest() not in data, (path, secret)
+    # the manifest keeps its digests (the activation plan and verify need them), for root only
+    gen = store.generation(root, 2)
+    assert stat.S_IMODE((gen.path / "layer.json").stat().st_mode) == 0o600
+    assert "sha256" in gen.manifest["/etc/wpa_supplicant/wpa_supplicant-wlan0.conf"]
+    # a device from an older kiosk: its manifests are made private by the next recovery (each push runs one)
+    os.chmod(gen.path / "layer.json", 0o644)
+    r = kiosk_cli("switch", "--recover", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "layer.json of generation(s) 2 made readable by root only" in r.stderr
+    assert stat.S_IMODE((gen.path / "layer.json").stat().st_mode) == 0o600
+
+
+def test_a_stored_spec_with_a_byte_order_mark_is_read(device, recording):
+    """Older kiosk versions stored a BOM-prefixed spec as committed, then could not read it back."""
+    gen = store.generation(device, 1)
+    spec_file = gen.path / "nixiosk.json"
+    spec_file.write_text("\ufeff" + spec_file.read_text())
+    assert gen.spec()["hostName"] == "lobby"
+    assert store.read_running(device / "var/lib/kiosk")[0]["hostName"] == "lobby"
+    spec_file.write_text("[1]")
+    with pytest.raises(InvalidSpec, match="generation 1's nixiosk.json: /: is not a JSON object"):
+        gen.spec()
+    spec_file.write_text('{"hostName": "edited-by-hand"}')
+    with pytest.raises(InvalidSpec, match="generation 1's nixiosk.json: /: is not a whole spec \\(KeyError"):
+        gen.spec()
+    assert store.read_running(device / "var/lib/kiosk")[0] == {"hostName": "edited-by-hand"}  # as stored
 
 
 def test_systemd_activator_reads_systemctl(tmp_path):

@@ -6,13 +6,14 @@ import json
 import sys
 from pathlib import Path
 
-from kiosk.core.errors import KioskError, UsageError
+from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.log import Log
 from kiosk.device import activation
 from kiosk.device.links import verify
 from kiosk.device.lock import device_lock
 from kiosk.device.recover import recover
-from kiosk.device.store import GOOD, Generation, current, generation, generations_dir, list_generations, pointer
+from kiosk.device.store import (DAMAGED, GOOD, Generation, current, exists, generation, generations_dir,
+                                list_generations, pointer)
 from kiosk.device.switch import switch_to
 
 
@@ -42,21 +43,40 @@ def cmd_generations(args) -> int:
         mark = "*" if row["current"] else " "
         notes = [n for n, on in (("current", row["current"]), ("default", row["default"])) if on]
         if row["reason"]:
-            notes.append(row["reason"])
-        print(f"{mark:2}{row['number']:>4}  {row['date'] or '':20}  {(row['commit'] or '')[:12]:12}  "
+            notes.append(one_line(row["reason"]))
+        print(f"{mark:2}{row['number']:>4}  {one_line(row['date'] or ''):20}  {one_line(row['commit'] or '')[:12]:12}  "
               f"{row['status'] or '':11}  {'; '.join(notes)}")
     return 0
 
 
 def _previous_good(root: Path, before: int) -> Generation:
     for gen in reversed(list_generations(root)):
-        if gen.number < before and gen.meta.get("status") in GOOD:
+        if gen.number < before and gen.status in GOOD:
             return gen
     raise KioskError("no earlier good generation to roll back to", hint="see: kiosk generations")
 
 
+def _check_number(number: int | None) -> None:
+    """Before anything is locked or changed: N as typed is a generation number at all."""
+    if number is not None and number < 1:
+        raise UsageError(f"there is no generation {number}: generations are numbered from 1",
+                         hint="see: kiosk generations")
+
+
+def _chosen(root: Path, number: int) -> Generation:
+    """Generation N as a person named it on the command line: it exists and is not damaged."""
+    _check_number(number)
+    if not exists(root, number):
+        raise UsageError(f"there is no generation {number}", hint="see: kiosk generations")
+    gen = generation(root, number)
+    if gen.damage:
+        raise KioskError(f"generation {number} is damaged: {gen.damage}", hint="choose another (kiosk generations)")
+    return gen
+
+
 def cmd_rollback(args) -> int:
     root = _root(args)
+    _check_number(args.generation)
     log = Log()
     activator = activation.from_env(root)
     with device_lock(root, "kiosk rollback", log):
@@ -64,10 +84,10 @@ def cmd_rollback(args) -> int:
         cur = current(root)
         if cur is None:
             raise KioskError("no current generation")
-        target = generation(root, args.generation) if args.generation else _previous_good(root, cur.number)
+        target = _chosen(root, args.generation) if args.generation is not None else _previous_good(root, cur.number)
         if target.number == cur.number:
             raise UsageError(f"generation {target.number} is already current")
-        if target.meta.get("status") == "failed":
+        if target.status == "failed":
             log(f"note: generation {target.number} failed before: {target.meta.get('reason')}")
         log.stage(f"rolling back from generation {cur.number} to {target.number}")
         switch_to(root, target, mode="switch", purpose="manual-rollback", activator=activator, log=log)
@@ -76,6 +96,7 @@ def cmd_rollback(args) -> int:
 
 def cmd_switch(args) -> int:
     root = _root(args)
+    _check_number(args.generation)
     log = Log()
     activator = activation.from_env(root)
     if args.recover:
@@ -92,10 +113,10 @@ def cmd_switch(args) -> int:
         args.mode = "switch"
     with device_lock(root, f"kiosk switch {args.mode}", log):
         recover(root, activator, log)
-        if args.generation:
-            target = generation(root, args.generation)
+        if args.generation is not None:
+            target = _chosen(root, args.generation)
         else:
-            candidates = [g for g in list_generations(root) if g.meta.get("status") != "failed"]
+            candidates = [g for g in list_generations(root) if g.status not in ("failed", DAMAGED)]
             if not candidates:
                 raise KioskError("no generation to switch to")
             target = candidates[-1]

@@ -110,28 +110,30 @@ def spec_at(repo: git.Repo, commit: str, known_packages=frozenset()):
     if item.type != "blob" or item.mode not in (0o100644, 0o100755):
         raise InvalidSpec(SPEC_FILE, [Problem("", f"is not a regular file in commit {commit[:12]}",
                                               "commit nixiosk.json itself, not a link or a directory")])
-    raw = item.data_stream.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidSpec(SPEC_FILE, [Problem("", f"is not UTF-8 text (bad byte at offset {exc.start})",
-                                              "save the file as UTF-8")]) from None
-    return text, specmod.loads(text.removeprefix("\ufeff"), SPEC_FILE, known_packages=known_packages)
+    if item.size > specmod.MAX_BYTES:   # before reading it: a 200 MB blob must not reach memory
+        raise specmod.too_large(SPEC_FILE)
+    # Read exactly as `kiosk validate` reads a file (kiosk.spec.load.from_bytes: size, UTF-8, a leading
+    # byte-order mark dropped): a push is accepted or refused as validate says (test_push checks the two
+    # agree). What is stored is spec.text, without the mark.
+    spec = specmod.from_bytes(item.data_stream.read(), SPEC_FILE, known_packages=known_packages)
+    return spec.text, spec
 
 
 def in_place_problems(spec: dict, running: dict) -> list[Problem]:
-    """What a push cannot change on a running device: the board (kernel, firmware, architecture), the suite."""
+    """What a push cannot change on a running device: the board (kernel, firmware, architecture), the suite.
+    (`running` is the stored spec, not validated again: a field it lacks is not compared.)"""
     from kiosk.spec.hardware import ALIASES
 
     problems = []
-    old_hw, new_hw = running["hardware"], spec["hardware"]
-    if ALIASES.get(new_hw, new_hw) != ALIASES.get(old_hw, old_hw):
+    old_hw, new_hw = running.get("hardware"), spec["hardware"]
+    if isinstance(old_hw, str) and ALIASES.get(new_hw, new_hw) != ALIASES.get(old_hw, old_hw):
         problems.append(Problem("/hardware", f"this device is a {old_hw}; a push cannot change the board to "
                                 f"{new_hw} (another kernel, firmware and architecture)",
                                 f"build and flash a new image for it (kiosk build, ./deploy.sh /dev/mmcblk0), "
                                 f"or set \"hardware\" back to \"{old_hw}\""))
-    old_suite, new_suite = running["debian"]["suite"], spec["debian"]["suite"]
-    if old_suite != new_suite:
+    debian = running.get("debian")
+    old_suite, new_suite = debian.get("suite") if isinstance(debian, dict) else None, spec["debian"]["suite"]
+    if isinstance(old_suite, str) and old_suite != new_suite:
         problems.append(Problem("/debian/suite", f"this device runs Debian {old_suite}; a push cannot upgrade "
                                 f"it to {new_suite}",
                                 f"build and flash a new image, or set \"suite\" back to \"{old_suite}\""))
@@ -143,6 +145,15 @@ def _refuse(log: Log, lines: list[str], why: str) -> int:
         log.raw(line)
     log.stage(f"push refused: {why}; nothing on the device was changed")
     return 1
+
+
+def _prune(root: Path, log: Log) -> None:
+    """After every push that wrote a generation, good or failed (twelve failed pushes must not leave twelve
+    generations on the card). Whatever goes wrong here is said, and changes nothing about the push."""
+    try:
+        prune(root, log)
+    except (OSError, KioskError) as exc:
+        log(f"warning: old generations were not deleted: {exc}")
 
 
 def _wait_for_previous_push(root: Path, activator, log: Log, timeout: float) -> None:
@@ -203,7 +214,13 @@ def pre_receive(stdin, log: Log) -> int:
         cur = current(root)
         if cur is None:
             raise KioskError("this device has no current generation", hint="reflash it")
-        lines = [p.line(SPEC_FILE) for p in in_place_problems(data, cur.spec())]
+        try:
+            running_spec = cur.spec()
+        except InvalidSpec as exc:
+            raise KioskError(f"the running generation {cur.number}'s own nixiosk.json cannot be read "
+                             f"({exc.problems[0].message if exc.problems else exc})",
+                             hint="kiosk rollback on the device, then push again") from None
+        lines = [p.line(SPEC_FILE) for p in in_place_problems(data, running_spec)]
         if lines:
             return _refuse(log, lines, "this change needs a new image")
 
@@ -229,6 +246,7 @@ def pre_receive(stdin, log: Log) -> int:
                                      default_installer(root, data, activator))
         except KioskError as exc:
             update_meta(gen, status="failed", reason=reason_line(exc))
+            _prune(root, log)
             return _refuse(log, [f"generation {gen.number} failed: {exc}"],
                            "the new generation could not be prepared")
 
@@ -237,6 +255,7 @@ def pre_receive(stdin, log: Log) -> int:
             if problems:
                 reason = "; ".join(problems)
                 again = rollback(root, gen, cur, reason, activator, log, settle)
+                _prune(root, log)
                 log.stage(f"ROLLED BACK to generation {cur.number} (commit {cur.meta['commit'][:12]}): "
                           f"generation {gen.number} failed: {reason}")
                 if again:
@@ -251,7 +270,7 @@ def pre_receive(stdin, log: Log) -> int:
             with contextlib.suppress(Exception):
                 recover(root, activator, log)
             raise
-        prune(root, log)
+        _prune(root, log)
     log.stage(f"generation {gen.number} is active: {data['hostName']}, commit {new[:12]}")
     return 0
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kiosk.core.files import read_json, remove_durable
-from kiosk.device.store import BRANCH, repo_dir, state_dir, write_state
+from kiosk.core.files import remove_durable
+from kiosk.device.store import BRANCH, read_state, repo_dir, state_dir, write_state
+
+FIELDS = {"commit": str, "generation": int, "previous": (int, type(None))}
 
 
 def _pending_path(root: Path) -> Path:
@@ -31,7 +33,8 @@ def write_pending(root: Path, commit: str, number: int, previous: int | None, pi
 
 
 def read_pending(root: Path) -> dict | None:
-    return read_json(_pending_path(root))
+    """The unconfirmed push, or None; DamagedState when pending.json is not what write_pending wrote."""
+    return read_state(_pending_path(root), FIELDS)
 
 
 def clear_pending(root: Path) -> None:

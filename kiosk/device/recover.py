@@ -15,8 +15,8 @@ from kiosk.core.files import remove_durable
 from kiosk.core.log import Log
 from kiosk.device.links import reconcile
 from kiosk.device.pending import clear_pending, process_start, read_pending, repo_main
-from kiosk.device.store import (GOOD, current, exists, generation, generations_dir, list_generations, pointer,
-                                set_pointer, state_dir, update_meta)
+from kiosk.device.store import (GOOD, DamagedState, current, exists, generation, generations_dir, list_generations,
+                                make_manifests_private, pointer, set_pointer, state_dir, update_meta)
 from kiosk.device.switch import Switch, journal_path, read_journal, rollback, update_default_marker
 
 
@@ -58,6 +58,49 @@ def _remove_leftovers(root: Path, log: Log) -> None:
         # .<pointer>.tmp from set_pointer, .<file>.kiosk-tmp from the durable writes
         for stale in [*state.glob(".*.tmp"), *state.glob(".*.kiosk-tmp")]:
             stale.unlink()
+    fixed = make_manifests_private(root)
+    if fixed:
+        log(f"layer.json of generation(s) {', '.join(map(str, fixed))} made readable by root only "
+            "(it holds the digest of the Wi-Fi file)")
+
+
+def _damaged_state(root: Path, log: Log) -> tuple[dict | None, bool]:
+    """(the journal, whether it was damaged). A damaged pending.json is removed (its push is judged like any
+    other: the device keeps what it runs); a damaged journal, or one naming no generation, is answered by
+    _undo_damaged_switch."""
+    try:
+        read_pending(root)
+    except DamagedState as exc:
+        log(f"{exc.message}: removed")
+        clear_pending(root)
+    try:
+        journal = read_journal(root)
+    except DamagedState as exc:
+        log(exc.message)
+        return None, True
+    if journal and not exists(root, journal["safe"]):
+        log(f"the interrupted switch's journal names generation {journal['safe']}, which does not exist")
+        return None, True
+    return journal, False
+
+
+def _undo_damaged_switch(root: Path, activator, log: Log, at_boot: bool) -> None:
+    """A switch was interrupted but its journal cannot say where it came from: return to a generation that
+    ran healthily (default or current, whichever did; else the newest good one), every other one unlinked."""
+    gens = list_generations(root)
+    by_number = {g.number: g for g in gens}
+    choices = [by_number.get(pointer(root, "default")), by_number.get(pointer(root, "current"))]
+    good = [g for g in choices if g is not None and g.status in GOOD] or \
+        [g for g in reversed(gens) if g.status in GOOD] or [g for g in choices if g is not None]
+    if not good:
+        raise KioskError("an interrupted switch left no generation to return to", hint="reflash the device")
+    safe = good[0]
+    log(f"returning to generation {safe.number} (the journal of the interrupted switch is damaged)")
+    reconcile(root, safe, [g for g in gens if g.number != safe.number])
+    set_pointer(root, "default", safe.number)
+    update_meta(safe, status="active")
+    update_default_marker(root)
+    remove_durable(journal_path(root))
 
 
 def _undo_interrupted_switch(root: Path, journal: dict, activator, log: Log, at_boot: bool) -> None:
@@ -72,7 +115,7 @@ def _undo_interrupted_switch(root: Path, journal: dict, activator, log: Log, at_
     else:
         set_pointer(root, "default", journal["defaultBefore"])
     for other in others:
-        if other.meta.get("status") in ("built", "active"):
+        if other.status in ("built", "active"):
             update_meta(other, status="failed",
                         reason=f"interrupted at step '{journal['step']}' (power cut or killed); recovered")
     update_meta(safe, status="active")
@@ -116,8 +159,11 @@ def recover(root: Path, activator, log: Log, *, at_boot: bool = False) -> bool:
     root = Path(root)
     changed = False
     _remove_leftovers(root, log)
-    journal = read_journal(root)
-    if journal:
+    journal, damaged = _damaged_state(root, log)
+    if damaged:
+        _undo_damaged_switch(root, activator, log, at_boot)
+        changed = True
+    elif journal:
         _undo_interrupted_switch(root, journal, activator, log, at_boot)
         changed = True
     if not at_boot and read_pending(root):
@@ -131,12 +177,12 @@ def recover(root: Path, activator, log: Log, *, at_boot: bool = False) -> bool:
         old = current(root) if exists(root, cur) else None
         log(f"booting the default generation {default} (current was {cur})")
         reconcile(root, target, [old] if old else [])
-        if old and old.meta.get("status") == "active":
+        if old and old.status == "active":
             update_meta(old, status="superseded")
         update_meta(target, status="active")
         changed = True
     elif not exists(root, cur):
-        good = [g for g in list_generations(root) if g.meta.get("status") in GOOD]
+        good = [g for g in list_generations(root) if g.status in GOOD]
         if good:
             pointed = default is not None and (generations_dir(root) / str(default)).is_dir()
             target = generation(root, default) if pointed else good[-1]

@@ -17,14 +17,14 @@ import signal
 from pathlib import Path
 
 from kiosk.core.errors import KioskError
-from kiosk.core.files import fsync_dir, read_json, remove_durable, write_durable
+from kiosk.core.files import fsync_dir, remove_durable, write_durable
 from kiosk.core.log import Log
 from kiosk.core.paths import number_setting, setting
 from kiosk.device import activation
 from kiosk.device.links import conflicts, ensure, remove_ours, sync
 from kiosk.device.pending import read_pending
-from kiosk.device.store import (Generation, current, list_generations, pointer, reason_line, set_pointer,
-                                state_dir, update_meta, write_state)
+from kiosk.device.store import (DAMAGED, GOOD, DamagedState, Generation, current, list_generations, pointer,
+                                read_state, reason_line, set_pointer, state_dir, update_meta, write_state)
 
 SWITCH_STEPS = ("begin", "stopped", "linked", "flipped", "symlinks", "cleaned", "activated", "healthy")
 DEFAULT_KEEP = 10
@@ -40,8 +40,13 @@ def journal_path(root: Path) -> Path:
     return state_dir(root) / "switch.json"
 
 
+JOURNAL_FIELDS = {"from": (int, type(None)), "to": int, "safe": int, "step": str, "purpose": str,
+                  "defaultBefore": (int, type(None))}
+
+
 def read_journal(root: Path) -> dict | None:
-    return read_json(journal_path(root))
+    """The journal of a switch in progress, or None; DamagedState when it is not what a switch wrote."""
+    return read_state(journal_path(root), JOURNAL_FIELDS)
 
 
 def update_default_marker(root: Path) -> None:
@@ -193,7 +198,7 @@ class Switch:
     def commit(self) -> None:
         """The switch is final: statuses, then the journal goes (after this, recovery keeps B)."""
         if self.purpose != "rollback":
-            if self.old and self.old.number != self.new.number and self.old.meta.get("status") == "active":
+            if self.old and self.old.number != self.new.number and self.old.status == "active":
                 update_meta(self.old, status="rolled-back" if self.purpose == "manual-rollback" else "superseded")
             update_meta(self.new, status="active", reason="")
         update_default_marker(self.root)
@@ -246,21 +251,51 @@ def switch_to(root: Path, target: Generation, *, mode: str, purpose: str, activa
                                                            f" (default stays generation {pointer(root, 'default')})"))
 
 
-def prune(root: Path, log: Log, keep: int | None = None) -> list[int]:
-    """Delete all but the newest `keep` generations (KIOSK_KEEP_GENERATIONS, default 10), never the
-    current or default one. Each goes in one rename (it vanishes whole), then its files are deleted."""
-    if keep is None:
-        keep = int(number_setting("KIOSK_KEEP_GENERATIONS", DEFAULT_KEEP))
-    all_gens = list_generations(root)
+def keep_setting() -> int:
+    """KIOSK_KEEP_GENERATIONS: how many good generations prune keeps (default 10; a whole number >= 1)."""
+    value = number_setting("KIOSK_KEEP_GENERATIONS", DEFAULT_KEEP)
+    if not value.is_integer() or value < 1:
+        raise KioskError(f"KIOSK_KEEP_GENERATIONS={setting('KIOSK_KEEP_GENERATIONS')!r} is not a whole number "
+                         "of at least 1", hint=f"unset it or give a count, e.g. KIOSK_KEEP_GENERATIONS={DEFAULT_KEEP}")
+    return int(value)
+
+
+def needed(root: Path, keep: int) -> set[int]:
+    """The generations prune keeps: current and default; the newest one (its number is never given out
+    again, and the reason the last push failed stays readable); the newest `keep` good ones (what
+    rollback chooses from); any a pending push or an interrupted switch's journal names."""
+    gens = list_generations(root)
     spare = {pointer(root, "current"), pointer(root, "default")}
+    if gens:
+        spare.add(gens[-1].number)
+    spare |= {g.number for g in [g for g in gens if g.status in GOOD][-keep:]}
     pending = read_pending(root)
     if pending:
-        spare |= {pending.get("generation"), pending.get("previous")}
-    doomed = [g for g in all_gens[:-keep] if g.number not in spare] if keep > 0 else []
+        spare |= {pending["generation"], pending["previous"]}
+    journal = read_journal(root)
+    if journal:
+        spare |= {journal["from"], journal["to"], journal["safe"], journal["defaultBefore"]}
+    return {n for n in spare if n is not None}
+
+
+def prune(root: Path, log: Log, keep: int | None = None) -> list[int]:
+    """Delete the generations rollback does not need (see needed()): failed pushes and good generations
+    older than the newest `keep` (KIOSK_KEEP_GENERATIONS). A damaged generation (unreadable meta.json)
+    is left to a person. Each goes in one rename to generations/.tmp-gone-N (it vanishes whole), then
+    its files are deleted; a power cut in between leaves .tmp-gone-N, which recovery and the next
+    generation build delete. A state file that cannot be read keeps everything (nothing is deleted)."""
+    keep = keep_setting() if keep is None else keep
+    try:
+        spare = needed(root, max(keep, 1))
+    except DamagedState as exc:
+        log(f"not deleting old generations: {exc}")
+        return []
+    doomed = [g for g in list_generations(root) if g.number not in spare and g.status != DAMAGED]
     for gen in doomed:
         gone = gen.path.with_name(f".tmp-gone-{gen.number}")
         os.rename(gen.path, gone)
         fsync_dir(gen.path.parent)
+        crash_point("prune")
         shutil.rmtree(gone)
     if doomed:
         log(f"deleted {len(doomed)} old generation(s): {', '.join(str(g.number) for g in doomed)}")

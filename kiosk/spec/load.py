@@ -8,8 +8,8 @@ keys that decide what boots), and reports every problem at once. The device
 runs the same code on every push.
 
 Reading specs, one way everywhere: load(path) for a file, from_bytes(raw) for
-bytes (a pushed commit, a request), loads(text) for text, and stored(text) for a
-spec that was validated before (a generation). All go through
+bytes (a pushed commit, a request) and loads(text) for text; a spec the device accepted
+before (a generation) is read back by kiosk.device.store.spec_data, not checked again. All go through
 jsontext.parse_json: a UTF-8 byte-order mark is accepted and dropped, and
 Spec.text is the text without it, the text to store and hand on.
 """
@@ -487,17 +487,6 @@ def load(path: str | Path) -> Spec:
             raise too_large(str(path)) from None
         raise InvalidSpec(str(path), [Problem("", refused.reason, refused.hint)]) from None
     return from_bytes(raw, str(path))
-
-
-def stored(text: str, source: str = "nixiosk.json") -> dict:
-    """The data, defaults filled in, of a spec validated before (a generation's nixiosk.json, an image's).
-
-    Parsed the same way as every other spec (a BOM stored by an older kiosk is dropped), not checked again."""
-    data = parse_json(text, source)
-    if not isinstance(data, dict) or not isinstance(data.get("program"), dict):
-        raise InvalidSpec(source, [Problem("", "is not a spec kiosk accepted before",
-                                           "push a valid nixiosk.json, or run kiosk rollback")])
-    return with_defaults(data)
 
 
 def builder_architectures(systems: list[str]) -> list[str]:
