@@ -59,7 +59,8 @@ def main() -> int:
     from fake_mirror import Server
     from sshd_harness import Device, keygen
 
-    from kiosk.builders import builders
+    from kiosk.builders import apt, keys, select, ssh
+    from kiosk.device import fetch
     from kiosk.spec.load import with_defaults
 
     (tmp / "archive").mkdir()
@@ -79,7 +80,7 @@ def main() -> int:
     root = tmp / "device"
     root.mkdir()
     init_dpkg(root, "armel", [debs[("kiosk-test-kiosk", "armel")]])
-    builders.prepare_device_for_builders(root, spec, tmp / "out", lambda line: None)
+    keys.prepare_device_for_builders(root, spec, tmp / "out", lambda line: None)
     subprocess.run([sys.executable, "-m", "kiosk", "builders", "authorize", "--key",
                     str(tmp / "out/bench-raspberryPi0.img.builder.pub"),
                     "--authorized-keys", str(builder.tmp / "authorized_keys")], check=True, capture_output=True,
@@ -93,21 +94,21 @@ def main() -> int:
         assert dpkg_installed(root) == {"kiosk-test-kiosk": "1.0"}
 
     def remote() -> None:
-        builders.BuilderInstaller(spec).install(root, wanted, spec, log_lines.append)
+        fetch.BuilderInstaller(spec).install(root, wanted, spec, log_lines.append)
 
     def local() -> None:
-        request = builders.package_request(root, spec, wanted)
-        with builders._incoming(root) as work:
-            entries = builders.fetch_packages(request, work, log_lines.append)
-            builders.install_debs(root, entries, wanted, log_lines.append)
+        request = fetch.package_request(root, spec, wanted)
+        with fetch._incoming(root) as work:
+            entries = apt.fetch_packages(request, work, log_lines.append)
+            fetch.install_debs(root, entries, wanted, log_lines.append)
 
     known = tmp / "known_hosts"
-    known.write_text(builders.known_hosts_text(builders.effective_builders(spec)))
+    known.write_text(select.known_hosts_text(select.effective_builders(spec)))
 
     def ssh_round_trip() -> None:
         """ssh in and run `true` (the client key, not restricted): the connection's own cost."""
-        b = builders.effective_builders(spec)[0]
-        argv = ["ssh", "-F", "/dev/null", *[f"-o{k}={v}" for k, v in builders.ssh_options(tmp / "keys/client", known)],
+        b = select.effective_builders(spec)[0]
+        argv = ["ssh", "-F", "/dev/null", *[f"-o{k}={v}" for k, v in ssh.ssh_options(tmp / "keys/client", known)],
                 "-p", str(b.port), "root@127.0.0.1", "true"]
         subprocess.run(argv, check=True, capture_output=True)
 
@@ -136,7 +137,7 @@ def main() -> int:
         sent = [line for line in log_lines if "sending" in line]
         figures["payload"] = sent[-1] if sent else ""
         if args.real:
-            figures["real"] = real_debs(builders, tmp)
+            figures["real"] = real_debs(tmp)
     finally:
         builder.close()
         server.close()
@@ -165,23 +166,27 @@ def main() -> int:
     return 0
 
 
-def real_debs(builders, tmp: Path) -> dict:
+def real_debs(tmp: Path) -> dict:
     """What xz would save on real Debian .debs (their members are compressed already)."""
+    from kiosk.builders import apt
+    from kiosk.builders.wire import PROTOCOL
+    from kiosk.core.run import environment
+
     os.environ.pop("KIOSK_TEST_UNSIGNED_MIRROR", None)
     work = tmp / "real"
     work.mkdir()
-    req = {"kiosk": builders.PROTOCOL, "op": "packages", "architecture": "armel", "foreignArchitectures": [],
+    req = {"kiosk": PROTOCOL, "op": "packages", "architecture": "armel", "foreignArchitectures": [],
            "suite": "bookworm", "mirror": "http://deb.debian.org/debian", "components": ["main"],
            "packages": ["htop"], "status": ""}
     started = time.monotonic()
-    entries = builders.fetch_packages(req, work, lambda line: None)
+    entries = apt.fetch_packages(req, work, lambda line: None)
     fetch = time.monotonic() - started
     # what the device no longer does: apt building its cache from the full armel index and resolving
-    opts, base = builders.apt_options(req, work / "status")
+    opts, base = apt.apt_options(req, work / "status")
     for cache in (base / "cache").glob("*.bin"):
         cache.unlink()
     timed = subprocess.run(["/usr/bin/time", "-f", "%M %e", "apt-get", "-q", "-s", *opts, "install", "htop"],
-                           capture_output=True, text=True, env=builders._apt_env())
+                           capture_output=True, text=True, env=environment(apt.APT_ENV))
     rss_kib, seconds = timed.stderr.strip().splitlines()[-1].split()
     lists = sum(p.stat().st_size for p in (base / "lists").glob("*Packages*"))
     raw = io.BytesIO()

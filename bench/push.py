@@ -71,7 +71,7 @@ def main() -> int:
     from fake_mirror import Server, write_mirror
     from sshd_harness import Client, Device, keygen
 
-    from kiosk.device import generations as gens
+    from kiosk.device import store
 
     tmp = Path(tempfile.mkdtemp(prefix="kiosk-bench-push-"))
     os.environ["KIOSK_CACHE_DIR"] = str(tmp / "cache")
@@ -131,7 +131,7 @@ def main() -> int:
             r = client.push(clone)
             end = time.monotonic()
             watcher.join(timeout=5)
-            if r.returncode != 0 or gens.pointer(device.root) != number or not seen:
+            if r.returncode != 0 or store.pointer(device.root) != number or not seen:
                 print(r.stderr, file=sys.stderr)
                 raise SystemExit(f"round {i}: push failed")
             if i > 1:

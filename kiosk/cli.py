@@ -22,10 +22,11 @@ COMMAND_MODULES = (
     "kiosk.image.commands",  # build
     "kiosk.qemu.command",    # run
     "kiosk.flash.command",          # flash
-    "kiosk.device.generations",     # generations, rollback, switch
+    "kiosk.device.commands",     # generations, rollback, switch
     "kiosk.net.agent",           # agent
     "kiosk.net.discover",        # discover, resolve, ssh-proxy, ssh-config
-    "kiosk.builders.builders",        # builders check/authorize, builder-serve (and build --builder)
+    "kiosk.builders.commands",        # builders check/authorize (build --builder is kiosk.builders.remote)
+    "kiosk.buildhost.commands",       # builder-serve
     "kiosk.device.hooks",           # hook entry points used by configuration.git
 )
 
@@ -33,10 +34,11 @@ COMMAND_MODULES = (
 # Which stage registers each command; tests/test_spec.py checks it against what the stages register.
 COMMANDS = {
     "validate": "kiosk.spec.commands", "show": "kiosk.spec.commands", "build": "kiosk.image.commands",
-    "run": "kiosk.qemu.command", "flash": "kiosk.flash.command", "generations": "kiosk.device.generations",
-    "rollback": "kiosk.device.generations", "switch": "kiosk.device.generations", "agent": "kiosk.net.agent",
+    "run": "kiosk.qemu.command", "flash": "kiosk.flash.command", "generations": "kiosk.device.commands",
+    "rollback": "kiosk.device.commands", "switch": "kiosk.device.commands", "agent": "kiosk.net.agent",
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
-    "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.builders", "builder-serve": "kiosk.builders.builders",
+    "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.commands",
+    "builder-serve": "kiosk.buildhost.commands",
     "hook": "kiosk.device.hooks",
 }
 

@@ -22,9 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from kiosk.device import generations as gens
+from kiosk.device import provision
 from kiosk.core import paths as resources
 from kiosk.config.render import render
+from kiosk.spec.plan import make_plan
 from kiosk.spec.load import loads
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -69,10 +70,11 @@ class Device:
         self.recording = tmp / "recording.json"
         self.recording.write_text("{}")
         self.spec_text = json.dumps(spec, indent=2) + "\n"
-        layer = render(loads(self.spec_text).data)
-        self.first_commit = gens.install_first_generation(self.root, self.spec_text, layer, epoch=EPOCH,
-                                                          hooks_dir=resources.hooks_dir())
-        self.repo = self.root / gens.REPO
+        spec = loads(self.spec_text).data
+        self.first_commit = provision.install_first_generation(self.root, self.spec_text, render(spec),
+                                                               make_plan(spec), epoch=EPOCH,
+                                                               hooks_dir=resources.hooks_dir())
+        self.repo = self.root / resources.REPO
         self.port = free_port()
         (tmp / "authorized_keys").write_text(client_pub + "\n")
         hook_env = {

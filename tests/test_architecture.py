@@ -100,6 +100,19 @@ def test_subpackages_import_each_other_without_a_circle():
         raise AssertionError("import circle between subpackages: " + "; ".join(steps))
 
 
+# The layers, low to high (README's layout): a subpackage imports only from lower layers.
+LAYERS = {"core": 0, "spec": 1, "config": 2, "builders": 3, "device": 4, "image": 5,
+          "buildhost": 6, "net": 6, "flash": 6, "qemu": 6}
+
+
+def test_subpackages_import_only_lower_layers():
+    graph = subpackage_graph()
+    assert set(graph) <= set(LAYERS), f"a new subpackage needs its place in LAYERS: {set(graph) - set(LAYERS)}"
+    upward = [f"{a} -> {b} (in {', '.join(sorted(where))})" for a, targets in graph.items()
+              for b, where in targets.items() if LAYERS[b] >= LAYERS[a]]
+    assert not upward, "imports that go up or sideways: " + "; ".join(upward)
+
+
 def test_core_imports_no_stage():
     graph = subpackage_graph()
     assert not graph["core"], f"kiosk.core must stand alone, it imports {graph['core']}"

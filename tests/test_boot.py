@@ -363,8 +363,8 @@ def test_power_cut_during_a_push_leaves_one_whole_generation(boot_key, tmp_path_
         journal = vm.ssh("journalctl -b -o cat -u kiosk-recover.service").stdout
         assert "an interrupted push from generation 1 to 2" in journal, journal
         assert vm.ssh("test -e /var/lib/kiosk/switch.json", check=False).returncode == 1
-        problems = vm.ssh("python3 -c 'from pathlib import Path; from kiosk.device import generations as g; "
-                          "print(g.verify(Path(\"/\")))'").stdout.strip()
+        problems = vm.ssh("python3 -c 'from pathlib import Path; from kiosk.device import links; "
+                          "print(links.verify(Path(\"/\")))'").stdout.strip()
         assert problems == "[]", problems
         state = json.loads(vm.ssh("kiosk generations --json").stdout)
         assert state["current"] == state["default"] == 1, state

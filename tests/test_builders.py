@@ -27,9 +27,15 @@ from conftest import kiosk_cli
 from fake_mirror import Server
 from sshd_harness import Client, Device, free_port, keygen, remote_lines, snapshot
 
-from kiosk.builders import builders
-from kiosk.device import generations as gens
-from kiosk.builders.builders import Builder, Refused
+from kiosk.builders.keys import prepare_device_for_builders, ssh_config_text
+from kiosk.builders.remote import parse_target
+from kiosk.builders.select import Builder, effective_builders, known_hosts_text
+from kiosk.builders.ssh import ssh_problem
+from kiosk.builders.wire import BadAnswer, receive_payload
+from kiosk.core.errors import UsageError
+from kiosk.core.paths import BUILDER_KEY
+from kiosk.device import store
+from kiosk.device.fetch import ensure_device_key
 
 EPOCH = 1700000000
 ARCH = {"raspberryPi0": "armel", "raspberryPi3": "arm64", "qemu": "amd64"}
@@ -78,7 +84,7 @@ class Lab:
         for i, desc in enumerate(builder_descs, 1):
             directory = tmp / f"b{i}"
             directory.mkdir()
-            env = {builders.UNSIGNED_ENV: "1", **desc.get("env", {})}
+            env = {"KIOSK_TEST_UNSIGNED_MIRROR": "1", **desc.get("env", {})}
             server = Device(directory, plain, keys["client_pub"], keys[f"b{i}"], env=env)
             self.servers.append(server)
             if not desc.get("up", True):
@@ -90,12 +96,12 @@ class Lab:
         directory = tmp / "dev"
         directory.mkdir()
         self.device = Device(directory, self.spec, keys["client_pub"], keys["device_host"],
-                             env={builders.UNSIGNED_ENV: "1", "KIOSK_BUILDER_CONNECT_TIMEOUT": "3"})
+                             env={"KIOSK_TEST_UNSIGNED_MIRROR": "1", "KIOSK_BUILDER_CONNECT_TIMEOUT": "3"})
         self.root = self.device.root
         init_dpkg(self.root, self.arch, [archive.debs[("kiosk-test-kiosk", self.arch)]])
         self.out = tmp / "out"
         self.build_log: list[str] = []
-        builders.prepare_device_for_builders(self.root, self.spec, self.out, self.build_log.append, epoch=EPOCH)
+        prepare_device_for_builders(self.root, self.spec, self.out, self.build_log.append, epoch=EPOCH)
         self.pub = self.out / f"lobby-{hardware}.img.builder.pub"
         for server, desc in zip(self.servers, builder_descs):
             if desc.get("up", True) and desc.get("authorize", True):
@@ -155,7 +161,7 @@ def test_effective_builders_defaults_order_and_local_system():
         {"hostName": "fast.example", "speedFactor": 4, "port": 2222, "sshUser": "kiosk", "systems": ["aarch64-linux"]},
         {"hostName": "also-slow.example", "speedFactor": 1},
     ], "localSystem": {"system": "x86_64-linux", "sshUser": "me", "hostName": "laptop.local"}}
-    found = builders.effective_builders(spec)
+    found = effective_builders(spec)
     assert [b.hostName for b in found] == ["fast.example", "slow.example", "also-slow.example", "laptop.local"]
     fast = found[0]
     assert (fast.port, fast.sshUser, fast.systems, fast.speedFactor, fast.label) == \
@@ -167,15 +173,15 @@ def test_effective_builders_defaults_order_and_local_system():
     laptop = found[3]
     assert (laptop.sshUser, laptop.port, laptop.systems, laptop.origin) == \
         ("me", 22, ("amd64", "armel"), "/localSystem")
-    assert builders.effective_builders({"hardware": "qemu", "localSystem": {"system": None, "sshUser": None,
-                                                                           "hostName": "b"}})[0].sshUser == "root"
+    assert effective_builders({"hardware": "qemu", "localSystem": {"system": None, "sshUser": None,
+                                                                   "hostName": "b"}})[0].sshUser == "root"
     # null hostName: Nixiosk ignores localSystem
-    assert builders.effective_builders({"hardware": "qemu", "localSystem": {"system": "x86_64-linux",
-                                                                           "sshUser": "me", "hostName": None}}) == []
+    assert effective_builders({"hardware": "qemu", "localSystem": {"system": "x86_64-linux",
+                                                                   "sshUser": "me", "hostName": None}}) == []
     # the same machine in both: listed once
     same = {"hardware": "qemu", "builders": [{"hostName": "b", "sshUser": "me"}],
             "localSystem": {"system": "x86_64-linux", "sshUser": "me", "hostName": "b"}}
-    assert len(builders.effective_builders(same)) == 1
+    assert len(effective_builders(same)) == 1
 
 
 def test_known_hosts_and_ssh_config(keys):
@@ -183,9 +189,9 @@ def test_known_hosts_and_ssh_config(keys):
              Builder("127.0.0.1", port=2222, publicHostKey=keys["b2_pub"]),
              Builder("unpinned.example")]
     b1_body = keys["b1_pub"].split()[1]
-    assert builders.known_hosts_text(found) == (f"b1.example ssh-ed25519 {b1_body}\n"
+    assert known_hosts_text(found) == (f"b1.example ssh-ed25519 {b1_body}\n"
                                                 f"[127.0.0.1]:2222 ssh-ed25519 {keys['b2_pub'].split()[1]}\n")
-    config = builders.ssh_config_text(found)
+    config = ssh_config_text(found)
     assert "Host builder-2\n    HostName 127.0.0.1\n    Port 2222\n    User root\n" in config
     for line in ("StrictHostKeyChecking yes", "BatchMode yes", "ConnectTimeout 5",
                  "UserKnownHostsFile /etc/kiosk/builders_known_hosts", "IdentitiesOnly yes"):
@@ -201,17 +207,17 @@ def test_ssh_problems_are_one_reason():
         ("sh: 1: kiosk: not found", 127, "failed", "kiosk is not installed there"),
     ]
     for stderr, code, kind, reason in cases:
-        failure = builders.ssh_problem(stderr, code)
+        failure = ssh_problem(stderr, code)
         assert failure.kind == kind and reason in failure.reason, (stderr, failure.kind, failure.reason)
 
 
 def test_parse_target():
-    assert builders.parse_target("me@build-box:2222") == ("me", "build-box", 2222)
-    assert builders.parse_target("build-box") == (None, "build-box", None)
-    assert builders.parse_target("[::1]:22") == (None, "::1", 22)
+    assert parse_target("me@build-box:2222") == ("me", "build-box", 2222)
+    assert parse_target("build-box") == (None, "build-box", None)
+    assert parse_target("[::1]:22") == (None, "::1", 22)
     for bad in ("", "me@", "host:99999", "a b", "-oProxyCommand=x"):
-        with pytest.raises(builders.UsageError):
-            builders.parse_target(bad)
+        with pytest.raises(UsageError):
+            parse_target(bad)
 
 
 # ---------------------------------------------------------------- the payload checks (no root, no network)
@@ -235,7 +241,7 @@ FILES = {"a_1.0_armel.deb": b"A" * 3000 + os.urandom(3000), "b_1.0_all.deb": os.
 @pytest.mark.parametrize("compression", ["none", "xz"])
 def test_payload_received_and_checked(tmp_path, compression):
     header, body = _payload(FILES, compression=compression)
-    got = builders.receive_payload(io.BytesIO(body), header, tmp_path)
+    got = receive_payload(io.BytesIO(body), header, tmp_path)
     assert {n: p.read_bytes() for n, p in got.items()} == FILES
 
 
@@ -243,8 +249,8 @@ def test_payload_damage_is_refused_and_nothing_is_left(tmp_path):
     header, body = _payload(FILES)
 
     def refused(stream_bytes, head=header) -> str:
-        with pytest.raises(Refused) as info:
-            builders.receive_payload(io.BytesIO(stream_bytes), head, tmp_path)
+        with pytest.raises(BadAnswer) as info:
+            receive_payload(io.BytesIO(stream_bytes), head, tmp_path)
         assert list(tmp_path.iterdir()) == []  # every file written before the problem is gone
         return str(info.value)
 
@@ -275,7 +281,7 @@ def test_prepare_device_reuses_its_key_so_rebuilds_are_identical(tmp_path, archi
     for n in (1, 2):
         root = tmp_path / f"root{n}"
         root.mkdir()
-        builders.prepare_device_for_builders(root, spec, out, logs.append, epoch=EPOCH)
+        prepare_device_for_builders(root, spec, out, logs.append, epoch=EPOCH)
         trees.append(snapshot(root))
     assert trees[0] == trees[1]  # the same bytes, modes and owners
     public = (out / "lobby-raspberryPi0.img.builder.pub").read_text().strip()
@@ -297,12 +303,12 @@ def test_prepare_device_reuses_its_key_so_rebuilds_are_identical(tmp_path, archi
 def test_a_device_without_a_builder_key_makes_one_and_says_so(tmp_path):
     # an image built before the spec named builders: the first push that needs one makes the key
     logs = []
-    key = builders.ensure_device_key(tmp_path, builders.DEFAULT_KEY, logs.append)
+    key = ensure_device_key(tmp_path, BUILDER_KEY, logs.append)
     assert key == tmp_path / "etc/kiosk/builder_ed25519"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     public = Path(str(key) + ".pub").read_text().strip()
     assert len(logs) == 1 and logs[0].endswith(public) and "authorize it on each builder" in logs[0]
-    assert builders.ensure_device_key(tmp_path, builders.DEFAULT_KEY, logs.append) == key and len(logs) == 1
+    assert ensure_device_key(tmp_path, BUILDER_KEY, logs.append) == key and len(logs) == 1
 
 
 def test_remote_build_unreachable_builder_writes_nothing(tmp_path, archive, keys):
@@ -338,7 +344,7 @@ def test_package_change_is_built_remotely_after_failover(lab):
     assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0", "kiosk-test-hello": "1.0",
                                         "kiosk-test-libhello": "1.0"}
     assert (lab.root / "usr/share/kiosk-test-hello/hello.txt").read_text() == "hello from kiosk-test-hello 1.0 (armel)\n"
-    assert gens.pointer(lab.root) == 2 and gens.current(lab.root).meta["status"] == "active"
+    assert store.pointer(lab.root) == 2 and store.current(lab.root).meta["status"] == "active"
     assert not (lab.root / "var/cache").exists()  # the transfer's directory is gone
 
     # a second package with the same dependency: only what the device lacks comes back
@@ -360,18 +366,18 @@ def test_all_builders_down_the_push_fails_and_the_device_is_unchanged(lab):
     assert f"    builder {lab.label(0)} unreachable (connection refused); trying {lab.label(1)}..." in lines
     assert f"    builder {lab.label(1)} unreachable (connection refused); no builder left" in lines
     assert "generation 2 failed: no builder could provide kiosk-test-hello for armel; nothing was installed " \
-           "(a raspberryPi0 cannot resolve packages itself: start a builder, see kiosk builders check)" in \
+           "(a raspberryPi0 cannot resolve packages itself); start a builder, see kiosk builders check" in \
            "\n".join(lines)
     assert lines[-1] == "==> push refused: the new generation could not be prepared; nothing on the device was changed"
     assert without_state(snapshot(lab.root)) == without_state(before)
     assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0"}
-    assert gens.pointer(lab.root) == 1
+    assert store.pointer(lab.root) == 1
 
 
 @pytest.mark.root
 @pytest.mark.parametrize("damage", ["payload", "deb"])
 def test_a_corrupted_transfer_is_refused(lab, damage):
-    lab = lab([{"host": "127.0.0.1", "env": {builders.CORRUPT_ENV: damage}}])
+    lab = lab([{"host": "127.0.0.1", "env": {"KIOSK_BUILDER_TEST_CORRUPT": damage}}])
     before = snapshot(lab.root)
     r, lines = lab.push(packages=["kiosk-test-hello"])
     assert r.returncode != 0
@@ -457,7 +463,7 @@ def test_allow_local_build_false_refuses_instead_of_building_on_the_device(lab):
     assert r.returncode != 0
     assert "    raspberryPi3 can build for itself: resolving with apt on the device" not in lines
     assert "generation 2 failed: no builder could provide kiosk-test-hello for arm64 and allowLocalBuild is false; " \
-           "nothing was installed (start a builder, see kiosk builders check)" in "\n".join(lines)
+           "nothing was installed; start a builder, see kiosk builders check" in "\n".join(lines)
     assert without_state(snapshot(lab.root)) == without_state(before)
 
 
@@ -478,7 +484,7 @@ def test_builders_check_reports_up_and_down(lab):
     down, ok = report["builders"]
     assert report["deviceArchitecture"] == "armel"
     assert (down["reachable"], down["ok"], down["error"]) == (False, False, "unreachable: connection refused")
-    assert (ok["reachable"], ok["ok"], ok["buildsForDevice"], ok["key"]) == (True, True, True, builders.DEFAULT_KEY)
+    assert (ok["reachable"], ok["ok"], ok["buildsForDevice"], ok["key"]) == (True, True, True, BUILDER_KEY)
     assert ok["freeBytes"] > 0 and ok["rttMs"] > 0 and ok["connectMs"] >= 0 and "armel" in ok["architectures"]
     # from a laptop, with the key kiosk build left next to the image
     r = kiosk_cli("builders", "check", str(lab.spec_file), "--image-dir", str(lab.out), "--json")

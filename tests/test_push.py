@@ -15,7 +15,7 @@ import pytest
 from conftest import kiosk_cli
 from sshd_harness import Client, Device, keygen, remote_lines, snapshot
 
-from kiosk.device import generations as gens
+from kiosk.device import links, pending, store, switch
 
 pytestmark = pytest.mark.root
 
@@ -105,11 +105,11 @@ def test_a_good_push_switches_and_says_each_step(device, client, spec):
     ]
     assert f"{device.first_commit[:7]}..{commit[:7]}  main -> main" in r.stderr
     root = device.root
-    assert gens.pointer(root) == gens.pointer(root, "default") == 2
-    assert gens.repo_main(root) == commit and gens.current(root).meta["commit"] == commit
-    assert gens.current(root).spec_text == (clone / "nixiosk.json").read_text()
-    assert {g.number: g.meta["status"] for g in gens.list_generations(root)} == {1: "superseded", 2: "active"}
-    assert gens.verify(root) == [] and gens.read_journal(root) is None and gens.read_pending(root) is None
+    assert store.pointer(root) == store.pointer(root, "default") == 2
+    assert pending.repo_main(root) == commit and store.current(root).meta["commit"] == commit
+    assert store.current(root).spec_text == (clone / "nixiosk.json").read_text()
+    assert {g.number: g.meta["status"] for g in store.list_generations(root)} == {1: "superseded", 2: "active"}
+    assert links.verify(root) == [] and switch.read_journal(root) is None and pending.read_pending(root) is None
     assert device.recorded()["calls"] == [["daemon-reload", None], ["restart", ["kiosk.service"]],
                                           ["health", ["kiosk-agent.service", "kiosk.service"]]]
     program = (root / "var/lib/kiosk/current/root/etc/kiosk/program.json").read_text()
@@ -128,7 +128,7 @@ def test_a_good_push_switches_and_says_each_step(device, client, spec):
     assert lines.index("==> packages") < lines.index("==> switch to generation 3")
     assert "    host name -> hall" in lines
     assert device.recorded()["installs"] == [["htop"]]
-    assert gens.pointer(root) == 3 and gens.repo_main(root) == commit and gens.verify(root) == []
+    assert store.pointer(root) == 3 and pending.repo_main(root) == commit and links.verify(root) == []
 
 
 def test_bad_pushes_are_refused_and_change_nothing(device, client, spec):
@@ -219,7 +219,7 @@ def test_bad_pushes_are_refused_and_change_nothing(device, client, spec):
     # and after all that, a good push still works
     client.commit_spec(clone, dict(copy.deepcopy(spec), hostName="lobby2"))
     assert client.push(clone).returncode == 0
-    assert gens.pointer(device.root) == 2
+    assert store.pointer(device.root) == 2
 
 
 def test_a_failing_switch_rolls_back_and_the_push_fails(device, client, spec):
@@ -257,10 +257,10 @@ def test_a_failing_switch_rolls_back_and_the_push_fails(device, client, spec):
         "device shows what failed)",
     ]
     root = device.root
-    assert gens.repo_main(root) == device.first_commit
-    assert gens.pointer(root) == gens.pointer(root, "default") == 1
-    assert gens.verify(root) == [] and gens.read_journal(root) is None and gens.read_pending(root) is None
-    failed = gens.generation(root, 2).meta
+    assert pending.repo_main(root) == device.first_commit
+    assert store.pointer(root) == store.pointer(root, "default") == 1
+    assert links.verify(root) == [] and switch.read_journal(root) is None and pending.read_pending(root) is None
+    failed = store.generation(root, 2).meta
     assert (failed["status"], failed["commit"]) == ("failed", commit)
     assert failed["reason"] == "kiosk.service: exited at once (status 1), restarted 2 times"
 
@@ -269,10 +269,11 @@ def test_a_failing_switch_rolls_back_and_the_push_fails(device, client, spec):
     commit = client.commit_spec(clone, new)
     r = client.push(clone)
     assert r.returncode == 0, r.stderr
-    assert gens.pointer(root) == 3 and gens.repo_main(root) == commit
+    assert store.pointer(root) == 3 and pending.repo_main(root) == commit
     r = kiosk_cli("generations", "--root", str(root))
-    assert [line.split()[-1] if "failed" not in line else "failed" for line in r.stdout.splitlines()[1:]] == \
-        ["superseded", "failed", "default"]
+    # the failed generation 2 was pruned by this push: rollback never needs it, and it is not the newest
+    assert [line.split()[-1] for line in r.stdout.splitlines()[1:]] == ["superseded", "default"]
+    assert [g.number for g in store.list_generations(root)] == [1, 3]
 
 
 def test_five_concurrent_pushes_end_consistent(device, client, spec):
@@ -289,12 +290,12 @@ def test_five_concurrent_pushes_end_consistent(device, client, spec):
         if code != 0:  # refused cleanly: by the device (main moved) or by git before the hook (fetch first)
             assert ("main moved to" in out and REJECTED in out) or "(fetch first)" in out, out
     root = device.root
-    assert gens.repo_main(root) == commits[winners[0]]
-    assert gens.current(root).meta["commit"] == commits[winners[0]]
-    assert gens.verify(root) == [] and gens.read_journal(root) is None and gens.read_pending(root) is None
-    for gen in gens.list_generations(root):
+    assert pending.repo_main(root) == commits[winners[0]]
+    assert store.current(root).meta["commit"] == commits[winners[0]]
+    assert links.verify(root) == [] and switch.read_journal(root) is None and pending.read_pending(root) is None
+    for gen in store.list_generations(root):
         assert {p.name for p in gen.path.iterdir()} == {"root", "nixiosk.json", "layer.json", "meta.json"}
-    assert [g.number for g in gens.list_generations(root)] == [1, 2]
+    assert [g.number for g in store.list_generations(root)] == [1, 2]
     assert not list((root / "var/lib/kiosk/generations").glob(".tmp-*"))
     assert (root / "var/lib/kiosk/lock").read_bytes() == b""
 
@@ -325,7 +326,7 @@ def test_a_push_waits_for_the_lock_then_gives_up(make_device, tmp_path, keys, sp
                 fcntl.flock(lock, fcntl.LOCK_UN)
         assert push.wait() == 0, "".join(seen)
         assert "remote: ==> generation 2 is active: patient, commit" in "".join(seen)
-        assert gens.pointer(device.root) == 2
+        assert store.pointer(device.root) == 2
     finally:
         os.close(lock)
 
@@ -363,15 +364,79 @@ def test_a_pusher_who_disconnects_does_not_stop_the_switch(make_device, tmp_path
     log = (root / "var/lib/kiosk/push.log").read_text()
     assert log.startswith(f"==> validate nixiosk.json (commit {commit[:12]})\n")
     assert "==> generation 2 is active: unattended" in log
-    assert gens.verify(root) == [] and gens.pointer(root) == 2
+    assert links.verify(root) == [] and store.pointer(root) == 2
     # git itself may or may not have moved main after its client vanished (receive-pack dies of SIGPIPE
     # when it next writes to the dead connection); either way the device follows main after the next
     # push or boot, which run this same resolution:
-    moved = gens.repo_main(root) == commit
-    pending = gens.read_pending(root)
-    assert pending is None or pending["commit"] == commit
+    moved = pending.repo_main(root) == commit
+    unconfirmed = pending.read_pending(root)
+    assert unconfirmed is None or unconfirmed["commit"] == commit
     r = kiosk_cli("switch", "--recover", "--root", str(root), env={"KIOSK_ACTIVATOR": f"recording:{device.recording}"})
     assert r.returncode == 0, r.stderr
-    assert gens.read_pending(root) is None and gens.verify(root) == []
-    assert gens.current(root).meta["commit"] == gens.repo_main(root) == (commit if moved else device.first_commit)
-    print(f"git moved main after the client died: {moved}; post-receive confirmed it: {pending is None}")
+    assert pending.read_pending(root) is None and links.verify(root) == []
+    assert store.current(root).meta["commit"] == pending.repo_main(root) == (commit if moved else device.first_commit)
+    print(f"git moved main after the client died: {moved}; post-receive confirmed it: {unconfirmed is None}")
+
+
+def test_failed_pushes_do_not_pile_up_generations(make_device, tmp_path, keys, spec):
+    """Every push that wrote a generation prunes: what stays is what rollback needs (KIOSK_KEEP_GENERATIONS
+    good ones, current, default) and the newest one (the last failure, readable with kiosk generations)."""
+    device = make_device(env={"KIOSK_KEEP_GENERATIONS": "2"})
+    client = Client(tmp_path, keys["client"], keys["host_pub"], device.port)
+    device.recording.write_text(json.dumps({"fail": [{"unit": "kiosk.service", "when": "crash-me"}]}))
+    clone = client.clone(device.url, "clone")
+    root = device.root
+
+    def push(args, ok):
+        client.commit_spec(clone, dict(copy.deepcopy(spec), program=dict(spec["program"], args=args)))
+        r = client.push(clone)
+        assert (r.returncode == 0) == ok, r.stderr
+        return r
+
+    for i in range(6):
+        r = push(["--crash-me", str(i)], ok=False)
+        assert f"==> ROLLED BACK to generation 1 (commit {device.first_commit[:12]}): generation {i + 2} failed" \
+            in "\n".join(remote_lines(r.stderr))
+    assert {g.number: g.meta["status"] for g in store.list_generations(root)} == {1: "active", 7: "failed"}
+    for i in range(3):
+        push([f"https://example.org/{i}"], ok=True)
+    assert {g.number: g.meta["status"] for g in store.list_generations(root)} == {9: "superseded", 10: "active"}
+    push(["--crash-me", "again"], ok=False)
+    assert {g.number: g.meta["status"] for g in store.list_generations(root)} == \
+        {9: "superseded", 10: "active", 11: "failed"}
+    assert links.verify(root) == [] and not list((root / "var/lib/kiosk/generations").glob(".*"))
+    r = kiosk_cli("rollback", "--root", str(root), env={"KIOSK_ACTIVATOR": f"recording:{device.recording}",
+                                                        "KIOSK_HEALTH_SECONDS": "0"})
+    assert r.returncode == 0, r.stderr
+    assert store.pointer(root) == 9 and links.verify(root) == []
+
+
+def test_a_spec_with_a_byte_order_mark_does_not_wedge_the_device(device, client, spec):
+    """A BOM-prefixed nixiosk.json (Windows editors write one): read as kiosk validate reads it; and the
+    next push works whatever happened to it, also when the running generation's stored spec has one."""
+    clone = client.clone(device.url, "clone")
+    root = device.root
+    text = json.dumps(dict(copy.deepcopy(spec), hostName="bom"), indent=2) + "\n"
+    (clone / "nixiosk.json").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    client.git("commit", "-q", "-am", "bom", cwd=clone)
+    r = client.push(clone)
+    validate = kiosk_cli("validate", cwd=clone)
+    if validate.returncode == 0:  # kiosk.spec.load reads past the mark: so does the device
+        assert r.returncode == 0, r.stderr
+        assert store.current(root).spec()["hostName"] == "bom"
+    else:  # refused as kiosk validate refuses it, one line each
+        assert r.returncode != 0 and REJECTED in r.stderr
+        assert remote_lines(r.stderr)[1:-1] == validate.stderr.splitlines()
+        client.git("reset", "-q", "--hard", "HEAD~", cwd=clone)
+    commit = client.commit_spec(clone, dict(copy.deepcopy(spec), hostName="after"))
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    assert store.current(root).meta["commit"] == commit and links.verify(root) == []
+
+    # a generation stored with a BOM as committed (older kiosk versions did): the next push still works
+    stored = store.current(root).path / "nixiosk.json"
+    stored.write_bytes(b"\xef\xbb\xbf" + stored.read_bytes())
+    commit = client.commit_spec(clone, dict(copy.deepcopy(spec), hostName="later"))
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    assert store.current(root).meta["commit"] == commit and links.verify(root) == []

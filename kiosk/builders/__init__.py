@@ -1,1 +1,24 @@
-"""Remote builders: choosing one, ssh, the wire format, the builder's server, the device's key."""
+"""Remote builders (issue 8), the client side: a small board hands package work to a bigger machine
+over SSH, and a laptop hands a whole image build to one.
+
+A push that adds packages, on the device (kiosk.device.fetch.BuilderInstaller):
+
+  1. candidates: select.effective_builders(spec) (`builders` plus Nixiosk's `localSystem`), by
+     speedFactor, keeping those whose systems include the board's architecture and whose host
+     key the spec pins (publicHostKey): the device never talks to a builder it cannot verify;
+  2. a TCP probe of every candidate at once (ssh.probe_all, KIOSK_BUILDER_CONNECT_TIMEOUT);
+  3. the first reachable one gets ONE request over ssh (client.exchange: the device's own key, a
+     known_hosts written from the spec, StrictHostKeyChecking=yes, BatchMode=yes); on the builder
+     `kiosk builder-serve` (kiosk.buildhost) runs apt with a private state against the device's
+     dpkg status (apt.fetch_packages) and answers with a JSON header and a tar of .debs (wire);
+  4. the device streams the tar to its disk while hashing, checks every file, the whole stream
+     and each .deb's control fields, and only then runs `dpkg --install` on all of them at once;
+  5. an unreachable or failing builder costs one log line and the next is tried; when none
+     works the push fails with nothing installed, unless the board can build for itself
+     (canBuildItself), which then resolves with apt itself, the same way.
+
+Modules: select (which builders), ssh (reaching one), wire (the answer format, both sides),
+client (one request), apt (resolution, shared by a builder and a self-building device), keys
+(the device's key and settings in the image), remote (`kiosk build --builder`), commands
+(`kiosk builders check|authorize`). Design notes, trust model and figures: notes/builders.md.
+"""

@@ -33,6 +33,7 @@ SETTINGS = {
     "KIOSK_CACHE_DIR": "downloads, root filesystems and kiosk run's copies (default ~/.cache/kiosk)",
     "KIOSK_ROOT": "the device root the hooks and device commands work on (default /)",
     "KIOSK_OFFLINE": "1: never fetch the archive's package index (validation skips package look-ups)",
+    "KIOSK_ARCHIVE_TIMEOUT": "seconds fetching the archive's package index may take in all (default 120)",
     "KIOSK_MMDEBSTRAP_MODE": "force mmdebstrap's --mode (root, unshare, ...)",
     "KIOSK_ACTIVATOR": "how a switch tells the service manager: systemd (default on a device) or none",
     "KIOSK_HEALTH_SECONDS": "how long a new generation must stay healthy before it is kept",
@@ -97,6 +98,11 @@ def cache_dir() -> Path:
         return Path(override)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "kiosk"
+
+
+def deb_cache_dir() -> Path:
+    """Downloaded .debs of every architecture, shared by image builds and builders (arch: all ones too)."""
+    return cache_dir() / "debs"
 
 
 def device_root() -> Path:

@@ -21,12 +21,13 @@ import contextlib
 import fcntl
 import json
 import os
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiosk.core.errors import KioskError
+from kiosk.core.paths import STATE, number_setting, setting
+from kiosk.core.run import CompletedProcess, run as run_command  # SystemdActivator.run is a method
 
 UNIT_DIR = "/etc/systemd/system"
 DEFAULT_TARGET = f"{UNIT_DIR}/default.target"
@@ -254,15 +255,9 @@ class SystemdActivator(Activator):
         self.systemctl = systemctl
         self.timeout = timeout
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        try:
-            proc = subprocess.run([self.systemctl, *args], capture_output=True, text=True, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            raise ActivationFailed(f"systemctl {' '.join(args)} did not finish in {self.timeout:.0f}s") from None
-        if check and proc.returncode != 0:
-            why = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-            raise ActivationFailed(f"systemctl {' '.join(args)} failed: {why[-1] if why else proc.returncode}")
-        return proc
+    def _run(self, *args: str, check: bool = True) -> CompletedProcess:
+        return run_command([self.systemctl, *args], check=check, timeout=self.timeout, error=ActivationFailed,
+                           tail=5)
 
     def daemon_reload(self) -> None:
         self._run("daemon-reload")
@@ -295,13 +290,7 @@ class SystemdActivator(Activator):
             raise ActivationFailed(f"cannot set the host name to {name}: {exc.strerror}") from None
 
     def run(self, argv):
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ActivationFailed(f"{argv[0]}: {exc}") from None
-        if proc.returncode != 0:
-            raise ActivationFailed(f"{' '.join(argv)} exited with status {proc.returncode}: "
-                                   f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
+        run_command(argv, timeout=self.timeout, error=ActivationFailed, tail=5)
 
     def boot_reconcile(self):
         self._run("daemon-reload")
@@ -376,7 +365,7 @@ class RecordingActivator(Activator):
         except FileNotFoundError:
             data = {}
         try:
-            spec_text = (self.root / "var/lib/kiosk/current/nixiosk.json").read_text()
+            spec_text = (self.root / STATE / "current/nixiosk.json").read_text()
         except OSError:
             spec_text = ""
         return {rule["unit"]: rule.get("reason", "failed") for rule in data.get("fail", [])
@@ -420,8 +409,8 @@ class RecordingActivator(Activator):
         failing = self._failing()
         return [f"{u}: {failing[u]}" for u in units if u in failing]
 
-    def install(self, packages: list[str]) -> None:
-        """The recording package installer (see kiosk.generations.ensure_packages)."""
+    def install(self, root: Path, packages: list[str], spec: dict, log) -> None:
+        """Records installs too, as an installer (kiosk.device.packages.default_installer picks it in tests)."""
         def add(d):
             d.setdefault("installs", []).append(list(packages))
             return [p for p in packages if p in d.get("failInstall", [])]
@@ -432,7 +421,7 @@ class RecordingActivator(Activator):
 
 def from_env(root: Path) -> Activator:
     """KIOSK_ACTIVATOR, or systemd on a real device root ("/"), or nothing for any other tree."""
-    choice = os.environ.get("KIOSK_ACTIVATOR", "")
+    choice = setting("KIOSK_ACTIVATOR", "")
     if choice.startswith("recording:"):
         return RecordingActivator(Path(choice.split(":", 1)[1]), root)
     if choice == "none":
@@ -440,12 +429,11 @@ def from_env(root: Path) -> Activator:
     if choice == "systemd":
         return SystemdActivator()
     if choice:
-        raise KioskError(f"KIOSK_ACTIVATOR={choice!r}: use systemd, none or recording:<path>")
+        raise KioskError(f"KIOSK_ACTIVATOR={choice!r} is not an activator",
+                         hint="use systemd, none or recording:<path>")
     return SystemdActivator() if Path(root).resolve() == Path("/") else NullActivator()
 
 
 def settle_seconds() -> float:
-    try:
-        return float(os.environ.get("KIOSK_HEALTH_SECONDS", DEFAULT_SETTLE_SECONDS))
-    except ValueError:
-        return DEFAULT_SETTLE_SECONDS
+    """KIOSK_HEALTH_SECONDS: how long the units a switch touched must stay up."""
+    return number_setting("KIOSK_HEALTH_SECONDS", DEFAULT_SETTLE_SECONDS)

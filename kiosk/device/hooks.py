@@ -19,7 +19,7 @@ kiosk-recover.service does the same. So the device ends up running what main
 says, or what a person chose with `kiosk rollback`/`kiosk switch`.
 
 Environment: KIOSK_ROOT (device root, default /), KIOSK_ACTIVATOR (see
-kiosk.activation), KIOSK_LOCK_TIMEOUT (seconds a push waits for another, default
+kiosk.device.activation), KIOSK_LOCK_TIMEOUT (seconds a push waits for another, default
 600), KIOSK_HEALTH_SECONDS (how long units must stay up, default 4).
 """
 
@@ -27,27 +27,41 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kiosk.device import activation
-from kiosk.device import generations as gens
 from kiosk.core.errors import InvalidSpec, KioskError, Problem
+from kiosk.core.log import Log
+from kiosk.core.paths import device_root
+from kiosk.device import activation
+from kiosk.device.lock import device_lock, lock_timeout
+from kiosk.device.packages import default_installer, ensure_packages
+from kiosk.device.pending import clear_pending, read_pending, repo_main, write_pending
+from kiosk.device.recover import recover, resolve_pending
+from kiosk.device.store import BRANCH, current, reason_line, state_dir, update_meta, write_generation
+from kiosk.device.switch import Switch, prune, rollback
+
+if TYPE_CHECKING:
+    import git
 
 ZERO = "0" * 40
-MAIN = gens.BRANCH
+MAIN = BRANCH
 SPEC_FILE = "nixiosk.json"
 
 
-def device_root() -> Path:
-    return Path(os.environ.get("KIOSK_ROOT") or "/")
+def pushed_repository() -> git.Repo:
+    """The repository the hook runs in, as git receive-pack set it up (GIT_DIR, the current directory).
 
-
-def _git(*args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-    """git in the repository the hook runs in, with the hook's environment (quarantined objects included)."""
-    return subprocess.run(["git", *args], capture_output=True, input=input)
+    GitPython runs its git processes (cat-file, merge-base) with this process's environment, so they
+    see receive-pack's quarantine (GIT_OBJECT_DIRECTORY, GIT_ALTERNATE_OBJECT_DIRECTORIES,
+    GIT_QUARANTINE_PATH): the pushed objects exist only there until the hook accepts the push.
+    So, unlike provision's plain git, nothing here may clean the environment of GIT_*.
+    GitPython is imported here, not at the top: it costs 0.1-0.3 s to import on x86 and seconds on a
+    Pi 0, and only the push itself needs it (kiosk's other device commands start without it)."""
+    import git
+    return git.Repo()
 
 
 def read_updates(stream) -> list[tuple[str, str, str]]:
@@ -59,7 +73,7 @@ def read_updates(stream) -> list[tuple[str, str, str]]:
     return updates
 
 
-def ref_problems(updates: list[tuple[str, str, str]]) -> list[str]:
+def ref_problems(repo: git.Repo, updates: list[tuple[str, str, str]]) -> list[str]:
     """Only main is deployable; it cannot be deleted or rewritten."""
     problems = []
     for old, new, ref in updates:
@@ -68,98 +82,119 @@ def ref_problems(updates: list[tuple[str, str, str]]) -> list[str]:
                             "is kept; push to main (git push origin HEAD:main)")
         elif new == ZERO:
             problems.append(f"{ref}: refused: main cannot be deleted; it is the configuration this device runs")
-        elif old != ZERO and _git("merge-base", "--is-ancestor", old, new).returncode != 0:
+        elif old != ZERO and not _is_ancestor(repo, old, new):
             problems.append(f"{ref}: refused: not a fast-forward of the device's main ({old[:12]}); "
                             "git pull --rebase, then push again")
     return problems
 
 
-def spec_at(commit: str, known_packages=frozenset()):
+def _is_ancestor(repo: git.Repo, old: str, new: str) -> bool:
+    import git
+    try:
+        return repo.is_ancestor(old, new)
+    except git.GitCommandError:  # merge-base failed (an unreadable object): as before, no fast-forward
+        return False
+
+
+def spec_at(repo: git.Repo, commit: str, known_packages=frozenset()):
     """(text, Spec) of nixiosk.json in `commit`; InvalidSpec with the same one-line problems as `kiosk validate`.
 
     known_packages (the running generation's) are not looked up in the archive."""
     from kiosk.spec import load as specmod
 
-    listing = _git("ls-tree", commit, "--", SPEC_FILE).stdout.decode().strip()
-    if not listing:
+    tree = repo.commit(commit).tree
+    if SPEC_FILE not in tree:
         raise InvalidSpec(SPEC_FILE, [Problem("", f"not found in commit {commit[:12]}",
                                               "commit nixiosk.json at the top of the repository")])
-    mode, kind, blob = listing.split("\t")[0].split()
-    if kind != "blob" or mode not in ("100644", "100755"):
+    item = tree / SPEC_FILE
+    if item.type != "blob" or item.mode not in (0o100644, 0o100755):
         raise InvalidSpec(SPEC_FILE, [Problem("", f"is not a regular file in commit {commit[:12]}",
                                               "commit nixiosk.json itself, not a link or a directory")])
-    raw = _git("cat-file", "blob", blob).stdout
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidSpec(SPEC_FILE, [Problem("", f"is not UTF-8 text (bad byte at offset {exc.start})",
-                                              "save the file as UTF-8")]) from None
-    return text, specmod.loads(text.removeprefix("\ufeff"), SPEC_FILE, known_packages=known_packages)
+    if item.size > specmod.MAX_BYTES:   # before reading it: a 200 MB blob must not reach memory
+        raise specmod.too_large(SPEC_FILE)
+    # Read exactly as `kiosk validate` reads a file (kiosk.spec.load.from_bytes: size, UTF-8, a leading
+    # byte-order mark dropped): a push is accepted or refused as validate says (test_push checks the two
+    # agree). What is stored is spec.text, without the mark.
+    spec = specmod.from_bytes(item.data_stream.read(), SPEC_FILE, known_packages=known_packages)
+    return spec.text, spec
 
 
 def in_place_problems(spec: dict, running: dict) -> list[Problem]:
-    """What a push cannot change on a running device: the board (kernel, firmware, architecture), the suite."""
+    """What a push cannot change on a running device: the board (kernel, firmware, architecture), the suite.
+    (`running` is the stored spec, not validated again: a field it lacks is not compared.)"""
     from kiosk.spec.hardware import ALIASES
 
     problems = []
-    old_hw, new_hw = running["hardware"], spec["hardware"]
-    if ALIASES.get(new_hw, new_hw) != ALIASES.get(old_hw, old_hw):
+    old_hw, new_hw = running.get("hardware"), spec["hardware"]
+    if isinstance(old_hw, str) and ALIASES.get(new_hw, new_hw) != ALIASES.get(old_hw, old_hw):
         problems.append(Problem("/hardware", f"this device is a {old_hw}; a push cannot change the board to "
                                 f"{new_hw} (another kernel, firmware and architecture)",
                                 f"build and flash a new image for it (kiosk build, ./deploy.sh /dev/mmcblk0), "
                                 f"or set \"hardware\" back to \"{old_hw}\""))
-    old_suite, new_suite = running["debian"]["suite"], spec["debian"]["suite"]
-    if old_suite != new_suite:
+    debian = running.get("debian")
+    old_suite, new_suite = debian.get("suite") if isinstance(debian, dict) else None, spec["debian"]["suite"]
+    if isinstance(old_suite, str) and old_suite != new_suite:
         problems.append(Problem("/debian/suite", f"this device runs Debian {old_suite}; a push cannot upgrade "
                                 f"it to {new_suite}",
                                 f"build and flash a new image, or set \"suite\" back to \"{old_suite}\""))
     return problems
 
 
-def _refuse(log: gens.Log, lines: list[str], why: str) -> int:
+def _refuse(log: Log, lines: list[str], why: str) -> int:
     for line in lines:
         log.raw(line)
     log.stage(f"push refused: {why}; nothing on the device was changed")
     return 1
 
 
-def _wait_for_previous_push(root: Path, activator, log: gens.Log, timeout: float) -> None:
+def _prune(root: Path, log: Log) -> None:
+    """After every push that wrote a generation, good or failed (twelve failed pushes must not leave twelve
+    generations on the card). Whatever goes wrong here is said, and changes nothing about the push."""
+    try:
+        prune(root, log)
+    except (OSError, KioskError) as exc:
+        log(f"warning: old generations were not deleted: {exc}")
+
+
+def _wait_for_previous_push(root: Path, activator, log: Log, timeout: float) -> None:
     """Holding the lock: a previous push whose ref update git has not made yet still counts as running."""
     deadline = time.monotonic() + timeout
     said = False
     while True:
-        state = gens.resolve_pending(root, activator, log)
+        state = resolve_pending(root, activator, log)
         if state != "in-progress":
             return
         if not said:
             log("waiting for another push to finish... (git is recording the previous push)")
             said = True
         if time.monotonic() > deadline:
-            raise KioskError(f"the previous push has not finished in {timeout:.0f}s; nothing was changed; "
-                             "push again later")
+            raise KioskError(f"the previous push has not finished in {timeout:.0f}s; nothing was changed",
+                             hint="push again later")
         time.sleep(0.1)
 
 
-def pre_receive(stdin, log: gens.Log) -> int:
+def pre_receive(stdin, log: Log) -> int:
     from kiosk.spec.plan import make_plan
     from kiosk.config.render import render
 
     os.umask(0o022)
     root = device_root()
     updates = read_updates(stdin)
-    problems = ref_problems(updates)
-    if problems:
-        return _refuse(log, problems, "only fast-forwards of main are deployed")
-    if not updates:
-        return 0
-    old, new, _ = updates[0]
+    with pushed_repository() as repo:
+        problems = ref_problems(repo, updates)
+        if problems:
+            return _refuse(log, problems, "only fast-forwards of main are deployed")
+        if not updates:
+            return 0
+        old, new, _ = updates[0]
 
-    log.stage(f"validate nixiosk.json (commit {new[:12]})")
-    try:
-        running = gens.current(root)
-        spec_text, spec = spec_at(new, frozenset(running.meta.get("packages", [])) if running else frozenset())
-    except InvalidSpec as exc:
-        return _refuse(log, exc.render().splitlines(), "nixiosk.json is not valid")
+        log.stage(f"validate nixiosk.json (commit {new[:12]})")
+        try:
+            running = current(root)
+            known = frozenset(running.meta.get("packages", [])) if running else frozenset()
+            spec_text, spec = spec_at(repo, new, known)
+        except InvalidSpec as exc:
+            return _refuse(log, exc.render().splitlines(), "nixiosk.json is not valid")
     for warning in spec.warnings:
         log.raw(f"{SPEC_FILE}: warning: {warning}")
     data = spec.data
@@ -167,30 +202,36 @@ def pre_receive(stdin, log: gens.Log) -> int:
         f"({data['program']['executable']})")
 
     activator = activation.from_env(root)
-    timeout = float(os.environ.get("KIOSK_LOCK_TIMEOUT", gens.DEFAULT_LOCK_TIMEOUT))
+    timeout = lock_timeout()
     settle = activation.settle_seconds()
-    with gens.device_lock(root, f"push of {new[:12]}", log, timeout):
-        gens.recover(root, activator, log)
+    with device_lock(root, f"push of {new[:12]}", log, timeout):
+        recover(root, activator, log)
         _wait_for_previous_push(root, activator, log, timeout)
-        main_now = gens.repo_main(root)
+        main_now = repo_main(root)
         if old != (main_now or ZERO):
             return _refuse(log, [f"{MAIN}: refused: main moved to {(main_now or ZERO)[:12]} while you pushed "
                                  f"(another push?); git pull --rebase, then push again"], "main has moved")
-        cur = gens.current(root)
+        cur = current(root)
         if cur is None:
-            raise KioskError("this device has no current generation; reflash it")
-        lines = [p.line(SPEC_FILE) for p in in_place_problems(data, cur.spec())]
+            raise KioskError("this device has no current generation", hint="reflash it")
+        try:
+            running_spec = cur.spec()
+        except InvalidSpec as exc:
+            raise KioskError(f"the running generation {cur.number}'s own nixiosk.json cannot be read "
+                             f"({exc.problems[0].message if exc.problems else exc})",
+                             hint="kiosk rollback on the device, then push again") from None
+        lines = [p.line(SPEC_FILE) for p in in_place_problems(data, running_spec)]
         if lines:
             return _refuse(log, lines, "this change needs a new image")
 
         # from here on the device changes: keep the last push's log for whoever lost the connection
-        log.tee_to(gens.state_dir(root) / "push.log")
+        log.tee_to(state_dir(root) / "push.log")
         plan = make_plan(data)
         layer = render(data)
-        gen = gens.write_generation(root, spec_text, layer, commit=new, packages=plan.packages,
+        gen = write_generation(root, spec_text, layer, commit=new, packages=plan.packages,
                                     previous=cur.number)
         log.stage(f"build generation {gen.number}: what changes from generation {cur.number}")
-        sw = gens.Switch(root, cur, gen, mode="switch", purpose="push", activator=activator, log=log)
+        sw = Switch(root, cur, gen, mode="switch", purpose="push", activator=activator, log=log)
         for line in sw.changes():
             log(line)
         old_packages = cur.meta.get("packages", [])
@@ -201,10 +242,11 @@ def pre_receive(stdin, log: gens.Log) -> int:
             sw.preflight()
             if added or removed:
                 log.stage("packages")
-                gens.ensure_packages(root, old_packages, plan.packages, data, log,
-                                     gens.default_installer(root, data, activator))
+                ensure_packages(root, old_packages, plan.packages, data, log,
+                                     default_installer(root, data, activator))
         except KioskError as exc:
-            gens.update_meta(gen, status="failed", reason=str(exc))
+            update_meta(gen, status="failed", reason=reason_line(exc))
+            _prune(root, log)
             return _refuse(log, [f"generation {gen.number} failed: {exc}"],
                            "the new generation could not be prepared")
 
@@ -212,7 +254,8 @@ def pre_receive(stdin, log: gens.Log) -> int:
             problems = sw.run(settle)
             if problems:
                 reason = "; ".join(problems)
-                again = gens.rollback(root, gen, cur, reason, activator, log, settle)
+                again = rollback(root, gen, cur, reason, activator, log, settle)
+                _prune(root, log)
                 log.stage(f"ROLLED BACK to generation {cur.number} (commit {cur.meta['commit'][:12]}): "
                           f"generation {gen.number} failed: {reason}")
                 if again:
@@ -220,35 +263,35 @@ def pre_receive(stdin, log: gens.Log) -> int:
                 log.stage(f"push refused: main stays at {old[:12]}; fix nixiosk.json and push again "
                           f"(kiosk generations on the device shows what failed)")
                 return 1
-            gens.write_pending(root, new, gen.number, cur.number, os.getppid())
+            write_pending(root, new, gen.number, cur.number, os.getppid())
             sw.commit()
         except BaseException:
             # whatever broke mid-switch: back to the journal's safe generation now, not at the next push
             with contextlib.suppress(Exception):
-                gens.recover(root, activator, log)
+                recover(root, activator, log)
             raise
-        gens.prune(root, log)
+        _prune(root, log)
     log.stage(f"generation {gen.number} is active: {data['hostName']}, commit {new[:12]}")
     return 0
 
 
-def post_receive(stdin, log: gens.Log) -> int:
+def post_receive(stdin, log: Log) -> int:
     """git has moved main: the pushed generation is confirmed (nothing to change on the device)."""
     root = device_root()
     for old, new, ref in read_updates(stdin):
         if ref != MAIN:
             continue
-        pending = gens.read_pending(root)
-        if pending and pending["commit"] == new and gens.repo_main(root) == new:
-            gens.clear_pending(root)
-        cur = gens.current(root)
+        pending = read_pending(root)
+        if pending and pending["commit"] == new and repo_main(root) == new:
+            clear_pending(root)
+        cur = current(root)
         if cur is not None and cur.meta.get("commit") == new:
             log.stage(f"main is at {new[:12]}; the device runs generation {cur.number}")
     return 0
 
 
 def cmd_hook(args) -> int:
-    log = gens.Log()
+    log = Log()
     if args.hook == "pre-receive":
         return pre_receive(sys.stdin, log)
     return post_receive(sys.stdin, log)

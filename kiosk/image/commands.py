@@ -14,7 +14,7 @@ def cmd_build(args) -> int:
     from kiosk.spec.commands import print_warnings
 
     if getattr(args, "builder", None):
-        from kiosk.builders.builders import remote_build  # issue 8: build on a bigger machine over ssh
+        from kiosk.builders.remote import remote_build  # issue 8: build on a bigger machine over ssh
         return remote_build(args)
     path = Path(args.spec)
     spec = specmod.load(path)
@@ -22,7 +22,7 @@ def cmd_build(args) -> int:
     require_root("kiosk build must run as root", f"run: sudo kiosk build {args.spec} -o {args.output} "
                  "(./deploy.sh asks for sudo itself)")
     started = time.monotonic()
-    manifest = build(spec, path.read_text(encoding="utf-8"), Path(args.output), verbose=args.verbose, log=Log())
+    manifest = build(spec, spec.text, Path(args.output), verbose=args.verbose, log=Log())
     print(f"{manifest['image']}\n  sha256 {manifest['imageSha256']}\n  block map {manifest['bmap']}\n"
           f"  built in {time.monotonic() - started:.0f}s; write it with: kiosk flash {manifest['image']} /dev/mmcblk0")
     return 0

@@ -53,23 +53,23 @@ def check_no_password_hash(root: Path) -> None:
     for number, line in enumerate(shadow.read_text().splitlines(), 1):
         fields = line.split(":")
         if len(fields) > 1 and fields[1] not in ("*", "!", "!*", "!!") and not fields[1].startswith("!"):
-            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} has a password; "
-                             "kiosk images must have none (this is a bug in the build)")
+            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} has a password",
+                             hint="kiosk images must have none: this is a bug in the build, please report it")
         if len(fields) > 1 and fields[1].startswith("!") and len(fields[1]) > 2:
-            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} holds a (locked) password hash; "
-                             "kiosk images must have none")
+            raise KioskError(f"/etc/shadow line {number}: account {fields[0]!r} holds a (locked) password hash",
+                             hint="kiosk images must have none: this is a bug in the build, please report it")
 
 
-def configure_root(root: Path, spec_text: str, layer: dict, *, epoch: int, log) -> str:
+def configure_root(root: Path, spec_text: str, layer: dict, plan, *, epoch: int, log) -> str:
     """Make the unpacked base tree this spec's system: generation 1, the kiosk package, users, no secrets baked in.
 
     Returns the configuration.git commit of generation 1.
     """
-    from kiosk.device.generations import install_first_generation, recovery_layer
+    from kiosk.device.provision import install_first_generation, recovery_layer
     from kiosk.config.layer import apply_layer
 
     install_kiosk_package(root, epoch)
-    commit = install_first_generation(root, spec_text, layer, epoch=epoch, hooks_dir=paths.hooks_dir())
+    commit = install_first_generation(root, spec_text, layer, plan, epoch=epoch, hooks_dir=paths.hooks_dir())
     # Outside any generation: it must run even when an interrupted switch left the pointers half-moved.
     apply_layer(recovery_layer(), root, mtime=epoch)
     log(f"generation 1 from configuration.git commit {commit[:12]}")
@@ -149,9 +149,9 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             apply_layer(layer, root, mtime=epoch)
             ident = assemble.identity(plan)
             boot = bootfiles.boot_files(plan, root, root=ident.root, epoch=epoch, log=log)
-            commit = configure_root(root, spec_text, layer, epoch=epoch, log=log)
+            commit = configure_root(root, spec_text, layer, plan, epoch=epoch, log=log)
             if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
-                from kiosk.builders.builders import prepare_device_for_builders  # the device's builder key
+                from kiosk.builders.keys import prepare_device_for_builders  # the device's builder key
                 prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
         with log.timed("image"):
             out_image = out_dir / assemble.image_name(plan)

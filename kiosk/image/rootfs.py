@@ -78,11 +78,6 @@ def rootfs_dir() -> Path:
     return paths.cache_dir() / "rootfs"
 
 
-def deb_cache_dir() -> Path:
-    """Downloaded .debs of every architecture (arch: all ones are shared between boards)."""
-    return paths.cache_dir() / "debs"
-
-
 @dataclass(frozen=True)
 class Stage:
     """One cached tarball: a package set installed from scratch, or on top of a parent stage."""
@@ -205,7 +200,7 @@ def mmdebstrap_command(stage: Stage, out: Path, *, verbose: bool = False, meta_d
     """
     mode = mmdebstrap_mode()
     meta_dir = meta_dir or out.parent
-    debs = str(deb_cache_dir())
+    debs = str(paths.deb_cache_dir())
     q = shlex.quote
     divert = "/usr/sbin/update-initramfs"
     noop = _NOOP_UPDATE_INITRAMFS.replace("'", "")
@@ -345,10 +340,10 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
         tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
         meta_dir = tar.with_name(f".{tar.name}.{os.getpid()}.meta")
         meta_dir.mkdir(exist_ok=True)
-        deb_cache_dir().mkdir(parents=True, exist_ok=True)
+        paths.deb_cache_dir().mkdir(parents=True, exist_ok=True)
         cmd = mmdebstrap_command(stage, tmp, verbose=verbose, meta_dir=meta_dir, parent_tar=parent_tar)
         env = dict(SOURCE_DATE_EPOCH=str(epoch), PYTHONHASHSEED="0", DEBIAN_FRONTEND="noninteractive")
-        debs = deb_cache_dir()
+        debs = paths.deb_cache_dir()
         cached = len(list(debs.glob(f"*_{stage.architecture}.deb")) + list(debs.glob("*_all.deb"))) \
             if debs.is_dir() else 0
         log(f"rootfs: mmdebstrap the {what}: {stage.suite} {stage.architecture}, {len(stage.install)} packages "

@@ -33,7 +33,6 @@ mDNS traffic goes over IPv4 (AAAA records are still answered, over IPv4).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -48,6 +47,7 @@ from kiosk import __version__
 from kiosk.net.mdns import (KIOSK_TYPE, SSH_TYPE, cached_records, ipv4_of, local_addresses, probe, resolve,
                             seconds, tolerate_bad_packets)
 from kiosk.core.errors import KioskError
+from kiosk.device import store
 
 log = logging.getLogger("kiosk.net.agent")
 
@@ -81,19 +81,7 @@ def read_state(state_dir: Path) -> tuple[str, dict[str, str]]:
     The spec was validated before it became a generation, so this only reads it;
     it still never trusts it enough to crash on a broken file.
     """
-    current = state_dir / "current"
-
-    def load(name: str) -> dict:
-        try:
-            data = json.loads((current / name).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:  # e.g. nixiosk.json is 0600 and the agent is not root
-            _warn_once(f"cannot read {current / name} ({exc}); announcing without it")
-            return {}
-        return data if isinstance(data, dict) else {}
-
-    spec, meta = load("nixiosk.json"), load("meta.json")
+    spec, meta = store.read_running(state_dir, lambda why: _warn_once(f"{why}; announcing without it"))
     host = spec.get("hostName")
     if not isinstance(host, str) or sanitize_label(host) != host:
         host = sanitize_label(socket.gethostname())

@@ -4,14 +4,24 @@ Reads dists/<suite>/<component>/binary-<arch>/Packages.xz (the same index apt
 uses), keeps only the package names and what they provide, and caches that for
 a day so `kiosk validate` stays fast and works on a train. Offline is not an
 error here: callers turn ArchiveUnavailable into a warning.
+
+A mirror is not trusted to be kind: the whole fetch (connect, download,
+decompress, parse) has a deadline (KIOSK_ARCHIVE_TIMEOUT; a mirror sending a
+byte every few seconds is cut off there), the download and the decompressed
+index have size limits (an xz bomb stops at MAX_INDEX_BYTES, parsed as it
+streams so memory stays small), and so has the number of names kept.
 """
 
 from __future__ import annotations
 
 import json
 import lzma
+import math
 import os
+import re
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from hashlib import sha256
@@ -19,13 +29,23 @@ from pathlib import Path
 
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
+from kiosk.core.files import human_size
 
 COMPONENTS = ("main", "non-free-firmware")
 CACHE_SECONDS = 24 * 3600
+DEADLINE_SECONDS = 120.0          # the whole fetch; KIOSK_ARCHIVE_TIMEOUT overrides
+READ_TIMEOUT = 20.0               # one read from the mirror
+MAX_DOWNLOAD_BYTES = 64 << 20     # bookworm's largest Packages.xz (main, amd64) is about 9 MiB
+MAX_INDEX_BYTES = 256 << 20       # ... and about 45 MiB decompressed
+MAX_NAMES = 400_000               # package names plus provides entries (bookworm main: about 80,000)
+MAX_LINE = 1 << 20
+CHUNK = 1 << 16
+
+_FIELD = re.compile(rb"^(Package|Provides): ?([^\n]*)$", re.M)
 
 
 class ArchiveUnavailable(KioskError):
-    """The index could not be fetched (offline, mirror down); the text says why."""
+    """The index could not be fetched (offline, mirror down, too slow, too big); the text says why."""
 
 
 @dataclass(frozen=True)
@@ -37,19 +57,57 @@ class PackageIndex:
         return name in self.packages
 
 
+class _IndexParser:
+    """Package names and provides from a Packages file fed in pieces; only those lines are kept."""
+
+    def __init__(self, url: str, packages: set[str], provides: dict[str, set[str]]):
+        self.url, self.packages, self.provides = url, packages, provides
+        self.name: str | None = None
+        self.pending = b""
+        self.size = 0
+        self.entries = len(packages) + sum(len(v) for v in provides.values())
+
+    def feed(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_INDEX_BYTES:
+            raise ArchiveUnavailable(f"{self.url} decompresses to more than {human_size(MAX_INDEX_BYTES)}; "
+                                     "a package index is far smaller (is the mirror broken or hostile?)")
+        buf = self.pending + data
+        cut = buf.rfind(b"\n") + 1
+        self.pending = buf[cut:]
+        if len(self.pending) > MAX_LINE:
+            raise ArchiveUnavailable(f"{self.url} has a line longer than {human_size(MAX_LINE)}; "
+                                     "it is not a package index")
+        self._lines(buf[:cut])
+
+    def close(self) -> None:
+        self._lines(self.pending + b"\n")
+        self.pending = b""
+
+    def _lines(self, block: bytes) -> None:
+        for match in _FIELD.finditer(block):
+            value = match.group(2).decode("utf-8", "replace")
+            if match.group(1) == b"Package":
+                self.name = value.strip()
+                self.packages.add(self.name)
+                self.entries += 1
+            elif self.name:
+                for item in value.split(","):
+                    virtual = item.strip().split(" ", 1)[0]
+                    if virtual:
+                        self.provides.setdefault(virtual, set()).add(self.name)
+                        self.entries += 1
+            if self.entries > MAX_NAMES:
+                raise ArchiveUnavailable(f"{self.url} lists more than {MAX_NAMES} packages and provides; "
+                                         "a package index has far fewer")
+
+
 def _parse(text: str) -> tuple[set[str], dict[str, set[str]]]:
     packages: set[str] = set()
     provides: dict[str, set[str]] = {}
-    name = None
-    for line in text.splitlines():
-        if line.startswith("Package: "):
-            name = line[9:].strip()
-            packages.add(name)
-        elif line.startswith("Provides: ") and name:
-            for item in line[10:].split(","):
-                virtual = item.strip().split(" ", 1)[0]
-                if virtual:
-                    provides.setdefault(virtual, set()).add(name)
+    parser = _IndexParser("the index", packages, provides)
+    parser.feed(text.encode())
+    parser.close()
     return packages, provides
 
 
@@ -58,59 +116,171 @@ def _cache_file(mirror: str, suite: str, arch: str) -> Path:
     return paths.cache_dir() / "archive" / f"{suite}-{arch}-{key}.json"
 
 
-def _fetch(mirror: str, suite: str, arch: str, timeout: float) -> tuple[set[str], dict[str, set[str]]]:
+def _decompress(chunks, parser: _IndexParser, url: str, stop: threading.Event) -> None:
+    """Feed the xz (or lzma) data in `chunks` to parser, never more than CHUNK decompressed bytes at once."""
+    decompressor = lzma.LZMADecompressor()
+    try:
+        for chunk in chunks:
+            while True:
+                if stop.is_set():
+                    return
+                if decompressor.eof:  # an xz file may hold several streams one after the other
+                    chunk = decompressor.unused_data + chunk
+                    if not chunk:
+                        break
+                    decompressor = lzma.LZMADecompressor()
+                if not chunk and decompressor.needs_input:
+                    break
+                parser.feed(decompressor.decompress(chunk, max_length=CHUNK))
+                chunk = b""
+        if not decompressor.eof:
+            raise ArchiveUnavailable(f"{url} ends before its xz stream does (cut off?)")
+    except lzma.LZMAError:
+        raise ArchiveUnavailable(f"{url} is not a valid xz file") from None
+    parser.close()
+
+
+def _socket_of(response):
+    connection = getattr(getattr(response, "raw", None), "connection", None)
+    return getattr(connection, "sock", None)
+
+
+def _download(url: str, parser: _IndexParser, stop: threading.Event, current: dict, end: float) -> bool:
+    """Stream one Packages.xz into parser; False when the mirror has no such file (404)."""
     import requests
 
+    if sys.stderr.isatty():
+        print(f"kiosk: fetching {url}...", file=sys.stderr)
+    timeout = max(0.1, min(READ_TIMEOUT, end - time.monotonic()))
+    try:
+        response = requests.get(url, timeout=(timeout, timeout), stream=True,
+                                headers={"Accept-Encoding": "identity"})
+    except requests.RequestException as exc:
+        raise ArchiveUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
+    current["response"] = response
+    with response:
+        if response.status_code == 404:
+            return False
+        if response.status_code != 200:
+            raise ArchiveUnavailable(f"{url} answered HTTP {response.status_code}")
+        length = response.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) > MAX_DOWNLOAD_BYTES:
+            raise ArchiveUnavailable(f"{url} is {human_size(int(length))}; a package index is at most "
+                                     f"{human_size(MAX_DOWNLOAD_BYTES)}")
+
+        def chunks():
+            received = 0
+            while not stop.is_set():
+                try:
+                    block = response.raw.read(CHUNK, decode_content=False)
+                except Exception as exc:  # urllib3's and the socket's errors alike: the mirror failed us
+                    raise ArchiveUnavailable(f"reading {url} failed: {type(exc).__name__}") from None
+                if not block:
+                    return
+                received += len(block)
+                if received > MAX_DOWNLOAD_BYTES:
+                    raise ArchiveUnavailable(f"{url} is larger than {human_size(MAX_DOWNLOAD_BYTES)}; a package "
+                                             "index is far smaller")
+                yield block
+
+        _decompress(chunks(), parser, url, stop)
+    return True
+
+
+def _fetch_all(mirror: str, suite: str, arch: str, stop: threading.Event, current: dict, end: float):
     packages: set[str] = set()
     provides: dict[str, set[str]] = {}
     for component in COMPONENTS:
         url = f"{mirror.rstrip('/')}/dists/{suite}/{component}/binary-{arch}/Packages.xz"
-        if sys.stderr.isatty():
-            print(f"kiosk: fetching the {suite} {component} package index for {arch}...", file=sys.stderr)
-        try:
-            response = requests.get(url, timeout=timeout)
-        except requests.RequestException as exc:
-            raise ArchiveUnavailable(f"cannot reach {url}: {type(exc).__name__}") from None
-        if response.status_code == 404 and component != "main":
+        if not _download(url, _IndexParser(url, packages, provides), stop, current, end):
+            if component == "main":
+                raise ArchiveUnavailable(f"{url} answered HTTP 404")
             continue  # a mirror without non-free-firmware still answers for main
-        if response.status_code != 200:
-            raise ArchiveUnavailable(f"{url} answered HTTP {response.status_code}")
-        try:
-            text = lzma.decompress(response.content).decode("utf-8", "replace")
-        except lzma.LZMAError:
-            raise ArchiveUnavailable(f"{url} is not a valid xz file") from None
-        names, provided = _parse(text)
-        packages |= names
-        for virtual, real in provided.items():
-            provides.setdefault(virtual, set()).update(real)
+        if stop.is_set():
+            break
     if not packages:
         raise ArchiveUnavailable(f"no packages found for {arch} in {suite} at {mirror}")
     return packages, provides
 
 
-def package_index(mirror: str, suite: str, arch: str, *, timeout: float = 20.0) -> PackageIndex:
+def deadline_seconds() -> float:
+    """KIOSK_ARCHIVE_TIMEOUT, or the default: seconds the whole fetch may take."""
+    seconds = paths.number_setting("KIOSK_ARCHIVE_TIMEOUT", DEADLINE_SECONDS)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise KioskError(f"KIOSK_ARCHIVE_TIMEOUT={paths.setting('KIOSK_ARCHIVE_TIMEOUT')} is not a number of "
+                         "seconds above 0", hint=f"unset it or give seconds, e.g. {DEADLINE_SECONDS:g}")
+    return seconds
+
+
+def _fetch(mirror: str, suite: str, arch: str, deadline: float) -> tuple[set[str], dict[str, set[str]]]:
+    """The index's names, within `deadline` seconds in all, whatever the mirror does.
+
+    The fetch runs in a thread the caller waits for; at the deadline its connection is shut down,
+    which wakes a read blocked on a slow mirror, and the thread ends on its own."""
+    stop, current, outcome = threading.Event(), {}, {}
+    end = time.monotonic() + deadline
+
+    def work():
+        try:
+            outcome["value"] = _fetch_all(mirror, suite, arch, stop, current, end)
+        except ArchiveUnavailable as exc:
+            outcome["error"] = exc
+        except Exception as exc:  # whatever else a hostile mirror provokes, the index is still unavailable
+            outcome["error"] = ArchiveUnavailable(f"fetching from {mirror} failed: {type(exc).__name__}")
+
+    worker = threading.Thread(target=work, name="kiosk-package-index", daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        stop.set()
+        sock = _socket_of(current.get("response"))
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        raise ArchiveUnavailable(f"the package index from {mirror} did not arrive within {deadline:g}s "
+                                 "(KIOSK_ARCHIVE_TIMEOUT)")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def _from_cache(cached: dict) -> PackageIndex | None:
+    try:
+        return PackageIndex(frozenset(cached["packages"]), {k: tuple(v) for k, v in cached["provides"].items()})
+    except (TypeError, AttributeError, KeyError):  # a damaged cache file: fetch again
+        return None
+
+
+def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None = None) -> PackageIndex:
     """The archive's package names for (mirror, suite, arch), from cache when fresh.
 
     KIOSK_OFFLINE=1 never touches the network: a stale cache is used, none raises.
+    deadline: seconds the fetch may take in all (default KIOSK_ARCHIVE_TIMEOUT, else 120).
     """
     cache = _cache_file(mirror, suite, arch)
     offline = paths.setting("KIOSK_OFFLINE") == "1"
     cached = None
     if cache.is_file():
         try:
-            cached = json.loads(cache.read_text())
+            data = json.loads(cache.read_text())
+            if isinstance(data, dict) and isinstance(data.get("fetched"), (int, float)):
+                cached = (data["fetched"], _from_cache(data))
         except (OSError, ValueError):
             cached = None
-    fresh = cached and time.time() - cached.get("fetched", 0) < CACHE_SECONDS
+    if cached and cached[1] is None:
+        cached = None
+    fresh = cached and time.time() - cached[0] < CACHE_SECONDS
     if cached and (fresh or offline):
-        return PackageIndex(frozenset(cached["packages"]), {k: tuple(v) for k, v in cached["provides"].items()})
+        return cached[1]
     if offline:
         raise ArchiveUnavailable("KIOSK_OFFLINE=1 and no cached package index")
     try:
-        packages, provides = _fetch(mirror, suite, arch, timeout)
+        packages, provides = _fetch(mirror, suite, arch, deadline_seconds() if deadline is None else deadline)
     except ArchiveUnavailable:
         if cached:  # stale is better than nothing
-            return PackageIndex(frozenset(cached["packages"]), {k: tuple(v) for k, v in cached["provides"].items()})
+            return cached[1]
         raise
     record = {"fetched": time.time(), "packages": sorted(packages),
               "provides": {k: sorted(v) for k, v in sorted(provides.items())}}

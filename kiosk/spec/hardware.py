@@ -24,7 +24,7 @@ def load_board(name: str) -> dict:
     name = ALIASES.get(name, name)
     path = paths.hardware_dir() / f"{name}.json"
     if not path.is_file():
-        raise KioskError(f"unknown board {name!r}; boards: {', '.join(board_names())}")
+        raise KioskError(f"unknown board {name!r}", hint=f"boards: {', '.join(board_names())}")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:

@@ -3,8 +3,15 @@
 The field rules live in schemas/nixiosk.schema.json; this module turns schema
 errors into one-line problems (`FILE: /pointer: what is wrong; how to fix it`),
 adds the checks a schema cannot express (host name label, key parsing, tz
-database, ISO country, the Debian archive, what the board can run), and
-reports every problem at once. The device runs the same code on every push.
+database, ISO country, the Debian archive, what the board can run, config.txt
+keys that decide what boots), and reports every problem at once. The device
+runs the same code on every push.
+
+Reading specs, one way everywhere: load(path) for a file, from_bytes(raw) for
+bytes (a pushed commit, a request) and loads(text) for text; a spec the device accepted
+before (a generation) is read back by kiosk.device.store.spec_data, not checked again. All go through
+jsontext.parse_json: a UTF-8 byte-order mark is accepted and dropped, and
+Spec.text is the text without it, the text to store and hand on.
 """
 
 from __future__ import annotations
@@ -20,10 +27,16 @@ from pathlib import Path
 
 from kiosk.core import paths
 from kiosk.core.errors import InvalidSpec, Problem
+from kiosk.core.files import InputRefused, read_input
+from kiosk.spec.firmware import refused_lines
+from kiosk.spec.jsontext import (BOM, MAX_BYTES, parse_json, pointer,  # noqa: F401 (parse_json, pointer: re-exported)
+                                 too_large, value_problems)
 from kiosk.spec.sshkeys import BadKey, parse_public_key
 
-HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
-HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+# Whole-string patterns: always used with fullmatch (a `$` would let one trailing newline through).
+HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+MAX_PROBLEMS = 100
 NIX_SYSTEMS = {"x86_64-linux": "amd64", "aarch64-linux": "arm64", "armv7l-linux": "armhf", "armv6l-linux": "armel"}
 
 
@@ -34,6 +47,7 @@ class Spec:
     data: dict
     source: str = "nixiosk.json"
     warnings: list[str] = field(default_factory=list)
+    text: str | None = None   # the text it was read from, without a BOM (None when checked from data)
 
     @property
     def digest(self) -> str:
@@ -49,108 +63,9 @@ def schema() -> dict:
     return json.loads((paths.schemas_dir() / "nixiosk.schema.json").read_text())
 
 
-def pointer(parts) -> str:
-    """RFC 6901 JSON pointer of a path."""
-    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
-
-
 def _show(value, limit: int = 40) -> str:
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-# ---------------------------------------------------------------- JSON syntax
-
-class _DuplicateKey(Exception):
-    def __init__(self, key: str):
-        self.key = key
-
-
-def _reject_duplicates(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise _DuplicateKey(key)
-        seen[key] = value
-    return seen
-
-
-def _pointer_at(text: str, pos: int) -> str:
-    """The JSON pointer of the container being parsed at `pos` (best effort, for syntax errors)."""
-    stack: list[list] = []  # [kind, key or index]
-    i, in_string, start, last_string = 0, False, 0, None
-    while i < min(pos, len(text)):
-        c = text[i]
-        if in_string:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                in_string = False
-                last_string = text[start + 1:i]
-        elif c == '"':
-            in_string, start = True, i
-        elif c == "{":
-            stack.append(["{", None])
-        elif c == "[":
-            stack.append(["[", 0])
-        elif c in "}]":
-            if stack:
-                stack.pop()
-        elif c == ":" and stack and stack[-1][0] == "{":
-            stack[-1][1] = last_string
-        elif c == "," and stack:
-            if stack[-1][0] == "[":
-                stack[-1][1] += 1
-            else:
-                stack[-1][1] = None
-        i += 1
-    parts = [key for kind, key in stack if key is not None]
-    # the innermost container's own key is where the error is; leave off a key not yet complete
-    return pointer(parts)
-
-
-def parse_json(text: str, source: str):
-    """Parse JSON text; a syntax error becomes InvalidSpec with line, column and a caret."""
-    try:
-        return json.loads(text, object_pairs_hook=_reject_duplicates)
-    except _DuplicateKey as dup:
-        first = text.find(json.dumps(dup.key))
-        where = text.find(json.dumps(dup.key), first + 1)
-        raise InvalidSpec(source, [Problem(
-            _pointer_at(text, where) + pointer([dup.key]), f"the key {dup.key!r} appears twice",
-            "keep one of them (JSON readers disagree on which one wins)")]) from None
-    except json.JSONDecodeError as exc:
-        lineno, colno, pos = exc.lineno, exc.colno, exc.pos
-        message, fix = exc.msg, "fix the JSON syntax at that point"
-        before = text[:pos].rstrip()
-        if before.endswith(",") and text[pos:pos + 1] in ("}", "]"):
-            comma = len(before) - 1
-            lineno = text.count("\n", 0, comma) + 1
-            colno = comma - (text.rfind("\n", 0, comma) + 1) + 1
-            pos = comma
-            message = f"trailing comma before '{text[exc.pos]}' (JSON allows no comma after the last item)"
-            fix = "remove that comma"
-        elif not text[pos:].strip():
-            end = len(text.rstrip())
-            lineno = text.count("\n", 0, end) + 1
-            colno = end - (text.rfind("\n", 0, end) + 1) + 1
-            pos = end
-            message = "the file ends in the middle of the JSON" if text.strip() else "the file is empty"
-            fix = "close every open '{' and '['" if text.strip() else "start from nixiosk.json.sample"
-        elif "Expecting property name" in exc.msg:
-            message, fix = "expected a key in double quotes", "quote the key with \" (JSON has no single quotes or bare keys)"
-        elif exc.msg.startswith("Expecting ',' delimiter"):
-            message, fix = "expected ',' between items", "add a comma after the previous item"
-        elif exc.msg.startswith("Invalid control character"):
-            message, fix = "a raw line break or tab inside a string", "write it as \\n or \\t"
-        elif exc.msg.startswith("Expecting value"):
-            message, fix = "expected a value", "write a string, number, true, false, null, object or array here"
-        lines = text.splitlines()
-        line_text = lines[lineno - 1] if 0 < lineno <= len(lines) else ""
-        caret = " " * (colno - 1) + "^"
-        where = _pointer_at(text, pos) or "/"
-        raise InvalidSpec(source, [Problem(where, f"line {lineno} column {colno}: {message}", fix)],
-                          detail=f"    {line_text}\n    {caret}") from None
 
 
 # ---------------------------------------------------------------- schema problems
@@ -202,13 +117,22 @@ def _suggest(word: str, choices, cutoff: float = 0.6) -> str:
     return min(close, key=lambda c: (_edit_distance(word, c), abs(len(c) - len(word)))) if close else ""
 
 
-def _schema_problems(data) -> list[Problem]:
+def _schema_problems(data, skip: frozenset[str] = frozenset()) -> list[Problem]:
+    """The schema's problems, except at or under the pointers in `skip` (those have one already)."""
     import jsonschema
 
     validator = jsonschema.Draft202012Validator(schema())
+    errors = list(validator.iter_errors(data))
+    # A string that is empty or too long also breaks its pattern: say only the first.
+    sized = {tuple(e.absolute_path) for e in errors if e.validator in ("type", "minLength", "maxLength")}
     problems: list[Problem] = []
-    for error in validator.iter_errors(data):
-        problems.extend(_explain(error))
+    for error in errors:
+        if error.validator == "pattern" and tuple(error.absolute_path) in sized:
+            continue
+        where = pointer(error.absolute_path)
+        if skip and (where in skip or any(a in skip for a in _ancestors(where))):
+            continue
+        problems.extend(p for p in _explain(error) if p.pointer not in skip)
     return problems
 
 
@@ -226,9 +150,9 @@ def _explain(error) -> list[Problem]:
         known = sorted(node.get("properties", {}))
         problems = []
         for name in sorted(set(value) - set(known)):
-            close = _suggest(name, known)
+            close = _suggest(name, known) if len(name) <= 64 else ""
             hint = f"did you mean \"{close}\"?" if close else f"remove it; fields here are: {', '.join(known)}"
-            problems.append(Problem(pointer(path + [name]), f"unknown field \"{name}\"", hint))
+            problems.append(Problem(pointer(path + [name]), f"unknown field {_show(name)}", hint))
         return problems
     if kind == "type":
         wanted = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
@@ -255,6 +179,8 @@ def _explain(error) -> list[Problem]:
         return [Problem(where, f"is {_show(value)}; it must be {words} {error.validator_value}", fix)]
     if kind == "minItems":
         return [Problem(where, f"must have at least {error.validator_value} item(s)", fix)]
+    if kind in ("maxItems", "maxProperties"):
+        return [Problem(where, f"has {len(value)} items; the most allowed is {error.validator_value}", fix)]
     if kind == "uniqueItems":
         seen, dups = set(), []
         for item in value:
@@ -263,7 +189,7 @@ def _explain(error) -> list[Problem]:
                 dups.append(item)
             seen.add(key)
         return [Problem(where, f"lists {_show(dups[0]) if dups else 'an item'} more than once", "list each item once")]
-    return [Problem(where, error.message, fix)]
+    return [Problem(where, error.message if len(error.message) <= 200 else error.message[:197] + "...", fix)]
 
 
 # ---------------------------------------------------------------- checks a schema cannot express
@@ -272,7 +198,7 @@ def network_psk(ssid: str, secret: str | None) -> str | None:
     """The 64-hex PSK wpa_supplicant uses, exactly as wpa_passphrase computes it; None for open networks."""
     if secret is None:
         return None
-    if HEX64.match(secret):
+    if HEX64.fullmatch(secret):
         return secret.lower()
     return hashlib.pbkdf2_hmac("sha1", secret.encode(), ssid.encode(), 4096, 32).hex()
 
@@ -301,16 +227,24 @@ def _countries() -> frozenset[str] | None:
     return None
 
 
+def _ancestors(ptr: str) -> list[str]:
+    """"/a/b/c" -> ["/a", "/a/b"] (pointers escape "/" in keys, so splitting is exact)."""
+    parts = ptr.split("/")
+    return ["/".join(parts[:i]) for i in range(2, len(parts))]
+
+
 def _semantic_problems(data: dict, bad: set[str], warnings: list[str],
                        known_packages: frozenset[str] = frozenset()) -> list[Problem]:
     """Checks on fields the schema accepted (pointers in `bad` already have a problem)."""
     problems: list[Problem] = []
+    below = {a for b in bad for a in _ancestors(b)}
 
     def ok(ptr: str) -> bool:
-        return not any(ptr == b or ptr.startswith(b + "/") or b.startswith(ptr + "/") for b in bad)
+        """No problem yet at ptr, above it or below it."""
+        return ptr not in bad and ptr not in below and not any(a in bad for a in _ancestors(ptr))
 
     host = data.get("hostName")
-    if isinstance(host, str) and ok("/hostName") and not HOST_LABEL.match(host):
+    if isinstance(host, str) and ok("/hostName") and not HOST_LABEL.fullmatch(host):
         if host.startswith("-") or host.endswith("-"):
             why = "starts or ends with a hyphen"
         elif "." in host:
@@ -347,7 +281,7 @@ def _semantic_problems(data: dict, bad: set[str], warnings: list[str],
             if len(ssid.encode()) > 32:
                 problems.append(Problem(ptr, f"the SSID is {len(ssid.encode())} bytes in UTF-8; Wi-Fi allows 32",
                                         "use the network's exact SSID"))
-            if isinstance(secret, str) and not HEX64.match(secret):
+            if isinstance(secret, str) and not HEX64.fullmatch(secret):
                 if len(secret) == 64:
                     problems.append(Problem(ptr, "is 64 characters but not hexadecimal, so it is neither a raw "
                                             "PSK nor a passphrase (8-63 characters)",
@@ -391,10 +325,21 @@ def _semantic_problems(data: dict, bad: set[str], warnings: list[str],
     # The same builder is the same (user, host, port): one host may serve two users or ports.
     logins = [(b.get("sshUser", "root"), b.get("hostName"), b.get("port", 22)) if isinstance(b, dict) else None
               for b in data.get("builders", [])] if isinstance(data.get("builders"), list) else []
+    seen = set()
     for i, login in enumerate(logins):
-        if login and login[1] is not None and login in logins[:i] and ok(f"/builders/{i}/hostName"):
-            problems.append(Problem(f"/builders/{i}/hostName",
-                                    f"builder {login[0]}@{login[1]}:{login[2]} is listed twice", "list each builder once"))
+        if login and login[1] is not None and ok(f"/builders/{i}/hostName"):
+            if login in seen:
+                problems.append(Problem(f"/builders/{i}/hostName", f"builder {login[0]}@{login[1]}:{login[2]} "
+                                        "is listed twice", "list each builder once"))
+            seen.add(login)
+
+    raspberry = data.get("raspberryPi")
+    firmware = raspberry.get("firmwareConfig") if isinstance(raspberry, dict) else None
+    if isinstance(firmware, str) and ok("/raspberryPi/firmwareConfig"):
+        for number, line, why in refused_lines(firmware):
+            problems.append(Problem("/raspberryPi/firmwareConfig", f"line {number}: {_show(line)} {why}",
+                                    "remove that line (kiosk itself sets the kernel, initramfs, command line and "
+                                    "device tree)"))
 
     problems.extend(_board_problems(data, ok, warnings, known_packages))
     return problems
@@ -487,35 +432,61 @@ def check(data, source: str = "nixiosk.json", *, known_packages=frozenset()) -> 
     if not isinstance(data, dict):
         raise InvalidSpec(source, [Problem("", f"the spec must be a JSON object, not {_json_type(data)}",
                                            "start from nixiosk.json.sample")])
-    problems = _schema_problems(data)
+    limits, fatal = value_problems(data)
+    if fatal:  # the schema validator would recurse too deep, or fail to print a huge number: stop here
+        raise InvalidSpec(source, limits)
+    problems = limits + _schema_problems(data, frozenset(p.pointer for p in limits))
     warnings: list[str] = []
     problems += _semantic_problems(data, {p.pointer for p in problems}, warnings, frozenset(known_packages))
+    if len(problems) > MAX_PROBLEMS:
+        shown = sorted(set(problems))[:MAX_PROBLEMS]
+        problems = shown + [Problem("", f"{len(set(problems))} problems in all; the first {MAX_PROBLEMS} are shown",
+                                    "fix these and validate again")]
     if problems:
         raise InvalidSpec(source, problems)
     return Spec(with_defaults(data), source, warnings)
 
 
 def loads(text: str, source: str = "nixiosk.json", *, known_packages=frozenset()) -> Spec:
-    return check(parse_json(text, source), source, known_packages=known_packages)
+    """Check spec text (a leading UTF-8 BOM is dropped); Spec.text is the text without it."""
+    text = text.removeprefix(BOM)
+    spec = check(parse_json(text, source), source, known_packages=known_packages)
+    spec.text = text
+    return spec
 
 
-def load(path: str | Path) -> Spec:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidSpec(str(path), [Problem("", "file not found",
-                                              "create it (cp nixiosk.json.sample nixiosk.json) or name another")]) from None
-    except IsADirectoryError:
-        raise InvalidSpec(str(path), [Problem("", "is a directory, not a spec file", "name a .json file")]) from None
-    except OSError as exc:
-        raise InvalidSpec(str(path), [Problem("", f"cannot read it: {exc.strerror}", "check the path and permissions")]) from None
+def decode(raw: bytes, source: str = "nixiosk.json") -> str:
+    """Spec bytes as text: at most MAX_BYTES of UTF-8, a leading BOM dropped; InvalidSpec otherwise."""
+    if len(raw) > MAX_BYTES:
+        raise too_large(source)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise InvalidSpec(source, [Problem("", "is UTF-16 text, not UTF-8", "save the file as UTF-8")])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidSpec(str(path), [Problem("", f"is not UTF-8 text (bad byte at offset {exc.start})",
-                                              "save the file as UTF-8")]) from None
-    return loads(text.removeprefix("\ufeff"), str(path))
+        raise InvalidSpec(source, [Problem("", f"is not UTF-8 text (bad byte at offset {exc.start})",
+                                           "save the file as UTF-8")]) from None
+    return text.removeprefix(BOM)
+
+
+def from_bytes(raw: bytes, source: str = "nixiosk.json", *, known_packages=frozenset()) -> Spec:
+    """Check spec bytes (a pushed commit's blob, a builder request); Spec.text is what to store."""
+    return loads(decode(raw, source), source, known_packages=known_packages)
+
+
+def load(path: str | Path) -> Spec:
+    """Check the spec file at `path`: a regular file of at most MAX_BYTES (a FIFO or /dev/zero is refused)."""
+    path = Path(path)
+    try:
+        raw = read_input(path, MAX_BYTES, what="spec file")
+    except InputRefused as refused:
+        if refused.kind == "missing":
+            raise InvalidSpec(str(path), [Problem("", "file not found", "create it (cp nixiosk.json.sample "
+                                                  "nixiosk.json) or name another")]) from None
+        if refused.kind == "size":
+            raise too_large(str(path)) from None
+        raise InvalidSpec(str(path), [Problem("", refused.reason, refused.hint)]) from None
+    return from_bytes(raw, str(path))
 
 
 def builder_architectures(systems: list[str]) -> list[str]:

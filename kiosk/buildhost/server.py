@@ -1,0 +1,229 @@
+"""`kiosk builder-serve`: one request on stdin (probe, packages, build), one answer on stdout.
+
+Progress goes to stderr, each line marked (wire.MARK) so the device tells it from ssh's own and
+relays it to `git push`. Any failure becomes an answer with ok=false and a sentence, never a
+traceback: the device logs it and tries the next builder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from kiosk import __version__
+from kiosk.builders.apt import fetch_packages
+from kiosk.builders.keys import device_key_paths
+from kiosk.builders.select import ARCHITECTURES
+from kiosk.builders.wire import FILE_NAME, MARK, MAX_HEADER, PROTOCOL, answer, tar_add
+from kiosk.core import paths
+from kiosk.core.errors import KioskError, UsageError
+from kiosk.core.log import Log
+from kiosk.core.files import human_size, sha256_file, write_atomic
+from kiosk.core.run import run
+
+
+class _Progress:
+    """Progress lines for the device (stderr, prefixed so they are told apart from ssh's own)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __call__(self, text: str) -> None:
+        for line in str(text).splitlines() or [""]:
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.write(f"{MARK}{line}\n")
+                self.stream.flush()
+
+
+class _RelayText:
+    """A text stream for the image build's stage log whose lines become progress lines."""
+
+    def __init__(self, progress: _Progress):
+        self.progress = progress
+        self.buffer = ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        while "\n" in self.buffer:
+            line, self.buffer = self.buffer.split("\n", 1)
+            self.progress(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _job_slot(max_jobs: int, progress):
+    """At most maxJobs builds at once on this builder (as the spec describes it)."""
+    base = paths.cache_dir() / "builder" / "jobs"
+    base.mkdir(parents=True, exist_ok=True)
+    fds = []
+    try:
+        for i in range(max(1, min(max_jobs, 256))):
+            fd = os.open(base / f"slot-{i}", os.O_RDWR | os.O_CREAT, 0o644)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                yield
+                return
+            except BlockingIOError:
+                continue
+        progress(f"waiting for a free job slot ({max_jobs} at a time on this builder)")
+        fcntl.flock(fds[os.getpid() % len(fds)], fcntl.LOCK_EX)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def probe() -> dict:
+    """What this machine can do as a builder."""
+    from kiosk.image.rootfs import host_arch
+
+    apt = shutil.which("apt-get")
+    version = None
+    if apt:
+        out = run([apt, "--version"], check=False).stdout
+        version = out.splitlines()[0] if out else "apt"
+    host = host_arch() if shutil.which("dpkg") else None
+    images = []
+    if shutil.which("mmdebstrap") and host:
+        for arch in ARCHITECTURES:
+            if arch == host or (shutil.which("arch-test") and run(["arch-test", arch], check=False).returncode == 0):
+                images.append(arch)
+    cache = paths.cache_dir()
+    existing = next(p for p in [cache, *cache.parents] if p.exists())
+    return {"ok": True, "apt": version, "hostArchitecture": host,
+            "architectures": list(ARCHITECTURES) if apt else [],
+            "imageArchitectures": images, "freeBytes": shutil.disk_usage(existing).free,
+            "cpus": os.cpu_count(), "load1": round(os.getloadavg()[0], 2)}
+
+
+def _corrupt(path: Path) -> None:
+    """Tests only (KIOSK_BUILDER_TEST_CORRUPT): one bit flipped, so the device must notice."""
+    data = bytearray(path.read_bytes())
+    if data:
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+
+
+def _builder_tmp() -> Path:
+    path = paths.cache_dir() / "builder" / "tmp"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def serve_packages(req: dict, out, progress) -> None:
+    """Resolve and download what the device lacks; answer with the .debs in apt's install order."""
+    work = Path(tempfile.mkdtemp(prefix="serve-", dir=_builder_tmp()))
+    try:
+        entries = fetch_packages(req, work, progress)
+        corrupt = paths.setting("KIOSK_BUILDER_TEST_CORRUPT", "")
+        compression = "xz" if req.get("compression") == "xz" else "none"
+        payload = work / "payload.tar"
+        with tarfile.open(payload, "w:xz" if compression == "xz" else "w", format=tarfile.PAX_FORMAT,
+                          **({"preset": 6} if compression == "xz" else {})) as tar:
+            for i, entry in enumerate(entries):
+                source = entry["path"]
+                if corrupt == "deb" and i == 0:  # test hook: the manifest says one thing, the tar holds another
+                    source = work / entry["name"]
+                    shutil.copyfile(entry["path"], source)
+                    _corrupt(source)
+                tar_add(tar, source, entry["name"])
+        header = {"ok": True,
+                  "files": [{k: e[k] for k in ("name", "package", "version", "architecture", "size", "sha256")}
+                            for e in entries],
+                  "install": [e["name"] for e in entries],
+                  "payload": {"bytes": payload.stat().st_size, "sha256": sha256_file(payload),
+                              "compression": compression}}
+        if corrupt == "payload":  # test hook: damaged after the checksum was taken
+            _corrupt(payload)
+        progress(f"sending {len(entries)} .deb(s), {human_size(header['payload']['bytes'])} "
+                 f"({compression if compression != 'none' else 'uncompressed'} tar)")
+        answer(out, header, payload)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def serve_build(req: dict, out, progress) -> None:
+    """Build the image of the spec in the request here; answer with the image, .bmap, manifest, SBOM."""
+    from kiosk.image.pipeline import build, require_root
+    from kiosk.spec import load as specmod
+
+    text = req.get("spec")
+    if not isinstance(text, str):
+        raise UsageError("the request carries no spec")
+    source = req.get("source") if isinstance(req.get("source"), str) else "nixiosk.json"
+    spec = specmod.loads(text.removeprefix("\ufeff"), source)
+    for warning in spec.warnings:
+        progress(f"{source}: warning: {warning}")
+    require_root(f"this builder runs kiosk as uid {os.geteuid()}, not root",
+                 "name a builder whose sshUser is root for image builds (package builds for a device need no root)")
+    with _job_slot(int(req.get("maxJobs") or 1), progress):
+        work = Path(tempfile.mkdtemp(prefix="build-", dir=_builder_tmp()))
+        try:
+            out_dir = work / "out"
+            out_dir.mkdir()
+            key = req.get("builderKey")
+            if isinstance(key, dict) and isinstance(key.get("private"), str) and isinstance(key.get("public"), str):
+                private, public = device_key_paths(spec.data, out_dir)
+                write_atomic(private, key["private"], 0o600)
+                public.write_text(key["public"])
+            relay = _RelayText(progress)  # the build's `==> stage` lines reach the device as progress
+            manifest = build(spec, text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay))
+            names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and FILE_NAME.match(p.name))
+            entries = []
+            image_name = Path(manifest["image"]).name
+            for name in names:
+                path = out_dir / name
+                digest = manifest["imageSha256"] if name == image_name else sha256_file(path)
+                entries.append({"name": name, "size": path.stat().st_size, "sha256": digest})
+            payload = work / "payload.tar"
+            run(["tar", "--sparse", "--format=posix", "--owner=0", "--group=0", "--numeric-owner",
+                 "-C", out_dir, "-cf", payload, "--", *names], what="packing the image for the device")
+            header = {"ok": True, "files": entries, "image": image_name,
+                      "payload": {"bytes": payload.stat().st_size, "sha256": sha256_file(payload),
+                                  "compression": "none"}}
+            if paths.setting("KIOSK_BUILDER_TEST_CORRUPT") == "payload":
+                _corrupt(payload)
+            progress(f"sending {len(entries)} files, {human_size(header['payload']['bytes'])} (sparse tar)")
+            answer(out, header, payload)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def serve(stdin, stdout, stderr) -> int:
+    """One request on stdin, one answer on stdout; the answer says whether it worked (exit status 0)."""
+    progress = _Progress(stderr)
+    try:
+        line = stdin.readline(MAX_HEADER)
+        try:
+            req = json.loads(line)
+        except ValueError:
+            raise KioskError("expected one JSON request line on stdin") from None
+        if not isinstance(req, dict):
+            raise KioskError("expected a JSON object")
+        if req.get("kiosk") != PROTOCOL:
+            raise KioskError(f"this builder speaks protocol {PROTOCOL} (kiosk {__version__}), the request "
+                             f"{req.get('kiosk')!r}", hint="install the same kiosk version on both")
+        op = req.get("op")
+        if op == "probe":
+            answer(stdout, probe())
+        elif op == "packages":
+            serve_packages(req, stdout, progress)
+        elif op == "build":
+            serve_build(req, stdout, progress)
+        else:
+            raise KioskError(f"unknown request {op!r}")
+    except KioskError as exc:
+        answer(stdout, {"ok": False, "error": str(exc), "exitCode": exc.exit_code})
+    except Exception as exc:  # the device gets a sentence, never a traceback
+        answer(stdout, {"ok": False, "error": f"internal error on the builder: {type(exc).__name__}: {exc}"})
+    return 0
