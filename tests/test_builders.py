@@ -694,6 +694,38 @@ def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
     assert answer["ok"] is False and "expected one JSON request line" in answer["error"]
 
 
+@pytest.mark.root
+def test_rotating_a_device_key_with_the_readme_commands(lab, tmp_path):
+    """README, Remote builders: a device gets a new key over ssh, the builder takes it and drops the old one
+    (the way off a key that images built by earlier kiosk versions shared), through real ssh both ways."""
+    lab = lab([{"host": "127.0.0.1"}])
+    old_key = tmp_path / "old_key"
+    shutil.copy(lab.root / "etc/kiosk/builder_ed25519", old_key)
+    (tmp_path / "old.pub").write_text(lab.public + "\n")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{lab.device.port} {lab.keys['device_host_pub']}\n"
+                     f"[127.0.0.1]:{lab.servers[0].port} {lab.keys['b1_pub']}\n")
+    ssh = f"ssh -F /dev/null -i {lab.keys['client']} -o IdentitiesOnly=yes -o UserKnownHostsFile={known} -o BatchMode=yes"
+    device, builder = f"{ssh} -p {lab.device.port} root@127.0.0.1", f"{ssh} -p {lab.servers[0].port} root@127.0.0.1"
+    # the README's commands; the test's device is a directory (--root) and its builder's file is elsewhere
+    key, auth = f"{lab.root}/etc/kiosk/builder_ed25519", f"--authorized-keys {lab.servers[0].tmp / 'authorized_keys'}"
+    script = (f"{device} 'rm -f {key} {key}.pub && kiosk builders key --root {lab.root}' | "
+              f"{builder} kiosk builders authorize --key - {auth} && "
+              f"{builder} kiosk builders authorize --revoke --key - {auth} < old.pub")
+    done = subprocess.run(script, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "authorized kiosk-builder@lobby" in done.stdout and "removed kiosk-builder@lobby" in done.stdout
+    new_public = (lab.root / "etc/kiosk/builder_ed25519.pub").read_text().strip()
+    assert new_public != lab.public
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "-i", str(old_key), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["builders"][0]["error"].startswith(
+        "refused: it does not accept this device's key")
+    lines = (lab.servers[0].tmp / "authorized_keys").read_text().splitlines()
+    assert lines[0] == lab.keys["client_pub"] and len(lines) == 2 and lines[1].endswith(new_public)
+
+
 # ---------------------------------------------------------------- kiosk build --builder (root)
 
 @pytest.fixture

@@ -302,6 +302,15 @@ def cmd_authorize(args) -> int:
     entry = key.line() if args.no_restrict else f'restrict,command="{command}" {key.line()}'
     target, lines, st = _authorized_keys(args)
     body = key.line().split()[1]
+    owner = (st.st_uid, st.st_gid) if st is not None and os.geteuid() == 0 else None
+    if args.revoke:
+        kept = [existing for existing in lines if body not in existing.split()]
+        if len(kept) == len(lines):
+            print(f"{target}: {key_fingerprint(line)} was not authorized; nothing changed")
+            return 0
+        write_in_root(target.parent, target.name, "".join(k + "\n" for k in kept), 0o600, owner=owner)
+        print(f"{target}: removed {key.comment or 'the key'} ({key_fingerprint(line)})")
+        return 0
     kept, replaced = [], False
     for existing in lines:
         if body in existing.split():
@@ -315,7 +324,6 @@ def cmd_authorize(args) -> int:
     if not target.parent.is_dir():
         target.parent.mkdir(mode=0o700, parents=True)
     # A new file in place of the old (renamed over it, never written through); its owner kept.
-    owner = (st.st_uid, st.st_gid) if st is not None and os.geteuid() == 0 else None
     write_in_root(target.parent, target.name, "\n".join(kept) + "\n", 0o600, owner=owner)
     print(f"{target}: {'updated' if replaced else 'authorized'} {key.comment or 'the key'} ({key_fingerprint(line)})"
           + ("" if args.no_restrict else f", limited to: {command}"))
@@ -370,4 +378,5 @@ def register(sub) -> None:
     a.add_argument("--authorized-keys", metavar="FILE",
                    help="default: ~/.ssh/authorized_keys; must be a regular file or not exist yet")
     a.add_argument("--no-restrict", action="store_true", help="no forced command (the key may run anything)")
+    a.add_argument("--revoke", action="store_true", help="remove the key instead (rotating a device's key)")
     a.set_defaults(func=cmd_authorize)
