@@ -81,8 +81,8 @@ def main() -> int:
     root.mkdir()
     init_dpkg(root, "armel", [debs[("kiosk-test-kiosk", "armel")]])
     keys.prepare_device_for_builders(root, spec, tmp / "out", lambda line: None)
-    subprocess.run([sys.executable, "-m", "kiosk", "builders", "authorize", "--key",
-                    str(tmp / "out/bench-raspberryPi0.img.builder.pub"),
+    device_key = keys.ensure_device_key(root, keys.BUILDER_KEY, lambda line: None)  # as on the device
+    subprocess.run([sys.executable, "-m", "kiosk", "builders", "authorize", "--key", f"{device_key}.pub",
                     "--authorized-keys", str(builder.tmp / "authorized_keys")], check=True, capture_output=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
     wanted = ["kiosk-test-hello"]

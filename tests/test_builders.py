@@ -4,8 +4,8 @@ OpenSSH, verified, and installed with dpkg into the device root; failover, refus
 Builders are real sshd instances on loopback (tests/sshd_harness.Device: a throwaway sshd whose sessions
 have this checkout's `kiosk` on PATH), authorized with `kiosk builders authorize` (forced command); one is
 stopped where a test needs a builder down. The device is the push harness's device root plus a dpkg
-database made by dpkg itself; its builder key is made by prepare_device_for_builders, as the image build
-does. Packages are tiny real .debs in an unsigned archive served over HTTP (tests/builders_fixture.py).
+database made by dpkg itself, prepared by prepare_device_for_builders as the image build does; its own
+builder key is made by `kiosk builders key`, as on a device after its first boot. Packages are tiny real .debs in an unsigned archive served over HTTP (tests/builders_fixture.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
+import stat
+import sys
 import subprocess
 import tarfile
 import threading
@@ -27,21 +30,26 @@ from conftest import kiosk_cli
 from fake_mirror import Server
 from sshd_harness import Client, Device, free_port, keygen, remote_lines, snapshot
 
-from kiosk.builders.keys import prepare_device_for_builders, ssh_config_text
+from kiosk.builders.keys import ensure_device_key, prepare_device_for_builders, ssh_config_text
 from kiosk.builders.remote import parse_target
 from kiosk.builders.select import Builder, effective_builders, known_hosts_text
 from kiosk.builders.ssh import ssh_problem
 from kiosk.builders.wire import BadAnswer, receive_payload
-from kiosk.core.errors import UsageError
+from kiosk.core.errors import Refused, UsageError
+from kiosk.core.files import write_in_root
 from kiosk.core.paths import BUILDER_KEY
 from kiosk.device import store
-from kiosk.device.fetch import ensure_device_key
 
 EPOCH = 1700000000
 ARCH = {"raspberryPi0": "armel", "raspberryPi3": "arm64", "qemu": "amd64"}
 
 
 # ---------------------------------------------------------------- fixtures
+
+def kiosk_argv() -> list[str]:
+    """The real `kiosk` command (for runs that need a timeout, which kiosk_cli has not)."""
+    return [shutil.which("kiosk", path=str(Path(sys.executable).parent)) or "kiosk"]
+
 
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory):
@@ -102,11 +110,16 @@ class Lab:
         self.out = tmp / "out"
         self.build_log: list[str] = []
         prepare_device_for_builders(self.root, self.spec, self.out, self.build_log.append, epoch=EPOCH)
-        self.pub = self.out / f"lobby-{hardware}.img.builder.pub"
+        # after its first boot: the device makes its own key (the current generation's spec says where)
+        r = kiosk_cli("builders", "key", "--root", str(self.root))
+        assert r.returncode == 0, r.stderr
+        self.public = r.stdout.strip()
+        self.pub = tmp / "device_builder_key.pub"
+        self.pub.write_text(self.public + "\n")
         for server, desc in zip(self.servers, builder_descs):
             if desc.get("up", True) and desc.get("authorize", True):
-                r = kiosk_cli("builders", "authorize", "--key", str(self.pub),
-                              "--authorized-keys", str(server.tmp / "authorized_keys"))
+                r = kiosk_cli("builders", "authorize", "--key", "-",
+                              "--authorized-keys", str(server.tmp / "authorized_keys"), input=self.public)
                 assert r.returncode == 0, r.stderr
         (tmp / "client").mkdir()
         self.client = Client(tmp / "client", keys["client"], keys["device_host_pub"], self.device.port)
@@ -271,10 +284,12 @@ def test_payload_damage_is_refused_and_nothing_is_left(tmp_path):
     assert "unexpected entry 'c.deb'" in refused(extra_body, extra_header)
 
 
-def test_prepare_device_reuses_its_key_so_rebuilds_are_identical(tmp_path, archive, keys):
-    spec = device_spec(archive, keys, [{"hostName": "b1.example", "publicHostKey": keys["b1_pub"]},
+def test_the_image_carries_no_builder_key_and_each_device_makes_its_own(tmp_path, archive, keys):
+    """Issue 14: every card from one image shared the key baked into it. Now the image holds none (and
+    rebuilds stay byte-identical without keeping a secret beside the image); each device makes its own."""
+    data = device_spec(archive, keys, [{"hostName": "b1.example", "publicHostKey": keys["b1_pub"]},
                                        {"hostName": "b2.example", "port": 2222, "sshKey": "/etc/kiosk/other_key"}])
-    spec = __import__("kiosk.spec.load", fromlist=["with_defaults"]).with_defaults(spec)
+    spec = __import__("kiosk.spec.load", fromlist=["with_defaults"]).with_defaults(data)
     out = tmp_path / "out"
     logs = []
     trees = []
@@ -284,31 +299,165 @@ def test_prepare_device_reuses_its_key_so_rebuilds_are_identical(tmp_path, archi
         prepare_device_for_builders(root, spec, out, logs.append, epoch=EPOCH)
         trees.append(snapshot(root))
     assert trees[0] == trees[1]  # the same bytes, modes and owners
-    public = (out / "lobby-raspberryPi0.img.builder.pub").read_text().strip()
-    assert public.startswith("ssh-ed25519 ") and public.endswith(" kiosk-builder@lobby")
-    assert oct((out / "lobby-raspberryPi0.img.builder").stat().st_mode & 0o777) == "0o600"
+    assert sorted(trees[0]) == ["etc", "etc/kiosk", "etc/kiosk/builders_known_hosts", "etc/kiosk/builders_ssh_config"]
+    assert not out.exists() or list(out.iterdir()) == []  # no key kept beside the image either
     root = tmp_path / "root1"
-    for key_path in ("etc/kiosk/builder_ed25519", "etc/kiosk/other_key"):
-        st = (root / key_path).stat()
-        assert (oct(st.st_mode & 0o777), st.st_mtime) == ("0o600", EPOCH)
-        assert (root / (key_path + ".pub")).read_text().strip() == public
     assert (root / "etc/kiosk/builders_known_hosts").read_text() == \
         f"b1.example ssh-ed25519 {keys['b1_pub'].split()[1]}\n"
-    assert sum("made this device's key" in line for line in logs) == 1
-    assert sum("reusing this device's key" in line for line in logs) == 1
-    assert f"  {public}" in logs
+    assert (root / "etc/kiosk/builders_known_hosts").stat().st_mtime == EPOCH
+    assert any("ssh root@lobby.local kiosk builders key | ssh USER@BUILDER kiosk builders authorize --key -" in line
+               for line in logs)
     assert any("b2.example:2222 has no publicHostKey" in line for line in logs)
+
+    # two cards written from that image: each makes its own key on the device, and keeps it
+    spec_file = tmp_path / "nixiosk.json"
+    spec_file.write_text(json.dumps(data))
+    publics = []
+    for n in (1, 2):
+        r = kiosk_cli("builders", "key", str(spec_file), "--root", str(tmp_path / f"root{n}"))
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert len(lines) == 2 and all(line.endswith(" kiosk-builder@lobby") for line in lines)  # one per sshKey
+        assert "made this device's builder key /etc/kiosk/builder_ed25519 (SHA256:" in r.stderr
+        assert "ssh root@DEVICE kiosk builders key | ssh USER@BUILDER kiosk builders authorize --key -" in r.stderr
+        publics.append(lines[0])
+        for key_path in ("etc/kiosk/builder_ed25519", "etc/kiosk/other_key"):
+            st = (tmp_path / f"root{n}" / key_path).stat()
+            assert (oct(st.st_mode & 0o777), st.st_uid) == ("0o600", 0)
+        again = kiosk_cli("builders", "key", str(spec_file), "--root", str(tmp_path / f"root{n}"))
+        assert again.stdout.splitlines() == lines and "made" not in again.stderr
+    assert publics[0] != publics[1]
 
 
 def test_a_device_without_a_builder_key_makes_one_and_says_so(tmp_path):
-    # an image built before the spec named builders: the first push that needs one makes the key
+    # the first push that needs a builder makes the key if nobody asked for it before
     logs = []
-    key = ensure_device_key(tmp_path, BUILDER_KEY, logs.append)
+    key = ensure_device_key(tmp_path, BUILDER_KEY, logs.append, comment="kiosk-builder@lobby")
     assert key == tmp_path / "etc/kiosk/builder_ed25519"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     public = Path(str(key) + ".pub").read_text().strip()
-    assert len(logs) == 1 and logs[0].endswith(public) and "authorize it on each builder" in logs[0]
+    assert public.endswith(" kiosk-builder@lobby")
+    assert len(logs) == 1 and logs[0].endswith(f"echo '{public}' | kiosk builders authorize --key -")
     assert ensure_device_key(tmp_path, BUILDER_KEY, logs.append) == key and len(logs) == 1
+
+
+def test_builder_key_paths_stay_inside_the_tree(tmp_path, archive, keys):
+    """Issue 14, must fix 1: sshKey through a link in the tree (var/run -> /run), through a link planted
+    at the key's parent, or with "..": refused with a line naming the field; nothing lands outside."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "var").mkdir(parents=True)
+    (root / "etc").mkdir()
+    outside.mkdir()
+    (root / "var/run").symlink_to(outside)  # as in Debian (var/run -> /run), but to a stand-in for outside
+    (root / "etc/kiosk").symlink_to(outside)  # planted at the default key's parent
+    spec_file = tmp_path / "nixiosk.json"
+
+    def refused(key_path: str) -> list[str]:
+        spec = {"hostName": "lobby", "hardware": "raspberryPi0",
+                "builders": [{"hostName": "b1.example", "sshKey": key_path}]}
+        out = []
+        with pytest.raises(Refused) as at_build:  # not through the schema: the code itself refuses
+            prepare_device_for_builders(root, spec, tmp_path / "out", lambda line: None, epoch=EPOCH)
+        out.append(str(at_build.value))
+        with pytest.raises(Refused) as on_device:
+            ensure_device_key(root, key_path, lambda line: None)
+        out.append(str(on_device.value))
+        assert list(outside.iterdir()) == []
+        return out
+
+    for line in refused("/var/run/kiosk/key") + refused("/etc/kiosk/builder_ed25519"):
+        assert "is a symbolic link in the tree (to " in line and "kiosk writes nothing through links" in line
+    assert refused("/var/run/key")[0].startswith("/builders/0/sshKey: /var/run/key: /var/run is a symbolic link")
+    for path in ("/../../../..", "/etc/../../outside/key", "/etc/kiosk/..//x"):
+        for line in refused(path):
+            assert '".."' in line
+    # the file helper on its own: ".." and links on the way refused, a link at the name itself replaced
+    for path in ("../outside/x", "var/run/x", "etc/kiosk/x"):
+        with pytest.raises(Refused):
+            write_in_root(root, path, b"x")
+    (root / "etc/kiosk").unlink()
+    (root / "etc/kiosk").mkdir()
+    (outside / "victim").write_text("untouched\n")
+    (root / "etc/kiosk/builder_ed25519").symlink_to(outside / "victim")
+    write_in_root(root, "/etc/kiosk/builder_ed25519", b"new\n", 0o600)
+    assert (outside / "victim").read_text() == "untouched\n"
+    assert not (root / "etc/kiosk/builder_ed25519").is_symlink()
+    assert (root / "etc/kiosk/builder_ed25519").read_bytes() == b"new\n"
+    # a key path that is a link on the device is not used as a key
+    (root / "etc/kiosk/other").symlink_to(outside / "victim")
+    with pytest.raises(Refused, match="other than a regular file"):
+        ensure_device_key(root, "/etc/kiosk/other", lambda line: None)
+    # through the command, as on a device: one line, exit 2
+    spec_file.write_text(json.dumps(device_spec(archive, keys, [{"hostName": "b1.example", "sshKey": "/var/run/key"}])))
+    r = kiosk_cli("builders", "key", str(spec_file), "--root", str(root))
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "/var/run is a symbolic link" in r.stderr
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+
+
+@pytest.mark.root
+def test_authorize_refuses_anything_but_a_regular_file(tmp_path, keys):
+    """Issue 14, must fix 9: --authorized-keys naming a device node replaced it with a regular file (with
+    /dev/null, the host's). Only a regular file or a missing one is written; the rest: one line, exit 2."""
+    pub = tmp_path / "device.pub"
+    pub.write_text(keys["stranger_pub"] + "\n")
+    null_twin = tmp_path / "null"
+    os.mknod(null_twin, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a real character device: /dev/null's numbers
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (tmp_path / "dir").mkdir()
+    real = tmp_path / "real_authorized_keys"
+    real.write_text("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKz8TW+EbveXB99APvO2as7Zf5s7nNHwyNFg1d798fnZ other\n")
+    (tmp_path / "link").symlink_to(real)
+    dev_null = os.stat("/dev/null")
+    # /dev/null last, and only once its twin was refused: code that replaces device nodes (as before
+    # the fix) fails this test at the twin without ever reaching the host's own /dev/null.
+    cases = {str(null_twin): "a character device", str(fifo): "a FIFO", str(tmp_path / "dir"): "a directory",
+             str(tmp_path / "link"): "a symbolic link (to ", "/dev/null": "a character device"}
+    def state() -> dict:  # every entry's lstat (snapshot() would read the FIFO and wait for a writer)
+        return {p.name: (lambda st: (st.st_mode, st.st_ino, st.st_rdev, st.st_size, st.st_mtime_ns))(p.lstat())
+                for p in tmp_path.iterdir()}
+
+    before = state()
+    for target, kind in cases.items():
+        r = subprocess.run([*kiosk_argv(), "builders", "authorize", "--key", str(pub), "--authorized-keys", target],
+                           capture_output=True, text=True, timeout=30)  # a FIFO must not block
+        assert r.returncode == 2, (target, r.stdout, r.stderr)
+        assert r.stdout == "" and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"kiosk: --authorized-keys {target}: {kind}"), r.stderr
+    assert state() == before
+    after = os.stat("/dev/null")
+    assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (dev_null.st_ino, dev_null.st_rdev)
+    # a FIFO or a device given as the key is refused the same way, without reading from it
+    for key in (str(fifo), "/dev/zero"):
+        r = subprocess.run([*kiosk_argv(), "builders", "authorize", "--key", key, "--authorized-keys", str(real)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and r.stderr.startswith(f"kiosk: --key {key}: a ") and \
+            "not a regular file" in r.stderr, r.stderr
+    # the link's target itself, and a file that does not exist yet, are fine
+    r = kiosk_cli("builders", "authorize", "--key", str(pub), "--authorized-keys", str(real))
+    assert r.returncode == 0, r.stderr
+    assert real.read_text().splitlines()[1].endswith(keys["stranger_pub"])
+    r = kiosk_cli("builders", "authorize", "--key", str(pub), "--authorized-keys", str(tmp_path / "new/keys"))
+    assert r.returncode == 0 and (tmp_path / "new/keys").read_text().endswith(keys["stranger_pub"] + "\n")
+
+
+def test_check_with_a_missing_image_dir_is_one_line(tmp_path, archive, keys):
+    """Issue 14: `kiosk builders check --image-dir /nonexistent` printed thread tracebacks and exited 0."""
+    spec = tmp_path / "nixiosk.json"
+    spec.write_text(json.dumps(device_spec(archive, keys, [
+        {"hostName": "127.0.0.1", "port": free_port(), "publicHostKey": keys["b1_pub"]},
+        {"hostName": "localhost", "port": free_port(), "publicHostKey": keys["b2_pub"]}])))
+    (tmp_path / "empty").mkdir()
+    for image_dir, says in (("/nonexistent", "kiosk: --image-dir /nonexistent: no such directory; "),
+                            (str(tmp_path / "empty"), f"kiosk: --image-dir: {tmp_path}/empty/lobby-raspberryPi0.img"
+                                                      ".builder: no builder key there; ")):
+        r = kiosk_cli("builders", "check", str(spec), "--image-dir", image_dir)
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert r.stdout == "" and "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(says), r.stderr
+    r = kiosk_cli("builders", "check", str(spec), "-i", str(tmp_path / "no-such-key"))
+    assert r.returncode == 2 and r.stderr == f"kiosk: -i {tmp_path}/no-such-key: No such file or directory\n"
 
 
 def test_remote_build_unreachable_builder_writes_nothing(tmp_path, archive, keys):
@@ -486,9 +635,32 @@ def test_builders_check_reports_up_and_down(lab):
     assert (down["reachable"], down["ok"], down["error"]) == (False, False, "unreachable: connection refused")
     assert (ok["reachable"], ok["ok"], ok["buildsForDevice"], ok["key"]) == (True, True, True, BUILDER_KEY)
     assert ok["freeBytes"] > 0 and ok["rttMs"] > 0 and ok["connectMs"] >= 0 and "armel" in ok["architectures"]
-    # from a laptop, with the key kiosk build left next to the image
-    r = kiosk_cli("builders", "check", str(lab.spec_file), "--image-dir", str(lab.out), "--json")
+    # from a laptop, with a key given (here the device's own)
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "-i", str(lab.root / "etc/kiosk/builder_ed25519"), "--json")
     assert json.loads(r.stdout)["builders"][1]["ok"] is True
+
+
+@pytest.mark.root
+def test_a_builder_that_refuses_the_device_key_says_how_to_authorize_it(lab, tmp_path):
+    lab = lab([{"host": "127.0.0.1", "authorize": False}])
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))
+    assert r.returncode == 1
+    label = f"root@{lab.label(0)}"
+    assert "refused: it does not accept this device's key" in r.stdout.splitlines()[1]
+    hint = f"{label} does not accept this device's key; there, as root, run: echo '{lab.public}' | " \
+           "kiosk builders authorize --key -"
+    assert r.stdout.splitlines()[-1] == hint
+    # a push needing packages says the same
+    r, lines = lab.push(packages=["kiosk-test-hello"])
+    assert r.returncode != 0
+    assert f"    authorize this device there (as root): echo '{lab.public}' | kiosk builders authorize --key -" in lines
+    # the hint's command, as given (with the test builder's authorized_keys), lets it in
+    command = hint.split("run: ", 1)[1] + f" --authorized-keys {lab.servers[0].tmp / 'authorized_keys'}"
+    done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"))
+    assert done.returncode == 0, done.stderr
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))
+    assert r.returncode == 0 and "does not accept" not in r.stdout, r.stdout
 
 
 @pytest.mark.root
@@ -496,7 +668,10 @@ def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
     lab = lab([{"host": "127.0.0.1", "authorize": False}])
     home = tmp_path / "home"
     home.mkdir()
-    r = kiosk_cli("builders", "authorize", str(lab.spec_file), "--image-dir", str(lab.out), env={"HOME": str(home)})
+    r = kiosk_cli("builders", "authorize", env={"HOME": str(home)}, cwd=tmp_path)  # which device?
+    assert r.returncode == 2 and r.stderr.startswith("kiosk: which device? give its public key with --key FILE")
+    assert "ssh root@DEVICE kiosk builders key | ssh USER@BUILDER kiosk builders authorize --key -" in r.stderr
+    r = kiosk_cli("builders", "authorize", "--key", "-", input=lab.public, env={"HOME": str(home)})
     assert r.returncode == 0, r.stderr
     entry = (home / ".ssh/authorized_keys").read_text().splitlines()
     public = lab.pub.read_text().strip()
@@ -504,8 +679,7 @@ def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
         '/kiosk builder-serve" ' + public)
     assert oct((home / ".ssh").stat().st_mode & 0o777) == "0o700"
     assert oct((home / ".ssh/authorized_keys").stat().st_mode & 0o777) == "0o600"
-    again = kiosk_cli("builders", "authorize", str(lab.spec_file), "--image-dir", str(lab.out),
-                      env={"HOME": str(home)})
+    again = kiosk_cli("builders", "authorize", "--key", str(lab.pub), env={"HOME": str(home)})
     assert "is already authorized" in again.stdout
     assert (home / ".ssh/authorized_keys").read_text().splitlines() == entry
     # the key can only run builder-serve, whatever it asks for
@@ -518,6 +692,38 @@ def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
                        input="", capture_output=True, text=True, timeout=60)
     answer = json.loads(r.stdout)
     assert answer["ok"] is False and "expected one JSON request line" in answer["error"]
+
+
+@pytest.mark.root
+def test_rotating_a_device_key_with_the_readme_commands(lab, tmp_path):
+    """README, Remote builders: a device gets a new key over ssh, the builder takes it and drops the old one
+    (the way off a key that images built by earlier kiosk versions shared), through real ssh both ways."""
+    lab = lab([{"host": "127.0.0.1"}])
+    old_key = tmp_path / "old_key"
+    shutil.copy(lab.root / "etc/kiosk/builder_ed25519", old_key)
+    (tmp_path / "old.pub").write_text(lab.public + "\n")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{lab.device.port} {lab.keys['device_host_pub']}\n"
+                     f"[127.0.0.1]:{lab.servers[0].port} {lab.keys['b1_pub']}\n")
+    ssh = f"ssh -F /dev/null -i {lab.keys['client']} -o IdentitiesOnly=yes -o UserKnownHostsFile={known} -o BatchMode=yes"
+    device, builder = f"{ssh} -p {lab.device.port} root@127.0.0.1", f"{ssh} -p {lab.servers[0].port} root@127.0.0.1"
+    # the README's commands; the test's device is a directory (--root) and its builder's file is elsewhere
+    key, auth = f"{lab.root}/etc/kiosk/builder_ed25519", f"--authorized-keys {lab.servers[0].tmp / 'authorized_keys'}"
+    script = (f"{device} 'rm -f {key} {key}.pub && kiosk builders key --root {lab.root}' | "
+              f"{builder} kiosk builders authorize --key - {auth} && "
+              f"{builder} kiosk builders authorize --revoke --key - {auth} < old.pub")
+    done = subprocess.run(script, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "authorized kiosk-builder@lobby" in done.stdout and "removed kiosk-builder@lobby" in done.stdout
+    new_public = (lab.root / "etc/kiosk/builder_ed25519.pub").read_text().strip()
+    assert new_public != lab.public
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "-i", str(old_key), "--json")
+    assert r.returncode == 1 and json.loads(r.stdout)["builders"][0]["error"].startswith(
+        "refused: it does not accept this device's key")
+    lines = (lab.servers[0].tmp / "authorized_keys").read_text().splitlines()
+    assert lines[0] == lab.keys["client_pub"] and len(lines) == 2 and lines[1].endswith(new_public)
 
 
 # ---------------------------------------------------------------- kiosk build --builder (root)
@@ -562,7 +768,8 @@ def test_remote_build_reports_the_builders_failure_and_writes_nothing(tmp_path, 
 @pytest.mark.slow
 def test_remote_build_brings_back_the_image_checksummed(tmp_path, keys, build_box):
     """A real image built on the builder from deb.debian.org (minutes): it comes back sparse, verified,
-    with its .bmap, manifest and SBOM, and the device's builder key kept next to it."""
+    with its .bmap, manifest and SBOM; the spec names builders, yet no builder key travels or is kept
+    (each device makes its own), and a second build gives the same image bytes."""
     data = {"hostName": "remote", "hardware": "qemu", "authorizedKeys": [keys["client_pub"]],
             "program": {"package": "foot"},
             "builders": [{"hostName": "b1.example", "publicHostKey": keys["b1_pub"]}]}
@@ -577,10 +784,7 @@ def test_remote_build_brings_back_the_image_checksummed(tmp_path, keys, build_bo
     assert hashlib.sha256(image.read_bytes()).hexdigest() == manifest["imageSha256"]
     assert image.stat().st_blocks * 512 < image.stat().st_size  # still sparse
     assert (out / "remote-qemu.img.bmap").is_file() and (out / "remote-qemu.spdx.json").is_file()
-    assert oct((out / "remote-qemu.img.builder").stat().st_mode & 0o777) == "0o600"
-    first = (out / "remote-qemu.img.builder.pub").read_text()
-    # a second remote build sends the kept key along: the same key, the same image bytes
+    assert not list(out.glob("*.builder*"))
     r = kiosk_cli("build", str(spec), "-o", str(out), "--builder", build_box.target, env=build_box.env)
     assert r.returncode == 0, r.stderr
-    assert (out / "remote-qemu.img.builder.pub").read_text() == first
     assert json.loads((out / "manifest.json").read_text())["imageSha256"] == manifest["imageSha256"]

@@ -19,6 +19,6 @@ A push that adds packages, on the device (kiosk.device.fetch.BuilderInstaller):
 
 Modules: select (which builders), ssh (reaching one), wire (the answer format, both sides),
 client (one request), apt (resolution, shared by a builder and a self-building device), keys
-(the device's key and settings in the image), remote (`kiosk build --builder`), commands
-(`kiosk builders check|authorize`). Design notes, trust model and figures: notes/builders.md.
+(the device's own key, made on the device, never in the image; settings in the image), remote
+(`kiosk build --builder`), commands (`kiosk builders check|key|authorize`). Design notes, trust model and figures: notes/builders.md.
 """

@@ -1,23 +1,31 @@
-"""The device's side of builders in its image: its own key (kept beside the image, so a rebuild is
-byte-identical and builders stay authorized), known_hosts from the spec, an ssh_config for people."""
+"""The device's side of builders: its own key, made on the device the first time it is needed (never
+carried in the image, so no two cards share one), known_hosts from the spec, an ssh_config for people.
+
+Every file is placed with kiosk.core.files.write_in_root: inside the tree, whatever links it holds."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
 from kiosk.builders.select import Builder, board_of, effective_builders, known_hosts_text, spec_data
 from kiosk.builders.ssh import ssh_options
-from kiosk.core.files import write_atomic
-from kiosk.core.paths import BUILDERS_KNOWN_HOSTS, BUILDERS_SSH_CONFIG
+from kiosk.core.errors import Refused, one_line
+from kiosk.core.files import check_in_root, write_in_root
+from kiosk.core.paths import BUILDER_KEY, BUILDERS_KNOWN_HOSTS, BUILDERS_SSH_CONFIG
 from kiosk.core.run import run
+
+# Characters a key path may not hold: ssh reads `-o IdentityFile=...` and ssh_config lines word by
+# word and expands % and ~, and a newline would start a new line of the ssh_config kiosk writes.
+_UNSAFE = set(" \t\"'\\%")
 
 
 def device_key_paths(spec: dict, out_dir: Path) -> tuple[Path, Path]:
-    """Where the device's builder key is kept next to its image: <image>.builder and <image>.builder.pub."""
+    """Where kiosk builds before per-device keys kept the image's shared key: <image>.builder(.pub)."""
     board = board_of(spec)
     image = f"{spec['hostName']}-{board['name'] if board else spec['hardware']}.img"
     return Path(out_dir) / f"{image}.builder", Path(out_dir) / f"{image}.builder.pub"
@@ -29,34 +37,72 @@ def key_fingerprint(public_line: str) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
-def device_key(spec: dict, out_dir: Path, log) -> tuple[bytes, str]:
-    """The device's builder key pair: reused from out_dir when there (so a rebuild of the same
-    spec gives the same image bytes, and builders stay authorized), else made once."""
-    from kiosk.spec.sshkeys import BadKey, parse_public_key
+def checked_key_path(path: str, where: str = "sshKey") -> str:
+    """The builder key path as given, or Refused naming `where` (the spec's JSON pointer): absolute,
+    without "." or ".." (checked here, whatever the schema let through), no character ssh or the
+    ssh_config would read differently."""
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise Refused(f"{where}: {one_line(repr(path))} is not an absolute path",
+                      hint=f"use a path on the device, e.g. \"{BUILDER_KEY}\"")
+    names = path.split("/")[1:]
+    if any(name in (".", "..") for name in names) or not names[-1] or len(path) > 1024:
+        raise Refused(f"{where}: {one_line(path)} is not a plain path to a file (no \".\", \"..\" or trailing /)",
+                      hint=f"use a path on the device, e.g. \"{BUILDER_KEY}\"")
+    if any(c in _UNSAFE or ord(c) < 32 or ord(c) == 127 for c in path):
+        raise Refused(f"{where}: {one_line(path)} holds a space, quote, backslash, % or control character, "
+                      "which ssh would read differently", hint=f"use a plain path, e.g. \"{BUILDER_KEY}\"")
+    return path
 
-    private, public = device_key_paths(spec, out_dir)
-    if private.is_file() and public.is_file():
-        line = public.read_text().strip()
-        try:
-            parse_public_key(line)
-            derived = run(["ssh-keygen", "-y", "-f", private], check=False)
-            if derived.returncode == 0 and derived.stdout.split()[:2] == line.split()[:2]:
-                log(f"builders: reusing this device's key {private} ({key_fingerprint(line)})")
-                return private.read_bytes(), line
-        except BadKey:
-            pass
-        log(f"builders: {private} and {public.name} do not match; making a new key")
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".builder-key-") as tmp:
-        path = Path(tmp) / "key"
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"kiosk-builder@{spec['hostName']}", "-f", path],
-            what="making the device's builder key")
-        line = Path(str(path) + ".pub").read_text().strip()
-        os.chmod(path, 0o600)
-        os.replace(Path(str(path) + ".pub"), public)
-        os.replace(path, private)
-    log(f"builders: made this device's key {private} ({key_fingerprint(line)})")
-    return private.read_bytes(), line
+
+def key_paths(spec) -> list[tuple[str, str]]:
+    """(path, JSON pointer) of each distinct builder key the spec's builders use, checked."""
+    found: dict[str, str] = {}
+    for b in effective_builders(spec_data(spec)):
+        found.setdefault(checked_key_path(b.sshKey, f"{b.origin}/sshKey"), f"{b.origin}/sshKey")
+    return list(found.items())
+
+
+def ensure_device_key(root: Path, key_path: str, log, *, comment: str | None = None) -> Path:
+    """This device's own builder key at key_path inside root (0600 root:root, plus .pub); made here the
+    first time it is needed (`kiosk builders key`, or a push that needs a builder), like its ssh host
+    keys: the image carries none, so every card has its own. Nothing is written outside root."""
+    checked_key_path(key_path)
+    check_in_root(root, key_path)  # "..", or a link on the way (var/run -> /run): refused before any work
+    key = Path(root) / key_path.lstrip("/")
+    try:
+        st = os.lstat(key)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if stat.S_ISREG(st.st_mode):
+            return key
+        raise Refused(f"{key_path}: something other than a regular file is there (a link?); not used as a key",
+                      hint="remove it; kiosk then makes this device's key there")
+    comment = comment or "kiosk-builder"
+    with tempfile.TemporaryDirectory(prefix="kiosk-key-") as tmp:
+        made = Path(tmp) / "key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", made],
+            what="making this device's builder key")
+        private, public = made.read_bytes(), Path(str(made) + ".pub").read_text().strip()
+    owner = (0, 0) if os.geteuid() == 0 else None
+    # .pub first: a power cut in between leaves a .pub without its key, and the next call makes a new pair.
+    write_in_root(root, key_path + ".pub", public + "\n", 0o644, owner=owner, durable=True)
+    write_in_root(root, key_path, private, 0o600, owner=owner, durable=True)
+    log(f"made this device's builder key {key_path} ({key_fingerprint(public)}); authorize it on each builder, "
+        f"there: echo '{public}' | kiosk builders authorize --key -")
+    return key
+
+
+def device_public_key(key: Path) -> str:
+    """The public line of a device key (its .pub, or derived from the private key)."""
+    pub = Path(str(key) + ".pub")
+    try:
+        st = os.lstat(pub)
+        if stat.S_ISREG(st.st_mode) and st.st_size < 65536:
+            return pub.read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        pass
+    return run(["ssh-keygen", "-y", "-f", key], what=f"reading the public half of {key}").stdout.strip()
 
 
 def ssh_config_text(builders: list[Builder]) -> str:
@@ -65,7 +111,7 @@ def ssh_config_text(builders: list[Builder]) -> str:
              f"# this file is for people, e.g.: ssh -F {BUILDERS_SSH_CONFIG} builder-1", ""]
     for i, b in enumerate(builders, 1):
         lines += [f"Host builder-{i}", f"    HostName {b.hostName}", f"    Port {b.port}", f"    User {b.sshUser}",
-                  f"    IdentityFile {b.sshKey}", ""]
+                  f"    IdentityFile {checked_key_path(b.sshKey, f'{b.origin}/sshKey')}", ""]
     lines.append("Host *")
     for name, value in ssh_options(None, BUILDERS_KNOWN_HOSTS):
         lines.append(f"    {name} {value}")
@@ -73,35 +119,32 @@ def ssh_config_text(builders: list[Builder]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _place(root: Path, path: str, data: bytes, mode: int, epoch: int | None) -> None:
-    """A file of the image: root's, with the build's timestamp (the same bytes and times every build)."""
-    dest = Path(root) / path.lstrip("/")
-    write_atomic(dest, data, mode)
-    if os.geteuid() == 0:
-        os.chown(dest, 0, 0)
-    if epoch is not None:
-        os.utime(dest, (epoch, epoch))
-
-
 def prepare_device_for_builders(root: Path, spec: dict, out_dir: Path, log, *, epoch: int | None = None) -> None:
-    """At image build: the device's builder key (root only, 0600) at each builder's sshKey path,
-    known_hosts from the spec's publicHostKeys, an ssh_config for people; the public key is
-    printed and written to <image>.builder.pub so the user can authorize it on the builders."""
+    """At image build: known_hosts from the spec's publicHostKeys and an ssh_config for people, root's
+    files with the build's timestamp (the same bytes every build). No key: each device makes its own
+    the first time it needs one (ensure_device_key); each sshKey path is checked here so that a path
+    the device would refuse (through a link, or with "..") fails the build instead."""
     data = spec_data(spec)
     builders = effective_builders(data)
     if not builders:
         return
-    private, public = device_key(data, Path(out_dir), log)
-    for key_path in sorted({b.sshKey for b in builders}):
-        _place(root, key_path, private, 0o600, epoch)
-        _place(root, key_path + ".pub", (public + "\n").encode(), 0o644, epoch)
-    _place(root, BUILDERS_KNOWN_HOSTS, known_hosts_text(builders).encode(), 0o644, epoch)
-    _place(root, BUILDERS_SSH_CONFIG, ssh_config_text(builders).encode(), 0o644, epoch)
-    _, pub_path = device_key_paths(data, Path(out_dir))
-    log(f"builders: {len(builders)} ({', '.join(b.sshUser + '@' + b.label for b in builders)}); the device's key:")
-    log(f"  {public}")
-    log(f"  authorize it on each builder: kiosk builders authorize --key {pub_path} "
-        f"(or append {pub_path.name} to the builder user's ~/.ssh/authorized_keys)")
+    for path, pointer in key_paths(data):
+        try:
+            check_in_root(root, path)
+        except Refused as exc:
+            raise Refused(f"{pointer}: {exc.message}", hint=exc.hint) from None
+    owner = (0, 0) if os.geteuid() == 0 else None
+    for path, text in ((BUILDERS_KNOWN_HOSTS, known_hosts_text(builders)), (BUILDERS_SSH_CONFIG,
+                                                                            ssh_config_text(builders))):
+        write_in_root(root, path, text, 0o644, owner=owner, mtime=epoch)
+    users = ", ".join(b.sshUser + "@" + b.label for b in builders)
+    log(f"builders: {len(builders)} ({users}); each device makes its own builder key when it first needs one. "
+        f"Authorize a device once it is up: ssh root@{data['hostName']}.local kiosk builders key | "
+        "ssh USER@BUILDER kiosk builders authorize --key -")
+    old, _ = device_key_paths(data, Path(out_dir))
+    if old.exists():
+        log(f"builders: {old} is the key images built by earlier kiosk versions shared; this image does not "
+            "carry it. Cards flashed from those images still use it: rotate it (README, Remote builders)")
     for b in builders:
         if not b.publicHostKey:
             log(f"builders: warning: {b.label} has no publicHostKey ({b.origin}); the device will not use it "

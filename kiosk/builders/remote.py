@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 
 from kiosk.builders.client import RemoteError, exchange
-from kiosk.builders.keys import device_key_paths
-from kiosk.builders.select import names_builders
 from kiosk.builders.ssh import BuilderFailure, connect_timeout, remote_command, transfer_timeout
 from kiosk.builders.wire import PROTOCOL, BadAnswer
 from kiosk.core.errors import KioskError, UsageError
@@ -82,10 +80,6 @@ def remote_build(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     request = {"kiosk": PROTOCOL, "op": "build", "spec": text, "source": path.name,
                "verbose": bool(getattr(args, "verbose", False))}
-    if names_builders(spec.data):
-        private, public = device_key_paths(spec.data, out_dir)
-        if private.is_file() and public.is_file():
-            request["builderKey"] = {"private": private.read_text(), "public": public.read_text()}
     where = f"{user + '@' if user else ''}{host}{':' + str(port) if port else ''}"
     print(f"==> building on {where}", file=sys.stderr, flush=True)
     started = time.monotonic()
@@ -95,7 +89,7 @@ def remote_build(args) -> int:
         image_name = header.get("image")
         placed = {}
         for name, file_path in sorted(files.items(), key=lambda kv: kv[0] == image_name):  # the image last
-            os.chmod(file_path, 0o600 if name.endswith(".builder") else 0o644)
+            os.chmod(file_path, 0o600 if name.endswith(".builder") else 0o644)  # an older builder's shared key
             os.replace(file_path, out_dir / name)
             placed[name] = out_dir / name
         manifest_path = placed.get("manifest.json")

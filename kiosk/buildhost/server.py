@@ -18,13 +18,12 @@ from pathlib import Path
 
 from kiosk import __version__
 from kiosk.builders.apt import fetch_packages
-from kiosk.builders.keys import device_key_paths
 from kiosk.builders.select import ARCHITECTURES
 from kiosk.builders.wire import FILE_NAME, MARK, MAX_HEADER, PROTOCOL, answer, tar_add
 from kiosk.core import paths
 from kiosk.core.errors import KioskError, UsageError
 from kiosk.core.log import Log
-from kiosk.core.files import human_size, sha256_file, write_atomic
+from kiosk.core.files import human_size, sha256_file
 from kiosk.core.run import run
 
 
@@ -171,11 +170,7 @@ def serve_build(req: dict, out, progress) -> None:
         try:
             out_dir = work / "out"
             out_dir.mkdir()
-            key = req.get("builderKey")
-            if isinstance(key, dict) and isinstance(key.get("private"), str) and isinstance(key.get("public"), str):
-                private, public = device_key_paths(spec.data, out_dir)
-                write_atomic(private, key["private"], 0o600)
-                public.write_text(key["public"])
+            # An older kiosk sends "builderKey" (the key its images shared): ignored, images carry no key now.
             relay = _RelayText(progress)  # the build's `==> stage` lines reach the device as progress
             manifest = build(spec, text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay))
             names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and FILE_NAME.match(p.name))

@@ -1,16 +1,19 @@
-"""Small files written so that a crash leaves the old or the new content, never half; hashing; sizes;
-and reading a file the user names without waiting forever or filling memory (read_input)."""
+"""Small files written so that a crash leaves the old or the new content, never half; files placed
+inside a tree without ever leaving it; hashing; sizes; and reading a file the user names without
+waiting forever or filling memory (read_input)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import secrets
 import stat
 from pathlib import Path
 
-from kiosk.core.errors import UsageError
+from kiosk.core.errors import Refused, UsageError, one_line
 
 CHUNK = 4 << 20
 
@@ -114,6 +117,118 @@ def write_atomic(path: Path, data: str | bytes, mode: int = 0o644, *, durable: b
     os.replace(tmp, path)
     if durable:
         fsync_dir(path.parent)
+
+
+def _parts_in_root(relpath: str) -> list[str]:
+    """The names of a path inside a tree ("/etc/kiosk/key" and "etc/kiosk/key" alike); ".." refused."""
+    if not isinstance(relpath, str) or "\0" in relpath:
+        raise Refused(f"{one_line(repr(relpath))}: not a path")
+    parts = [p for p in relpath.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise Refused(f"{one_line(relpath)}: \"..\" leads out of the tree; kiosk places files only inside it",
+                      hint="give the path without \"..\"")
+    if not parts:
+        raise Refused(f"{one_line(repr(relpath))}: names no file")
+    return parts
+
+
+def _open_dirs(root: Path, parts: list[str], relpath: str, *, create: bool, dir_mode: int = 0o755) -> int | None:
+    """An fd of the directory parts name inside root, each component opened from the one before with
+    O_NOFOLLOW: a symbolic link (or anything but a directory) on the way is refused, never followed.
+    With create=False, None when a directory on the way does not exist yet (nothing further to check)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for i, name in enumerate(parts):
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            try:
+                try:
+                    nxt = os.open(name, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        return None
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, dir_mode, dir_fd=fd)
+                    nxt = os.open(name, flags, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                where = one_line("/" + "/".join(parts[:i + 1]))
+                st = os.lstat(name, dir_fd=fd)
+                if stat.S_ISLNK(st.st_mode):
+                    target = one_line(os.readlink(name, dir_fd=fd))
+                    raise Refused(f"{one_line(relpath)}: {where} is a symbolic link in the tree (to {target}); "
+                                  "kiosk writes nothing through links, which may lead out of it",
+                                  hint="choose a path whose directories are real ones, e.g. under /etc/kiosk") from None
+                raise Refused(f"{one_line(relpath)}: {where} is not a directory in the tree") from None
+            os.close(fd)
+            fd = nxt
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_in_root(root: Path, relpath: str) -> None:
+    """Refuse (Refused) a path that write_in_root would refuse: "..", or a link or non-directory on the
+    way among the directories that exist already; a directory at the name itself."""
+    parts = _parts_in_root(relpath)
+    fd = _open_dirs(root, parts[:-1], relpath, create=False)
+    if fd is None:
+        return
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.lstat(parts[-1], dir_fd=fd).st_mode):
+                raise Refused(f"{one_line(relpath)}: a directory is there in the tree")
+    finally:
+        os.close(fd)
+
+
+def write_in_root(root: Path, relpath: str, data: str | bytes, mode: int = 0o644, *, mtime: int | None = None,
+                  owner: tuple[int, int] | None = None, dir_mode: int = 0o755, durable: bool = False) -> Path:
+    """Write `data` at `relpath` inside the tree `root`, and never outside it, whatever the tree holds.
+
+    relpath is the path as the tree's own system sees it ("/etc/kiosk/key" or "etc/kiosk/key"). ".." is
+    refused. Every directory on the way is opened from the one before with O_NOFOLLOW (openat-style,
+    starting at a descriptor of root), so a symbolic link on the way (var/run -> /run, or one planted
+    at the file's parent) is refused with Refused, never followed; missing directories are made
+    (dir_mode). The file goes in as write_atomic does: a fresh temporary (O_EXCL, O_NOFOLLOW) in that
+    directory, then a rename over the name, so whatever was at the name (a link, a FIFO, a device node)
+    is replaced, never written through or opened. owner: (uid, gid); mtime: its atime and mtime.
+    Returns root/relpath.
+    """
+    parts = _parts_in_root(relpath)
+    fd = _open_dirs(Path(root), parts[:-1], relpath, create=True, dir_mode=dir_mode)
+    name = parts[-1]
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISDIR(os.lstat(name, dir_fd=fd).st_mode):
+                raise Refused(f"{one_line(relpath)}: a directory is there in the tree")
+        tmp = f".kiosk-tmp-{secrets.token_hex(8)}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=fd)
+        try:
+            try:
+                view = memoryview(data.encode() if isinstance(data, str) else data)
+                while view:
+                    view = view[os.write(out, view):]
+                if owner is not None:
+                    os.fchown(out, *owner)
+                os.fchmod(out, mode)
+                if mtime is not None:
+                    os.utime(out, (mtime, mtime))
+                if durable:
+                    os.fsync(out)
+            finally:
+                os.close(out)
+            os.rename(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return Path(root).joinpath(*parts)
 
 
 def write_durable(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from kiosk.builders.apt import COMPONENTS, fetch_packages
 from kiosk.builders.client import exchange
+from kiosk.builders.keys import device_public_key, ensure_device_key
 from kiosk.builders.select import ARCHITECTURES, board_of, device_architecture, effective_builders, \
     known_hosts_text, spec_data
 from kiosk.builders.ssh import BuilderFailure, connect_timeout, probe_all, ssh_argv, ssh_options, transfer_timeout
@@ -129,20 +129,6 @@ def _incoming(root: Path):
                 d.rmdir()
 
 
-def ensure_device_key(root: Path, key_path: str, log) -> Path:
-    """The device's builder key; made here if the image had none (builders added by a later push)."""
-    key = Path(root) / key_path.lstrip("/")
-    if key.is_file():
-        return key
-    key.parent.mkdir(parents=True, exist_ok=True)
-    comment = f"kiosk-builder@{socket.gethostname()}"
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key],
-        what="making this device's builder key")
-    log(f"made this device's builder key {key_path}; authorize it on each builder "
-        f"(kiosk builders authorize --key -): {Path(str(key) + '.pub').read_text().strip()}")
-    return key
-
-
 class BuilderInstaller(Installer):
     """Packages resolved and fetched by a remote builder, verified and installed with dpkg."""
 
@@ -220,7 +206,7 @@ def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log) 
             log(f"builder {b.label} unreachable ({problem}); {after}")
             continue
         try:
-            key = ensure_device_key(root, b.sshKey, log)
+            key = ensure_device_key(root, b.sshKey, log, comment=f"kiosk-builder@{data['hostName']}")
             argv = ssh_argv(b, ssh_options(key, known_hosts, timeout))
             incoming = work / f"from-{i}"
             incoming.mkdir()
@@ -240,6 +226,10 @@ def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log) 
             return entries
         except BuilderFailure as failure:
             log(f"builder {b.label} {failure.kind} ({failure}); {after}")
+            if failure.reason.startswith("it does not accept this device's key"):
+                with contextlib.suppress(KioskError, OSError):
+                    log(f"authorize this device there (as {b.sshUser}): echo '{device_public_key(key)}' | "
+                        "kiosk builders authorize --key -")
         except BadAnswer as exc:
             log(f"builder {b.label} REFUSED: {exc}; nothing from it is used; {after}")
         except KioskError as exc:

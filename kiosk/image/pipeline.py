@@ -151,7 +151,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             boot = bootfiles.boot_files(plan, root, root=ident.root, epoch=epoch, log=log)
             commit = configure_root(root, spec_text, layer, plan, epoch=epoch, log=log)
             if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
-                from kiosk.builders.keys import prepare_device_for_builders  # the device's builder key
+                from kiosk.builders.keys import prepare_device_for_builders  # builders known_hosts, ssh config
                 prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
         with log.timed("image"):
             out_image = out_dir / assemble.image_name(plan)
