@@ -74,7 +74,7 @@ def remote_build(args) -> int:
     path = Path(args.spec)
     spec = specmod.load(path)
     print_warnings(spec)
-    text = path.read_text(encoding="utf-8")
+    text = spec.text   # as loaded: what validation saw, without a byte-order mark
     user, host, port = parse_target(args.builder)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -160,7 +160,7 @@ def serve_build(req: dict, out, progress) -> None:
     if not isinstance(text, str):
         raise UsageError("the request carries no spec")
     source = req.get("source") if isinstance(req.get("source"), str) else "nixiosk.json"
-    spec = specmod.loads(text.removeprefix("\ufeff"), source)
+    spec = specmod.loads(text, source)   # drops a byte-order mark; spec.text is what the image stores
     for warning in spec.warnings:
         progress(f"{source}: warning: {warning}")
     require_root(f"this builder runs kiosk as uid {os.geteuid()}, not root",
@@ -172,7 +172,7 @@ def serve_build(req: dict, out, progress) -> None:
             out_dir.mkdir()
             # An older kiosk sends "builderKey" (the key its images shared): ignored, images carry no key now.
             relay = _RelayText(progress)  # the build's `==> stage` lines reach the device as progress
-            manifest = build(spec, text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay))
+            manifest = build(spec, spec.text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay))
             names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and FILE_NAME.match(p.name))
             entries = []
             image_name = Path(manifest["image"]).name
