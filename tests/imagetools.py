@@ -91,14 +91,24 @@ def _offsets(image: Path | str) -> tuple[int, int]:
     return parts[0][0], parts[1][0]
 
 
-def read_root_file(image: Path | str, path: str) -> bytes:
-    """A file's bytes from the image's root filesystem (debugfs cat; symlinks are not followed)."""
+def read_root_file(image: Path | str, path: str, *, follow: bool = True) -> bytes:
+    """A file's bytes from the image's root filesystem (debugfs cat).
+
+    follow: symlinks are resolved inside the image, as the device would see them (the configuration
+    layer's files are links into /var/lib/kiosk/current); False gives a link's own target text."""
+    import posixpath
+
     _, root = _offsets(image)
-    result = subprocess.run(["debugfs", "-R", f'cat "{path}"', f"{image}?offset={root}"], capture_output=True)
-    err = result.stderr.decode(errors="replace")
-    if result.returncode != 0 or "File not found" in err or "not found by ext2_lookup" in err:
-        raise FileNotFoundError(f"{path} in {image}: {err.strip()}")
-    return result.stdout
+    for _ in range(16):
+        result = subprocess.run(["debugfs", "-R", f'cat "{path}"', f"{image}?offset={root}"], capture_output=True)
+        err = result.stderr.decode(errors="replace")
+        if result.returncode != 0 or "File not found" in err or "not found by ext2_lookup" in err:
+            raise FileNotFoundError(f"{path} in {image}: {err.strip()}")
+        if not follow or root_stat(image, path)["type"] != "symlink":
+            return result.stdout
+        target = result.stdout.decode()
+        path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
+    raise FileNotFoundError(f"{path} in {image}: too many levels of symbolic links")
 
 
 def root_stat(image: Path | str, path: str) -> dict:
