@@ -1087,7 +1087,8 @@ def small_image(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["image is a FIFO", "image is /dev/zero", "--bmap is a FIFO", "--bmap is /dev/zero",
-                                  "IMAGE.bmap is a FIFO", "target is a FIFO"])
+                                  "IMAGE.bmap is a FIFO", "target is a FIFO", "--bmap says shake_128",
+                                  "--bmap has a 5000-digit ImageSize"])
 def test_hostile_files_are_refused_without_waiting_or_reading(small_image, tmp_path, case):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -1101,7 +1102,18 @@ def test_hostile_files_are_refused_without_waiting_or_reading(small_image, tmp_p
                                 "/dev/zero: the block map must be a regular file, not a character device; "),
         "IMAGE.bmap is a FIFO": ([small_image, out], f"{small_image}.bmap: the block map must be a regular file, "),
         "target is a FIFO": ([small_image, fifo], f"{fifo} is neither a block device nor a regular file"),
+        "--bmap says shake_128": ([small_image, out, "--bmap", tmp_path / "map"],
+                                  f"{tmp_path}/map: not a valid block map: unknown checksum type 'shake_128'"),
+        "--bmap has a 5000-digit ImageSize": ([small_image, out, "--bmap", tmp_path / "map"],
+                                              f"{tmp_path}/map: not a valid block map: <ImageSize> is '999"),
     }[case]
+    if case.startswith("--bmap says") or case.startswith("--bmap has"):
+        text = bm.render(bm.block_map_of(small_image)).decode()
+        if "shake" in case:
+            text = text.replace("<ChecksumType> sha256 </ChecksumType>", "<ChecksumType> shake_128 </ChecksumType>")
+        else:
+            text = text.replace(f"<ImageSize> {MiB} </ImageSize>", f"<ImageSize> {'9' * 5000} </ImageSize>")
+        (tmp_path / "map").write_text(text)
     if case == "IMAGE.bmap is a FIFO":
         os.mkfifo(f"{small_image}.bmap")
     r = kiosk_bounded("flash", *argv)

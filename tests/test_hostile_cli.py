@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -129,7 +130,10 @@ def _case_files(base: Path) -> dict[str, str]:
         f.truncate(1 << 20)
         f.seek(510)
         f.write(b"\x55\xaa")
-    out = {name: str(base / name) for name in ("fifo", "dir", "root", "home", "cwd")}
+    stale = socket.socket(socket.AF_UNIX)   # a socket file nobody listens on any more
+    stale.bind(str(base / "sock"))
+    stale.close()
+    out = {name: str(base / name) for name in ("fifo", "dir", "root", "home", "cwd", "sock")}
     out.update(unreadable=str(unreadable), img=str(img), missing=str(base / "missing"),
                missingdir=str(base / "no" / "such" / "file"), out=str(base / "out.img"),
                devzero="/dev/zero", devnull="/dev/null", sample=str(SAMPLE))
@@ -274,6 +278,8 @@ def _cases() -> list[Case]:
         cases.append(Case(f"run--disk-{name}", [*run_img, "--disk", f"{{{name}}}"]))
     for label, board in (("surrogate", SURROGATE_ARG), ("traversal", "../../etc/passwd"), ("missing", "nosuch")):
         cases.append(Case(f"run--board-{label}", ["run", "{img}", "--board", board, "--print-command"]))
+    for name in ["fifo", "devzero", "dir", "missing", "img", "sock"]:   # sock: a VM's socket, the VM gone
+        cases.append(Case(f"run-screendump-qmp-{name}", ["run", "--screendump", "{out}.png", "--qmp", f"{{{name}}}"]))
 
     # flash: only files, never a disk; the targets that are nodes are our own
     for name in ["fifo", "devzero", "devnull", "dir", "missing", "unreadable"]:

@@ -218,7 +218,15 @@ def _run(args) -> int:
 
 
 def cmd_screendump(args) -> int:
-    path = screendump(args.qmp, args.screendump)
+    try:   # the socket of a running VM, not a path to wait for (nor a FIFO or a file to connect to)
+        mode = os.stat(args.qmp).st_mode
+    except OSError as exc:
+        raise UsageError(one_line(f"--qmp {args.qmp}: {exc.strerror}"),
+                         hint="give the QMP socket kiosk run printed for the running VM") from None
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(one_line(f"--qmp {args.qmp} is {file_kind(mode)}, not a socket"),
+                         hint="give the QMP socket kiosk run printed for the running VM")
+    path = screendump(args.qmp, args.screendump, timeout=10)
     print(path)
     return 0
 
