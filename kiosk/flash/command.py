@@ -240,8 +240,10 @@ def cmd_flash(args, roots: Roots = Roots()) -> int:
             raise UsageError(one_line(f"{target} is neither a block device nor a regular file"))
         elif tst is not None and (tst.st_dev, tst.st_ino) == (st.st_dev, st.st_ino):
             raise UsageError(one_line(f"{target} is the image itself"), hint="pass another file or the card's device")
-        elif not os.path.isdir(Path(target).absolute().parent):
-            raise UsageError(one_line(f"cannot create a file in {Path(target).absolute().parent}: no such directory"))
+        elif not os.path.isdir(Path(target).absolute().parent):   # said now, before the map is read
+            parent = Path(target).absolute().parent
+            why = os.strerror(errno.ENOTDIR if os.path.exists(parent) else errno.ENOENT)
+            raise UsageError(one_line(f"cannot create a file in {parent}: {why}"))
 
         bmap, source = _load_map(image, image_fd, st.st_size, args.bmap)
         if source is None:
