@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 import traceback
 
 from kiosk import __version__
-from kiosk.core.errors import InvalidSpec, KioskError
+from kiosk.core import stdio
+from kiosk.core.errors import InvalidSpec, KioskError, one_line
 
 # Stage modules that contribute sub-commands, in the order `--help` lists them.
 COMMAND_MODULES = (
@@ -50,8 +52,16 @@ def _stages_for(argv: list[str]) -> tuple[str, ...]:
     return (stage,) if stage in COMMAND_MODULES else COMMAND_MODULES
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (not the usage block and then the error), exit status 2."""
+
+    def error(self, message: str):
+        message = re.sub(r"'([^']{60})[^']{10,}'", r"'\1...'", message)   # a 5000-digit number is not shown whole
+        self.exit(2, one_line(f"{self.prog}: {message}") + f"; see {self.prog} --help\n")
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="kiosk",
         description="Build, flash and update Raspberry Pi kiosks from one nixiosk.json.",
     )
@@ -71,9 +81,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The `kiosk` command (argv None: sys.argv, with the standard streams guarded; see core/stdio.py)."""
+    if argv is None:
+        stdio.guard_standard_streams()
+    try:
+        try:
+            return _main(sys.argv[1:] if argv is None else argv)
+        finally:   # what is still buffered fails here, inside the handlers below (also after --help)
+            stdio.flush_stdout()
+    except stdio.OutputError as exc:
+        print(f"kiosk: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)   # (--help on a full stdout: main reports the OutputError)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -357,6 +357,27 @@ MALFORMED = [
     (signed(good(ranges='<Range chksum="abc"> 0 </Range>\n', mapped=1)),
      r"range 0-0 has checksum 'abc', not a sha256 digest"),
     (signed(good(mapped=4)), r"<MappedBlocksCount> says 4 blocks but the ranges hold 3"),
+    # Hostile values (issue 14): each one line naming the field, never an internal error.
+    (signed(good().replace("sha256", "shake_128")), r"unknown checksum type 'shake_128' \(kiosk reads sha1 or sha256\)"),
+    (signed(good().replace("sha256", "shake_256")), r"unknown checksum type 'shake_256'"),
+    (signed(good().replace("sha256", "md5-sha1")), r"unknown checksum type 'md5-sha1'"),
+    (signed(good().replace("<ImageSize> 40960 <", "<ImageSize> -40960 <")), r"<ImageSize> is '-40960', not a number"),
+    (signed(good().replace("<ImageSize> 40960 <", "<ImageSize> 4\u00b2 <")), r"<ImageSize> is '4\u00b2', not a number"),
+    (signed(good().replace("<ImageSize> 40960 <", "<ImageSize> 1e5 <")), r"<ImageSize> is '1e5', not a number"),
+    (signed(good().replace("<ImageSize> 40960 <", "<ImageSize> NaN <")), r"<ImageSize> is 'NaN', not a number"),
+    (signed(good().replace("<ImageSize> 40960 <", f"<ImageSize> {'9' * 5000} <")),
+     r"<ImageSize> is '9{70}\.\.\.', not a number of at most 20 digits"),
+    (signed(good().replace("<BlocksCount> 10 <", "<BlocksCount> -1 <")), r"<BlocksCount> is '-1', not a number"),
+    (signed(good().replace("<BlocksCount> 10 <", "<BlocksCount> ten <")), r"<BlocksCount> is 'ten', not a number"),
+    (signed(good().replace("<BlockSize> 4096 <", "<BlockSize> -4096 <")), r"<BlockSize> is '-4096', not a number"),
+    (signed(good().replace("<BlockSize> 4096 <", "<BlockSize> 0 <")), r"block size 0 is not a multiple of 512"),
+    (signed(good().replace("<MappedBlocksCount> 3 <", "<MappedBlocksCount> inf <")),
+     r"<MappedBlocksCount> is 'inf', not a number"),
+    (signed(good().replace('version="2.0"', f'version="{"1" * 5000}.0"')), r"missing or malformed version attribute"),
+    (signed(good(ranges=f'<Range chksum="{D}"> {"1" * 5000} </Range>\n', mapped=1)),
+     r"range '1{70}\.\.\.' is not 'first-last' or a block number"),
+    (signed(good(ranges=f'<Range chksum="{D}"> \u0661 </Range>\n', mapped=1)),
+     r"range '\u0661' is not 'first-last' or a block number"),
 ]
 
 
@@ -373,13 +394,64 @@ def test_malformed_maps_are_named(raw, message, tmp_path):
                         rf"\(kiosk build\) or recreate the map with 'bmaptool create IMAGE -o IMAGE.bmap'", text), text
 
 
-def test_unreadable_map_is_an_io_error(tmp_path):
+def test_a_missing_map_is_the_users_error(tmp_path):
+    """A --bmap that is not there is bad input (exit 2), as a missing image is."""
     with pytest.raises(KioskError) as info:
         bm.read_bmap(tmp_path / "none.bmap")
-    assert str(info.value) == f"cannot read block map {tmp_path / 'none.bmap'}: No such file or directory"
-    assert info.value.exit_code == 1
+    assert str(info.value).startswith(f"cannot read the block map {tmp_path / 'none.bmap'}: No such file or directory; ")
+    assert info.value.exit_code == 2
 
 
 def test_human_size():
     assert [bm.human_size(n) for n in (0, 1, 1023, 1024, 1536, 64 * MiB, 3 << 30)] == \
         ["0 bytes", "1 byte", "1023 bytes", "1.0 KiB", "1.5 KiB", "64.0 MiB", "3.0 GiB"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files given as the map (issue 14): a FIFO would block the open forever, /dev/zero never
+# ends (MemoryError), a huge file is not a map. Each is refused before it is read, on one line.
+
+def _hostile_map(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / "hostile.bmap"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        return Path("/dev/zero")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(bm.MAX_BMAP_BYTES + 1)
+    return path
+
+
+@pytest.mark.parametrize("kind, says", [
+    ("fifo", "the block map must be a regular file, not a FIFO (named pipe)"),
+    ("dev-zero", "the block map must be a regular file, not a character device"),
+    ("directory", "the block map must be a regular file, not a directory"),
+    ("huge", "the block map is larger than 16 MiB"),
+])
+def test_a_map_that_is_not_a_small_regular_file_is_refused_unread(kind, says, tmp_path):
+    path = _hostile_map(tmp_path, kind)
+    done = {}
+
+    def read():
+        try:
+            bm.read_bmap(path)
+        except KioskError as exc:
+            done["error"] = exc
+        except BaseException as exc:   # noqa: BLE001 - any other outcome is the failure being tested for
+            done["other"] = exc
+
+    import threading
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():   # blocked in open(): unblock it so the test run can end
+        with open(path, "wb"):
+            pass
+        pytest.fail(f"reading a {kind} as a block map hung")
+    assert "other" not in done, repr(done.get("other"))
+    error = done["error"]
+    assert error.exit_code == 2 and "\n" not in str(error)
+    assert str(error).startswith(f"{path}: {says}"), str(error)

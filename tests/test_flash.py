@@ -521,8 +521,11 @@ def test_a_malformed_map_is_refused(image, tmp_path, run):
 def test_bad_arguments(image, tmp_path, run, case):
     argv, code, message = {
         "missing image": ([tmp_path / "none.img", tmp_path / "o"], 2,
-                          f"kiosk: cannot read image {tmp_path}/none.img: No such file or directory"),
-        "image is a directory": ([tmp_path, tmp_path / "o"], 2, f"kiosk: {tmp_path} is not an image file"),
+                          f"kiosk: cannot read the image {tmp_path}/none.img: No such file or directory; "
+                          f"give the .img file kiosk build wrote"),
+        "image is a directory": ([tmp_path, tmp_path / "o"], 2,
+                                 f"kiosk: {tmp_path}: the image must be a regular file, not a directory; "
+                                 f"give the .img file kiosk build wrote"),
         "target is the image": ([image, image], 2,
                                 f"kiosk: {image} is the image itself; pass another file or the card's device"),
         "target is a directory": ([image, tmp_path], 2,
@@ -1059,3 +1062,61 @@ def test_ctrl_c_at_the_question_writes_nothing(image, loops, run, monkeypatch):
 def test_a_file_in_a_missing_directory_is_a_usage_error(image, tmp_path, run):
     r = run(image, tmp_path / "no" / "card.img")
     assert (r.code, r.err) == (2, f"kiosk: cannot create a file in {tmp_path}/no: No such file or directory\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile files as the image or the map (issue 14), through the real command with a time bound:
+# a FIFO used to block open() forever, /dev/zero to be read until memory ran out.
+
+def kiosk_bounded(*argv, timeout=20):
+    exe = shutil.which("kiosk", path=os.path.dirname(os.sys.executable)) or "kiosk"
+    try:
+        return subprocess.run([exe, *map(str, argv)], capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"kiosk {' '.join(map(str, argv))} did not finish in {timeout} s")
+
+
+@pytest.fixture
+def small_image(tmp_path):
+    img = tmp_path / "small.img"
+    with open(img, "wb") as f:
+        f.truncate(MiB)
+        f.write(b"kiosk" * 100)
+    return img
+
+
+@pytest.mark.parametrize("case", ["image is a FIFO", "image is /dev/zero", "--bmap is a FIFO", "--bmap is /dev/zero",
+                                  "IMAGE.bmap is a FIFO", "target is a FIFO", "--bmap says shake_128",
+                                  "--bmap has a 5000-digit ImageSize"])
+def test_hostile_files_are_refused_without_waiting_or_reading(small_image, tmp_path, case):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    out = tmp_path / "out.img"
+    argv, says = {
+        "image is a FIFO": ([fifo, out], f"{fifo}: the image must be a regular file, not a FIFO (named pipe); "),
+        "image is /dev/zero": (["/dev/zero", out], "/dev/zero: the image must be a regular file, not a character device"),
+        "--bmap is a FIFO": ([small_image, out, "--bmap", fifo],
+                             f"{fifo}: the block map must be a regular file, not a FIFO (named pipe); "),
+        "--bmap is /dev/zero": ([small_image, out, "--bmap", "/dev/zero"],
+                                "/dev/zero: the block map must be a regular file, not a character device; "),
+        "IMAGE.bmap is a FIFO": ([small_image, out], f"{small_image}.bmap: the block map must be a regular file, "),
+        "target is a FIFO": ([small_image, fifo], f"{fifo} is neither a block device nor a regular file"),
+        "--bmap says shake_128": ([small_image, out, "--bmap", tmp_path / "map"],
+                                  f"{tmp_path}/map: not a valid block map: unknown checksum type 'shake_128'"),
+        "--bmap has a 5000-digit ImageSize": ([small_image, out, "--bmap", tmp_path / "map"],
+                                              f"{tmp_path}/map: not a valid block map: <ImageSize> is '999"),
+    }[case]
+    if case.startswith("--bmap says") or case.startswith("--bmap has"):
+        text = bm.render(bm.block_map_of(small_image)).decode()
+        if "shake" in case:
+            text = text.replace("<ChecksumType> sha256 </ChecksumType>", "<ChecksumType> shake_128 </ChecksumType>")
+        else:
+            text = text.replace(f"<ImageSize> {MiB} </ImageSize>", f"<ImageSize> {'9' * 5000} </ImageSize>")
+        (tmp_path / "map").write_text(text)
+    if case == "IMAGE.bmap is a FIFO":
+        os.mkfifo(f"{small_image}.bmap")
+    r = kiosk_bounded("flash", *argv)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"kiosk: {says}") and r.stderr.count("\n") == 1, r.stderr
+    assert not out.exists()

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kiosk.core.errors import KioskError, Refused, UsageError, one_line
 from kiosk.core.files import fsync_dir, human_size
+from kiosk.core.inputs import open_regular
 from kiosk.flash.progress import Progress
 from kiosk.flash.target import Roots, ask, check_disk, describe_disk, devnum, lsblk_partitions, refuse, \
     resolve_target, stdin_is_tty
@@ -38,7 +39,7 @@ class Interrupted(KioskError):
 def _load_map(image: Path, image_fd: int, size: int, bmap_arg: str | None):
     """(block map, its file): --bmap or IMAGE.bmap if there is one, else the image's data extents (file None)."""
     path = Path(bmap_arg) if bmap_arg else Path(str(image) + ".bmap")
-    if bmap_arg or path.exists():
+    if bmap_arg or os.path.exists(path):
         bmap = bmapmod.read_bmap(path)
         if bmap.image_size != size:
             raise bmapmod.InvalidBmap(f"{path} describes an image of {bmap.image_size} bytes but {image} "
@@ -214,35 +215,41 @@ def flash_device(image_fd: int, image: Path, name: str, bmap, args, roots: Roots
 
 def cmd_flash(args, roots: Roots = Roots()) -> int:
     image = Path(args.image)
-    try:
-        image_fd = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UsageError(one_line(f"cannot read image {image}: {exc.strerror}")) from None
+    # A regular file only, checked before it is opened: a FIFO would block the open, /dev/zero never ends.
+    image_fd = open_regular(image, "image", hint="give the .img file kiosk build wrote")
     try:
         st = os.fstat(image_fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(one_line(f"{image} is not an image file"))
         if st.st_size == 0:
             raise UsageError(one_line(f"{image} is empty"), hint="rebuild it")
-        bmap, source = _load_map(image, image_fd, st.st_size, args.bmap)
-        if source is None:
-            print(f"kiosk: no block map ({image}.bmap): writing the image's data extents", file=sys.stderr)
-
+        # The target first, then the map: a refusal is the only line the user sees.
         target = args.target
         real = os.path.realpath(target)
         try:
             tst = os.stat(real)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             tst = None
+        except OSError as exc:
+            raise UsageError(one_line(f"cannot write {target}: {exc.strerror}")) from None
+        device = None
         if tst is not None and stat.S_ISBLK(tst.st_mode):
-            return flash_device(image_fd, image, resolve_target(target, roots), bmap, args, roots)
-        if real == "/dev" or real.startswith("/dev/"):
+            device = resolve_target(target, roots)
+        elif real == "/dev" or real.startswith("/dev/"):
             raise Refused(one_line(f"refusing to write {target}: it is not a block device (is the card inserted?)"),
                           hint="pass the card's device, see lsblk")
-        if tst is not None and not stat.S_ISREG(tst.st_mode):
+        elif tst is not None and not stat.S_ISREG(tst.st_mode):
             raise UsageError(one_line(f"{target} is neither a block device nor a regular file"))
-        if tst is not None and (tst.st_dev, tst.st_ino) == (st.st_dev, st.st_ino):
+        elif tst is not None and (tst.st_dev, tst.st_ino) == (st.st_dev, st.st_ino):
             raise UsageError(one_line(f"{target} is the image itself"), hint="pass another file or the card's device")
+        elif not os.path.isdir(Path(target).absolute().parent):   # said now, before the map is read
+            parent = Path(target).absolute().parent
+            why = os.strerror(errno.ENOTDIR if os.path.exists(parent) else errno.ENOENT)
+            raise UsageError(one_line(f"cannot create a file in {parent}: {why}"))
+
+        bmap, source = _load_map(image, image_fd, st.st_size, args.bmap)
+        if source is None:
+            print(f"kiosk: no block map ({image}.bmap): writing the image's data extents", file=sys.stderr)
+        if device is not None:
+            return flash_device(image_fd, image, device, bmap, args, roots)
         return flash_file(image_fd, image, Path(target), bmap, args)
     except KeyboardInterrupt:
         raise Interrupted("interrupted: nothing was written") from None

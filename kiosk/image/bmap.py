@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
-from kiosk.core.errors import KioskError
+from kiosk.core.errors import KioskError, one_line
+from kiosk.core.inputs import read_small
 
 BLOCK_SIZE = 4096
 FORMAT_VERSION = "2.0"
@@ -32,6 +33,12 @@ CHECKSUM_TYPE = "sha256"
 _CHUNK = 4 << 20
 # The highest format major version kiosk reads (bmaptool's own limit).
 _MAX_MAJOR = 2
+# The checksums a map may name: bmaptool's (SHA-1 in format 1.3, SHA-256 or SHA-1 in 1.4 and 2.0).
+CHECKSUM_TYPES = ("sha1", "sha256")
+# A map of a fragmented 64 GiB image is a few MiB (one short line per range); anything far larger is not a map.
+MAX_BMAP_BYTES = 16 << 20
+# The numbers in a map: up to 2**64 (no disk is larger); more digits than that is not a size.
+_MAX_DIGITS = 20
 
 
 class InvalidBmap(KioskError):
@@ -290,16 +297,19 @@ def write_bmap(image: Path, bmap_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # Reading
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+_RANGE = re.compile(r"\s*([0-9]{1,%d})\s*(?:-\s*([0-9]{1,%d})\s*)?" % (_MAX_DIGITS, _MAX_DIGITS))
+
+
+def _shown(text: str, most: int = 70) -> str:
+    """A value from the map as a message shows it: quoted, and cut when long."""
+    return repr(text if len(text) <= most else text[:most] + "...")
 
 
 def read_bmap(path: Path) -> BlockMap:
     """Parse and check a block map (kiosk's or bmaptool's, formats 1.0-1.4 and 2.0)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise KioskError(f"cannot read block map {path}: {exc.strerror}") from None
+    raw = read_small(path, "block map", MAX_BMAP_BYTES,
+                     hint="pass the image's .bmap file with --bmap, or none to write the image's data extents")
     return parse_bmap(raw, str(path))
 
 
@@ -307,18 +317,18 @@ def parse_bmap(raw: bytes, source: str = "block map") -> BlockMap:
     fix = "rebuild the image (kiosk build) or recreate the map with 'bmaptool create IMAGE -o IMAGE.bmap'"
 
     def bad(message: str) -> InvalidBmap:
-        return InvalidBmap(f"{source}: not a valid block map: {message}; {fix}")
+        return InvalidBmap(one_line(f"{source}: not a valid block map: {message}"), hint=fix)
 
     try:
         root = ElementTree.fromstring(raw)
     except ElementTree.ParseError as exc:
         raise bad(f"XML error: {exc}") from None
     if root.tag != "bmap":
-        raise bad(f"the root element is <{root.tag}>, not <bmap>")
+        raise bad(f"the root element is <{root.tag[:70]}>, not <bmap>")
     version = (root.get("version") or "").strip()
-    match = re.fullmatch(r"(\d+)\.(\d+)", version)
+    match = re.fullmatch(r"([0-9]{1,4})\.([0-9]{1,4})", version)
     if not match:
-        raise bad(f"missing or malformed version attribute {version!r}")
+        raise bad(f"missing or malformed version attribute {_shown(version)}")
     major, minor = int(match[1]), int(match[2])
     if major > _MAX_MAJOR or major == 0:
         raise bad(f"format version {version} is not supported (kiosk reads 1.x and 2.0)")
@@ -328,8 +338,8 @@ def parse_bmap(raw: bytes, source: str = "block map") -> BlockMap:
         if element is None or element.text is None:
             raise bad(f"<{tag}> is missing")
         text = element.text.strip()
-        if not text.isdigit():
-            raise bad(f"<{tag}> is {text!r}, not a number")
+        if not re.fullmatch(r"[0-9]{1,%d}" % _MAX_DIGITS, text):
+            raise bad(f"<{tag}> is {_shown(text)}, not a number of at most {_MAX_DIGITS} digits")
         return int(text)
 
     image_size = number("ImageSize")
@@ -356,16 +366,15 @@ def parse_bmap(raw: bytes, source: str = "block map") -> BlockMap:
         kind, range_attr, file_tag = None, None, None
     digest_len = 0
     if kind is not None:
-        try:
-            digest_len = len(hashlib.new(kind).hexdigest())
-        except ValueError:
-            raise bad(f"unknown checksum type {kind!r}") from None
+        if kind not in CHECKSUM_TYPES:
+            raise bad(f"unknown checksum type {_shown(kind)} (kiosk reads {' or '.join(CHECKSUM_TYPES)})")
+        digest_len = len(hashlib.new(kind).hexdigest())
         element = root.find(file_tag)
         if element is None or not (element.text or "").strip():
             raise bad(f"<{file_tag}> is missing")
         stated = element.text.strip()
         if not re.fullmatch(rf"[0-9a-fA-F]{{{digest_len}}}", stated):
-            raise bad(f"<{file_tag}> {stated!r} is not a {kind} digest")
+            raise bad(f"<{file_tag}> {_shown(stated)} is not a {kind} digest")
         # bmaptool's rule: hash the file with the first occurrence of the digest replaced by zeros.
         pos = raw.find(stated.encode("ascii"))
         zeroed = raw[:pos] + b"0" * digest_len + raw[pos + digest_len:]
@@ -381,9 +390,9 @@ def parse_bmap(raw: bytes, source: str = "block map") -> BlockMap:
     previous_last = -1
     for element in blockmap.findall("Range"):
         text = element.text or ""
-        m = _RANGE.match(text)
+        m = _RANGE.fullmatch(text)
         if not m:
-            raise bad(f"range {text.strip()!r} is not 'first-last' or a block number")
+            raise bad(f"range {_shown(text.strip())} is not 'first-last' or a block number")
         first = int(m[1])
         last = int(m[2]) if m[2] is not None else first
         label = f"range {first}-{last}"
@@ -398,7 +407,7 @@ def parse_bmap(raw: bytes, source: str = "block map") -> BlockMap:
         if digest is not None:
             digest = digest.strip().lower()
             if not re.fullmatch(rf"[0-9a-f]{{{digest_len}}}", digest):
-                raise bad(f"{label} has checksum {digest!r}, not a {kind} digest")
+                raise bad(f"{label} has checksum {_shown(digest)}, not a {kind} digest")
         ranges.append((first, last, digest))
         mapped += last - first + 1
     if mapped != mapped_count:

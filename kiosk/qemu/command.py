@@ -18,41 +18,66 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 from pathlib import Path
 
 from kiosk.core import paths
-from kiosk.core.errors import KioskError, UsageError
+from kiosk.core.errors import KioskError, UsageError, one_line
+from kiosk.core.inputs import file_kind, open_regular
 from kiosk.core.run import DEVNULL, PIPE, TimeoutExpired, start
-from kiosk.qemu.disk import GiB, board_of_image, check_free_space, disk_size, is_disk_image, make_disk
+from kiosk.qemu.disk import GiB, board_of_image, check_free_space, disk_size, make_disk
 from kiosk.qemu.machine import FIXED_MEMORY, Machine, check_qemu, extract_boot_files, free_port
 from kiosk.qemu.qmp import screendump
 from kiosk.qemu.watch import DiskWatch, StderrRelay
 
 
-def parse_size(text: str) -> int:
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.I)
-    if not match:
-        raise UsageError(f"size {text!r}", hint="give a number with K, M, G or T (e.g. 4G)")
+def parse_size(text: str, option: str = "size") -> int:
+    """'4G' -> 4 << 30; a size that is not a whole positive number of at most 15 digits is a UsageError."""
+    match = re.fullmatch(r"\s*([0-9]{1,15})\s*([KMGT]?)(i?B)?\s*", text, re.I | re.A)
+    if not match or int(match.group(1)) == 0:
+        raise UsageError(one_line(f"{option} {text[:40]!r}{'...' if len(text) > 40 else ''} is not a size"),
+                         hint="give a whole number with K, M, G or T (e.g. 4G)")
     return int(match.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[match.group(2).upper()]
+
+
+def _check_options(args) -> None:
+    """The numbers and files of the command line, before anything is read or started."""
+    if not 0 <= args.ssh_port <= 65535:
+        raise UsageError(f"--ssh-port {args.ssh_port} is not a TCP port", hint="give 1-65535, or leave it out for a free one")
+    for option, value in (("--memory", args.memory), ("--disk-size", args.disk_size)):
+        if value is not None:
+            parse_size(value, option)
+    if args.disk:
+        try:
+            mode = os.stat(args.disk).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return   # made from the image
+        except OSError as exc:
+            raise UsageError(one_line(f"--disk {args.disk}: {exc.strerror}")) from None
+        if not stat.S_ISREG(mode):
+            raise UsageError(one_line(f"--disk {args.disk} is {file_kind(mode)}, not a disk file"),
+                             hint="give a file (made from the image when it does not exist)")
 
 
 def _resolve_target(args) -> tuple[Path, str | None]:
     """(image, spec path or None) from the positional argument."""
     target = Path(args.target)
-    if not target.exists():
-        if args.target == "nixiosk.json":
-            raise UsageError("no nixiosk.json here",
-                             hint="give a spec (kiosk run my.json) or an image (kiosk run out/host-board.img)")
-        raise UsageError(f"{target}: no such file")
-    if target.is_dir():
-        raise UsageError(f"{target} is a directory", hint="give a spec or an image file")
-    if is_disk_image(target):
+    if args.target == "nixiosk.json" and not os.path.lexists(target):
+        raise UsageError("no nixiosk.json here",
+                         hint="give a spec (kiosk run my.json) or an image (kiosk run out/host-board.img)")
+    # A regular file only, checked before it is opened: a FIFO would block the open, /dev/zero never ends.
+    fd = open_regular(target, "spec or image", hint="give a spec or an image file")
+    try:
+        head = os.pread(fd, 512, 0)
+    except OSError as exc:
+        raise KioskError(one_line(f"cannot read {target}: {exc.strerror}")) from None
+    finally:
+        os.close(fd)
+    if len(head) == 512 and head[510:] == b"\x55\xaa":   # an MBR: a disk image
         return target, None
-    with open(target, "rb") as f:
-        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not head.startswith(b"{"):
+    if not head[:64].lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"{"):
         raise UsageError(f"{target}: neither a disk image (no MBR partition table) nor a spec (JSON)",
                          hint="give an image made by kiosk build, or its nixiosk.json")
     from kiosk.spec import load as specmod
@@ -103,9 +128,11 @@ def cmd_run(args) -> int:
 def _run(args) -> int:
     from kiosk.spec.hardware import load_board
 
+    _check_options(args)
     image, spec_path = _resolve_target(args)
     if spec_path and (args.build or not image.is_file()):
         _build(spec_path, args.output)
+    os.close(open_regular(image, "image", hint="rebuild it with kiosk build"))   # (a spec's image may be anything)
     image = image.resolve()
     if args.board:
         board_name, host = args.board, None
@@ -115,12 +142,10 @@ def _run(args) -> int:
     check_qemu(board)
     q = board["qemu"]
     fixed = FIXED_MEMORY.get(q["machine"])
-    if args.memory and fixed and parse_size(args.memory) != parse_size(fixed):
+    if args.memory and fixed and parse_size(args.memory, "--memory") != parse_size(fixed):
         raise UsageError(f"--memory: QEMU's {q['machine']} machine has a fixed {fixed} of memory")
-    if args.memory:
-        parse_size(args.memory)
     image_bytes = image.stat().st_size
-    size = disk_size(image_bytes, board, parse_size(args.disk_size) if args.disk_size else None)
+    size = disk_size(image_bytes, board, parse_size(args.disk_size, "--disk-size") if args.disk_size else None)
     port = args.ssh_port or free_port()
 
     work_parent = paths.cache_dir() / "run"
@@ -131,6 +156,7 @@ def _run(args) -> int:
     sockets = Path(tempfile.mkdtemp(prefix="kiosk-run-"))
     keep = args.keep or args.disk is not None
     proc = None
+    printed = False
     try:
         boot = extract_boot_files(image, board, work)
         disk = Path(args.disk).resolve() if args.disk else work / "disk.img"
@@ -152,6 +178,7 @@ def _run(args) -> int:
         argv = machine.argv()
         if args.print_command:
             print(shlex.join(argv))
+            printed = True
             return 0
         out = sys.stderr
         print(f"kiosk: booting {image.name} ({board['name']}) on QEMU {q['machine']}; "
@@ -184,14 +211,22 @@ def _run(args) -> int:
                 proc.kill()
                 proc.wait()
         shutil.rmtree(sockets, ignore_errors=True)
-        if keep and (proc is not None or args.print_command):   # (a failure before QEMU leaves nothing to keep)
+        if keep and (proc is not None or printed):   # (a failure before QEMU leaves nothing to keep)
             print(f"kiosk: kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def cmd_screendump(args) -> int:
-    path = screendump(args.qmp, args.screendump)
+    try:   # the socket of a running VM, not a path to wait for (nor a FIFO or a file to connect to)
+        mode = os.stat(args.qmp).st_mode
+    except OSError as exc:
+        raise UsageError(one_line(f"--qmp {args.qmp}: {exc.strerror}"),
+                         hint="give the QMP socket kiosk run printed for the running VM") from None
+    if not stat.S_ISSOCK(mode):
+        raise UsageError(one_line(f"--qmp {args.qmp} is {file_kind(mode)}, not a socket"),
+                         hint="give the QMP socket kiosk run printed for the running VM")
+    path = screendump(args.qmp, args.screendump, timeout=10)
     print(path)
     return 0
 

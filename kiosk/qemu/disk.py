@@ -57,15 +57,6 @@ def partitions(image: Path) -> list[Partition]:
     return parts
 
 
-def is_disk_image(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(510)
-            return f.read(2) == b"\x55\xaa"
-    except OSError:
-        return False
-
-
 def boot_partition(image: Path) -> Partition:
     for part in partitions(image):
         if part.type in FAT_TYPES:

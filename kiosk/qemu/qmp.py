@@ -34,21 +34,45 @@ class QMP:
                 if time.monotonic() > deadline:
                     raise KioskError(f"no QEMU monitor at {path}") from None
                 time.sleep(0.2)
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())  # the greeting
-        self.execute("qmp_capabilities")
+        self.path = path
+        self.file = self.sock.makefile("rw", encoding="utf-8", errors="replace")
+        try:
+            greeting = self._read()
+            if not isinstance(greeting, dict) or "QMP" not in greeting:
+                raise KioskError(f"{path} is not a QEMU monitor (it does not greet as QMP)")
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self):
+        """One JSON line from the monitor; a silence, a closed or a broken line is a KioskError."""
+        try:
+            line = self.file.readline(1 << 20)
+        except OSError as exc:   # (socket.timeout included)
+            raise KioskError(f"no answer from the QEMU monitor at {self.path}: {exc.strerror or exc}") from None
+        if not line:
+            return None
+        try:
+            return json.loads(line)
+        except ValueError:
+            raise KioskError(f"{self.path} is not a QEMU monitor (it sent something that is not QMP)") from None
 
     def execute(self, command: str, **arguments) -> object:
         message = {"execute": command}
         if arguments:
             message["arguments"] = arguments
-        self.file.write(json.dumps(message) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(message) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            raise KioskError(f"QEMU closed its monitor during {command}: {exc.strerror or exc}") from None
         while True:
-            line = self.file.readline()
-            if not line:
+            reply = self._read()
+            if reply is None:
                 raise KioskError(f"QEMU closed its monitor during {command}")
-            reply = json.loads(line)
+            if not isinstance(reply, dict):
+                raise KioskError(f"{self.path} is not a QEMU monitor (it sent something that is not QMP)")
             if "event" in reply:
                 continue
             if "error" in reply:
@@ -86,10 +110,10 @@ def ppm_to_png(ppm: bytes) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
 
 
-def screendump(qmp_path: Path | str, dest: Path | str) -> Path:
+def screendump(qmp_path: Path | str, dest: Path | str, timeout: float = 30.0) -> Path:
     """The guest's screen as a PNG at dest (QMP screendump; PNG directly where QEMU can, else PPM converted)."""
     dest = Path(dest).resolve()
-    with QMP(qmp_path) as qmp:
+    with QMP(qmp_path, timeout=timeout) as qmp:
         try:
             qmp.execute("screendump", filename=str(dest), format="png")
             if dest.is_file() and dest.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n":
