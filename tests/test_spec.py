@@ -465,7 +465,7 @@ def test_unreadable_inputs(tmp_path):
     assert (result.returncode, result.stderr) == (
         2, f"{tmp_path}/latin1.json: /: is not UTF-8 text (bad byte at offset 17); save the file as UTF-8\n")
     result = kiosk_cli("validate", str(tmp_path))
-    assert result.returncode == 2 and "is a directory" in result.stderr
+    assert result.returncode == 2 and "must be a regular file, not a directory" in result.stderr
 
 
 def test_every_problem_at_once_through_the_command(tmp_path, base):

@@ -274,11 +274,11 @@ def fifo(tmp_path):
 
 @pytest.mark.parametrize("command", [["validate"], ["show"], ["show", "--json"], ["build", "-o", "/nonexistent"]])
 def test_a_fifo_a_device_or_a_directory_as_the_spec_is_refused_without_reading(fifo, tmp_path, command):
-    for target, what in ((fifo, "a FIFO (named pipe): reading it would wait for a writer, maybe forever"),
-                         ("/dev/zero", "a character device: reading it may never end (/dev/zero) or wait for input"),
+    for target, what in ((fifo, "a FIFO (named pipe)"), ("/dev/zero", "a character device"),
                          (tmp_path, "a directory")):
         result = kiosk(*command[:1], str(target), *command[1:], timeout=30)
-        assert one_clear_line(result) == f"{target}: /: is {what}; name a regular spec file"
+        assert one_clear_line(result) == (f"{target}: /: the spec file must be a regular file, not {what}; "
+                                          "name a regular spec file")
 
 
 # ---------------------------------------------------------------- must fix 8: a hostile mirror

@@ -1,6 +1,6 @@
 """Small files written so that a crash leaves the old or the new content, never half; files placed
-inside a tree without ever leaving it; hashing; sizes; and reading a file the user names without
-waiting forever or filling memory (read_input)."""
+inside a tree without ever leaving it; hashing; sizes. Reading a file the user names safely is
+kiosk.core.inputs."""
 
 from __future__ import annotations
 
@@ -13,78 +13,9 @@ import secrets
 import stat
 from pathlib import Path
 
-from kiosk.core.errors import Refused, UsageError, one_line
+from kiosk.core.errors import Refused, one_line
 
 CHUNK = 4 << 20
-
-
-class InputRefused(UsageError):
-    """An input file kiosk will not read: missing, not a regular file, too large or unreadable (exit 2).
-
-    kind is "missing", "type", "size" or "os", so a caller can put the reason in its own words;
-    reason is the text after the path, hint how to fix it."""
-
-    def __init__(self, path, kind: str, reason: str, hint: str):
-        self.path, self.kind, self.reason = str(path), kind, reason
-        super().__init__(f"{path}: {reason}", hint)
-
-
-_NOT_REGULAR = ((stat.S_ISDIR, "a directory"),
-                (stat.S_ISFIFO, "a FIFO (named pipe): reading it would wait for a writer, maybe forever"),
-                (stat.S_ISCHR, "a character device: reading it may never end (/dev/zero) or wait for input"),
-                (stat.S_ISBLK, "a block device (a whole disk), not a file"),
-                (stat.S_ISSOCK, "a socket"))
-
-
-def _not_regular(mode: int) -> str | None:
-    for test, words in _NOT_REGULAR:
-        if test(mode):
-            return words
-    return None if stat.S_ISREG(mode) else "not a regular file"
-
-
-def read_input(path: Path | str, limit: int, *, what: str = "file") -> bytes:
-    """The bytes of a regular file the user named, at most `limit` of them; InputRefused otherwise.
-
-    The file type is checked before opening and again on the open descriptor (opened non-blocking, so
-    a FIFO swapped in meanwhile cannot block the open), and no more than limit+1 bytes are ever read:
-    a FIFO, /dev/zero, a directory or a file growing under us cannot hang kiosk or fill its memory."""
-    path = Path(path)
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        raise InputRefused(path, "missing", "file not found", f"check the path of the {what}") from None
-    except OSError as exc:
-        raise InputRefused(path, "os", f"cannot read it: {exc.strerror}", "check the path and permissions") from None
-    bad = _not_regular(info.st_mode)
-    if bad:
-        raise InputRefused(path, "type", f"is {bad}", f"name a regular {what}")
-    too_big = InputRefused(path, "size", f"is larger than {human_size(limit)}, the most kiosk reads as a {what}",
-                           f"name the right file; a {what} is much smaller than that")
-    if info.st_size > limit:
-        raise too_big
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise InputRefused(path, "os", f"cannot read it: {exc.strerror}", "check the path and permissions") from None
-    try:
-        bad = _not_regular(os.fstat(fd).st_mode)
-        if bad:
-            raise InputRefused(path, "type", f"is {bad}", f"name a regular {what}")
-        parts, size = [], 0
-        while size <= limit:
-            block = os.read(fd, min(CHUNK, limit + 1 - size))
-            if not block:
-                break
-            parts.append(block)
-            size += len(block)
-    except OSError as exc:
-        raise InputRefused(path, "os", f"cannot read it: {exc.strerror}", "check the path and permissions") from None
-    finally:
-        os.close(fd)
-    if size > limit:
-        raise too_big
-    return b"".join(parts)
 
 
 def fsync_dir(path: Path) -> None:

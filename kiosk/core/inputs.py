@@ -29,13 +29,22 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
+class InputRefused(UsageError):
+    """An input file kiosk will not read (exit 2). kind: "missing", "type", "size" or "os", so a caller
+    can say it in its own words (a spec's problem line); reason is the text after the path."""
+
+    def __init__(self, path, kind: str, reason: str, hint: str = "", message: str | None = None):
+        self.path, self.kind, self.reason = str(path), kind, reason
+        super().__init__(one_line(message or f"{path}: {reason}"), hint=hint)
+
+
 def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB" if n >= 1 << 10 else f"{n} bytes"
 
 
-def _not_regular(path, what: str, mode: int, hint: str) -> UsageError:
-    return UsageError(one_line(f"{path}: the {what} must be a regular file, not {file_kind(mode)}"),
-                      hint=hint or f"give the {what} as a file")
+def _not_regular(path, what: str, mode: int, hint: str) -> InputRefused:
+    return InputRefused(path, "type", f"the {what} must be a regular file, not {file_kind(mode)}",
+                        hint or f"give the {what} as a file")
 
 
 def open_regular(path: str | Path, what: str, *, hint: str = "") -> int:
@@ -47,7 +56,9 @@ def open_regular(path: str | Path, what: str, *, hint: str = "") -> int:
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
-        raise UsageError(one_line(f"cannot read the {what} {path}: {exc.strerror}"), hint=hint) from None
+        kind = "missing" if isinstance(exc, FileNotFoundError) else "os"
+        raise InputRefused(path, kind, exc.strerror, hint,
+                           message=f"cannot read the {what} {path}: {exc.strerror}") from None
     except ValueError:   # an embedded NUL byte
         raise UsageError(one_line(f"cannot read the {what} {path!r}: the name holds a NUL byte")) from None
     if not stat.S_ISREG(mode):
@@ -55,7 +66,8 @@ def open_regular(path: str | Path, what: str, *, hint: str = "") -> int:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
-        raise UsageError(one_line(f"cannot read the {what} {path}: {exc.strerror}"), hint=hint) from None
+        raise InputRefused(path, "os", exc.strerror, hint,
+                           message=f"cannot read the {what} {path}: {exc.strerror}") from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):   # swapped for something else since the stat
@@ -90,6 +102,6 @@ def read_small(path: str | Path, what: str, limit: int, *, hint: str = "") -> by
         os.close(fd)
 
 
-def _too_big(path, what: str, limit: int, hint: str) -> UsageError:
-    return UsageError(one_line(f"{path}: the {what} is larger than {_size(limit)}, the most kiosk reads for one"),
-                      hint=hint or f"give the right {what}")
+def _too_big(path, what: str, limit: int, hint: str) -> InputRefused:
+    return InputRefused(path, "size", f"the {what} is larger than {_size(limit)}, the most kiosk reads for one",
+                        hint or f"give the right {what}")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from kiosk.core import paths
 from kiosk.core.errors import InvalidSpec, Problem
-from kiosk.core.files import InputRefused, read_input
+from kiosk.core.inputs import InputRefused, read_small
 from kiosk.spec.firmware import refused_lines
 from kiosk.spec.jsontext import (BOM, MAX_BYTES, parse_json, pointer,  # noqa: F401 (parse_json, pointer: re-exported)
                                  too_large, value_problems)
@@ -478,13 +478,16 @@ def load(path: str | Path) -> Spec:
     """Check the spec file at `path`: a regular file of at most MAX_BYTES (a FIFO or /dev/zero is refused)."""
     path = Path(path)
     try:
-        raw = read_input(path, MAX_BYTES, what="spec file")
+        raw = read_small(path, "spec file", MAX_BYTES, hint="name a regular spec file")
     except InputRefused as refused:
         if refused.kind == "missing":
             raise InvalidSpec(str(path), [Problem("", "file not found", "create it (cp nixiosk.json.sample "
                                                   "nixiosk.json) or name another")]) from None
         if refused.kind == "size":
             raise too_large(str(path)) from None
+        if refused.kind == "os":
+            raise InvalidSpec(str(path), [Problem("", f"cannot be read: {refused.reason}",
+                                                  "check its permissions")]) from None
         raise InvalidSpec(str(path), [Problem("", refused.reason, refused.hint)]) from None
     return from_bytes(raw, str(path))
 
