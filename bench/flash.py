@@ -47,7 +47,7 @@ def drop_caches() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def build_image(path: Path, size: int) -> int:
+def make_card_shaped_file(path: Path, size: int) -> int:
     """A sparse image with a partition table and data extents; returns the data bytes."""
     with open(path, "wb") as f:
         f.truncate(size)
@@ -137,7 +137,7 @@ def main() -> int:
     try:
         image = work / "sample.img"
         size = int(args.size_gib * 1024) * MiB
-        data = build_image(image, size)
+        data = make_card_shaped_file(image, size)
         start = time.monotonic()
         write_bmap(image, Path(str(image) + ".bmap"))
         bmap_seconds = time.monotonic() - start
