@@ -155,7 +155,7 @@ def test_kiosk_service_runs_the_program_under_cage(kiosk):
 def test_the_program_gets_exactly_the_specs_argv(kiosk):
     from kiosk.config.render import program_argv
 
-    argv = program_argv(kiosk.spec.load)
+    argv = program_argv(kiosk.spec)
     main = int(kiosk.vm.ssh("systemctl show -p MainPID --value kiosk.service").stdout)
     assert kiosk.vm.cmdline(main) == argv
     program = kiosk.vm.cmdline(kiosk.program_pid)
@@ -214,7 +214,7 @@ def test_grow_root_filled_the_disk(kiosk):
 
 def test_the_users_image_is_untouched(kiosk):
     digest = hashlib.sha256()
-    with open(kiosk.image.assemble, "rb") as f:
+    with open(kiosk.image, "rb") as f:
         for chunk in iter(lambda: f.read(8 << 20), b""):
             digest.update(chunk)
     assert digest.hexdigest() == kiosk.manifest["imageSha256"]
