@@ -428,12 +428,14 @@ def test_authorize_refuses_anything_but_a_regular_file(tmp_path, keys):
     assert state() == before
     after = os.stat("/dev/null")
     assert stat.S_ISCHR(after.st_mode) and (after.st_ino, after.st_rdev) == (dev_null.st_ino, dev_null.st_rdev)
-    # a FIFO or a device given as the key is refused the same way, without reading from it
-    for key in (str(fifo), "/dev/zero"):
+    # a FIFO, a device or a directory given as the key is refused the same way, without reading from it
+    # (kiosk.core.inputs.read_small; a directory was an internal error, IsADirectoryError)
+    for key, kind in ((str(fifo), "a FIFO"), ("/dev/zero", "a character device"),
+                      (str(tmp_path / "dir"), "a directory")):
         r = subprocess.run([*kiosk_argv(), "builders", "authorize", "--key", key, "--authorized-keys", str(real)],
                            capture_output=True, text=True, timeout=30)
-        assert r.returncode == 2 and r.stderr.startswith(f"kiosk: --key {key}: a ") and \
-            "not a regular file" in r.stderr, r.stderr
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+        assert r.stderr.startswith(f"kiosk: --key {key}: the key must be a regular file, not {kind}"), r.stderr
     # the link's target itself, and a file that does not exist yet, are fine
     r = kiosk_cli("builders", "authorize", "--key", str(pub), "--authorized-keys", str(real))
     assert r.returncode == 0, r.stderr
@@ -692,6 +694,41 @@ def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
                        input="", capture_output=True, text=True, timeout=60)
     answer = json.loads(r.stdout)
     assert answer["ok"] is False and "expected one JSON request line" in answer["error"]
+
+
+BAD_REQUESTS = {
+    "empty": (b"", "expected one JSON request line on stdin, got none"),
+    "not-json": (b"GET / HTTP/1.0\n", "the request at /: line 1 column 1: expected a value"),
+    "latin1": (b'{"kiosk": 1, "op": "caf\xe9"}\n', "the request is not UTF-8 text (bad byte at offset 23)"),
+    "deep": (b"[" * 100_000 + b"]" * 100_000 + b"\n", "the request at /0/0/0/0/0/0/0/0/0/0/0/0/0/0/0/0: nests more "
+             "than 16 levels"),
+    "bigint": (b'{"kiosk": 1' + b"0" * 5000 + b"}\n", "the request at /kiosk: a number with 5001 digits"),
+    "nan": (b'{"kiosk": 1, "op": NaN}\n', "the request at /op: NaN is not a JSON number"),
+    "surrogate": (b'{"kiosk": 1, "op": "\\ud800"}\n', "the request at /op: holds a lone UTF-16 surrogate"),
+    "duplicate": (b'{"kiosk": 1, "op": "probe", "op": "build"}\n', "the request at /op: the key 'op' appears twice"),
+    "array": (b"[1]\n", "the request is not a JSON object"),
+    "protocol": (b'{"kiosk": 2, "op": "probe"}\n', "this builder speaks protocol 1"),
+    "op": (b'{"kiosk": 1, "op": "shell"}\n', "unknown request 'shell'"),
+    "huge": (b" " * (17 << 20) + b"\n", "the request is longer than 16.0 MiB"),
+    "endless": (None, "the request is longer than 16.0 MiB"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_a_bad_request_is_answered_and_is_one_line_and_exit_2(name, tmp_path):
+    """builder-serve's stdin is whatever an ssh client sends: /dev/zero, 20 MB, 100,000-deep or non-UTF-8 JSON
+    were a traceback inside the answer, an unbounded read, or exit 0. The device still gets an answer
+    (ok false, the sentence, exitCode 2); whoever ran it gets one line and exit status 2; nothing is attempted."""
+    data, said = BAD_REQUESTS[name]
+    env = dict(os.environ, KIOSK_CACHE_DIR=str(tmp_path / "cache"))
+    with open("/dev/zero", "rb") as zero:
+        feed = {"stdin": zero} if data is None else {"input": data}
+        r = subprocess.run([*kiosk_argv(), "builder-serve"], capture_output=True, timeout=60, env=env, **feed)
+    answer = json.loads(r.stdout)
+    assert r.stdout.count(b"\n") == 1 and answer["ok"] is False and answer["kiosk"] == 1, r.stdout
+    assert answer["exitCode"] == 2 and answer["error"].startswith(said), answer
+    assert r.returncode == 2 and r.stderr.decode() == f"kiosk: {answer['error']}\n", r.stderr
+    assert not (tmp_path / "cache").exists()
 
 
 @pytest.mark.root

@@ -621,6 +621,88 @@ def test_a_bad_lock_timeout_is_one_line(device, value):
     assert len(r.stderr.splitlines()) == 1
 
 
+# ---------------------------------------------------------------- a hostile root, git's lines on the hooks' stdin
+
+def _kiosk(*argv, env=None, stdin=None):
+    return subprocess.run([shutil.which("kiosk", path=os.path.dirname(sys.executable)), *argv], capture_output=True,
+                          env=dict(os.environ, KIOSK_ACTIVATOR="none", **(env or {})), timeout=30,
+                          **({"stdin": subprocess.DEVNULL} if stdin is None else {"input": stdin}))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "file", "missing"])
+def test_a_root_that_is_not_a_directory_is_one_line_before_anything_reads_it(tmp_path, kind):
+    """--root (or KIOSK_ROOT for the hooks) naming a FIFO, a device node, a file or nothing: `generations`
+    listed it as an empty device (exit 0 with --json, exit 1 with its message on stdout), `switch --recover`
+    was an internal error (NotADirectoryError). Now: one line on stderr, exit 2, nothing made anywhere."""
+    root = tmp_path / "root"
+    if kind == "fifo":
+        os.mkfifo(root)
+    elif kind == "device":
+        try:
+            os.mknod(root, 0o600 | stat.S_IFCHR, os.makedev(1, 5))   # a /dev/zero of our own
+        except OSError as exc:
+            pytest.skip(f"cannot make a device node here: {exc}")
+    elif kind == "file":
+        root.write_bytes(b"\x55\xaa")
+    said = "no such directory" if kind == "missing" else "not a directory but a "
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (["generations"], ["generations", "--json"], ["rollback"], ["rollback", "1"], ["switch", "--recover"],
+                 ["switch", "switch", "1"], ["switch", "dry-activate"]):
+        r = _kiosk(*argv, "--root", str(root))
+        assert r.returncode == 2 and r.stdout == b"", (argv, r)
+        assert r.stderr.decode().startswith(f"kiosk: --root {root}: {said}") and r.stderr.count(b"\n") == 1, (argv, r)
+    for hook in ("pre-receive", "post-receive"):
+        r = _kiosk("hook", hook, env={"KIOSK_ROOT": str(root)}, stdin=b"")
+        assert r.returncode == 2 and r.stderr.decode().startswith(f"kiosk: KIOSK_ROOT {root}: {said}"), r
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_no_generations_is_said_on_stderr(tmp_path):
+    r = _kiosk("generations", "--root", str(tmp_path))
+    assert r.returncode == 1 and r.stdout == b"", r
+    assert r.stderr.decode() == f"kiosk: no generations under {tmp_path}/var/lib/kiosk/generations; is this a " \
+        "kiosk device (or --root its root)?\n"
+
+
+GOOD_UPDATE = b"0" * 40 + b" " + b"f" * 40 + b" refs/heads/main\n"
+BAD_UPDATES = {
+    "zeros": (b"\0" * (2 << 20), "more than 1 MiB"),
+    "blank-lines": (b"\n" * 1000 + GOOD_UPDATE, "line 1 is not '<40 hex digits> <40 hex digits> refs/...': empty"),
+    "binary": (bytes(range(256)) * 16, "line 1 is not '<40 hex digits> <40 hex digits> refs/...': '\\x00\\x01"),
+    "not-utf8": (GOOD_UPDATE + GOOD_UPDATE.replace(b"main", b"ma\xffin"), "line 2 is not UTF-8 text"),
+    "surrogate": (b'{"hostName": "\\ud800"}\n', "line 1 is not '<40 hex digits> <40 hex digits> refs/...': "),
+    "short-name": (GOOD_UPDATE[1:], "line 1 is not "),
+    "two-spaces": (GOOD_UPDATE.replace(b" refs", b"  refs"), "line 1 is not "),
+    "control": (GOOD_UPDATE.replace(b"main", b"ma\x1bin"), "line 1 is not "),
+}
+
+
+@pytest.mark.parametrize("name", BAD_UPDATES)
+def test_the_hooks_take_only_gits_update_lines(device, name):
+    """What git feeds the hooks on stdin was read whole (/dev/zero: a MemoryError) and every line that did not
+    split in three skipped. Now at most 1 MiB of '<old> <new> <ref>' lines; anything else is one line, exit 2
+    (pre-receive's exit refuses the push), before the repository or the device is looked at."""
+    data, said = BAD_UPDATES[name]
+    before = snapshot(device)
+    for hook in ("pre-receive", "post-receive"):
+        r = _kiosk("hook", hook, env={"KIOSK_ROOT": str(device)}, stdin=data)
+        assert r.returncode == 2 and r.stdout == b"", (hook, r)
+        assert r.stderr.decode().startswith(f"kiosk: git's ref updates on standard input: {said}"), (hook, r.stderr)
+        assert r.stderr.count(b"\n") == 1, r.stderr
+    assert snapshot(device) == before
+
+
+def test_read_updates_takes_what_git_sends():
+    import io
+    from kiosk.device.hooks import read_updates
+
+    two = GOOD_UPDATE + b"a" * 40 + b" " + b"0" * 40 + b" refs/tags/v1.0\n"
+    assert read_updates(io.BytesIO(two)) == [("0" * 40, "f" * 40, "refs/heads/main"),
+                                             ("a" * 40, "0" * 40, "refs/tags/v1.0")]
+    assert read_updates(io.BytesIO(GOOD_UPDATE.rstrip(b"\n"))) == [("0" * 40, "f" * 40, "refs/heads/main")]
+    assert read_updates(io.BytesIO(b"")) == []
+
+
 # ---------------------------------------------------------------- secrets and odd spec text
 
 def readable_by_others(root):

@@ -18,8 +18,8 @@ writes ~/.ssh/authorized_keys), device nodes a command might write to are nodes 
 bound. Each process runs in its own session (killed whole at the bound) under an address-space
 limit, so a command that reads /dev/zero into memory fails instead of taking the machine's.
 
-Cases whose fix belongs to another part of issue 14 (spec, device, builders, net) are marked
-xfail(strict=False) naming the item; remove the marks once those fixes are merged.
+A case that fails while its fix is still on another branch may be listed in KNOWN (marked
+xfail(strict=False) with the reason); none is listed now.
 """
 
 from __future__ import annotations
@@ -50,26 +50,9 @@ SURROGATE_ARG = b"\xed\xa0\x80"
 LATIN1_ARG = b"caf\xe9"
 LONG_ARG = "a" * 100_000
 
-# The cases that fail on this branch, by the part of kiosk whose issue-14 item fixes them (other helpers'
-# work): xfail(strict=False) until those fixes are merged, then remove them from here.
-SPEC = ("issue 14 should-fix (kiosk/spec): a FIFO or /dev/zero as the spec hangs or reads forever; JSON nested "
-        "100,000 deep and 5000-digit integers are internal errors (must-fix 3, size and nesting limits)")
-DEVICE = ("issue 14 (kiosk/device): a FIFO, device node, file or missing path as --root; git's stdin to the hooks "
-          "as /dev/zero, 20 MB, binary, blank lines or surrogates")
-BUILDERS = ("issue 14 (kiosk/builders): a FIFO or /dev/zero as the spec or --key, a key file that is not text, "
-            "builder-serve's stdin (/dev/zero, huge, deep, non-UTF-8)")
-NET = ("issue 14 should-fix (kiosk/net): --timeout nan/inf in resolve, ssh-proxy, discover and agent --interval "
-       "nan/inf hang; a lone surrogate or a 100,000-character HOST in ssh-proxy is an internal error")
-KNOWN = {
-    **{f"generations{j}-root-{f}": DEVICE for j in ("", "-json") for f in ("fifo", "zeronode", "missing", "img")},
-    "switch-recover-fifo-root": DEVICE,
-    **{f"hook-{h}-{f}": DEVICE for h in ("pre-receive", "post-receive")
-       for f in ("devzero", "huge", "garbage", "lines", "surrogate")},
-    "builders-authorize-key-dir": BUILDERS,
-    **{f"builder-serve-stdin-{f}": BUILDERS for f in ("devzero", "huge", "deep", "deepobj", "surrogate", "latin1",
-                                                      "utf16", "bigint", "nan", "garbage")},
-    "ssh-proxy-host-surrogate": NET, "ssh-proxy-host-long": NET,
-}
+# Cases that fail on this branch, by id -> why (the issue item that fixes them): marked xfail(strict=False)
+# until the fix is merged, then removed from here so the case is enforced. Every case passes now.
+KNOWN: dict[str, str] = {}
 
 
 @dataclass

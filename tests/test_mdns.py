@@ -176,6 +176,40 @@ def test_not_host_names(text):
         mdns_name(text)
 
 
+@pytest.mark.parametrize("text", ["kitchen.local", "Kitchen.LOCAL.", "example.org", "example.org.", "k\u00fcck.example",
+                                  "127.0.0.1", "::1", "fe80::1%lo", "a" * 63 + ".example", ".".join(["a" * 61] * 4)])
+def test_host_names_ssh_proxy_takes(text):
+    from kiosk.net.mdns import host_name
+
+    assert host_name(text) == text
+
+
+@pytest.mark.parametrize("text, said", [
+    ("\udced\udca0\udc80", "is not UTF-8 text"), ("", "is empty"), ("a b.example", "holds a space"),
+    ("a\nb.example", "holds a space or a control character"), ("a" * 100_000, "has 100000 characters"),
+    ("a" * 64 + ".example", "has a part longer than 63"), ("a..example", "has an empty part"),
+    (".".join(["a" * 63] * 4), "has 255 characters"),
+    ("bad_label.local", "is not a host name"), ("x" * 64 + ".local", "is not a host name")])
+def test_host_names_ssh_proxy_refuses(text, said):
+    """ssh-proxy handed a lone surrogate (an argument that is not UTF-8) or a 100,000-character name to the
+    resolver, whose IDNA step raised UnicodeError: an internal error. Now one UsageError line first."""
+    from kiosk.net.mdns import host_name
+    from kiosk.core.errors import UsageError
+
+    with pytest.raises(UsageError) as caught:
+        host_name(text)
+    assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("host", [b"\xed\xa0\x80", b"a" * 100_000, b"caf\xe9.example"])
+def test_ssh_proxy_refuses_a_host_that_is_not_one(host):
+    exe = shutil.which("kiosk", path=os.path.dirname(sys.executable))
+    r = subprocess.run([exe, "ssh-proxy", host, "22", "--timeout", "1"], capture_output=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 2 and r.stdout == b"" and r.stderr.count(b"\n") == 1, r.stderr
+    assert r.stderr.startswith(b"kiosk: host ") and b"internal error" not in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "1e999", "-1", "0", "86401"])
 @pytest.mark.parametrize("command", [["resolve", "kitchen"], ["ssh-proxy", "kitchen.local", "22"], ["discover"],
                                      ["discover", "--watch", "--json"], ["agent", "--state-dir", "/nonexistent"]])

@@ -23,6 +23,7 @@ from kiosk.builders.ssh import BuilderFailure, connect_timeout, probe_all, ssh_a
 from kiosk.builders.wire import PROTOCOL
 from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.files import check_in_root, human_size, write_in_root
+from kiosk.core.inputs import InputRefused, read_small
 from kiosk.core.paths import BUILDER_KEY, STATE
 
 MAX_PUBLIC_KEY = 64 << 10
@@ -50,10 +51,11 @@ def _read_regular(path: Path, what: str, limit: int) -> tuple[str, os.stat_resul
             raise UsageError(f"{what} {shown}: a symbolic link (to {one_line(os.readlink(path))}), not a "
                              "regular file", hint="give the file itself") from None
         raise UsageError(f"{what} {shown}: {exc.strerror}") from None
+    st = os.fstat(fd)   # before fdopen, which raises IsADirectoryError itself
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise UsageError(f"{what} {shown}: {_kind(st.st_mode)}, not a regular file", hint="give the file itself")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{what} {shown}: {_kind(st.st_mode)}, not a regular file", hint="give the file itself")
         data = f.read(limit + 1)
     if len(data) > limit:
         raise UsageError(f"{what} {shown}: larger than {human_size(limit)}; not the file meant")
@@ -61,6 +63,21 @@ def _read_regular(path: Path, what: str, limit: int) -> tuple[str, os.stat_resul
         return data.decode("utf-8"), st
     except UnicodeDecodeError:
         raise UsageError(f"{what} {shown}: not UTF-8 text") from None
+
+
+def _read_key(path: str | Path, option: str) -> str:
+    """A key file named on the command line, as text: read by kiosk.core.inputs.read_small (a regular file
+    of at most MAX_PUBLIC_KEY; a directory, FIFO or device is refused unread); UsageError naming `option`."""
+    shown = one_line(str(path))
+    try:
+        data = read_small(path, "key", MAX_PUBLIC_KEY, hint="give the key file itself")
+    except InputRefused as exc:   # (a missing file: the words the OS uses, as before)
+        raise UsageError(f"{option} {shown}: {exc.reason}", hint=exc.hint if exc.kind in ("type", "size") else "") \
+            from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{option} {shown}: not UTF-8 text", hint="give the key file itself") from None
 
 
 def _default_spec(root: Path) -> str:
@@ -110,7 +127,7 @@ def _check_key(b: Builder, data: dict, root: Path, args) -> tuple[Path | None, s
     """The key `check` logs in with: -i, the shared key of an image built by an earlier kiosk
     (--image-dir), the device's own, or the user's. UsageError when the one asked for is not there."""
     if args.identity:
-        _read_regular(Path(args.identity), "-i", MAX_PUBLIC_KEY)
+        _read_key(args.identity, "-i")
         return Path(args.identity), "/dev/null", str(args.identity)
     if args.image_dir:
         if not Path(args.image_dir).is_dir():
@@ -248,14 +265,14 @@ def _public_key_line(args) -> tuple[str, str]:
             raise UsageError(f"--key -: more than {human_size(MAX_PUBLIC_KEY)} on stdin; not a public key")
         return text.strip(), "stdin"
     if args.key:
-        return _read_regular(Path(args.key), "--key", MAX_PUBLIC_KEY)[0].strip(), args.key
+        return _read_key(args.key, "--key").strip(), args.key
     # an image built by an earlier kiosk carried one key for all its cards, kept beside it
     from kiosk.spec import load as specmod
     if args.spec or Path("nixiosk.json").is_file():
         spec = specmod.load(args.spec or "nixiosk.json")
         _, pub = device_key_paths(spec.data, Path(args.image_dir))
         if pub.is_file():
-            return _read_regular(pub, "--image-dir", MAX_PUBLIC_KEY)[0].strip(), str(pub)
+            return _read_key(pub, "--image-dir").strip(), str(pub)
     raise UsageError("which device? give its public key with --key FILE, or --key - to read it from stdin",
                      hint=f"each device makes its own builder key; from your computer: {AUTHORIZE_FROM_DEVICE}")
 

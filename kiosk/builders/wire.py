@@ -24,6 +24,7 @@ MARK = "kiosk-builder: "
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+~%_-]{0,250}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_HEADER = 64 << 20
+MAX_REQUEST = 16 << 20   # a request line: a spec (at most 1 MiB) or a device's dpkg status (about 1 MiB)
 CHUNK = 1 << 20
 
 

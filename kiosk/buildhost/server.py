@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import shutil
 import tarfile
@@ -19,9 +18,9 @@ from pathlib import Path
 from kiosk import __version__
 from kiosk.builders.apt import fetch_packages
 from kiosk.builders.select import ARCHITECTURES
-from kiosk.builders.wire import FILE_NAME, MARK, MAX_HEADER, PROTOCOL, answer, tar_add
+from kiosk.builders.wire import FILE_NAME, MARK, MAX_REQUEST, PROTOCOL, answer, tar_add
 from kiosk.core import paths
-from kiosk.core.errors import KioskError, UsageError
+from kiosk.core.errors import InvalidSpec, KioskError, UsageError, one_line
 from kiosk.core.log import Log
 from kiosk.core.files import human_size, sha256_file
 from kiosk.core.run import run
@@ -194,20 +193,58 @@ def serve_build(req: dict, out, progress) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
+_EXPECTED = "builder-serve takes one JSON request line, as kiosk on a device or `kiosk build --builder` sends it"
+
+
+class BadRequest(UsageError):
+    """The request line itself is not a request of this protocol: answered, then exit status 2."""
+
+
+def read_request(stdin) -> dict:
+    """The one request line (binary stream): at most MAX_REQUEST bytes of UTF-8 JSON, read with the limits
+    every spec is read with (jsontext.parse_json: nesting, number size, no NaN) and no lone surrogates."""
+    from kiosk.spec.jsontext import parse_json, value_problems
+
+    line = stdin.readline(MAX_REQUEST + 1)
+    if len(line) > MAX_REQUEST:
+        raise BadRequest(f"the request is longer than {human_size(MAX_REQUEST)}", hint=_EXPECTED)
+    if not line.strip():
+        raise BadRequest("expected one JSON request line on stdin, got none", hint=_EXPECTED)
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"the request is not UTF-8 text (bad byte at offset {exc.start})", hint=_EXPECTED) from None
+    try:
+        req = parse_json(text, "request", max_bytes=MAX_REQUEST)
+    except InvalidSpec as exc:
+        raise BadRequest(_first_problem(exc.problems, "is not JSON"), hint=_EXPECTED) from None
+    if not isinstance(req, dict):
+        raise BadRequest("the request is not a JSON object", hint=_EXPECTED)
+    problems, _ = value_problems(req)
+    if problems:
+        raise BadRequest(_first_problem(problems, "cannot be read"), hint=_EXPECTED)
+    if req.get("kiosk") != PROTOCOL:
+        theirs = one_line(repr(req.get("kiosk")))[:40]
+        raise BadRequest(f"this builder speaks protocol {PROTOCOL} (kiosk {__version__}), the request {theirs}",
+                         hint="install the same kiosk version on both")
+    return req
+
+
+def _first_problem(problems, fallback: str) -> str:
+    if not problems:
+        return f"the request {fallback}"
+    first = problems[0]
+    return one_line(f"the request at {first.pointer or '/'}: {first.message}")
+
+
 def serve(stdin, stdout, stderr) -> int:
-    """One request on stdin, one answer on stdout; the answer says whether it worked (exit status 0)."""
+    """One request on stdin, one answer on stdout; the answer says whether it worked (exit status 0).
+
+    A request that is not one (not JSON, too long, too deep, another protocol) is answered the same
+    way and then raised (one line on stderr, exit status 2): nothing was attempted."""
     progress = _Progress(stderr)
     try:
-        line = stdin.readline(MAX_HEADER)
-        try:
-            req = json.loads(line)
-        except ValueError:
-            raise KioskError("expected one JSON request line on stdin") from None
-        if not isinstance(req, dict):
-            raise KioskError("expected a JSON object")
-        if req.get("kiosk") != PROTOCOL:
-            raise KioskError(f"this builder speaks protocol {PROTOCOL} (kiosk {__version__}), the request "
-                             f"{req.get('kiosk')!r}", hint="install the same kiosk version on both")
+        req = read_request(stdin)
         op = req.get("op")
         if op == "probe":
             answer(stdout, probe())
@@ -216,7 +253,10 @@ def serve(stdin, stdout, stderr) -> int:
         elif op == "build":
             serve_build(req, stdout, progress)
         else:
-            raise KioskError(f"unknown request {op!r}")
+            raise BadRequest(f"unknown request {one_line(repr(op))[:60]}", hint="probe, packages or build")
+    except BadRequest as exc:
+        answer(stdout, {"ok": False, "error": str(exc), "exitCode": exc.exit_code})
+        raise
     except KioskError as exc:
         answer(stdout, {"ok": False, "error": str(exc), "exitCode": exc.exit_code})
     except Exception as exc:  # the device gets a sentence, never a traceback

@@ -9,9 +9,11 @@ test harness (KIOSK_ROOT) and the running device ("/").
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
-from kiosk.core.errors import KioskError
+from kiosk.core.errors import KioskError, UsageError, one_line
+from kiosk.core.inputs import file_kind
 
 _CHECKOUT = Path(__file__).resolve().parent.parent.parent
 _INSTALLED = Path("/usr/share/kiosk")
@@ -105,6 +107,24 @@ def deb_cache_dir() -> Path:
     return cache_dir() / "debs"
 
 
-def device_root() -> Path:
-    """The root the device commands and hooks work on: / on a device, a tree in tests."""
-    return Path(setting("KIOSK_ROOT") or "/")
+def device_root(given: str | os.PathLike | None = None) -> Path:
+    """The root the device commands and hooks work on: / on a device, a tree in tests.
+
+    `given` is a --root argument; without one, KIOSK_ROOT or /. Checked to be a directory before
+    anything under it is opened: a FIFO, a device node or a file as the root would otherwise be
+    read as an empty device or fail deep inside (NotADirectoryError) as an internal error."""
+    what = "--root" if given is not None else "KIOSK_ROOT"
+    root = Path(given if given is not None else setting("KIOSK_ROOT") or "/")
+    shown = one_line(str(root))
+    hint = "give the device's root directory (/ on the device itself)"
+    try:
+        mode = os.stat(root).st_mode
+    except FileNotFoundError:
+        raise UsageError(f"{what} {shown}: no such directory", hint=hint) from None
+    except OSError as exc:
+        raise UsageError(f"{what} {shown}: {exc.strerror}", hint=hint) from None
+    except ValueError:   # an embedded NUL byte
+        raise UsageError(f"{what} {one_line(repr(str(root)))}: the name holds a NUL byte", hint=hint) from None
+    if not stat.S_ISDIR(mode):
+        raise UsageError(f"{what} {shown}: not a directory but {file_kind(mode)}", hint=hint)
+    return root

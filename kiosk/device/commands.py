@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.log import Log
+from kiosk.core.paths import device_root
 from kiosk.device import activation
 from kiosk.device.links import verify
 from kiosk.device.lock import device_lock
@@ -18,7 +19,8 @@ from kiosk.device.switch import switch_to
 
 
 def _root(args) -> Path:
-    return Path(args.root)
+    """--root, checked to be a directory before anything under it is read (core.paths.device_root)."""
+    return device_root(args.root)
 
 
 def cmd_generations(args) -> int:
@@ -35,9 +37,9 @@ def cmd_generations(args) -> int:
         json.dump({"current": cur, "default": default, "generations": rows}, sys.stdout, indent=2)
         print()
         return 0
-    if not rows:
-        print(f"no generations under {generations_dir(root)}")
-        return 1
+    if not rows:   # a failure, said on stderr like every other (exit 1)
+        raise KioskError(f"no generations under {one_line(str(generations_dir(root)))}",
+                         hint="is this a kiosk device (or --root its root)?")
     print(f"{'':2}{'GEN':>4}  {'DATE':20}  {'COMMIT':12}  {'STATUS':11}  NOTE")
     for row in rows:
         mark = "*" if row["current"] else " "

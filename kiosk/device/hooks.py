@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kiosk.core.errors import InvalidSpec, KioskError, Problem
+from kiosk.core.errors import InvalidSpec, KioskError, Problem, UsageError, one_line
 from kiosk.core.log import Log
 from kiosk.core.paths import device_root
 from kiosk.device import activation
@@ -47,6 +48,10 @@ if TYPE_CHECKING:
     import git
 
 ZERO = "0" * 40
+MAX_UPDATES = 1 << 20   # git sends one line of about 100 bytes per pushed ref
+# old and new object names (SHA-1: configuration.git is a plain `git init`) and a ref name: no spaces,
+# no control characters (git check-ref-format refuses them too), so a name is safe to print.
+_UPDATE = re.compile(rb"([0-9a-f]{40}) ([0-9a-f]{40}) (refs/[^\x00-\x20\x7f]+)")
 MAIN = BRANCH
 SPEC_FILE = "nixiosk.json"
 
@@ -64,12 +69,30 @@ def pushed_repository() -> git.Repo:
     return git.Repo()
 
 
+def _bad_updates(what: str) -> UsageError:
+    return UsageError(f"git's ref updates on standard input: {what}; nothing on the device was changed",
+                      hint="the hook takes only what git receive-pack sends, '<old> <new> <ref>' lines")
+
+
 def read_updates(stream) -> list[tuple[str, str, str]]:
+    """git's '<old> <new> <ref>' lines (a binary stream), at most MAX_UPDATES bytes, every line checked.
+
+    Anything else (a blank line, binary bytes, a name that is not UTF-8, megabytes of it) is not git
+    talking: one UsageError line (exit 2, so pre-receive refuses the push), read no further."""
+    data = stream.read(MAX_UPDATES + 1)
+    if len(data) > MAX_UPDATES:
+        raise _bad_updates(f"more than {MAX_UPDATES >> 20} MiB")
     updates = []
-    for line in stream.read().splitlines():
-        parts = line.split()
-        if len(parts) == 3:
-            updates.append((parts[0], parts[1], parts[2]))
+    for number, raw in enumerate(data.removesuffix(b"\n").split(b"\n") if data else [], 1):
+        match = _UPDATE.fullmatch(raw)
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _bad_updates(f"line {number} is not UTF-8 text") from None
+        if not match:
+            shown = f"'{one_line(line[:60])}'" + ("..." if len(line) > 60 else "") if line else "empty"
+            raise _bad_updates(f"line {number} is not '<40 hex digits> <40 hex digits> refs/...': {shown}")
+        updates.append((match[1].decode(), match[2].decode(), match[3].decode()))
     return updates
 
 
@@ -293,8 +316,8 @@ def post_receive(stdin, log: Log) -> int:
 def cmd_hook(args) -> int:
     log = Log()
     if args.hook == "pre-receive":
-        return pre_receive(sys.stdin, log)
-    return post_receive(sys.stdin, log)
+        return pre_receive(sys.stdin.buffer, log)
+    return post_receive(sys.stdin.buffer, log)
 
 
 def register(sub) -> None:

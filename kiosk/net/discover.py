@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from kiosk.core.errors import KioskError, UsageError, one_line
-from kiosk.net.mdns import (DEFAULT_TIMEOUT, KIOSK_TYPE, is_mdns_host, mdns_name, resolve, seconds,
-                            sort_addresses, tolerate_bad_packets)
+from kiosk.net.mdns import (DEFAULT_TIMEOUT, KIOSK_TYPE, host_name, is_mdns_host, mdns_name, resolve,
+                            seconds, sort_addresses, tolerate_bad_packets)
 
 def cmd_resolve(args) -> int:
     name = mdns_name(args.host)
@@ -251,7 +251,7 @@ def cmd_ssh_proxy(args) -> int:
     if not 0 < args.port < 65536:
         raise UsageError(f"port {args.port} is not between 1 and 65535")
     seconds(args.timeout, "--timeout")
-    sock = _connect(args.host, args.port, args.timeout)
+    sock = _connect(host_name(args.host), args.port, args.timeout)
     try:
         relay(sock)
     except (BrokenPipeError, ConnectionResetError):

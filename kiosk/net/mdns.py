@@ -30,6 +30,7 @@ DEFAULT_TIMEOUT = 3.0
 MAX_SECONDS = 86400.0  # a day: the most any --timeout or --interval may be (a bigger one is a typo, or a hang)
 
 _LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 _IFF_UP = 0x1
 _IFF_LOOPBACK = 0x8
 
@@ -45,6 +46,45 @@ def mdns_name(host: str) -> str:
         raise UsageError(f"{one_line(host)!s} is not a host name: use letters, digits and '-' "
                          "(at most 63), optionally followed by .local")
     return f"{name}.local."
+
+
+def host_name(host: str) -> str:
+    """`host` when it can be looked up at all (an IP address, a .local name mdns_name takes, or a DNS name
+    of at most 253 characters in labels of 1 to 63); UsageError otherwise, before any resolver sees it.
+
+    The resolver's IDNA step raises UnicodeError for a lone surrogate (an argument that was not UTF-8)
+    or an over-long label: an internal error, where the user's argument is at fault."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if is_mdns_host(host):
+        mdns_name(host)
+        return host
+    shown = one_line(host[:60] + ("..." if len(host) > 60 else "")) or "''"
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if _SURROGATES.search(host):
+        problem = "is not UTF-8 text"
+    elif not name:
+        problem = "is empty"
+    elif any(c.isspace() or not c.isprintable() for c in host):
+        problem = "holds a space or a control character"
+    elif len(name) > 253:
+        problem = f"has {len(name)} characters; a host name has at most 253"
+    elif not all(labels):
+        problem = "has an empty part between dots"
+    elif any(len(label) > 63 for label in labels):
+        problem = "has a part longer than 63 characters between dots, the most a host name allows"
+    else:
+        try:
+            if len(name.encode("idna")) <= 253:
+                return host
+            problem = "is longer than 253 characters once written in ASCII (IDNA)"
+        except UnicodeError as exc:
+            problem = f"is not a host name ({one_line(str(exc))})"
+    raise UsageError(f"host {shown} {problem}", hint="give a host name, e.g. kitchen.local, or an IP address")
 
 
 def seconds(value: float, option: str, maximum: float = MAX_SECONDS) -> float:

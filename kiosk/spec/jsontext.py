@@ -107,10 +107,11 @@ def too_large(source: str) -> InvalidSpec:
                                         "a spec is a few KiB: look for a pasted file or a data: URL in it")])
 
 
-def _text_limits(text: str, source: str) -> None:
-    size = len(text.encode("utf-8", "surrogatepass")) if len(text) <= MAX_BYTES else len(text)
-    if size > MAX_BYTES:
-        raise too_large(source)
+def _text_limits(text: str, source: str, max_bytes: int) -> None:
+    size = len(text.encode("utf-8", "surrogatepass")) if len(text) <= max_bytes else len(text)
+    if size > max_bytes:
+        raise too_large(source) if max_bytes == MAX_BYTES else InvalidSpec(source, [Problem(
+            "", f"is larger than {human_size(max_bytes)}, the most kiosk reads here", "")])
     blanked = _blank_strings(text)
     depth = 0
     for match in _BRACKET.finditer(blanked):
@@ -192,10 +193,13 @@ def _syntax_error(text: str, exc: json.JSONDecodeError, source: str) -> InvalidS
                        detail=f"    {shown}\n    {' ' * caret}^")
 
 
-def parse_json(text: str, source: str):
-    """Parse spec text (a leading BOM dropped); a syntax error or a broken limit becomes InvalidSpec."""
+def parse_json(text: str, source: str, *, max_bytes: int = MAX_BYTES):
+    """Parse spec text (a leading BOM dropped); a syntax error or a broken limit becomes InvalidSpec.
+
+    max_bytes: a larger bound for JSON that carries more than a spec (a builder request, which may
+    hold a device's dpkg status); nesting and number limits stay the same."""
     text = text.removeprefix(BOM)
-    _text_limits(text, source)
+    _text_limits(text, source, max_bytes)
     try:
         return json.loads(text, object_pairs_hook=_reject_duplicates, parse_int=_parse_int,
                           parse_float=_parse_float, parse_constant=_parse_constant)
