@@ -544,7 +544,7 @@ def test_kiosk_run_errors_are_one_line(tmp_path):
     env = {"KIOSK_CACHE_DIR": str(tmp_path / "cache")}
     # No image.
     result = kiosk_cli("run", str(tmp_path / "missing.img"), env=env)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no such file" in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "no such file" in result.stderr.lower()
     result = kiosk_cli("run", cwd=tmp_path, env=env)
     assert result.returncode == 2 and "nixiosk.json" in result.stderr
     # A spec whose image was not built yet: which command builds it.

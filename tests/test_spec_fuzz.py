@@ -164,5 +164,8 @@ def test_hostile_files_through_the_real_commands(hostile_files):
             assert result.returncode in (0, 2), (path, command, result.stderr[-500:])
             assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr[-500:]
             lines = result.stderr.splitlines()
-            assert lines and all(line.startswith((path + ": ", "    ")) for line in lines), (path, lines[:3])
+            # refused: one problem line or more; accepted (the BOM file): at most warnings, which depend on
+            # whether this machine has the archive's index cached
+            assert lines or result.returncode == 0, (path, command, result.stdout[-300:])
+            assert all(line.startswith((path + ": ", "    ")) for line in lines), (path, lines[:3])
             assert time.monotonic() - started < 30
