@@ -11,6 +11,7 @@ import pytest
 
 from kiosk.image import bmap as bm
 from kiosk.core.errors import KioskError
+from kiosk.core.files import human_size
 
 MiB = 1 << 20
 needs_bmaptool = pytest.mark.skipif(not shutil.which("bmaptool"), reason="bmap-tools not installed")
@@ -403,7 +404,7 @@ def test_a_missing_map_is_the_users_error(tmp_path):
 
 
 def test_human_size():
-    assert [bm.human_size(n) for n in (0, 1, 1023, 1024, 1536, 64 * MiB, 3 << 30)] == \
+    assert [human_size(n) for n in (0, 1, 1023, 1024, 1536, 64 * MiB, 3 << 30)] == \
         ["0 bytes", "1 byte", "1023 bytes", "1.0 KiB", "1.5 KiB", "64.0 MiB", "3.0 GiB"]
 
 

@@ -17,6 +17,7 @@ from test_bmap import make_disk_image
 
 from kiosk import cli
 from kiosk.core.errors import Refused
+from kiosk.core.files import human_size
 from kiosk.flash import command, progress, target, writer
 from kiosk.flash.target import Roots
 from kiosk.image import bmap as bm
@@ -447,7 +448,7 @@ def test_flash_to_a_file_is_a_sparse_identical_copy(image, tmp_path, run):
     m = bm.read_bmap(Path(str(image) + ".bmap"))
     assert out.stat().st_blocks * 512 <= m.mapped_bytes + MiB  # holes stayed holes
     assert re.fullmatch(rf"kiosk: wrote {re.escape(str(image))} to {re.escape(str(out))}: "
-                        rf"{re.escape(bm.human_size(m.mapped_bytes))} \(image 64.0 MiB\) in \d+\.\d s, "
+                        rf"{re.escape(human_size(m.mapped_bytes))} \(image 64.0 MiB\) in \d+\.\d s, "
                         rf"\d+\.\d MB/s, verified\n", r.out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["card.img"]
 
@@ -700,7 +701,7 @@ def test_flash_a_loop_device_writes_only_the_data_and_verifies(image, loops, run
     assert r.err.startswith(f"{dev}: unknown model, 80.0 MiB, fixed disk\n  no partitions\n")
     m = bm.read_bmap(Path(str(image) + ".bmap"))
     assert re.fullmatch(rf"kiosk: wrote {re.escape(str(image))} to {dev}: "
-                        rf"{re.escape(bm.human_size(m.mapped_bytes + MiB))} \(image 64.0 MiB\) in \d+\.\d s, "
+                        rf"{re.escape(human_size(m.mapped_bytes + MiB))} \(image 64.0 MiB\) in \d+\.\d s, "
                         rf"\d+\.\d MB/s, verified\n", r.out)
     data, img = read_dev(dev, 80 * MiB), image.read_bytes()
     assert data[:MiB] == img[:MiB]
@@ -842,7 +843,7 @@ def test_the_question_needs_a_terminal_or_yes(image, loops, run, typed, monkeypa
     r = run(image, dev)
     assert r.code == 0, r.err
     m = bm.read_bmap(Path(str(image) + ".bmap"))
-    assert prompts == [f"Erase {dev} and write {image} ({bm.human_size(m.mapped_bytes)} of data)? [y/N] "]
+    assert prompts == [f"Erase {dev} and write {image} ({human_size(m.mapped_bytes)} of data)? [y/N] "]
     assert read_dev(dev, 64 * MiB) == image.read_bytes()
 
 

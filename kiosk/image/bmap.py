@@ -25,6 +25,7 @@ from pathlib import Path
 from xml.etree import ElementTree
 
 from kiosk.core.errors import KioskError, one_line
+from kiosk.core.files import human_size
 from kiosk.core.inputs import read_small
 
 BLOCK_SIZE = 4096
@@ -73,18 +74,6 @@ class BlockMap:
 
     def byte_ranges(self) -> list[tuple[int, int]]:
         return [self.byte_range(first, last) for first, last, _ in self.ranges]
-
-
-def human_size(size: int) -> str:
-    """1536 -> '1.5 KiB' (the style of bmaptool's comments and of kiosk's messages)."""
-    if size < 1024:
-        return f"{size} bytes" if size != 1 else "1 byte"
-    value = float(size)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024.0
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-    return f"{value / 1024.0:.1f} PiB"
 
 
 # ---------------------------------------------------------------------------------------------
