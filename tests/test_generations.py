@@ -471,6 +471,17 @@ def test_prune_keeps_what_rollback_needs_and_nothing_else(device):
     assert [g.number for g in store.list_generations(root)] == [1, 14]
 
 
+def test_health_seconds_must_be_finite_and_not_negative(monkeypatch):
+    """Every numeric KIOSK_* setting goes through paths.number_setting: nan, inf and out-of-range
+    values are one clear error there (time.sleep(nan) would be an internal error)."""
+    for bad in ("nan", "inf", "-1", "soon"):
+        monkeypatch.setenv("KIOSK_HEALTH_SECONDS", bad)
+        with pytest.raises(KioskError, match=f"KIOSK_HEALTH_SECONDS='{bad}' is not a number of seconds, 0 or more"):
+            activation.settle_seconds()
+    monkeypatch.setenv("KIOSK_HEALTH_SECONDS", "0")
+    assert activation.settle_seconds() == 0
+
+
 def test_prune_keep_setting_and_an_unreadable_state_file(device, monkeypatch):
     add_generation(device, SECOND)
     set_status(device, 2, "failed")

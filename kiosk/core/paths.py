@@ -8,6 +8,7 @@ test harness (KIOSK_ROOT) and the running device ("/").
 
 from __future__ import annotations
 
+import math
 import os
 import stat
 from pathlib import Path
@@ -59,15 +60,28 @@ def setting(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name) or default
 
 
-def number_setting(name: str, default: float) -> float:
-    """A numeric KIOSK_* variable; a value that is not a number is the user's error, said as such."""
+def number_setting(name: str, default: float, *, least: float | None = None, above: bool = False,
+                   whole: bool = False) -> float:
+    """A numeric KIOSK_* variable, finite (nan would never be reached, inf never ends), at least `least`
+    (or above it), a whole number if asked; anything else is the user's error, said as such."""
     text = setting(name)
     if text is None:
         return float(default)
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise KioskError(f"{name}={text!r} is not a number", hint=f"unset it or give seconds, e.g. {name}={default:g}")
+        value = float("nan")
+    if whole:
+        what, unit = f"a whole number of at least {least:g}", "a count"
+    elif least is None:
+        what, unit = "a number", "seconds"
+    else:
+        what = f"a number of seconds above {least:g}" if above else f"a number of seconds, {least:g} or more"
+        unit = "seconds"
+    if (not math.isfinite(value) or (whole and not value.is_integer())
+            or (least is not None and (value <= least if above else value < least))):
+        raise KioskError(f"{name}={text!r} is not {what}", hint=f"unset it or give {unit}, e.g. {name}={default:g}")
+    return value
 
 
 # ---------------------------------------------------------------- data files and the cache

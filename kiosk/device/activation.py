@@ -436,4 +436,4 @@ def from_env(root: Path) -> Activator:
 
 def settle_seconds() -> float:
     """KIOSK_HEALTH_SECONDS: how long the units a switch touched must stay up."""
-    return number_setting("KIOSK_HEALTH_SECONDS", DEFAULT_SETTLE_SECONDS)
+    return number_setting("KIOSK_HEALTH_SECONDS", DEFAULT_SETTLE_SECONDS, least=0)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
 import time
 from pathlib import Path
 
 from kiosk.core.errors import KioskError
 from kiosk.core.log import Log
-from kiosk.core.paths import number_setting, setting
+from kiosk.core.paths import number_setting
 from kiosk.device.store import state_dir
 
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -21,12 +20,7 @@ def lock_timeout() -> float:
     """KIOSK_LOCK_TIMEOUT: how long a push or switch waits for another (default 600 s).
 
     Seconds, finite and not negative: nan would never be reached (a push waiting for ever)."""
-    value = number_setting("KIOSK_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT)
-    if not math.isfinite(value) or value < 0:
-        raise KioskError(f"KIOSK_LOCK_TIMEOUT={setting('KIOSK_LOCK_TIMEOUT')!r} is not a number of seconds "
-                         "(finite, 0 or more)", hint=f"unset it or give seconds, e.g. "
-                                                     f"KIOSK_LOCK_TIMEOUT={DEFAULT_LOCK_TIMEOUT:g}")
-    return value
+    return number_setting("KIOSK_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, least=0)
 
 
 @contextlib.contextmanager

@@ -253,11 +253,7 @@ def switch_to(root: Path, target: Generation, *, mode: str, purpose: str, activa
 
 def keep_setting() -> int:
     """KIOSK_KEEP_GENERATIONS: how many good generations prune keeps (default 10; a whole number >= 1)."""
-    value = number_setting("KIOSK_KEEP_GENERATIONS", DEFAULT_KEEP)
-    if not value.is_integer() or value < 1:
-        raise KioskError(f"KIOSK_KEEP_GENERATIONS={setting('KIOSK_KEEP_GENERATIONS')!r} is not a whole number "
-                         "of at least 1", hint=f"unset it or give a count, e.g. KIOSK_KEEP_GENERATIONS={DEFAULT_KEEP}")
-    return int(value)
+    return int(number_setting("KIOSK_KEEP_GENERATIONS", DEFAULT_KEEP, least=1, whole=True))
 
 
 def needed(root: Path, keep: int) -> set[int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import math
 import os
 import re
 import socket
@@ -205,11 +204,7 @@ def _fetch_all(mirror: str, suite: str, arch: str, stop: threading.Event, curren
 
 def deadline_seconds() -> float:
     """KIOSK_ARCHIVE_TIMEOUT, or the default: seconds the whole fetch may take."""
-    seconds = paths.number_setting("KIOSK_ARCHIVE_TIMEOUT", DEADLINE_SECONDS)
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise KioskError(f"KIOSK_ARCHIVE_TIMEOUT={paths.setting('KIOSK_ARCHIVE_TIMEOUT')} is not a number of "
-                         "seconds above 0", hint=f"unset it or give seconds, e.g. {DEADLINE_SECONDS:g}")
-    return seconds
+    return paths.number_setting("KIOSK_ARCHIVE_TIMEOUT", DEADLINE_SECONDS, least=0, above=True)
 
 
 def _fetch(mirror: str, suite: str, arch: str, deadline: float) -> tuple[set[str], dict[str, set[str]]]:
