@@ -48,11 +48,9 @@ class Log:
     def __call__(self, text: str) -> None:
         self.raw(f"    {text}")
 
-    # The build's form: a stage is a block, timed, and a failure inside names it.
-    log = __call__
-
     @contextlib.contextmanager
     def timed(self, name: str):
+        """The build's form: a stage is a block, timed into self.times, and a failure inside names it."""
         self.stage(name)
         start = time.monotonic()
         try:
