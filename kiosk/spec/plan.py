@@ -23,6 +23,11 @@ BASE_PACKAGES = (
     # seatd hands cage the DRM and input devices. cage 0.1.4 exits at start without the Xwayland binary
     # (a Recommends, which the build does not install); X11 programs (chromium) need it anyway.
     "seatd", "xwayland",
+    # `kiosk screenshot`: grim reads the screen through cage's wlr-screencopy (cage 0.1.4 has it; 49 kB).
+    "grim",
+    # fsck.fat: systemd-fsck checks the firmware partition at boot (fstab pass 2), so a power cut during
+    # a config.txt rewrite (FAT has no journal) is repaired before kiosk-recover reconciles it.
+    "dosfstools",
     "git", "python3", "python3-jsonschema", "python3-git", "python3-zeroconf", "python3-requests",
     # A Raspberry Pi has no real-time clock: without NTP it boots at systemd's build date and every TLS
     # certificate a browser kiosk meets is "not yet valid".
