@@ -206,11 +206,12 @@ def test_activation_plan_between_two_specs(monkeypatch_offline):
     assert p.at_boot == ["the Wi-Fi regulatory domain (cfg80211 module option)"]
     assert p.restart == ["wpa_supplicant@wlan0.service"] and not p.daemon_reload
 
-    # firmware settings: raspi-firmware's hook rewrites config.txt now; the firmware reads it at the next boot
+    # firmware settings: the switch itself rewrites config.txt (device/bootconfig.py); the firmware reads it at
+    # the next boot
     fw_spec = dict(copy.deepcopy(BASE), raspberryPi={"firmwareConfig": "hdmi_force_hotplug=1"})
     fw = store.manifest_of(render(check(fw_spec).data))
     p = activation.plan(first, fw)
-    assert p.commands == [["/usr/lib/kiosk/update-boot-config"]]
+    assert p.commands == []
     assert p.at_boot == ["firmware settings (config.txt/cmdline.txt rewritten now, read at the next boot)"]
     assert p.restart == [] and p.stop == [] and p.start == []
 

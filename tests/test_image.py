@@ -217,6 +217,11 @@ def _check_hook_regenerates(img, tmp_path):
     for name in ("config.txt", "cmdline.txt"):
         regenerated = (t / "boot/firmware" / name).read_text().replace(str(t), "")
         assert regenerated == read_boot_file(img.image, name).decode(), name
+    # and what the device writes on every switch (device/bootconfig.py) is the same again
+    from kiosk.device.bootconfig import expected
+    (t / "etc/kiosk").mkdir(parents=True)
+    (t / "etc/kiosk/release.json").write_bytes(read_root_file(img.image, "/etc/kiosk/release.json"))
+    assert expected(t) == {name: read_boot_file(img.image, name) for name in ("config.txt", "cmdline.txt")}
 
 
 def test_qemu_boot_partition(built_image):
@@ -449,7 +454,7 @@ def test_module_order_puts_dependencies_first(tmp_path):
 
 
 def test_raspi_cmdline_as_the_hook_writes_it():
-    from kiosk.image.bootfiles import raspi_cmdline_txt
+    from kiosk.config.bootconfig import raspi_cmdline_txt
 
     line = raspi_cmdline_txt(["ttyS1,115200", "tty1"], "UUID=x", pi4=False, extra="quiet splash\n")
     assert line == " console=ttyS1,115200 console=tty1 root=UUID=x rw fsck.repair=yes net.ifnames=0 cma=64M " \

@@ -12,6 +12,7 @@ import json
 
 from kiosk import __version__
 from kiosk.spec.hardware import load_board
+from kiosk.config.bootconfig import extra_cmdline, firmware_custom
 from kiosk.config.layer import Layer, directory, file, symlink
 from kiosk.spec.sshkeys import parse_public_key
 from kiosk.spec.load import network_psk
@@ -237,20 +238,12 @@ def _agent() -> Layer:
 
 
 def _boot_settings(spec: dict, board: dict) -> Layer:
-    """What raspi-firmware's own hooks read when a kernel update regenerates config.txt on the device."""
+    """What config.txt and cmdline.txt are made from (config.bootconfig): by the image build, by every
+    switch (device.bootconfig writes them to the firmware partition), and by raspi-firmware's own hook
+    after a kernel update on the device."""
     if board["bootloader"] != "raspi-firmware":
         return {}
-    custom = "\n".join(board["configTxt"]) + "\n"
-    extra = spec["raspberryPi"]["firmwareConfig"]
-    if extra:
-        custom += "# raspberryPi.firmwareConfig from nixiosk.json\n" + extra.rstrip("\n") + "\n"
     return {
-        # Run by the activation when a push changes the two files below.
-        "/usr/lib/kiosk/update-boot-config": file(
-            "#!/bin/sh\n# Written by kiosk: rewrite config.txt/cmdline.txt on the boot partition from\n"
-            "# /etc/default/raspi-*, exactly as raspi-firmware does after a kernel update.\nset -e\n"
-            "mountpoint -q /boot/firmware || { echo 'kiosk: /boot/firmware is not mounted' >&2; exit 1; }\n"
-            'exec /etc/kernel/postinst.d/z50-raspi-firmware "$(uname -r)"\n', mode=0o755),
-        "/etc/default/raspi-firmware-custom": file(HEADER + custom),
-        "/etc/default/raspi-extra-cmdline": file(" ".join(board["cmdline"] + ["quiet", "splash"]) + "\n"),
+        "/etc/default/raspi-firmware-custom": file(HEADER + firmware_custom(spec, board)),
+        "/etc/default/raspi-extra-cmdline": file(extra_cmdline(board)),
     }

@@ -10,10 +10,12 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import stat
 from pathlib import Path
 
 from kiosk.core.errors import Refused, one_line
+from kiosk.core.paths import setting
 
 CHUNK = 4 << 20
 
@@ -24,6 +26,12 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def crash_point(step: str) -> None:
+    """Tests kill the process here (a real SIGKILL) to prove recovery: KIOSK_TEST_CRASH_AT=<step>."""
+    if setting("KIOSK_TEST_CRASH_AT") == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_atomic(path: Path, data: str | bytes, mode: int = 0o644, *, durable: bool = False) -> None:

@@ -52,8 +52,7 @@ FILE_ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("/etc/timezone", "restart", "kiosk.service"),
     ("/etc/kiosk/program.json", "restart", "kiosk.service"),
     ("/etc/modprobe.d/", "boot", "the Wi-Fi regulatory domain (cfg80211 module option)"),
-    # raspi-firmware's own kernel hook rewrites config.txt/cmdline.txt from these; the firmware reads them at boot
-    ("/etc/default/raspi-", "command", "/usr/lib/kiosk/update-boot-config"),
+    # the switch rewrites config.txt/cmdline.txt from these (device/bootconfig.py); the firmware reads them at boot
     ("/etc/default/raspi-", "boot", "firmware settings (config.txt/cmdline.txt rewritten now, read at the next boot)"),
     ("/etc/plymouth/", "boot", "the boot splash"),
     (DEFAULT_TARGET, "boot", "the default target"),

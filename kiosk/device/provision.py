@@ -115,7 +115,8 @@ def recovery_unit() -> tuple[str, str]:
         "Description=Kiosk: recover an interrupted generation switch\n"
         "DefaultDependencies=no\n"
         "RequiresMountsFor=/var/lib/kiosk\n"
-        "After=local-fs.target systemd-remount-fs.service\n"
+        # boot-firmware.mount: nofail mounts are not ordered before local-fs.target
+        "After=local-fs.target systemd-remount-fs.service boot-firmware.mount\n"
         # Not Before=systemd-sysusers.service: that runs before local-fs-pre.target (tmpfiles-setup-dev needs
         # it), so with After=local-fs.target it made an ordering cycle and systemd dropped sysusers at boot.
         "Before=sysinit.target systemd-tmpfiles-setup.service shutdown.target\n"
@@ -124,6 +125,8 @@ def recovery_unit() -> tuple[str, str]:
         f"ConditionPathExists=|{DEVICE_STATE}/pending.json\n"
         f"ConditionPathExists=|{DEVICE_STATE}/default-differs\n"
         f"ConditionPathExists=|!{DEVICE_STATE}/current\n"
+        # a config.txt/cmdline.txt rewrite a power cut interrupted (device/bootconfig.py)
+        "ConditionPathExistsGlob=|/boot/firmware/*.kiosk-new\n"
         "\n[Service]\n"
         "Type=oneshot\n"
         "ExecStart=/usr/bin/kiosk switch --recover --at-boot\n"

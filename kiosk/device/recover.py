@@ -13,6 +13,7 @@ from pathlib import Path
 from kiosk.core.errors import KioskError
 from kiosk.core.files import remove_durable
 from kiosk.core.log import Log
+from kiosk.device import bootconfig
 from kiosk.device.links import reconcile
 from kiosk.device.pending import clear_pending, process_start, read_pending, repo_main
 from kiosk.device.store import (GOOD, DamagedState, current, exists, generation, generations_dir, list_generations,
@@ -192,6 +193,10 @@ def recover(root: Path, activator, log: Log, *, at_boot: bool = False) -> bool:
             changed = True
     if current(root) is not None:
         update_default_marker(root)
+        try:   # the firmware partition follows the generation recovery settled on (device/bootconfig.py)
+            changed |= bool(bootconfig.sync(root, log))
+        except KioskError as exc:
+            log(f"firmware partition not brought up to date: {exc}")
     if changed and at_boot:
         activator.boot_reconcile()
     return changed

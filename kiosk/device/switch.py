@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 from pathlib import Path
 
 from kiosk.core.errors import KioskError
-from kiosk.core.files import fsync_dir, remove_durable, write_durable
+from kiosk.core.files import crash_point, fsync_dir, remove_durable, write_durable
 from kiosk.core.log import Log
-from kiosk.core.paths import number_setting, setting
-from kiosk.device import activation
+from kiosk.core.paths import number_setting
+from kiosk.device import activation, bootconfig
 from kiosk.device.links import conflicts, ensure, remove_ours, sync
 from kiosk.device.pending import read_pending
 from kiosk.device.store import (DAMAGED, GOOD, DamagedState, Generation, current, list_generations, pointer,
@@ -28,12 +27,6 @@ from kiosk.device.store import (DAMAGED, GOOD, DamagedState, Generation, current
 
 SWITCH_STEPS = ("begin", "stopped", "linked", "flipped", "symlinks", "cleaned", "activated", "healthy")
 DEFAULT_KEEP = 10
-
-
-def crash_point(step: str) -> None:
-    """Tests kill the process here (a real SIGKILL) to prove recovery: KIOSK_TEST_CRASH_AT=<step>."""
-    if setting("KIOSK_TEST_CRASH_AT") == step:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def journal_path(root: Path) -> Path:
@@ -150,6 +143,7 @@ class Switch:
         for argv in p.commands:  # after the units: sysusers has created any new user by now
             log(f"run {' '.join(argv)}")
             a.run(argv)
+        bootconfig.sync(self.root, log)   # config.txt/cmdline.txt of the generation now linked
         if p.empty():
             log("nothing to tell systemd")
         self._step("activated")

@@ -31,6 +31,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
+from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, raspi_cmdline_txt, raspi_config_txt, set_default,
+                                     version_key)
 from kiosk.core.errors import KioskError
 from kiosk.core.files import write_atomic
 from kiosk.core.run import run
@@ -60,14 +62,10 @@ def consoles(board: dict) -> list[str]:
 def kernel_version(root_dir: Path) -> str:
     """The (newest) kernel version installed in the tree, from /boot/vmlinuz-<version>."""
     found = sorted((p.name[len("vmlinuz-"):] for p in (root_dir / "boot").glob("vmlinuz-*")
-                    if not p.name.endswith((".dpkg-bak", ".old-dkms"))), key=_version_key)
+                    if not p.name.endswith((".dpkg-bak", ".old-dkms"))), key=version_key)
     if not found:
         raise KioskError(f"boot files: no kernel in {root_dir}/boot (is the kernel package in the plan?)")
     return found[-1]
-
-
-def _version_key(version: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", version)]
 
 
 # --- modules ---------------------------------------------------------------------------------
@@ -295,73 +293,6 @@ def build_initramfs(plan, root_dir: Path, version: str, *, epoch: int, log: Log)
     return packed
 
 
-# --- raspi-firmware's config.txt and cmdline.txt ---------------------------------------------
-
-CONFIG_HEADER = """# Do not modify this file!
-#
-# It is automatically generated upon install or update of either the
-# firmware or the Linux kernel.
-#
-# If you need to set boot-time parameters, do so via the
-# /etc/default/raspi-firmware, /etc/default/raspi-firmware-custom or
-# /etc/default/raspi-extra-cmdline files.
-
-"""
-
-
-def firmware_custom(plan) -> str:
-    """/etc/default/raspi-firmware-custom when the layer does not bring one: board lines, then the spec's."""
-    text = "\n".join(plan.board["configTxt"]) + "\n"
-    extra = plan.spec.get("raspberryPi", {}).get("firmwareConfig", "")
-    if extra:
-        text += "# raspberryPi.firmwareConfig from nixiosk.json\n" + extra.rstrip("\n") + "\n"
-    return text
-
-
-def extra_cmdline(plan) -> str:
-    """/etc/default/raspi-extra-cmdline when the layer does not bring one."""
-    return " ".join(plan.board["cmdline"] + ["quiet", "splash"]) + "\n"
-
-
-def _shell_cat(text: str) -> str:
-    """What $(cat file) gives in the hook: trailing newlines removed."""
-    return text.rstrip("\n")
-
-
-def raspi_config_txt(arch: str, kernel: str, initrd: str, custom: str | None) -> str:
-    """config.txt as raspi-firmware's z50-raspi-firmware hook writes it (bookworm 1.20220830)."""
-    text = CONFIG_HEADER
-    if arch == "arm64":
-        text += "# Switch the CPU from ARMv7 into ARMv8 (aarch64) mode\narm_64bit=1\n\n"
-    text += f"enable_uart=1\nupstream_kernel=1\n\nkernel={kernel}\n"
-    text += ("# For details on the initramfs directive, see\n"
-             "# https://www.raspberrypi.org/forums/viewtopic.php?f=63&t=10532\n"
-             f"initramfs {initrd}\n")
-    if custom is not None:
-        text += f"\n# Inserted by /etc/default/raspi-firmware-custom\n{_shell_cat(custom)}\n"
-    return text
-
-
-def raspi_cmdline_txt(console_list: list[str], rootpart: str, *, pi4: bool, cma: str = "64M",
-                      extra: str | None = None) -> str:
-    """cmdline.txt as the same hook writes it, spaces and all."""
-    pre = "".join(f" console={c}" for c in console_list)
-    set_cma = "" if (cma == "64M" and pi4) or cma == "0" else f"cma={cma}"
-    post = _shell_cat(extra) if extra is not None else ""
-    return f"{pre} root={rootpart} rw fsck.repair=yes net.ifnames=0 {set_cma} rootwait {post}\n"
-
-
-def _set_default(text: str, key: str, value: str) -> str:
-    """Set KEY=value in a shell defaults file: replace the (commented) line, else append."""
-    line = f"{key}={value}"
-    pattern = re.compile(rf"^#?\s*{key}=.*$", re.M)
-    if re.search(rf"^{key}=", text, re.M):
-        return re.sub(rf"^{key}=.*$", line, text, count=1, flags=re.M)
-    if pattern.search(text):
-        return pattern.sub(line, text, count=1)
-    return text.rstrip("\n") + f"\n{line}\n"
-
-
 def _dtb_dir(root_dir: Path, version: str) -> Path:
     for candidate in (root_dir / "usr/lib" / f"linux-image-{version}", root_dir / "lib" / f"linux-image-{version}"):
         if candidate.is_dir():
@@ -412,15 +343,15 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     # The on-device settings, so raspi-firmware's hooks regenerate these same files after an upgrade.
     defaults = root_dir / "etc/default/raspi-firmware"
     text = defaults.read_text() if defaults.is_file() else ""
-    text = _set_default(text, "CONSOLES", f'"{" ".join(consoles(board))}"')
-    text = _set_default(text, "ROOTPART", f'"{root}"')
+    text = set_default(text, "CONSOLES", f'"{" ".join(consoles(board))}"')
+    text = set_default(text, "ROOTPART", f'"{root}"')
     write_atomic(defaults, text)
     custom_path = root_dir / "etc/default/raspi-firmware-custom"
     extra_path = root_dir / "etc/default/raspi-extra-cmdline"
     if not custom_path.is_file():
-        write_atomic(custom_path, firmware_custom(plan))
+        write_atomic(custom_path, firmware_custom(plan.spec, board))
     if not extra_path.is_file():
-        write_atomic(extra_path, extra_cmdline(plan))
+        write_atomic(extra_path, extra_cmdline(board))
     custom = custom_path.read_text()
     extra = extra_path.read_text()
     files["config.txt"] = raspi_config_txt(plan.architecture, f"vmlinuz-{version}", f"initrd.img-{version}",
