@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "kiosk.device.commands",     # generations, rollback, switch
     "kiosk.net.agent",           # agent
     "kiosk.net.discover",        # discover, resolve, ssh-proxy, ssh-config
+    "kiosk.net.screenshot",      # screenshot
     "kiosk.builders.commands",        # builders check/authorize (build --builder is kiosk.builders.remote)
     "kiosk.buildhost.commands",       # builder-serve
     "kiosk.device.hooks",           # hook entry points used by configuration.git
@@ -39,7 +40,8 @@ COMMANDS = {
     "run": "kiosk.qemu.command", "flash": "kiosk.flash.command", "generations": "kiosk.device.commands",
     "rollback": "kiosk.device.commands", "switch": "kiosk.device.commands", "agent": "kiosk.net.agent",
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
-    "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.commands",
+    "ssh-config": "kiosk.net.discover", "screenshot": "kiosk.net.screenshot",
+    "builders": "kiosk.builders.commands",
     "builder-serve": "kiosk.buildhost.commands",
     "hook": "kiosk.device.hooks",
 }

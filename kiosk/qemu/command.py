@@ -185,7 +185,13 @@ def _run(args) -> int:
               f"disk: a {size / GiB:.3g} GiB copy{'' if keep else ' (deleted afterwards)'}", file=out)
         print(f"  ssh -p {port} root@localhost", file=out)
         print(f"  git clone ssh://root@localhost:{port}/etc/kiosk/configuration.git", file=out)
-        print(f"  monitor (QMP): {qmp}; screenshot: kiosk run --screendump FILE --qmp {qmp}", file=out)
+        if machine.has_display:
+            print(f"  monitor (QMP): {qmp}; screenshot: kiosk run --screendump FILE --qmp {qmp}", file=out)
+        else:
+            # hardware/<board>.json's qemu.append sets WLR_BACKENDS=headless for this VM only (notes/boot.md)
+            print(f"  QEMU's {q['machine']} gives Debian's kernel no display: cage draws on wlroots' headless "
+                  f"output; see it with: kiosk screenshot localhost -p {port}", file=out)
+            print(f"  monitor (QMP): {qmp}", file=out)
         if machine.serial_log is None:
             print("  serial console below; Ctrl-A X quits QEMU, Ctrl-A C switches to its monitor", file=out)
         else:

@@ -1,0 +1,69 @@
+"""Reaching a kiosk from the user's machine: the one ssh command line kiosk's laptop-side commands use.
+
+The user's own ssh setup applies (~/.ssh/config, known_hosts, keys): kiosk adds no-prompt options,
+and for a `<host>.local` name this machine cannot resolve, its own mDNS proxy (`kiosk ssh-proxy`).
+Host key checking stays whatever the user has: kiosk never turns it off.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import socket
+
+from kiosk.core.errors import UsageError
+from kiosk.core.paths import number_setting, setting
+
+# A host name (RFC 1123 labels), an IPv4 address or a bracket-free IPv6 address; never an ssh option.
+_HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$|^[0-9A-Fa-f:.]+$")
+
+
+def check_host(host: str) -> str:
+    """The host as given, or a UsageError saying why ssh should not see it."""
+    if not _HOST.match(host or "") or ".." in host:
+        raise UsageError(f"{host!r} is not a host name or address",
+                         hint="give the kiosk's name (e.g. lobby.local, as kiosk discover lists it) or its address")
+    return host
+
+
+def _resolvable(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except (OSError, UnicodeError):
+        return False
+
+
+def ssh_argv(host: str, *, port: int | None = None, identity: str | None = None, options=(),
+             user: str = "root") -> list[str]:
+    """ssh to the device as root (its only login), up to and including the host; the caller adds the command."""
+    from kiosk.net.discover import kiosk_command
+
+    check_host(host)
+    timeout = max(1, round(number_setting("KIOSK_SSH_CONNECT_TIMEOUT", 15, least=1)))
+    # KIOSK_SSH_COMMAND (like GIT_SSH_COMMAND), as kiosk build --builder reads it
+    argv = [*shlex.split(setting("KIOSK_SSH_COMMAND", "ssh")), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", "-o", "LogLevel=ERROR",
+            "-l", user]
+    if port:
+        argv += ["-p", str(port)]
+    if identity:
+        argv += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
+    for option in options:
+        argv += ["-o", option]
+    if host.endswith(".local") and not _resolvable(host):
+        argv += ["-o", f"ProxyCommand={kiosk_command()} ssh-proxy %h %p"]
+    return [*argv, "--", host]
+
+
+def add_arguments(parser, *, host_help: str = "the kiosk: its name (lobby.local) or address",
+                  optional: bool = False) -> None:
+    """HOST and how to reach it: the same options on every command that talks to one device."""
+    parser.add_argument("host", metavar="HOST", nargs="?" if optional else None, help=host_help)
+    parser.add_argument("-p", "--port", type=int, metavar="PORT", help="its SSH port (default: ssh's, 22)")
+    parser.add_argument("-i", "--identity", metavar="KEY", help="the SSH key to log in with (default: ssh's)")
+    parser.add_argument("--ssh-option", action="append", default=[], metavar="OPTION",
+                        help="one more ssh -o option, e.g. UserKnownHostsFile=FILE (repeatable)")
+
+
+def from_args(args) -> list[str]:
+    return ssh_argv(args.host, port=args.port, identity=args.identity, options=args.ssh_option)
