@@ -40,11 +40,24 @@ class AptInstaller(Installer):
             (Path(tmp) / "parts").mkdir()
             opts = ["-o", f"Dir::Etc::SourceList={tmp}/sources.list", "-o", f"Dir::Etc::SourceParts={tmp}/parts",
                     "-o", "Dpkg::Options::=--force-confdef", "-o", "Dpkg::Options::=--force-confold"]
+            clock_behind = []
+
+            def show(line: str) -> None:
+                if "is not valid yet" in line:   # the Release file's Date is in the device's future
+                    clock_behind.append(line)
+                log(f"apt: {line}")
+
             for what, argv in (("updating the package lists", ["apt-get", *opts, "update"]),
                                (f"installing {' '.join(packages)}",
                                 ["apt-get", *opts, "install", "-y", "--no-install-recommends", *packages])):
-                run_lines(argv, lambda line: log(f"apt: {line}"), env=env, what=what, tail=5,
-                          important=lambda line: line.startswith("E:"))
+                try:
+                    run_lines(argv, show, env=env, what=what, tail=5, important=lambda line: line.startswith("E:"))
+                except KioskError as exc:
+                    if not clock_behind:
+                        raise
+                    raise KioskError(f"{what}: the device's clock is behind the Debian archive's ({clock_behind[0]})",
+                                     hint="a Raspberry Pi has no real-time clock: let systemd-timesyncd reach an "
+                                          "NTP server (timedatectl status), then push again") from exc
 
 
 def default_installer(root: Path, spec: dict, activator: activation.Activator | None = None):
