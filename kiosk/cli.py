@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "kiosk.net.discover",        # discover, resolve, ssh-proxy, ssh-config
     "kiosk.builders.commands",        # builders check/authorize (build --builder is kiosk.builders.remote)
     "kiosk.buildhost.commands",       # builder-serve
+    "kiosk.fleet.commands",          # fleet show/build/push/status/discover
     "kiosk.device.hooks",           # hook entry points used by configuration.git
 )
 
@@ -40,7 +41,7 @@ COMMANDS = {
     "rollback": "kiosk.device.commands", "switch": "kiosk.device.commands", "agent": "kiosk.net.agent",
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
     "ssh-config": "kiosk.net.discover", "builders": "kiosk.builders.commands",
-    "builder-serve": "kiosk.buildhost.commands",
+    "builder-serve": "kiosk.buildhost.commands", "fleet": "kiosk.fleet.commands",
     "hook": "kiosk.device.hooks",
 }
 

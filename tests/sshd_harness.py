@@ -86,16 +86,20 @@ class Device:
             "PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
         }
         hook_env.update(env or {})
-        config = tmp / "sshd_config"
-        config.write_text(
+        self.config = tmp / "sshd_config"
+        self.config.write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {tmp}/sshd.pid\n"
             f"AuthorizedKeysFile {tmp}/authorized_keys\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
             "MaxStartups 30:30:60\nMaxSessions 30\nLogLevel VERBOSE\n"
             "SetEnv " + " ".join(f"{k}={v}" for k, v in hook_env.items()) + "\n")
         self.log = tmp / "sshd.log"
+        self.start()
+
+    def start(self) -> None:
+        """Start sshd (again, after close(): the device is back on the network, same port and host key)."""
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(self.log)])
+        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(self.config), "-E", str(self.log)])
         deadline = time.monotonic() + 10
         while True:
             try:
