@@ -61,9 +61,12 @@ def snapshot(root: Path) -> dict:
 
 
 class Device:
-    """ROOT with generation 1, and an sshd whose git pushes run the hooks against ROOT."""
+    """ROOT with generation 1, and an sshd whose git pushes run the hooks against ROOT.
 
-    def __init__(self, tmp: Path, spec: dict, client_pub: str, host_key: Path, *, env: dict | None = None):
+    device_paths=True: the repository is also reached as a real device's, ssh://root@HOST:PORT/etc/kiosk/..."""
+
+    def __init__(self, tmp: Path, spec: dict, client_pub: str, host_key: Path, *, env: dict | None = None,
+                 device_paths: bool = False):
         self.tmp = tmp
         self.root = tmp / "device"
         self.root.mkdir()
@@ -92,7 +95,9 @@ class Device:
             f"AuthorizedKeysFile {tmp}/authorized_keys\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
             "MaxStartups 30:30:60\nMaxSessions 30\nLogLevel VERBOSE\n"
-            "SetEnv " + " ".join(f"{k}={v}" for k, v in hook_env.items()) + "\n")
+            "SetEnv " + " ".join(f"{k}={v}" for k, v in hook_env.items()) + "\n"
+            # device_paths: reached as a real device is, at /etc/kiosk/configuration.git (see device_shell.py)
+            + (f"ForceCommand {sys.executable} {Path(__file__).with_name('device_shell.py')}\n" if device_paths else ""))
         self.log = tmp / "sshd.log"
         self.start()
 

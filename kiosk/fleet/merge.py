@@ -7,7 +7,7 @@ and name; group_vars/all; group_vars/GROUP; the host's own; host_vars/HOST), so 
 precedence the same way in both tools. (Ansible itself replaces a mapping whole by default; kiosk
 merges, so a group can change one field of `program` or `locale`.)
 
-A host's hostName is its inventory name (without .local) unless a variable says otherwise. Ansible's
+A host's hostName is its inventory name (a DNS name's first label) unless a variable says otherwise. Ansible's
 own variables (ansible_host, ansible_port, ansible_user, ansible_ssh_private_key_file,
 ansible_ssh_common_args, ansible_ssh_extra_args) say how to reach the device and are not spec
 fields; other ansible_* variables are Ansible's business and are left alone; any other variable that
@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import datetime
 import difflib
+import ipaddress
 import json
 import re
 import shlex
@@ -111,6 +112,16 @@ def deep_merge(base: dict, override: dict) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def default_host_name(name: str) -> str:
+    """An inventory name as a hostName: a DNS name's first label (lobby.example.org, lobby.local -> lobby);
+    an IP address stays as it is, which the spec check refuses (such a host needs hostName in its variables)."""
+    try:
+        ipaddress.ip_address(name)
+        return name
+    except ValueError:
+        return name.split(".", 1)[0]
 
 
 def layers(inv: Inventory, host: str) -> list[tuple[str, dict]]:
@@ -268,7 +279,7 @@ def load_fleet(inventory_path: str, spec_path: str | None = None, *, limit: str 
     for host in select(inv, limit):
         overrides, ansible, origin = checker.split(host, layers(inv, host))
         # the inventory name is the hostName (first, as a reader looks for it) unless a variable says otherwise
-        data = {"hostName": host.removesuffix(".local"), **{k: v for k, v in base.items() if k != "hostName"}}
+        data = {"hostName": default_host_name(host), **{k: v for k, v in base.items() if k != "hostName"}}
         for override in overrides:
             data = deep_merge(data, override)
         connection = checker.connection(host, data.get("hostName"), ansible, origin)

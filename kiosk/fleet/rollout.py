@@ -42,7 +42,7 @@ class Report:
     devices: list[Device]
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     wave_of: dict[str, str] = field(default_factory=dict)
-    stopped: str = ""        # why the rollout stopped early ("" when it ran to the end)
+    stopped: str = ""        # why the rollout stopped before some devices ("" when every device was tried)
 
     @property
     def failures(self) -> list[str]:
@@ -171,13 +171,12 @@ def rollout(devices: list[Device], settings: Settings, waves: Waves, progress: P
             if name == "canary" and failed:
                 report.stopped = f"the canary {', '.join(failed)} failed"
                 break
-        else:
-            if over_budget():
-                report.stopped = _why(report, waves)
     for device in devices:
         if device.name not in report.outcomes:
             report.outcomes[device.name] = Outcome("not reached", "the rollout stopped before it; untouched")
             report.wave_of[device.name] = "-"
+    if not any(o.result == "not reached" for o in report.outcomes.values()):
+        report.stopped = ""    # every device was tried: the failures say the rest
     if report.stopped:
         progress.stage(f"STOPPED: {report.stopped}; "
                        f"{sum(o.result == 'not reached' for o in report.outcomes.values())} device(s) not reached "
