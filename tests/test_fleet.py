@@ -493,3 +493,40 @@ def test_status_times_out_on_a_device_that_never_answers(make_fleet):
         assert "timed out" in r.stdout or "no answer" in r.stdout, r.stdout
     finally:
         silent.close()
+
+
+# ---------------------------------------------------------------- images
+
+@pytest.mark.root
+def test_fleet_build_makes_one_image_per_device_from_one_cached_base(tmp_path, tmp_path_factory):
+    """Two qemu devices of two groups: two images through kiosk build's pipeline, each with its own hostName and
+    argv in generation 1; the second reuses the cached base (a configuration-only build); a rerun keeps both."""
+    from imagetools import MINIMAL_PROGRAM, _cache_dir, _shared_dir, full_spec, read_root_file
+
+    base = full_spec("qemu")
+    del base["hostName"]
+    (tmp_path / "nixiosk.json").write_text(json.dumps(base, indent=2))
+    write(tmp_path, "fleet.yml", """\
+        lobby:
+          vars: {program: {args: ["--title=lobby"]}}
+          hosts: {fleet-a: }
+        cafe:
+          vars: {program: {args: ["--title=cafe"]}}
+          hosts: {fleet-b: }
+        """)
+    env = {"KIOSK_CACHE_DIR": str(_cache_dir(_shared_dir(tmp_path_factory)))}
+    r = kiosk_cli("fleet", "build", "fleet.yml", "nixiosk.json", "-o", "images", "--json", cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    images = {row["host"]: row for row in json.loads(r.stdout)["images"]}
+    assert list(images) == ["fleet-a", "fleet-b"] and {row["result"] for row in images.values()} == {"built"}
+    assert "fleet-b| " in r.stderr and "rootfs: reusing the" in r.stderr.split("[2/2] fleet-b")[1]
+    for name, title in (("fleet-a", "lobby"), ("fleet-b", "cafe")):
+        manifest = json.loads((tmp_path / "images" / name / "manifest.json").read_text())
+        assert manifest["hostName"] == name and manifest["image"] == images[name]["image"]
+        assert manifest["image"] == str(tmp_path / "images" / name / f"{name}-qemu.img")
+        stored = json.loads(read_root_file(manifest["image"], "/var/lib/kiosk/generations/1/nixiosk.json"))
+        assert stored == dict(base, hostName=name, program=dict(MINIMAL_PROGRAM, args=[f"--title={title}"]))
+        program = json.loads(read_root_file(manifest["image"], "/var/lib/kiosk/generations/1/root/etc/kiosk/program.json"))
+        assert program[3:] == ["/usr/bin/foot", f"--title={title}"]
+    r = kiosk_cli("fleet", "build", "fleet.yml", "nixiosk.json", "-o", "images", cwd=tmp_path, env=env)
+    assert r.returncode == 0 and r.stdout.count("up to date") == 2, r.stdout + r.stderr

@@ -177,7 +177,7 @@ def cmd_build(args) -> int:
     devices = _devices(args)
     require_root("kiosk fleet build must run as root", f"run: sudo kiosk fleet build {args.inventory} ... "
                  "(the image's files keep their owners)")
-    out = Path(args.output)
+    out = Path(args.output).resolve()   # manifests name their images absolutely: "up to date" from anywhere
     rows = []
     started = time.monotonic()
     for number, device in enumerate(devices, 1):
