@@ -530,3 +530,70 @@ def test_fleet_build_makes_one_image_per_device_from_one_cached_base(tmp_path, t
         assert program[3:] == ["/usr/bin/foot", f"--title={title}"]
     r = kiosk_cli("fleet", "build", "fleet.yml", "nixiosk.json", "-o", "images", cwd=tmp_path, env=env)
     assert r.returncode == 0 and r.stdout.count("up to date") == 2, r.stdout + r.stderr
+
+
+# ---------------------------------------------------------------- a LAN: discover, then NAME.local
+
+@pytest.mark.root
+def test_discovered_kiosks_are_pushed_to_as_name_local(tmp_path, fake_mirror, keys):
+    """Two devices on a LAN of network namespaces (sshd on port 22 and the device agent announcing the name),
+    the operator's laptop a third: `kiosk fleet discover` prints an inventory of both, and `kiosk fleet push`
+    with it reaches hall.local and foyer.local through `kiosk ssh-proxy` (mDNS, no nss-mdns), host keys checked."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+    from mdns_netns import ROOT, Lan
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1", KIOSK_OFFLINE="1")
+    kiosk = shutil.which("kiosk", path=os.path.dirname(sys.executable))
+    lan = Lan(subnet="10.79.0")
+    devices = {}
+    try:
+        laptop = lan.add_host()
+        for name in ("hall", "foyer"):
+            host = lan.add_host()
+            (tmp_path / name).mkdir()
+            devices[name] = Device(tmp_path / name, device_spec(fake_mirror, keys, name), keys["client_pub"],
+                                   keys["host"], device_paths=True, netns=host.ns, address=host.ip, port=22)
+            host.popen(sys.executable, "-m", "kiosk", "agent", "--state-dir", str(devices[name].root / "var/lib/kiosk"),
+                       stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{name}-agent.log", "w"), env=env)
+        found = {}
+        for _ in range(5):   # the agents probe their names for a second or two before they answer
+            r = laptop.run(kiosk, "fleet", "discover", "--timeout", "3", env=env)
+            assert r.returncode == 0, r.stderr
+            found = yaml.safe_load(r.stdout)
+            if len((found["all"].get("children") or {}).get("raspberryPi3", {}).get("hosts") or {}) == 2:
+                break
+        group = found["all"]["children"]["raspberryPi3"]
+        assert group["vars"] == {"hardware": "raspberryPi3"} and sorted(group["hosts"]) == ["foyer", "hall"]
+        assert "generation 1" in r.stdout and devices["hall"].first_commit[:12] in r.stdout
+
+        (tmp_path / "ssh_config").write_text("")
+        known = tmp_path / "known_hosts"
+        known.write_text("".join(f"{n}.local {keys['host_pub']}\n" for n in devices))   # port 22: no [host]:port
+        found["all"]["vars"] = {"ansible_ssh_private_key_file": str(keys["client"]),
+                                "ansible_ssh_common_args": f"-F {tmp_path}/ssh_config -o UserKnownHostsFile={known}",
+                                "program": {"args": LOBBY}}
+        (tmp_path / "fleet.yml").write_text(yaml.safe_dump(found))
+        base = device_spec(fake_mirror, keys, "x")
+        del base["hostName"], base["hardware"]     # the discovered group says the board
+        (tmp_path / "nixiosk.json").write_text(json.dumps(base))
+        r = laptop.run(kiosk, "fleet", "push", str(tmp_path / "fleet.yml"), str(tmp_path / "nixiosk.json"), "--json",
+                       env=env, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = {row["host"]: row for row in json.loads(r.stdout)["devices"]}
+        assert {row["result"] for row in rows.values()} == {"deployed"}, rows
+        assert "pushing to root@hall.local" in r.stderr
+        for name, device in devices.items():
+            assert store.pointer(device.root) == 2
+            assert json.loads((device.root / "var/lib/kiosk/current/root/etc/kiosk/program.json").read_text())[4:] \
+                == LOBBY
+        r = laptop.run(kiosk, "fleet", "status", str(tmp_path / "fleet.yml"), env=env, timeout=60)
+        assert r.returncode == 0 and r.stdout.count(" ok") == 2, r.stdout + r.stderr
+    finally:
+        for device in devices.values():
+            device.close()
+        lan.close()

@@ -84,16 +84,22 @@ def commit_identity() -> tuple[str, str]:
     return (get("user.name") or "kiosk fleet", get("user.email") or f"kiosk@{socket.gethostname()}")
 
 
-def why_not(text: str, code: int) -> tuple[str, str]:
+def login(conn: Connection) -> str:
+    """The ssh command line a person types to reach the device."""
+    return f"ssh {'-p ' + str(conn.port) + ' ' if conn.port != 22 else ''}{conn.user}@{conn.host}"
+
+
+def why_not(text: str, code: int, conn: Connection) -> tuple[str, str]:
     """(result, reason) from what ssh or git said when the device could not be reached or used."""
     low = text.lower()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("remote: ")]
     if "remote host identification has changed" in low:
+        host = f"[{conn.host}]:{conn.port}" if conn.port != 22 else conn.host
         return "refused", ("its host key has CHANGED since you last connected (a reinstalled device, or someone "
-                           "in between); check it, then remove the old key (ssh-keygen -R HOST)")
+                           f"in between); check it, then remove the old key (ssh-keygen -R '{host}')")
     if "host key verification failed" in low:
         return "refused", ("its host key is not in your known_hosts, so it is not trusted; check it and connect "
-                           "once by hand (ssh root@HOST), or pass --accept-new-host-keys for devices never "
+                           f"once by hand ({login(conn)}), or pass --accept-new-host-keys for devices never "
                            "reached before")
     if "permission denied" in low:
         return "refused", "it does not take your ssh key (Permission denied); is your key in its authorizedKeys?"
@@ -136,7 +142,7 @@ class DeviceRepo:
         proc = self.git("fetch", "-q", "--no-tags", "--depth", "1", self.device.connection.url, f"+{MAIN}:{MAIN}",
                         check=False, timeout=max(120.0, 4 * self.settings.connect_timeout))
         if proc.returncode != 0:
-            result, reason = why_not(proc.stderr + proc.stdout, proc.returncode)
+            result, reason = why_not(proc.stderr + proc.stdout, proc.returncode, self.device.connection)
             return Outcome(result, reason, seconds=time.monotonic() - started)
         self.main = self.git("rev-parse", MAIN).stdout.strip()
         current = self.git("cat-file", "blob", f"{MAIN}:{SPEC_FILE}", check=False).stdout
@@ -176,12 +182,12 @@ class DeviceRepo:
             code = 0
         except KioskError:
             code = 1
-        outcome = read_push(seen, code, commit, self.main)
+        outcome = read_push(seen, code, commit, self.main, self.device.connection)
         outcome.seconds = time.monotonic() - started
         return outcome
 
 
-def read_push(output: list[str], code: int, commit: str, old: str) -> Outcome:
+def read_push(output: list[str], code: int, commit: str, old: str, conn: Connection) -> Outcome:
     """What a push's output says happened: the hook's own `==>` lines decide, else ssh's words."""
     remote = [line[len("remote: "):].rstrip() for line in output if line.startswith("remote: ")]
     for text in remote:
@@ -198,7 +204,7 @@ def read_push(output: list[str], code: int, commit: str, old: str) -> Outcome:
     if code == 0:
         return Outcome("failed", "git push succeeded but the device did not say which generation is active "
                                  "(is it running kiosk's hooks?)", commit, lines=remote)
-    result, reason = why_not("\n".join(output), code)
+    result, reason = why_not("\n".join(output), code, conn)
     return Outcome(result, reason, old, lines=remote)
 
 
@@ -211,7 +217,7 @@ def generations(conn: Connection, settings: Settings, timeout: float) -> tuple[d
     except KioskError:
         return None, f"no answer within {timeout:g} s"
     if proc.returncode != 0:
-        return None, why_not(proc.stderr + proc.stdout, proc.returncode)[1]
+        return None, why_not(proc.stderr + proc.stdout, proc.returncode, conn)[1]
     try:
         data = json.loads(proc.stdout)
         if not isinstance(data, dict) or not isinstance(data.get("generations"), list):
