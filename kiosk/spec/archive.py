@@ -280,7 +280,7 @@ def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None 
     record = {"fetched": time.time(), "packages": sorted(packages),
               "provides": {k: sorted(v) for k, v in sorted(provides.items())}}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp = cache.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")   # two threads may fetch at once
     tmp.write_text(json.dumps(record))
     os.replace(tmp, cache)
     return PackageIndex(frozenset(packages), {k: tuple(sorted(v)) for k, v in provides.items()})
