@@ -82,7 +82,7 @@ def bench_build(work: Path, count: int, cache: str | None) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 100])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[20, 100], help="fleet sizes (none: only --build)")
     parser.add_argument("--parallel", type=int, default=10)
     parser.add_argument("--build", type=int, default=0, metavar="N", help="also time a fleet build of N images")
     args = parser.parse_args()
@@ -90,7 +90,7 @@ def main() -> int:
         print("bench/fleet.py: needs root (sshd on loopback as the harness runs it)", file=sys.stderr)
         return 2
     from fake_mirror import Server, write_mirror
-    from sshd_harness import keygen
+    from sshd_harness import key_set
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, load {open('/proc/loadavg').read().split()[:3]}")
     with tempfile.TemporaryDirectory(prefix="kiosk-bench-fleet-") as tmp:
@@ -101,10 +101,7 @@ def main() -> int:
         write_mirror(tmp / "mirror")
         server = Server(tmp / "mirror")
         (tmp / "keys").mkdir()
-        keys = {}
-        for name in ("host", "client", "other_host"):
-            keys[name] = tmp / "keys" / f"{name}_ed25519"
-            keys[name + "_pub"] = keygen(keys[name], f"{name}@bench")
+        keys = key_set(tmp / "keys", ("host", "client", "other_host"), "bench")
         try:
             for size in args.sizes:
                 (tmp / f"fleet{size}").mkdir()

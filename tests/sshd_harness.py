@@ -43,6 +43,15 @@ def keygen(path: Path, comment: str) -> str:
     return (path.with_suffix(".pub") if path.suffix else Path(str(path) + ".pub")).read_text().strip()
 
 
+def key_set(directory: Path, names, comment: str = "test") -> dict:
+    """{name: private key path, name + "_pub": public line} for fresh ed25519 keys (host and client keys)."""
+    out = {}
+    for name in names:
+        out[name] = directory / f"{name}_ed25519"
+        out[name + "_pub"] = keygen(out[name], f"{name}@{comment}")
+    return out
+
+
 def snapshot(root: Path) -> dict:
     """Everything under root that matters: type, mode, owner, contents or link target (no times)."""
     out = {}

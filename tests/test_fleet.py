@@ -17,7 +17,7 @@ import threading
 
 import pytest
 from conftest import kiosk_cli
-from sshd_harness import Device, keygen, snapshot
+from sshd_harness import Device, key_set, snapshot
 
 from kiosk.device import pending, store
 from kiosk.fleet.inventory import expand_pattern, read_inventory, select
@@ -254,12 +254,7 @@ def tz_problem(tmp_path, source: str) -> str:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fleet-keys")
-    out = {}
-    for name in ("host", "client", "other_host"):
-        out[name] = tmp / f"{name}_ed25519"
-        out[name + "_pub"] = keygen(out[name], f"{name}@fleet-test")
-    return out
+    return key_set(tmp_path_factory.mktemp("fleet-keys"), ("host", "client", "other_host"), "fleet-test")
 
 
 def device_spec(fake_mirror, keys, name: str) -> dict:
