@@ -224,12 +224,12 @@ def test_bad_inventories_are_refused_one_line_per_problem(tmp_path, base):
     # structure: a typo that would lose devices; a host var that is not a mapping; an INI section of nothing
     assert refused("all:\n  children:\n    cafe:\n      host: {cafe01: }\n") == [
         "hosts.yml: group cafe: unknown key 'host'; a group holds only hosts, children and vars (did you mean "
-        "'hosts'?)"]
+        "'hosts'?)", "hosts.yml: names no hosts; list the devices in it (docs/fleet.md shows how)"]
     assert refused("[cafe:vars]\nprogram={}\n[lobby:children]\nhall\n", "hosts.ini") == [
         "hosts.ini: line 1: [cafe:vars] names the group 'cafe', which is never defined; add a [cafe] section with "
         "its hosts, or fix the name",
         "hosts.ini: line 4: [lobby:children] names the group 'hall', which is never defined; add a [hall] section "
-        "with its hosts, or fix the name"]
+        "with its hosts, or fix the name", "hosts.ini: names no hosts; list the devices in it (docs/fleet.md shows how)"]
     # YAML's own types a spec cannot hold, and an alias bomb
     assert refused("all:\n  vars: {locale: {timeZone: 2024-01-01}}\n  hosts: {s1: }\n") == [
         "hosts.yml: group all: /locale/timeZone: is a date (as YAML reads it), which a spec cannot hold; quote it "
@@ -592,3 +592,23 @@ def test_discovered_kiosks_are_pushed_to_as_name_local(tmp_path, fake_mirror, ke
         for device in devices.values():
             device.close()
         lan.close()
+
+
+@pytest.mark.root
+def test_a_device_reached_under_another_name_is_refused(make_fleet):
+    """Two inventory entries with their addresses swapped (a typo in ansible_port): each would give one device
+    the other's spec and name. Both are refused, named, untouched; --allow-rename is the way to rename."""
+    fleet = make_fleet(2)
+    before = {n: snapshot(d.root) for n, d in fleet.devices.items()}
+    fleet.write_inventory({"screen01": {"ansible_port": fleet.devices["screen02"].port},
+                           "screen02": {"ansible_port": fleet.devices["screen01"].port}})
+    r, report, rows = fleet.push("--max-failures", "2")
+    assert r.returncode == 1
+    assert rows["screen01"]["result"] == "refused" and rows["screen01"]["wave"] == "look"
+    assert rows["screen01"]["reason"].startswith(
+        f"this device is 'screen02' (its main's nixiosk.json), not 'screen01': is "
+        f"root@127.0.0.1:{fleet.devices['screen02'].port} the right address?")
+    assert {n: snapshot(d.root) for n, d in fleet.devices.items()} == before
+    r, report, rows = fleet.push("--allow-rename")
+    assert r.returncode == 0 and {row["result"] for row in rows.values()} == {"deployed"}, r.stderr
+    assert json.loads(store.current(fleet.devices["screen02"].root).spec_text)["hostName"] == "screen01"

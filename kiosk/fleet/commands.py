@@ -83,7 +83,7 @@ def cmd_push(args) -> int:
     waves = Waves(batch=args.batch, parallel=parallel, canary=args.canary,
                   max_failures=failure_budget(args.max_failures, len(devices)))
     settings = Settings(connect_timeout=args.connect_timeout, accept_new_host_keys=args.accept_new_host_keys,
-                        author=commit_identity(), message=args.message)
+                        allow_rename=args.allow_rename, author=commit_identity(), message=args.message)
     progress = Progress(verbose=args.verbose)
     progress.stage(f"fleet: {len(devices)} device(s) from {args.inventory}"
                    + (f" and {args.spec}" if args.spec else ""))
@@ -286,6 +286,9 @@ def register(sub) -> None:
                    help="seconds to reach each device (default 10)")
     q.add_argument("--accept-new-host-keys", action="store_true",
                    help="trust the host key of a device never reached before (a changed key is still refused)")
+    q.add_argument("--allow-rename", action="store_true",
+                   help="push to a device whose running hostName differs from the inventory's (refused otherwise: "
+                        "a wrong address would give one device another's spec)")
     q.add_argument("-m", "--message", default="kiosk fleet push", help="the commit message")
     q.add_argument("-v", "--verbose", action="store_true", help="show every device's push output as it comes")
     q.add_argument("--json", action="store_true", help="the final table as JSON")

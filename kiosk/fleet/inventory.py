@@ -17,6 +17,7 @@ problem is one line naming the file, the host or group, and what to do; all are 
 from __future__ import annotations
 
 import ast
+import difflib
 import fnmatch
 import re
 import shlex
@@ -271,7 +272,7 @@ def _yaml_group(inv: Inventory, name: str, body, depth: int) -> None:
         return
     for key, value in body.items():
         if key not in GROUP_KEYS:
-            close = fnmatch.filter(GROUP_KEYS, f"{str(key)[:4]}*")
+            close = difflib.get_close_matches(str(key), GROUP_KEYS, n=1, cutoff=0.6)
             inv.problem(f"group {name}", f"unknown key {str(key)!r}; a group holds only hosts, children and vars"
                         + (f" (did you mean {close[0]!r}?)" if close else ""))
             continue
@@ -326,7 +327,7 @@ def _literal(text: str):
 
     try:
         return plain(value)
-    except RecursionError:
+    except (RecursionError, TypeError):   # too deep, or a tuple key that became an (unhashable) list
         return text
 
 

@@ -233,14 +233,14 @@ class _Checker:
             bad(settings["key"][0], "must be the path of a private key file")
         ssh_args: list[str] = []
         for name in ("common_args", "extra_args"):
-            if name in settings:
-                var, value = settings[name]
-                try:
-                    ssh_args += shlex.split(value) if isinstance(value, str) else [None]
-                except ValueError as exc:
-                    bad(var, f"cannot be split into ssh arguments: {exc}")
-                if None in ssh_args:
-                    bad(var, "must be a string of ssh arguments, e.g. '-o ProxyJump=gateway'")
+            var, value = settings.get(name, (None, ""))
+            if not isinstance(value, str):
+                bad(var, "must be a string of ssh arguments, e.g. '-o ProxyJump=gateway'")
+                continue
+            try:
+                ssh_args += shlex.split(value)
+            except ValueError as exc:
+                bad(var, f"cannot be split into ssh arguments: {exc}")
         if not ok:
             return None
         return Connection(address, port, user, str(Path(key).expanduser()) if key else None, tuple(ssh_args))
@@ -294,6 +294,8 @@ def load_fleet(inventory_path: str, spec_path: str | None = None, *, limit: str 
     for problem, hosts in spec_problems.items():
         fleet.problems.append(problem.line(f"{inv.source}: {_hosts(hosts)}"))
     fleet.problems += _clashes(inv.source, fleet.devices)
+    if not fleet.devices and not limit:
+        fleet.problems.append(f"{inv.source}: names no hosts; list the devices in it (docs/fleet.md shows how)")
     return fleet
 
 

@@ -43,6 +43,7 @@ class Settings:
 
     connect_timeout: float = 10.0
     accept_new_host_keys: bool = False
+    allow_rename: bool = False      # push a spec whose hostName differs from the one the device runs
     author: tuple[str, str] = ("kiosk fleet", "kiosk@localhost")
     message: str = "kiosk fleet push"
 
@@ -147,12 +148,18 @@ class DeviceRepo:
         self.main = self.git("rev-parse", MAIN).stdout.strip()
         current = self.git("cat-file", "blob", f"{MAIN}:{SPEC_FILE}", check=False).stdout
         try:
-            same = json.loads(current.removeprefix("\ufeff")) == self.device.data
+            running = json.loads(current.removeprefix("\ufeff"))
         except ValueError:
-            same = False
-        if same:
+            running = None
+        if running == self.device.data:
             return Outcome("unchanged", "main already carries this nixiosk.json", self.main,
                            seconds=time.monotonic() - started)
+        name, wanted = running.get("hostName") if isinstance(running, dict) else None, self.device.data["hostName"]
+        if isinstance(name, str) and name != wanted and not self.settings.allow_rename:
+            # the inventory reached another device than it means (a wrong ansible_host, a reused address)
+            return Outcome("refused", f"this device is {name!r} (its main's nixiosk.json), not {wanted!r}: is "
+                           f"{self.device.connection.label} the right address? (--allow-rename to rename it)",
+                           self.main, seconds=time.monotonic() - started)
         return None
 
     def commit(self) -> str:
