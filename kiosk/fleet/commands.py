@@ -65,10 +65,7 @@ def cmd_show(args) -> int:
             print(f"# {device.name}: groups {', '.join(g for g in device.groups if g != 'all') or '-'}; "
                   f"reached as {reach}{state}")
             print(device.text)
-    if fleet.problems:
-        print(f"kiosk: {len(fleet.problems)} problem(s) in {args.inventory}", file=sys.stderr)
-        return 2
-    return 0
+    return 2 if fleet.problems else 0
 
 
 # ---------------------------------------------------------------- push

@@ -210,7 +210,7 @@ def load_yaml(text: str, inv: Inventory, label: str):
         what = " ".join(part for part in (exc.context, exc.problem) if part)
         inv.problems.append(one_line(f"{label}: {where}: {what}; fix the YAML there"))
         return None
-    except (yaml.YAMLError, RecursionError) as exc:
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:   # ValueError: a 5000-digit integer
         why = "nests too deep" if isinstance(exc, RecursionError) else str(exc)
         inv.problems.append(one_line(f"{label}: cannot be read as YAML: {why}"))
         return None
@@ -516,7 +516,7 @@ def read_inventory(path: str | Path) -> Inventory:
 def select(inv: Inventory, limit: str | None) -> list[str]:
     """Hosts matching an Ansible-style --limit: names or groups (wildcards allowed), ',' between them,
     '!x' leaves x out, '&x' keeps only what is also in x. The inventory's order is kept."""
-    if not limit:
+    if limit is None:
         return list(inv.hosts)
 
     def hosts_of(term: str) -> set[str]:
@@ -530,6 +530,8 @@ def select(inv: Inventory, limit: str | None) -> list[str]:
         return found
 
     terms = [t.strip() for t in limit.split(",") if t.strip()]
+    if not terms:
+        raise UsageError("--limit names no host or group", hint="give names or groups, e.g. --limit lobby,cafe-01")
     chosen: set[str] = set()
     plain = [t for t in terms if t[0] not in "!&"]
     for term in plain:

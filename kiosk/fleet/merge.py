@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiosk.core.errors import InvalidSpec, KioskError, one_line
-from kiosk.core.inputs import InputRefused, read_small
 from kiosk.core.paths import REPO
 from kiosk.fleet.inventory import Inventory, read_inventory, select
 from kiosk.spec import load as specmod
-from kiosk.spec.jsontext import MAX_BYTES, parse_json, pointer
+from kiosk.spec.jsontext import parse_json, pointer
 
 # Ansible's connection variables kiosk uses (with their older ansible_ssh_* spellings)
 CONNECTION_VARS = {
@@ -47,7 +46,8 @@ _BAD_HOST = re.compile(r"[\s\x00-\x1f\x7f/@\\]")
 
 
 class FleetInvalid(InvalidSpec):
-    """Every problem of an inventory and its devices' specs, one line each, in the order found (exit 2)."""
+    """Every problem of an inventory and its devices' specs, one line each, in the order found (exit 2:
+    nothing is built or deployed). As `kiosk validate`, the problem lines and nothing else."""
 
     def __init__(self, lines: list[str]):
         self.lines = lines
@@ -55,7 +55,7 @@ class FleetInvalid(InvalidSpec):
         KioskError.__init__(self, "\n".join(lines))
 
     def render(self) -> str:
-        return "\n".join(self.lines) + f"\nkiosk: {len(self.lines)} problem(s); nothing was deployed or built"
+        return "\n".join(self.lines)
 
 
 @dataclass(frozen=True)
@@ -250,16 +250,13 @@ def read_base(path: str | None, default: str = "nixiosk.json") -> tuple[dict, li
     """The base spec as data (not checked: a base may leave hostName to the inventory), and its problems.
 
     No SPEC given and no nixiosk.json here: the inventory's variables are the whole spec."""
-    name = path or default
     if path is None and not Path(default).exists():
         return {}, []
+    name = default if path is None else path
     try:
-        raw = read_small(Path(name), "spec file", MAX_BYTES, hint="name a regular spec file")
-        data = parse_json(specmod.decode(raw, name), name)
+        data = parse_json(specmod.decode(specmod.read_file(name), name), name)
     except InvalidSpec as exc:
         return {}, exc.render().splitlines()
-    except InputRefused as refused:
-        return {}, [one_line(f"{name}: {refused.reason}")]
     if not isinstance(data, dict):
         return {}, [f"{name}: /: the base spec must be a JSON object; start from nixiosk.json.sample"]
     return data, []
@@ -273,7 +270,9 @@ def load_fleet(inventory_path: str, spec_path: str | None = None, *, limit: str 
     if not inv.readable:
         return fleet
     base, base_problems = read_base(spec_path)
-    fleet.problems += base_problems
+    if base_problems:   # every device's spec would be wrong for the same reason: say it once
+        fleet.problems += base_problems
+        return fleet
     checker = _Checker(fleet)
     spec_problems: dict = {}    # one problem shared by many hosts (a group's bad value) is one line
     for host in select(inv, limit):
@@ -294,7 +293,7 @@ def load_fleet(inventory_path: str, spec_path: str | None = None, *, limit: str 
     for problem, hosts in spec_problems.items():
         fleet.problems.append(problem.line(f"{inv.source}: {_hosts(hosts)}"))
     fleet.problems += _clashes(inv.source, fleet.devices)
-    if not fleet.devices and not limit:
+    if not fleet.devices and limit is None:
         fleet.problems.append(f"{inv.source}: names no hosts; list the devices in it (docs/fleet.md shows how)")
     return fleet
 
