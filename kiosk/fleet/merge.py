@@ -216,7 +216,8 @@ class _Checker:
                 "devices over ssh only; remove it or set it to ssh")
         address = settings.get("host", (None, None))[1]
         if address is None:   # a FQDN or address as the inventory name is the address, as for Ansible
-            address = host if ("." in host or ":" in host) else f"{hostname if isinstance(hostname, str) else host}.local"
+            name = hostname if isinstance(hostname, str) else host
+            address = host if ("." in host or ":" in host) else f"{name}.local"
         elif not isinstance(address, str) or not address or _BAD_HOST.search(address) or address.startswith("-"):
             bad(settings["host"][0], "must be a host name or an address (no spaces, '/', '@', or a leading '-')")
         port = settings.get("port", (None, 22))[1]

@@ -55,7 +55,8 @@ def failure_budget(text: str, total: int) -> int:
     try:
         number = float(value[:-1]) if value.endswith("%") else int(value)
     except ValueError:
-        raise UsageError(f"--max-failures {one_line(text)[:40]!r} is neither a count (2) nor a percentage (10%)") from None
+        raise UsageError(f"--max-failures {one_line(text)[:40]!r} is neither a count (2) nor a percentage "
+                         "(10%)") from None
     if not math.isfinite(number) or number < 0 or (value.endswith("%") and number > 100):
         raise UsageError(f"--max-failures {value} must be a count of 0 or more, or a percentage from 0% to 100%")
     return math.floor(total * number / 100) if value.endswith("%") else int(number)
