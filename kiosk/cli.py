@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "kiosk.net.screenshot",      # screenshot
     "kiosk.builders.commands",        # builders check/authorize (build --builder is kiosk.builders.remote)
     "kiosk.buildhost.commands",       # builder-serve
+    "kiosk.fleet.commands",          # fleet show/build/push/status/discover
     "kiosk.device.hooks",           # hook entry points used by configuration.git
 )
 
@@ -42,7 +43,7 @@ COMMANDS = {
     "discover": "kiosk.net.discover", "resolve": "kiosk.net.discover", "ssh-proxy": "kiosk.net.discover",
     "ssh-config": "kiosk.net.discover", "screenshot": "kiosk.net.screenshot",
     "builders": "kiosk.builders.commands",
-    "builder-serve": "kiosk.buildhost.commands",
+    "builder-serve": "kiosk.buildhost.commands", "fleet": "kiosk.fleet.commands",
     "hook": "kiosk.device.hooks",
 }
 

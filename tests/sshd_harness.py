@@ -43,6 +43,15 @@ def keygen(path: Path, comment: str) -> str:
     return (path.with_suffix(".pub") if path.suffix else Path(str(path) + ".pub")).read_text().strip()
 
 
+def key_set(directory: Path, names, comment: str = "test") -> dict:
+    """{name: private key path, name + "_pub": public line} for fresh ed25519 keys (host and client keys)."""
+    out = {}
+    for name in names:
+        out[name] = directory / f"{name}_ed25519"
+        out[name + "_pub"] = keygen(out[name], f"{name}@{comment}")
+    return out
+
+
 def snapshot(root: Path) -> dict:
     """Everything under root that matters: type, mode, owner, contents or link target (no times)."""
     out = {}
@@ -61,10 +70,16 @@ def snapshot(root: Path) -> dict:
 
 
 class Device:
-    """ROOT with generation 1, and an sshd whose git pushes run the hooks against ROOT."""
+    """ROOT with generation 1, and an sshd whose git pushes run the hooks against ROOT.
 
-    def __init__(self, tmp: Path, spec: dict, client_pub: str, host_key: Path, *, env: dict | None = None):
+    device_paths=True: the repository is also reached as a real device's, ssh://root@HOST:PORT/etc/kiosk/...
+    netns/address/port: sshd runs in that network namespace, listening there (a device on a test LAN, port 22)."""
+
+    def __init__(self, tmp: Path, spec: dict, client_pub: str, host_key: Path, *, env: dict | None = None,
+                 device_paths: bool = False, netns: str | None = None, address: str = "127.0.0.1",
+                 port: int | None = None):
         self.tmp = tmp
+        self.netns, self.address = netns, address
         self.root = tmp / "device"
         self.root.mkdir()
         self.recording = tmp / "recording.json"
@@ -75,7 +90,7 @@ class Device:
                                                                make_plan(spec), epoch=EPOCH,
                                                                hooks_dir=resources.hooks_dir())
         self.repo = self.root / resources.REPO
-        self.port = free_port()
+        self.port = port or free_port()
         (tmp / "authorized_keys").write_text(client_pub + "\n")
         hook_env = {
             "KIOSK_ROOT": str(self.root),
@@ -86,20 +101,33 @@ class Device:
             "PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
         }
         hook_env.update(env or {})
-        config = tmp / "sshd_config"
-        config.write_text(
-            f"Port {self.port}\nListenAddress 127.0.0.1\nHostKey {host_key}\nPidFile {tmp}/sshd.pid\n"
+        self.config = tmp / "sshd_config"
+        self.config.write_text(
+            f"Port {self.port}\nListenAddress {address}\nHostKey {host_key}\nPidFile {tmp}/sshd.pid\n"
             f"AuthorizedKeysFile {tmp}/authorized_keys\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
             "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
             "MaxStartups 30:30:60\nMaxSessions 30\nLogLevel VERBOSE\n"
-            "SetEnv " + " ".join(f"{k}={v}" for k, v in hook_env.items()) + "\n")
+            "SetEnv " + " ".join(f"{k}={v}" for k, v in hook_env.items()) + "\n"
+            # device_paths: reached as a real device is, at /etc/kiosk/configuration.git (see device_shell.py)
+            + (f"ForceCommand {sys.executable} {Path(__file__).with_name('device_shell.py')}\n" if device_paths else ""))
         self.log = tmp / "sshd.log"
+        self.start()
+
+    def start(self) -> None:
+        """Start sshd (again, after close(): the device is back on the network, same port and host key)."""
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
-        self.proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(config), "-E", str(self.log)])
+        inside = ["ip", "netns", "exec", self.netns] if self.netns else []
+        if self.netns:
+            self.log.unlink(missing_ok=True)   # the readiness check below reads it
+        self.proc = subprocess.Popen([*inside, "/usr/sbin/sshd", "-D", "-f", str(self.config), "-E", str(self.log)])
         deadline = time.monotonic() + 10
         while True:
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                if self.netns:   # not reachable from here: sshd says when it listens
+                    if f"Server listening on {self.address} port {self.port}" not in self.log.read_text():
+                        raise OSError("not yet")
+                else:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 break
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -84,6 +84,11 @@ def _shared_files(base: Path) -> dict[str, str]:
         "bom": b"\xef\xbb\xbf" + SAMPLE.read_bytes(),
         "lines": b"\n" * 1000 + b"0" * 40 + b" " + b"f" * 40 + b" refs/heads/main\n",
         "garbage": bytes(range(256)) * 16,
+        "inventory": b"all:\n  hosts:\n    kiosk-one:\n",
+        "yamlbomb": b"a: &a [x, x, x, x, x, x, x, x, x, x]\n" + b"".join(
+            b"%c: &%c [%s]\n" % (98 + i, 98 + i, b", ".join([b"*%c" % (97 + i)] * 10)) for i in range(9)),
+        "yamldeep": b"[" * 100_000 + b"]" * 100_000,
+        "yamltab": b"all:\n\thosts: x\n",
     }
     out = {}
     for name, data in files.items():
@@ -313,6 +318,25 @@ def _cases() -> list[Case]:
                           ["builders", "authorize", "--authorized-keys", f"{{{name}}}", "--key", "{sample}", "{sample}"]))
     for name in ["devzero", "huge", "deep", "deepobj", "surrogate", "latin1", "utf16", "bigint", "nan", "garbage"]:
         cases.append(Case(f"builder-serve-stdin-{name}", ["builder-serve"], stdin=f"{{{name}}}"))
+
+    # fleet: the inventory (YAML or INI, read by kiosk/fleet), the base spec, the numbers
+    inventories = FILES + ["yamlbomb", "yamldeep", "yamltab"]
+    cases += _spec_cases(["fleet", "show"], "fleet-show", files=inventories)
+    cases += _spec_cases(["fleet", "push", "--json"], "fleet-push", files=["fifo", "devzero", "dir", "huge",
+                                                                          "yamlbomb", "utf16"])
+    cases += _spec_cases(["fleet", "status"], "fleet-status", files=["fifo", "devzero", "missing", "yamldeep"])
+    cases += _spec_cases(["fleet", "build", "-o", "{dir}"], "fleet-build", files=["fifo", "devzero", "missing"])
+    cases += _spec_cases(["fleet", "show", "{inventory}"], "fleet-show-spec",
+                         files=["fifo", "devzero", "dir", "missing", "huge", "deep", "surrogate", "utf16", "nan"])
+    for option in ("--max-failures", "--connect-timeout", "--batch", "--parallel", "--canary"):
+        for value in ["nan", "inf", "-1", "150%", "9" * 5000, ""]:
+            cases.append(Case(f"fleet-push{option}={value[:8]}",
+                              ["fleet", "push", "{inventory}", "{sample}", option, value]))
+    for value in ["nan", "inf", "-1", "1e309", "0"]:
+        cases.append(Case(f"fleet-status--timeout={value}", ["fleet", "status", "{inventory}", "--timeout", value]))
+        cases.append(Case(f"fleet-discover--timeout={value}", ["fleet", "discover", "--timeout", value]))
+    for label, limit in (("surrogate", SURROGATE_ARG), ("nothing", "nosuch"), ("empty", ""), ("long", LONG_ARG)):
+        cases.append(Case(f"fleet-show--limit-{label}", ["fleet", "show", "{inventory}", "{sample}", "--limit", limit]))
 
     # hook: git's lines on stdin, an empty device root (kiosk/device)
     for hook in ("pre-receive", "post-receive"):

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from conftest import kiosk_cli
-from sshd_harness import Client, Device, keygen, remote_lines, snapshot
+from sshd_harness import Client, Device, key_set, remote_lines, snapshot
 
 from kiosk.device import links, pending, store, switch
 
@@ -24,12 +24,7 @@ REJECTED = "! [remote rejected] main -> main (pre-receive hook declined)"
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("keys")
-    out = {}
-    for name in ("host", "client", "stranger"):
-        out[name] = tmp / f"{name}_ed25519"
-        out[name + "_pub"] = keygen(out[name], f"{name}@test")
-    return out
+    return key_set(tmp_path_factory.mktemp("keys"), ("host", "client", "stranger"))
 
 
 @pytest.fixture

@@ -106,8 +106,8 @@ def run(argv, *, input: str | bytes | None = None, env: dict | None = None, drop
     return proc
 
 
-def run_lines(argv, on_line: Callable[[str], None], *, env: dict | None = None, cwd: Path | str | None = None,
-              what: str | None = None, hint: str = "", tail: int = 20,
+def run_lines(argv, on_line: Callable[[str], None], *, env: dict | None = None, drop_env: tuple[str, ...] = (),
+              cwd: Path | str | None = None, what: str | None = None, hint: str = "", tail: int = 20,
               important: Callable[[str], bool] = lambda line: False) -> None:
     """Run argv, handing each line it prints (stdout and stderr together) to on_line as it comes.
 
@@ -119,7 +119,7 @@ def run_lines(argv, on_line: Callable[[str], None], *, env: dict | None = None, 
     errors: list[str] = []
     try:
         proc = subprocess.Popen([str(a) for a in argv], stdout=PIPE, stderr=STDOUT, stdin=DEVNULL, cwd=cwd,
-                                env=environment(env), text=True, errors="replace", bufsize=1)
+                                env=environment(env, drop=drop_env), text=True, errors="replace", bufsize=1)
     except FileNotFoundError:
         raise _missing(argv, what) from None
     assert proc.stdout is not None

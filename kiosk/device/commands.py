@@ -130,7 +130,7 @@ def register(sub) -> None:
     import argparse
 
     def add_root(p):
-        p.add_argument("--root", default="/", help=argparse.SUPPRESS)
+        p.add_argument("--root", default=None, help=argparse.SUPPRESS)   # default: KIOSK_ROOT, else /
 
     p = sub.add_parser("generations", help="the device's generations: number, date, commit, status, current",
                        description="List the generations on this device (run on the device).")

@@ -248,6 +248,9 @@ def _from_cache(cached: dict) -> PackageIndex | None:
         return None
 
 
+_READ: dict[Path, tuple[float, PackageIndex]] = {}   # cache file -> (fetched, index), as read by this process
+
+
 def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None = None) -> PackageIndex:
     """The archive's package names for (mirror, suite, arch), from cache when fresh.
 
@@ -255,6 +258,9 @@ def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None 
     deadline: seconds the fetch may take in all (default KIOSK_ARCHIVE_TIMEOUT, else 120).
     """
     cache = _cache_file(mirror, suite, arch)
+    memo = _READ.get(cache)
+    if memo and time.time() - memo[0] < CACHE_SECONDS:   # read once per process (a fleet checks 100 specs)
+        return memo[1]
     offline = paths.setting("KIOSK_OFFLINE") == "1"
     cached = None
     if cache.is_file():
@@ -268,6 +274,8 @@ def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None 
         cached = None
     fresh = cached and time.time() - cached[0] < CACHE_SECONDS
     if cached and (fresh or offline):
+        if fresh:
+            _READ[cache] = cached
         return cached[1]
     if offline:
         raise ArchiveUnavailable("KIOSK_OFFLINE=1 and no cached package index")
@@ -280,7 +288,9 @@ def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None 
     record = {"fetched": time.time(), "packages": sorted(packages),
               "provides": {k: sorted(v) for k, v in sorted(provides.items())}}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp = cache.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")   # two threads may fetch at once
     tmp.write_text(json.dumps(record))
     os.replace(tmp, cache)
-    return PackageIndex(frozenset(packages), {k: tuple(sorted(v)) for k, v in provides.items()})
+    index = PackageIndex(frozenset(packages), {k: tuple(sorted(v)) for k, v in provides.items()})
+    _READ[cache] = (record["fetched"], index)
+    return index

@@ -476,6 +476,11 @@ def from_bytes(raw: bytes, source: str = "nixiosk.json", *, known_packages=froze
 
 def load(path: str | Path) -> Spec:
     """Check the spec file at `path`: a regular file of at most MAX_BYTES (a FIFO or /dev/zero is refused)."""
+    return from_bytes(read_file(path), str(path))
+
+
+def read_file(path: str | Path) -> bytes:
+    """The bytes of the spec file at `path` (a regular file of at most MAX_BYTES); InvalidSpec saying why not."""
     path = Path(path)
     try:
         raw = read_small(path, "spec file", MAX_BYTES, hint="name a regular spec file")
@@ -489,7 +494,7 @@ def load(path: str | Path) -> Spec:
             raise InvalidSpec(str(path), [Problem("", f"cannot be read: {refused.reason}",
                                                   "check its permissions")]) from None
         raise InvalidSpec(str(path), [Problem("", refused.reason, refused.hint)]) from None
-    return from_bytes(raw, str(path))
+    return raw
 
 
 def builder_architectures(systems: list[str]) -> list[str]:
