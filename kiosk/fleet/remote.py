@@ -26,8 +26,7 @@ from pathlib import Path
 from kiosk.core.errors import KioskError, one_line
 from kiosk.core.run import run, run_lines
 from kiosk.fleet.merge import Connection, Device
-from kiosk.net.discover import kiosk_command
-from kiosk.net.mdns import is_mdns_host
+from kiosk.net.reach import ssh_command
 
 SPEC_FILE = "nixiosk.json"
 MAIN = "refs/heads/main"
@@ -63,18 +62,10 @@ class Outcome:
 
 
 def ssh_argv(conn: Connection, settings: Settings) -> list[str]:
-    """ssh and its options for this device (the inventory's own ssh arguments first: ssh keeps the first value)."""
-    argv = ["ssh", *conn.ssh_args, "-o", "BatchMode=yes",
-            "-o", f"ConnectTimeout={max(1, round(settings.connect_timeout))}",
-            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
-            "-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "LogLevel=ERROR"]
-    if settings.accept_new_host_keys:
-        argv += ["-o", "StrictHostKeyChecking=accept-new"]
-    if conn.key:
-        argv += ["-i", conn.key, "-o", "IdentitiesOnly=yes"]
-    if is_mdns_host(conn.host):
-        argv += ["-o", f"ProxyCommand={kiosk_command()} ssh-proxy %h %p"]
-    return argv
+    """ssh and its options for this device (net.reach's, the inventory's own ssh arguments first)."""
+    return ssh_command(conn.host, identity=conn.key, leading=conn.ssh_args,
+                       options=["StrictHostKeyChecking=accept-new"] if settings.accept_new_host_keys else (),
+                       connect_timeout=settings.connect_timeout)
 
 
 def commit_identity() -> tuple[str, str]:

@@ -1,18 +1,19 @@
 """Reaching a kiosk from the user's machine: the one ssh command line kiosk's laptop-side commands use.
 
-The user's own ssh setup applies (~/.ssh/config, known_hosts, keys): kiosk adds no-prompt options,
-and for a `<host>.local` name this machine cannot resolve, its own mDNS proxy (`kiosk ssh-proxy`).
-Host key checking stays whatever the user has: kiosk never turns it off.
+The user's own ssh setup applies (~/.ssh/config, known_hosts, keys): kiosk adds what an unattended
+command needs (BatchMode: nothing waits for a prompt; a connect timeout; keep-alives; no agent or X11
+forwarding) and for a `<host>.local` name its own mDNS resolver (`kiosk ssh-proxy`). Host key
+checking stays whatever the user has: kiosk never turns it off. kiosk screenshot and kiosk fleet use it.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
-import socket
 
 from kiosk.core.errors import UsageError
 from kiosk.core.paths import number_setting, setting
+from kiosk.net.mdns import is_mdns_host
 
 # A host name (RFC 1123 labels), an IPv4 address or a bracket-free IPv6 address; never an ssh option.
 _HOST = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$|^[0-9A-Fa-f:.]+$")
@@ -26,32 +27,35 @@ def check_host(host: str) -> str:
     return host
 
 
-def _resolvable(host: str) -> bool:
-    try:
-        socket.getaddrinfo(host, None)
-        return True
-    except (OSError, UnicodeError):
-        return False
+def ssh_command(host: str, *, identity: str | None = None, options=(), leading=(),
+                connect_timeout: float | None = None) -> list[str]:
+    """ssh and its options for reaching `host` (no host, no command: also GIT_SSH_COMMAND). `leading` are
+    ssh arguments that must come first (an inventory's own: ssh keeps the first value of an option)."""
+    from kiosk.net.discover import kiosk_command
+
+    if connect_timeout is None:
+        connect_timeout = number_setting("KIOSK_SSH_CONNECT_TIMEOUT", 15, least=1)
+    # KIOSK_SSH_COMMAND (like GIT_SSH_COMMAND), as kiosk build --builder reads it
+    argv = [*shlex.split(setting("KIOSK_SSH_COMMAND", "ssh")), *leading, "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={max(1, round(connect_timeout))}",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4",
+            "-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "LogLevel=ERROR"]
+    for option in options:
+        argv += ["-o", option]
+    if identity:
+        argv += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
+    if is_mdns_host(host):   # kiosk's own mDNS resolver, as `kiosk ssh-config` sets up
+        argv += ["-o", f"ProxyCommand={kiosk_command()} ssh-proxy %h %p"]
+    return argv
 
 
 def ssh_argv(host: str, *, port: int | None = None, identity: str | None = None, options=(),
              user: str = "root") -> list[str]:
     """ssh to the device as root (its only login), up to and including the host; the caller adds the command."""
-    from kiosk.net.discover import kiosk_command
-
     check_host(host)
-    timeout = max(1, round(number_setting("KIOSK_SSH_CONNECT_TIMEOUT", 15, least=1)))
-    # KIOSK_SSH_COMMAND (like GIT_SSH_COMMAND), as kiosk build --builder reads it
-    argv = [*shlex.split(setting("KIOSK_SSH_COMMAND", "ssh")), "-o", "BatchMode=yes", "-o", f"ConnectTimeout={timeout}", "-o", "LogLevel=ERROR",
-            "-l", user]
+    argv = [*ssh_command(host, identity=identity, options=options), "-l", user]
     if port:
         argv += ["-p", str(port)]
-    if identity:
-        argv += ["-i", str(identity), "-o", "IdentitiesOnly=yes"]
-    for option in options:
-        argv += ["-o", option]
-    if host.endswith(".local") and not _resolvable(host):
-        argv += ["-o", f"ProxyCommand={kiosk_command()} ssh-proxy %h %p"]
     return [*argv, "--", host]
 
 
