@@ -460,6 +460,80 @@ def test_a_push_that_adds_a_package_installs_it_from_the_mirror(kiosk, tmp_path)
     assert state["generations"][-1]["commit"] == commit and state["current"] == state["generations"][-1]["number"]
 
 
+FLEET_VM_ARGS = ["--title=fleet", "--", "/bin/sh", "-c", "echo pushed by kiosk fleet; exec sleep infinity"]
+FLEET_HARNESS_ARGS = ["--title=harness"]
+
+
+def test_a_fleet_push_reaches_the_booted_device(kiosk, boot_key, tmp_path):
+    """`kiosk fleet push` with the booted qemu device as the canary of a 3-device fleet (two harness devices,
+    tests/sshd_harness.py), each group with its own argv: real systemd, sshd and hooks on the VM."""
+    if kiosk.board != "qemu":
+        pytest.skip("one booted device in a fleet run proves the path; the qemu target is the quickest")
+    from sshd_harness import Device, keygen
+
+    from kiosk.device import store
+
+    vm, spec, (key, public) = kiosk.vm, kiosk.spec, boot_key
+    generation = json.loads(vm.ssh("kiosk generations --json").stdout)["generations"][-1]["number"] + 1
+    host_key = " ".join(vm.ssh("cat /etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[:2])
+    harness_key = tmp_path / "harness_host"
+    harness_pub = " ".join(keygen(harness_key, "harness").split()[:2])
+    devices = {}
+    try:
+        for name in ("harness-1", "harness-2"):
+            (tmp_path / name).mkdir()
+            devices[name] = Device(tmp_path / name, dict(copy.deepcopy(spec), hostName=name), public, harness_key,
+                                   device_paths=True)
+        known = tmp_path / "known_hosts"
+        known.write_text(f"[127.0.0.1]:{vm.port} {host_key}\n"
+                         + "".join(f"[127.0.0.1]:{d.port} {harness_pub}\n" for d in devices.values()))
+        (tmp_path / "ssh_config").write_text("")
+        base = copy.deepcopy(spec)
+        del base["hostName"]
+        (tmp_path / "nixiosk.json").write_text(json.dumps(base, indent=2))
+        inventory = {"all": {
+            "vars": {"ansible_host": "127.0.0.1", "ansible_ssh_private_key_file": str(key),
+                     "ansible_ssh_common_args": f"-F {tmp_path}/ssh_config -o UserKnownHostsFile={known}"},
+            "children": {
+                "vm": {"hosts": {spec["hostName"]: {"ansible_port": vm.port}}, "vars": {"program": {"args": FLEET_VM_ARGS}}},
+                "harness": {"hosts": {n: {"ansible_port": d.port} for n, d in devices.items()},
+                            "vars": {"program": {"args": FLEET_HARNESS_ARGS}}}}}}
+        (tmp_path / "fleet.yml").write_text(json.dumps(inventory, indent=2))   # JSON is YAML
+
+        before = int(vm.ssh("systemctl show -p MainPID --value kiosk.service").stdout)
+        started = time.monotonic()
+        r = kiosk_cli("fleet", "push", "fleet.yml", "nixiosk.json", "--batch", "2", "--json", "-v", cwd=tmp_path)
+        print(f"\n[qemu] fleet push of 3 devices (the VM the canary): {time.monotonic() - started:.1f} s\n{r.stderr}")
+        assert r.returncode == 0, r.stdout + r.stderr
+        rows = {row["host"]: row for row in json.loads(r.stdout)["devices"]}
+        assert rows[spec["hostName"]]["wave"] == "canary" and rows[spec["hostName"]]["result"] == "deployed"
+        assert {row["result"] for row in rows.values()} == {"deployed"}, rows
+
+        # the VM: generation 2 active, main at the pushed commit, cage restarted with the group's argv
+        state = json.loads(vm.ssh("kiosk generations --json").stdout)
+        assert state["current"] == state["default"] == generation == rows[spec["hostName"]]["generation"]
+        assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout.strip() == \
+            rows[spec["hostName"]]["commit"]
+        pid = vm.wait_for_program(spec["program"]["executable"], timeout=300)
+        assert int(vm.ssh("systemctl show -p MainPID --value kiosk.service").stdout) != before
+        assert vm.cmdline(pid)[1:] == FLEET_VM_ARGS
+        for name, device in devices.items():
+            assert store.pointer(device.root) == 2
+            assert json.loads((device.root / "var/lib/kiosk/current/root/etc/kiosk/program.json").read_text())[4:] \
+                == FLEET_HARNESS_ARGS
+
+        # status over the same ssh: all three healthy; a rerun changes nothing
+        r = kiosk_cli("fleet", "status", "fleet.yml", "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert {row["host"]: row["generation"] for row in json.loads(r.stdout)["devices"]} == \
+            {spec["hostName"]: generation, "harness-1": 2, "harness-2": 2}
+        r = kiosk_cli("fleet", "push", "fleet.yml", "nixiosk.json", "--json", cwd=tmp_path)
+        assert r.returncode == 0 and {row["result"] for row in json.loads(r.stdout)["devices"]} == {"unchanged"}
+    finally:
+        for device in devices.values():
+            device.close()
+
+
 @pytest.mark.root
 @pytest.mark.xdist_group("boot-power-cut")
 def test_power_cut_during_a_push_leaves_one_whole_generation(boot_key, tmp_path_factory, tmp_path):
