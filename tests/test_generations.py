@@ -781,7 +781,8 @@ echo "$@" >> {tmp_path}/calls
 case "$1" in
 show) n=$(cat {tmp_path}/count 2>/dev/null || echo 0); echo $((n+1)) > {tmp_path}/count
   printf 'Id=kiosk.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nResult=success\\n'
-  printf 'NRestarts=%s\\nExecMainStartTimestampMonotonic=%s\\nExecMainStatus=0\\n\\n' $n $((n*100))
+  printf 'NRestarts=%s\\nExecMainStartTimestampMonotonic=%s\\nExecMainStatus=0\\nMainPID={os.getpid()}\\n\\n' \
+    $n $((n*100))
   printf 'Id=kiosk-agent.service\\nLoadState=loaded\\nActiveState=activating\\nSubState=auto-restart\\n'
   printf 'Result=exit-code\\nNRestarts=3\\nExecMainStartTimestampMonotonic=5\\nExecMainStatus=1\\n\\n'
   printf 'Id=ssh.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nResult=success\\n'
@@ -807,3 +808,37 @@ exit 0
     assert (tmp_path / "calls").read_text().splitlines()[:4] == [
         "daemon-reload", "restart kiosk.service", "reload-or-restart ssh.service", "restart bad.service"]
     assert activation.from_env(tmp_path).name == "none"  # never systemctl for a tree that is not /
+
+
+def test_the_health_check_waits_for_the_program_to_start(tmp_path, monkeypatch):
+    """kiosk.service counts as healthy only once cage's child (the program) runs and stays: a slow board's
+    cage still starting is not health, and one that never starts the program fails after
+    KIOSK_HEALTH_START_SECONDS."""
+    import subprocess
+    import sys
+    import time
+
+    cage = subprocess.Popen([sys.executable, "-c", "import subprocess, sys; "
+                             "subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"])
+    lonely = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        def fake(pid):
+            path = tmp_path / f"systemctl-{pid}"
+            path.write_text(f"""#!/bin/sh
+printf 'Id=kiosk.service\\nLoadState=loaded\\nActiveState=active\\nSubState=running\\nResult=success\\n'
+printf 'NRestarts=0\\nExecMainStartTimestampMonotonic=5\\nExecMainStatus=0\\nMainPID={pid}\\n\\n'
+""")
+            path.chmod(0o755)
+            return activation.SystemdActivator(systemctl=str(path))
+
+        deadline = time.monotonic() + 30
+        while not activation._has_child(str(cage.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)    # (the stand-in cage starts its program)
+        assert fake(cage.pid).health(["kiosk.service"], 0.01) == []
+        monkeypatch.setenv("KIOSK_HEALTH_START_SECONDS", "1")
+        assert fake(lonely.pid).health(["kiosk.service"], 0.01) == [
+            "kiosk.service: the program did not start within 1s"]
+    finally:
+        for proc in (cage, lonely):
+            proc.kill()
+            proc.wait()

@@ -34,6 +34,7 @@ DEFAULT_TARGET = f"{UNIT_DIR}/default.target"
 UNIT_SUFFIXES = (".service", ".socket", ".target", ".timer", ".path", ".mount")
 # The kiosk itself and the device agent: every switch checks that both come up and stay up.
 HEALTH_UNITS = ("kiosk.service", "kiosk-agent.service")
+PROGRAM_UNIT = "kiosk.service"   # cage, whose child is the program: healthy once that has started and stays
 DEFAULT_SETTLE_SECONDS = 4.0
 
 # Configuration files that services read at start: (path or prefix, action, argument).
@@ -296,7 +297,8 @@ class SystemdActivator(Activator):
         self._run("--no-block", "start", "default.target", check=False)
 
     def _show(self, units: list[str]) -> dict[str, dict[str, str]]:
-        props = "Id,LoadState,ActiveState,SubState,Result,NRestarts,ExecMainStartTimestampMonotonic,ExecMainStatus"
+        props = ("Id,LoadState,ActiveState,SubState,Result,NRestarts,ExecMainStartTimestampMonotonic,ExecMainStatus,"
+                 "MainPID")
         proc = self._run("show", "-p", props, "--", *units, check=False)
         out, current = {}, {}
         for unit, block in zip(units, proc.stdout.split("\n\n")):
@@ -304,25 +306,69 @@ class SystemdActivator(Activator):
             out[unit] = current
         return out
 
+    def _wait_for_program(self, unit: str, first: dict, settle: float) -> tuple[dict, str | None]:
+        """Until cage has started the program (the unit's main process has a child): a slow board (a Pi 0,
+        or one under TCG) takes many seconds to get there, and a program that dies at once must be seen
+        dying, not an unfinished cage taken for health. Returns (the unit's state then, a problem or None)."""
+        deadline = time.monotonic() + program_start_seconds()
+        while True:
+            now = self._show([unit]).get(unit, {})
+            problem = _compare(unit, first, now, settle)
+            if problem or now.get("ActiveState") not in ("active", "activating", "reloading"):
+                return now, problem
+            if _has_child(now.get("MainPID", "0")):
+                return now, None
+            if time.monotonic() > deadline:
+                return now, f"{unit}: the program did not start within {program_start_seconds():.0f}s"
+            time.sleep(0.5)
+
     def health(self, units, settle):
         if not units:
             return []
         first = self._show(units)
+        problems = {}
+        if PROGRAM_UNIT in units:
+            first[PROGRAM_UNIT], problem = self._wait_for_program(PROGRAM_UNIT, first.get(PROGRAM_UNIT, {}), settle)
+            if problem:
+                problems[PROGRAM_UNIT] = problem
         time.sleep(settle)
         second = self._show(units)
-        problems = []
         for unit in units:
             a, b = first.get(unit, {}), second.get(unit, {})
+            if unit in problems:
+                continue
             if b.get("LoadState") != "loaded":
-                problems.append(f"{unit}: not loaded ({b.get('LoadState', 'unknown')})")
+                problems[unit] = f"{unit}: not loaded ({b.get('LoadState', 'unknown')})"
             elif b.get("ActiveState") != "active":
-                problems.append(f"{unit}: {b.get('ActiveState')} ({b.get('SubState')}), result {b.get('Result')}, "
-                                f"exit status {b.get('ExecMainStatus')}")
-            elif a.get("NRestarts") != b.get("NRestarts") or \
-                    a.get("ExecMainStartTimestampMonotonic") != b.get("ExecMainStartTimestampMonotonic"):
-                problems.append(f"{unit}: restarted {int(b.get('NRestarts') or 0) - int(a.get('NRestarts') or 0)} "
-                                f"time(s) within {settle:.0f}s (the program exits at once)")
-        return problems
+                problems[unit] = (f"{unit}: {b.get('ActiveState')} ({b.get('SubState')}), result {b.get('Result')}, "
+                                  f"exit status {b.get('ExecMainStatus')}")
+            elif problem := _compare(unit, a, b, settle):
+                problems[unit] = problem
+        return [problems[u] for u in units if u in problems]
+
+
+def _compare(unit: str, a: dict, b: dict, settle: float) -> str | None:
+    """A restart between two looks at a unit (systemd restarted it: its program exited)."""
+    if a.get("NRestarts") != b.get("NRestarts") or \
+            a.get("ExecMainStartTimestampMonotonic") != b.get("ExecMainStartTimestampMonotonic"):
+        return (f"{unit}: restarted {int(b.get('NRestarts') or 0) - int(a.get('NRestarts') or 0)} "
+                f"time(s) within {settle:.0f}s (the program exits at once)")
+    return None
+
+
+def _has_child(pid: str) -> bool:
+    """Whether process `pid` has a child (cage's is the kiosk program), from /proc."""
+    if not pid.isdigit() or pid == "0":
+        return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2:].split()
+        if len(fields) > 1 and fields[1] == pid:
+            return True
+    return False
 
 
 class RecordingActivator(Activator):
@@ -431,6 +477,11 @@ def from_env(root: Path) -> Activator:
         raise KioskError(f"KIOSK_ACTIVATOR={choice!r} is not an activator",
                          hint="use systemd, none or recording:<path>")
     return SystemdActivator() if Path(root).resolve() == Path("/") else NullActivator()
+
+
+def program_start_seconds() -> float:
+    """KIOSK_HEALTH_START_SECONDS: how long cage may take to start the program after a switch."""
+    return number_setting("KIOSK_HEALTH_START_SECONDS", 180, least=1)
 
 
 def settle_seconds() -> float:
