@@ -374,14 +374,20 @@ class BootedVM:
         usec = self.ssh(f"systemctl show -p ActiveEnterTimestampMonotonic --value {unit}").stdout.strip()
         return int(usec) / 1e6
 
-    def reset(self) -> None:
-        """The reset button (QMP system_reset): the disk keeps what the guest wrote. `reboot` inside QEMU 7.2's
-        raspi machines never resets (the guest stops after reboot.target), so the tests press it instead."""
-        from kiosk.qemu.qmp import QMP
-
-        self._close_shared()
-        with QMP(self.qmp) as qmp:
-            qmp.execute("system_reset")
+    def power_cycle(self) -> None:
+        """Power off and on again with the same card: `reboot` inside QEMU 7.2's raspi machines never resets (the
+        guest stops after reboot.target) and after QMP's system_reset the raspi's USB network never answers
+        again, so the device is stopped and booted anew on the very disk it wrote (kept by a hard link while
+        kiosk run removes its copy; later boots use --disk)."""
+        disk = self.work / "disk.img"
+        if "--disk" not in self.extra_args:
+            copies = list((self.cache / "run").glob("*/disk.img"))
+            assert len(copies) == 1, copies
+            os.link(copies[0], disk)
+            self.extra_args = [*self.extra_args, "--disk", str(disk)]
+        self.stop()
+        self.stopped = False
+        self.start()
 
     def screendump(self, dest: Path) -> Path:
         from kiosk.qemu.qmp import screendump

@@ -352,7 +352,7 @@ def _push(kiosk, tmp_path, change, message: str):
     return result, remote_lines(result.stderr), commit
 
 
-def test_firmware_settings_are_pushed_read_after_a_reboot_and_rolled_back(kiosk, tmp_path):
+def test_firmware_settings_are_pushed_read_after_a_power_cycle_and_rolled_back(kiosk, tmp_path):
     """raspberryPi.firmwareConfig and locale.regDom through git push: config.txt rewritten on the firmware
     partition now (device/bootconfig.py), still there after a reboot; the regulatory domain in force after it;
     a failing push with other settings rolls config.txt back with its generation."""
@@ -376,7 +376,7 @@ def test_firmware_settings_are_pushed_read_after_a_reboot_and_rolled_back(kiosk,
     assert vm.ssh("ls /boot/firmware | grep -c kiosk-new", check=False).stdout.strip() == "0"
 
     vm.ssh("sync")
-    vm.reset()
+    vm.power_cycle()
     vm.wait_for_ssh(timeout=900)
     vm.wait_for_program(program, timeout=900)
     assert vm.ssh("cat /boot/firmware/config.txt").stdout == config    # read from the card after the reboot

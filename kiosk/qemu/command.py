@@ -154,7 +154,7 @@ def _run(args) -> int:
     # kiosk run's own monitor socket: a short private path (a unix socket's has at most 107 bytes; the work
     # directory under a deep cache or test directory can be longer, and QEMU then serves nothing there).
     sockets = Path(tempfile.mkdtemp(prefix="kiosk-run-"))
-    keep = args.keep or args.disk is not None
+    keep = args.keep   # --disk FILE lives outside the work directory and is never deleted
     proc = None
     printed = False
     try:
@@ -182,7 +182,8 @@ def _run(args) -> int:
             return 0
         out = sys.stderr
         print(f"kiosk: booting {image.name} ({board['name']}) on QEMU {q['machine']}; "
-              f"disk: a {size / GiB:.3g} GiB copy{'' if keep else ' (deleted afterwards)'}", file=out)
+              + (f"disk: {disk} (kept)" if args.disk else
+                 f"disk: a {size / GiB:.3g} GiB copy{'' if keep else ' (deleted afterwards)'}"), file=out)
         print(f"  ssh -p {port} root@localhost", file=out)
         print(f"  git clone ssh://root@localhost:{port}/etc/kiosk/configuration.git", file=out)
         if machine.has_display:
