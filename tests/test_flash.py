@@ -523,10 +523,10 @@ def test_bad_arguments(image, tmp_path, run, case):
     argv, code, message = {
         "missing image": ([tmp_path / "none.img", tmp_path / "o"], 2,
                           f"kiosk: cannot read the image {tmp_path}/none.img: No such file or directory; "
-                          f"give the .img file kiosk build wrote"),
+                          f"give the .img file kiosk build wrote, or a .img.zst, .img.xz or .img.gz"),
         "image is a directory": ([tmp_path, tmp_path / "o"], 2,
                                  f"kiosk: {tmp_path}: the image must be a regular file, not a directory; "
-                                 f"give the .img file kiosk build wrote"),
+                                 f"give the .img file kiosk build wrote, or a .img.zst, .img.xz or .img.gz"),
         "target is the image": ([image, image], 2,
                                 f"kiosk: {image} is the image itself; pass another file or the card's device"),
         "target is a directory": ([image, tmp_path], 2,
