@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
 import stat
 import sys
 import tempfile
@@ -28,7 +29,7 @@ from kiosk.core.files import fsync_dir, human_size
 from kiosk.core.inputs import open_regular
 from kiosk.flash.progress import Progress, Rows
 from kiosk.flash.source import Stream, check_compressed, compression, open_source, uncompressed_name
-from kiosk.flash.target import Roots, ask, check_disk, describe_disk, devnum, lsblk_partitions, refuse, \
+from kiosk.flash.target import Roots, ask, check_disk, check_rules, describe_disk, devnum, lsblk_partitions, refuse, \
     resolve_target, stdin_is_tty
 from kiosk.flash.writer import VerifyFailed, Written, verify_late, write_image
 from kiosk.image import bmap as bmapmod
@@ -93,8 +94,10 @@ class FileTarget:
         self.label = str(path)
         self.fd, self.tmp, self.renamed = None, None, False
 
-    def check(self, bmap, args, roots: Roots) -> bool:
+    def check_rules(self, bmap, args) -> None:
         """Nothing to check that was not checked by name (it is not the image, its directory exists)."""
+
+    def check(self, bmap, args, roots: Roots) -> bool:
         return True
 
     def open(self, bmap) -> None:
@@ -155,6 +158,9 @@ class DeviceTarget:
     def __init__(self, name: str, roots: Roots):
         self.name, self.roots, self.label = name, roots, f"/dev/{name}"
         self.fd, self.direct = None, None
+
+    def check_rules(self, bmap, args) -> None:
+        check_rules(self.name, bmap.image_size, self.roots, allow_fixed=args.allow_fixed_disk)
 
     def check(self, bmap, args, roots: Roots) -> bool:
         """Every rule (target.py); True if the user typed the device's name (a fixed disk) to confirm."""
@@ -299,6 +305,7 @@ def _write_all(targets, source_for, image: Path, bmap, args) -> int:
     cancel = threading.Event()
     rows = Rows(len(targets), cancel=cancel)
     results: list = [None] * len(targets)
+    finished: queue.Queue = queue.Queue()   # rows of the cards done (Thread.join is not Ctrl-C safe in 3.11)
 
     def work(row: int, target) -> None:
         src = source_for()
@@ -312,20 +319,29 @@ def _write_all(targets, source_for, image: Path, bmap, args) -> int:
         finally:
             src.close()
             target.close()
+            finished.put(row)
 
     threads = [threading.Thread(target=work, args=(row, t), name=f"kiosk-flash-{row}", daemon=True)
                for row, t in enumerate(targets)]
     for thread in threads:
         thread.start()
+    left = len(threads)
+
+    def wait() -> None:
+        nonlocal left
+        while left:
+            try:
+                finished.get(timeout=0.25)
+                left -= 1
+            except queue.Empty:
+                pass
+
     try:
-        for thread in threads:
-            while thread.is_alive():
-                thread.join(0.25)
+        wait()
     except KeyboardInterrupt:   # each card stops at its next progress update, saying its state
         cancel.set()
         try:
-            for thread in threads:
-                thread.join()
+            wait()
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted twice: {_names([t.label for t in targets])} may be partially "
                               f"written (then they will not boot)", hint="run the command again") from None
@@ -364,6 +380,8 @@ def cmd_flash(args, roots: Roots = Roots()) -> int:
                                  hint="name each target once")
             seen[key] = given
         bmap, _ = _load_map(image, image_fd, st.st_size, args.bmap)
+        for t in targets:   # every target through the rules first: a refusal is the only thing said
+            t.check_rules(bmap, args)
         typed = [t.check(bmap, args, roots) for t in targets]
         _confirm(image, bmap, [t for t, y in zip(targets, typed) if not y], args)
         for t in targets:
