@@ -479,8 +479,8 @@ def test_flash_accepts_bmaptools_map(image, tmp_path, run):
     assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
 
 
-def test_an_image_that_does_not_match_its_map_is_an_error_and_leaves_nothing(image, tmp_path, run):
-    bad = tmp_path / "bad.img"
+def copy_with_a_flipped_bit(image, bad):
+    """`image` and its map copied to `bad`, one bit flipped in its longest range: (first, last, map's, actual digest)."""
     subprocess.run(["cp", "--sparse=always", str(image), str(bad)], check=True)
     shutil.copy(str(image) + ".bmap", str(bad) + ".bmap")
     m = bm.read_bmap(Path(str(bad) + ".bmap"))
@@ -490,7 +490,12 @@ def test_an_image_that_does_not_match_its_map_is_an_error_and_leaves_nothing(ima
         byte = f.read(1)
         f.seek(first * 4096 + 5)
         f.write(bytes([byte[0] ^ 1]))
-    actual = hashlib.sha256(bad.read_bytes()[first * 4096:(last + 1) * 4096]).hexdigest()
+    return first, last, digest, hashlib.sha256(bad.read_bytes()[first * 4096:(last + 1) * 4096]).hexdigest()
+
+
+def test_an_image_that_does_not_match_its_map_is_an_error_and_leaves_nothing(image, tmp_path, run):
+    bad = tmp_path / "bad.img"
+    first, last, digest, actual = copy_with_a_flipped_bit(image, bad)
     r = run(bad, tmp_path / "out.img")
     assert r.code == 1
     assert last_line(r.err) == (
@@ -1239,16 +1244,7 @@ def test_a_truncated_or_corrupt_compressed_image_is_one_line_and_leaves_nothing(
 def test_a_compressed_image_not_matching_its_map_is_blamed_on_the_image(image, tmp_path, run):
     """The map's checksums fail on the read-back; the image's range is hashed again (the stream starts over)."""
     img = tmp_path / "kiosk.img"
-    subprocess.run(["cp", "--sparse=always", str(image), str(img)], check=True)
-    shutil.copy(str(image) + ".bmap", str(img) + ".bmap")
-    m = bm.read_bmap(Path(str(img) + ".bmap"))
-    first, last, digest = max(m.ranges, key=lambda r: r[1] - r[0])
-    with open(img, "r+b") as f:
-        f.seek(first * 4096 + 7)
-        byte = f.read(1)
-        f.seek(first * 4096 + 7)
-        f.write(bytes([byte[0] ^ 1]))
-    actual = hashlib.sha256(img.read_bytes()[first * 4096:(last + 1) * 4096]).hexdigest()
+    first, last, digest, actual = copy_with_a_flipped_bit(image, img)
     packed_image = Path(compress.compress_image(img, "zst")["path"])
     img.unlink()
     r = run(packed_image, tmp_path / "card.img")
