@@ -17,7 +17,7 @@ then writes it to fresh loop devices with each method, in the same run:
   bmaptool copy IMG.img.zst / .img.xz   (with IMG.img.bmap)
   zstdcat / xzcat IMG | dd bs=4M conv=fsync
   two cards: `kiosk flash IMG DEV1 DEV2` against `kiosk flash IMG DEV1; kiosk flash IMG DEV2`
-             (the .img, and the .img.zst: each card decompresses the stream itself)
+             (the .img, the .img.zst and the .img.xz: each card decompresses the stream itself)
 
 Before each timed write the page cache is dropped (echo 3 > drop_caches) so no
 method reads the image from memory another one left behind. Bytes written and
@@ -241,6 +241,8 @@ def main() -> int:
             ("2 cards one by one, .img", one_by_one(image), lambda devs: [typed([dev]) for dev in devs], 2),
             ("2 cards at once, .img.zst", flash(zst), typed, 2),
             ("2 cards one by one, .img.zst", one_by_one(zst), lambda devs: [typed([dev]) for dev in devs], 2),
+            ("2 cards at once, .img.xz", flash(xz), typed, 2),
+            ("2 cards one by one, .img.xz", one_by_one(xz), lambda devs: [typed([dev]) for dev in devs], 2),
         ]
         if not shutil.which("bmaptool"):
             methods = [m for m in methods if not m[0].startswith("bmaptool")]
@@ -269,7 +271,7 @@ def main() -> int:
     for r in results.values():
         print(f"{r['name']:32} {r['cards']:5} {r['written'] / MiB:11.1f} {r['read'] / MiB:9.1f} {r['seconds']:8.2f} "
               f"{r['cpu']:6.2f} {dd['seconds'] / r['seconds']:6.2f}x  {'yes' if r['identical'] else 'NO'}")
-    for kind in (".img", ".img.zst"):
+    for kind in (".img", ".img.zst", ".img.xz"):
         both, each = results[f"2 cards at once, {kind}"], results[f"2 cards one by one, {kind}"]
         print(f"2 cards of the {kind}: at once {both['seconds']:.2f} s, one by one {each['seconds']:.2f} s "
               f"({each['seconds'] / both['seconds']:.2f}x)")
