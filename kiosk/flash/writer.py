@@ -1,7 +1,8 @@
 """Writing an image's mapped ranges to a target, and reading them back to check them.
 
 Speed: only the mapped ranges of the block map are written, in aligned chunks of up to
-4 MiB, while a reader thread reads the next chunks.
+4 MiB, while a reader thread reads the next chunks (from the image file, or decompressing
+a compressed image forwards: source.py).
 
 Trust: every written range is read back bypassing the page cache and compared with the
 block map's checksums (or, for a map without checksums, with the hashes of the image
