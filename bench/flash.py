@@ -27,6 +27,7 @@ time. A loop device is not an SD card: it is backed by a file on this
 machine's disk, so the ratio is the point, not the MB/s.
 
     sudo .venv/bin/python bench/flash.py [--size-gib 2] [--dir /var/tmp] [--repeat 1] [--data system|random]
+                                         [--keep DIR]
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main() -> int:
     parser.add_argument("--data", choices=("system", "random"), default="system",
                         help="what fills the data extents: this machine's /usr files (compress like a root file "
                              "system) or random bytes (do not compress)")
+    parser.add_argument("--keep", metavar="DIR", help="make the image and its compressed files in DIR and keep "
+                                                      "them; a later run with the same DIR and size reuses them")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench/flash.py: needs root (loop devices, drop_caches)", file=sys.stderr)
@@ -199,23 +202,33 @@ def main() -> int:
 
     from kiosk.image.bmap import read_bmap, write_bmap
 
-    load_before = Path("/proc/loadavg").read_text().strip()
-    work = Path(tempfile.mkdtemp(prefix="kiosk-bench-flash-", dir=args.dir))
+    if args.keep:
+        work = Path(args.keep)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="kiosk-bench-flash-", dir=args.dir))
     try:
         image = work / "sample.img"
         size = int(args.size_gib * 1024) * MiB
-        data = make_card_shaped_file(image, size, args.data)
-        start = time.monotonic()
-        write_bmap(image, Path(str(image) + ".bmap"))
-        bmap_seconds = time.monotonic() - start
+        inputs = [image, Path(f"{image}.bmap"), Path(f"{image}.xz"), Path(f"{image}.zst")]
+        reused = all(p.exists() for p in inputs) and image.stat().st_size == size
+        if reused:   # --keep: the image, its map and the compressed files of an earlier run
+            data, bmap_seconds = sum(e - s for s, e in read_bmap(inputs[1]).byte_ranges()) // MiB * MiB, 0.0
+            packed = {fmt: (inputs[n], 0.0) for n, fmt in ((2, "xz"), (3, "zst"))}
+        else:
+            data = make_card_shaped_file(image, size, args.data)
+            start = time.monotonic()
+            write_bmap(image, Path(str(image) + ".bmap"))
+            bmap_seconds = time.monotonic() - start
+            keep, packed = work / "keep", {}
+            keep.mkdir(exist_ok=True)
+            for fmt in ("xz", "zst"):   # (compress_image drops the other format: each is kept aside meanwhile)
+                packed[fmt] = compress_niced(image, fmt)
+                os.replace(packed[fmt][0], keep / packed[fmt][0].name)
+            for path, _ in packed.values():   # both beside sample.img and sample.img.bmap again
+                os.replace(keep / path.name, path)
         bmap = read_bmap(Path(str(image) + ".bmap"))
-        keep, packed = work / "keep", {}
-        keep.mkdir()
-        for fmt in ("xz", "zst"):   # (compress_image drops the other format: each is kept aside meanwhile)
-            packed[fmt] = compress_niced(image, fmt)
-            os.replace(packed[fmt][0], keep / packed[fmt][0].name)
-        for path, _ in packed.values():   # both beside sample.img and sample.img.bmap again
-            os.replace(keep / path.name, path)
+        load_before = Path("/proc/loadavg").read_text().strip()
 
         kiosk = kiosk_command()
         typed = lambda devs: "".join(f"{dev}\n" for dev in devs)  # loop devices are fixed disks: names are typed
@@ -254,7 +267,8 @@ def main() -> int:
                     results[name] = r
         sizes = {fmt: (path.stat().st_size, seconds) for fmt, (path, seconds) in packed.items()}
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     dd = results["dd bs=4M conv=fsync"]
     print(f"cores: {os.cpu_count()}   kernel: {os.uname().release}   image dir: {args.dir}")
@@ -264,7 +278,7 @@ def main() -> int:
           f"written in {bmap_seconds:.2f} s")
     for fmt, (nbytes, seconds) in sizes.items():
         print(f"  .img.{fmt}: {nbytes / MiB:.1f} MiB ({100 * nbytes / data:.0f}% of the data), "
-              f"compressed in {seconds:.1f} s at nice 19")
+              + (f"compressed in {seconds:.1f} s at nice 19" if seconds else f"reused from {work}"))
     print(f"page caches dropped before every run; best of {args.repeat}; bytes are the loop devices' counters")
     print(f"{'method':32} {'cards':>5} {'written MiB':>11} {'read MiB':>9} {'seconds':>8} {'cpu s':>6} "
           f"{'vs dd':>7}  identical")
