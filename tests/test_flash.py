@@ -4,6 +4,7 @@ verification that catches a flipped byte, bmaptool interop, Ctrl-C, exact messag
 import errno
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -1181,6 +1182,26 @@ def test_compress_image_is_deterministic_whatever_the_thread_count(image, tmp_pa
         assert Path(compress.compress_image(img, fmt)["path"]).read_bytes() == first, threads
     tool = {"zst": ["zstd", "-dc"], "xz": ["xz", "-dc"]}[fmt]
     assert subprocess.run(tool + [str(out)], capture_output=True, check=True).stdout == image.read_bytes()
+
+
+def test_build_with_a_builder_compresses_what_came_back(image, tmp_path, capsys):
+    """`kiosk build --builder HOST --compress xz`: the builder sends the image, this machine compresses it."""
+    from kiosk.image.commands import _compress_fetched
+
+    img = tmp_path / "lobby-qemu.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(img)], check=True)
+    shutil.copy(str(image) + ".bmap", str(img) + ".bmap")
+    (tmp_path / "lobby-qemu.img.zst").write_text("stale")
+    manifest = {"image": str(img), "bmap": f"{img}.bmap", "builtOn": "builder"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    _compress_fetched(tmp_path / "manifest.json", "xz")
+    packed = tmp_path / "lobby-qemu.img.xz"
+    written = json.loads((tmp_path / "manifest.json").read_text())
+    assert written == dict(manifest, compressed={"path": str(packed), "format": "xz", "bytes": packed.stat().st_size,
+                                                 "sha256": hashlib.sha256(packed.read_bytes()).hexdigest(),
+                                                 "bmap": f"{img}.bmap"})
+    assert not (tmp_path / "lobby-qemu.img.zst").exists()
+    assert capsys.readouterr().out == f"  compressed {packed} (sha256 {written['compressed']['sha256']})\n"
 
 
 def test_compress_failure_leaves_no_file(image, tmp_path, monkeypatch):
