@@ -22,6 +22,7 @@ import stat
 import sys
 import tempfile
 import threading
+import traceback
 from pathlib import Path
 
 from kiosk.core.errors import KioskError, Refused, UsageError, one_line
@@ -308,18 +309,24 @@ def _write_all(targets, source_for, image: Path, bmap, args) -> int:
     finished: queue.Queue = queue.Queue()   # rows of the cards done (Thread.join is not Ctrl-C safe in 3.11)
 
     def work(row: int, target) -> None:
-        src = source_for()
+        src = None
         try:
+            src = source_for()
             results[row] = target.write(src, image, bmap, args, rows.progress_for(row))
         except KioskError as exc:
             results[row] = exc
         except BaseException as exc:   # a bug: said like cli.py says one, for this card only
+            if getattr(args, "debug", False):
+                traceback.print_exc()
             results[row] = KioskError(f"{target.label}: internal error: {type(exc).__name__}: {exc}",
                                       hint="rerun with --debug for details")
         finally:
-            src.close()
-            target.close()
-            finished.put(row)
+            try:
+                if src is not None:
+                    src.close()
+                target.close()
+            finally:
+                finished.put(row)   # whatever happened: the main thread must not wait for this card forever
 
     threads = [threading.Thread(target=work, args=(row, t), name=f"kiosk-flash-{row}", daemon=True)
                for row, t in enumerate(targets)]
