@@ -4,6 +4,7 @@ verification that catches a flipped byte, bmaptool interop, Ctrl-C, exact messag
 import errno
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ import pytest
 from test_bmap import make_disk_image
 
 from kiosk import cli
-from kiosk.core.errors import Refused
+from kiosk.core.errors import KioskError, Refused
 from kiosk.core.files import human_size
 from kiosk.flash import command, progress, target, writer
 from kiosk.flash.target import Roots
@@ -479,8 +480,8 @@ def test_flash_accepts_bmaptools_map(image, tmp_path, run):
     assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
 
 
-def test_an_image_that_does_not_match_its_map_is_an_error_and_leaves_nothing(image, tmp_path, run):
-    bad = tmp_path / "bad.img"
+def copy_with_a_flipped_bit(image, bad):
+    """`image` and its map copied to `bad`, one bit flipped in its longest range: (first, last, map's, actual digest)."""
     subprocess.run(["cp", "--sparse=always", str(image), str(bad)], check=True)
     shutil.copy(str(image) + ".bmap", str(bad) + ".bmap")
     m = bm.read_bmap(Path(str(bad) + ".bmap"))
@@ -490,7 +491,12 @@ def test_an_image_that_does_not_match_its_map_is_an_error_and_leaves_nothing(ima
         byte = f.read(1)
         f.seek(first * 4096 + 5)
         f.write(bytes([byte[0] ^ 1]))
-    actual = hashlib.sha256(bad.read_bytes()[first * 4096:(last + 1) * 4096]).hexdigest()
+    return first, last, digest, hashlib.sha256(bad.read_bytes()[first * 4096:(last + 1) * 4096]).hexdigest()
+
+
+def test_an_image_that_does_not_match_its_map_is_an_error_and_leaves_nothing(image, tmp_path, run):
+    bad = tmp_path / "bad.img"
+    first, last, digest, actual = copy_with_a_flipped_bit(image, bad)
     r = run(bad, tmp_path / "out.img")
     assert r.code == 1
     assert last_line(r.err) == (
@@ -523,10 +529,10 @@ def test_bad_arguments(image, tmp_path, run, case):
     argv, code, message = {
         "missing image": ([tmp_path / "none.img", tmp_path / "o"], 2,
                           f"kiosk: cannot read the image {tmp_path}/none.img: No such file or directory; "
-                          f"give the .img file kiosk build wrote"),
+                          f"give the .img file kiosk build wrote, or a .img.zst, .img.xz or .img.gz"),
         "image is a directory": ([tmp_path, tmp_path / "o"], 2,
                                  f"kiosk: {tmp_path}: the image must be a regular file, not a directory; "
-                                 f"give the .img file kiosk build wrote"),
+                                 f"give the .img file kiosk build wrote, or a .img.zst, .img.xz or .img.gz"),
         "target is the image": ([image, image], 2,
                                 f"kiosk: {image} is the image itself; pass another file or the card's device"),
         "target is a directory": ([image, tmp_path], 2,
@@ -1121,3 +1127,413 @@ def test_hostile_files_are_refused_without_waiting_or_reading(small_image, tmp_p
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"kiosk: {says}") and r.stderr.count("\n") == 1, r.stderr
     assert not out.exists()
+
+
+# =============================================================================================
+# Compressed images (issue 18): `kiosk build --compress`'s function, streamed flashing, bmaptool
+
+from kiosk.flash import source  # noqa: E402
+from kiosk.image import compress  # noqa: E402
+
+def compressed_copy(image, where, fmt, name="kiosk.img"):
+    """IMAGE.img.<fmt> of `image` beside IMAGE.img and IMAGE.img.bmap in `where`: zst and xz through
+    compress_image (what `kiosk build --compress` calls), gz with gzip -n (kiosk only reads .gz)."""
+    where.mkdir(parents=True, exist_ok=True)
+    img = where / name
+    subprocess.run(["cp", "--sparse=always", str(image), str(img)], check=True)
+    shutil.copy(str(image) + ".bmap", str(img) + ".bmap")
+    if fmt == "gz":
+        with open(f"{img}.gz", "wb") as out:
+            subprocess.run(["gzip", "-n", "-c", str(img)], stdout=out, check=True)
+        return Path(f"{img}.gz")
+    return Path(compress.compress_image(img, fmt)["path"])
+
+
+@pytest.fixture(scope="module")
+def packed(image, tmp_path_factory):
+    """packed(fmt) -> IMAGE.img.<fmt>, made once per module (each format in its own directory)."""
+    made = {}
+
+    def get(fmt):
+        if fmt not in made:
+            made[fmt] = compressed_copy(image, tmp_path_factory.mktemp(f"packed-{fmt}"), fmt)
+        return made[fmt]
+    return get
+
+
+@pytest.mark.parametrize("fmt", ["zst", "xz"])
+def test_compress_image_is_deterministic_whatever_the_thread_count(image, tmp_path, monkeypatch, fmt):
+    img = tmp_path / "kiosk.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(img)], check=True)
+    (tmp_path / "kiosk.img.bmap").write_bytes(Path(str(image) + ".bmap").read_bytes())
+    (tmp_path / f"kiosk.img.{'xz' if fmt == 'zst' else 'zst'}").write_text("stale: of an older image")
+    entry = compress.compress_image(img, fmt)
+    out = Path(entry["path"])
+    assert out == tmp_path / f"kiosk.img.{fmt}"
+    assert entry == {"path": str(out), "format": fmt, "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
+                     "bytes": out.stat().st_size, "bmap": f"{img}.bmap"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kiosk.img", "kiosk.img.bmap", out.name])
+    assert oct(out.stat().st_mode & 0o777) == "0o644"
+    first = out.read_bytes()
+    # One thread and two: the same bytes (zstd -T1 is the threaded format with one worker; xz needs +1 for that).
+    for threads in (("-T1",) if fmt == "zst" else ("-T+1",)) + ("-T2",):
+        argv = [threads if a == "-T0" else a for a in compress.COMMANDS[fmt]]
+        monkeypatch.setitem(compress.COMMANDS, fmt, argv)
+        assert Path(compress.compress_image(img, fmt)["path"]).read_bytes() == first, threads
+    tool = {"zst": ["zstd", "-dc"], "xz": ["xz", "-dc"]}[fmt]
+    assert subprocess.run(tool + [str(out)], capture_output=True, check=True).stdout == image.read_bytes()
+
+
+def test_build_with_a_builder_compresses_what_came_back(image, tmp_path, capsys):
+    """`kiosk build --builder HOST --compress xz`: the builder sends the image, this machine compresses it."""
+    from kiosk.image.commands import _compress_fetched
+
+    img = tmp_path / "lobby-qemu.img"
+    subprocess.run(["cp", "--sparse=always", str(image), str(img)], check=True)
+    shutil.copy(str(image) + ".bmap", str(img) + ".bmap")
+    (tmp_path / "lobby-qemu.img.zst").write_text("stale")
+    manifest = {"image": str(img), "bmap": f"{img}.bmap", "builtOn": "builder"}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    _compress_fetched(tmp_path / "manifest.json", "xz")
+    packed = tmp_path / "lobby-qemu.img.xz"
+    written = json.loads((tmp_path / "manifest.json").read_text())
+    assert written == dict(manifest, compressed={"path": str(packed), "format": "xz", "bytes": packed.stat().st_size,
+                                                 "sha256": hashlib.sha256(packed.read_bytes()).hexdigest(),
+                                                 "bmap": f"{img}.bmap"})
+    assert not (tmp_path / "lobby-qemu.img.zst").exists()
+    assert capsys.readouterr().out == f"  compressed {packed} (sha256 {written['compressed']['sha256']})\n"
+
+
+def test_compress_failure_leaves_no_file(image, tmp_path, monkeypatch):
+    img = tmp_path / "kiosk.img"
+    shutil.copy(image, img)
+    monkeypatch.setitem(compress.COMMANDS, "zst", ["zstd", "--no-such-option", "-c", "--"])
+    with pytest.raises(KioskError) as info:
+        compress.compress_image(img, "zst")
+    assert str(info.value).startswith("compressing kiosk.img: zstd --no-such-option -c ... exited with status 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kiosk.img"]
+
+
+@pytest.mark.parametrize("fmt", ["zst", "xz", "gz"])
+def test_a_compressed_image_is_streamed_to_a_file_with_the_uncompressed_images_map(packed, image, tmp_path, run,
+                                                                                   monkeypatch, fmt):
+    packed_image = packed(fmt)
+    reads = []
+    real = source.Stream.read
+    monkeypatch.setattr(source.Stream, "read", lambda self, view, start: (reads.append(start), real(self, view, start)))
+    out = tmp_path / "card.img"
+    r = run(packed_image, out)
+    assert r.code == 0, r.err
+    assert out.read_bytes() == image.read_bytes()
+    m = bm.read_bmap(Path(str(image) + ".bmap"))   # found as kiosk.img.bmap, beside kiosk.img.<fmt>
+    assert out.stat().st_blocks * 512 <= m.mapped_bytes + MiB   # holes stayed holes
+    assert r.out.startswith(f"kiosk: wrote {packed_image} to {out}: {human_size(m.mapped_bytes)} (image 64.0 MiB)")
+    assert reads == sorted(reads), "the stream is only read forwards"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["card.img"]   # no uncompressed copy anywhere
+
+
+@pytest.mark.parametrize("fmt", ["zst", "xz", "gz"])
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_truncated_or_corrupt_compressed_image_is_one_line_and_leaves_nothing(packed, tmp_path, run, fmt, damage):
+    (tmp_path / "in").mkdir()
+    packed_image = tmp_path / "in" / packed(fmt).name
+    shutil.copy(str(packed(fmt).with_suffix("")) + ".bmap", tmp_path / "in")
+    data = bytearray(packed(fmt).read_bytes())
+    if damage == "cut":
+        data = data[:len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0x55
+    packed_image.write_bytes(bytes(data))
+    out = tmp_path / "card.img"
+    r = run(packed_image, out)
+    assert r.code == 1 and r.out == ""
+    line = last_line(r.err)
+    assert r.err.count("\n") == 1 + r.err.count("writing ") + r.err.count("verifying "), r.err
+    kind = {"zst": "zstd", "xz": "xz", "gz": "gzip"}[fmt]
+    said = {("zst", "cut"): "is corrupt or cut short: zstd says 'premature end'",
+            ("zst", "flipped"): "is corrupt or cut short: zstd says ",
+            ("xz", "cut"): "is cut short: the xz data ends before its end marker",
+            ("xz", "flipped"): "is corrupt: xz says ",
+            ("gz", "cut"): "is cut short: the gzip data ends before its end marker",
+            ("gz", "flipped"): "is corrupt: gzip says "}[fmt, damage]
+    assert line.startswith(f"kiosk: {packed_image} {said}"), line
+    assert re.search(r"\(after \d+ bytes of the image\); download or build the image again$", line), line
+    assert kind in line
+    assert not out.exists() and list(tmp_path.glob(".card.img.*")) == []
+
+
+def test_a_compressed_image_not_matching_its_map_is_blamed_on_the_image(image, tmp_path, run):
+    """The map's checksums fail on the read-back; the image's range is hashed again (the stream starts over)."""
+    img = tmp_path / "kiosk.img"
+    first, last, digest, actual = copy_with_a_flipped_bit(image, img)
+    packed_image = Path(compress.compress_image(img, "zst")["path"])
+    img.unlink()
+    r = run(packed_image, tmp_path / "card.img")
+    assert (r.code, last_line(r.err)) == (1, (
+        f"kiosk: {packed_image} does not match its block map: blocks {first}-{last} (bytes {first * 4096}-"
+        f"{(last + 1) * 4096 - 1}) have sha256 {actual}, the map says {digest}; rebuild the image or its map"))
+
+
+def test_a_compressed_image_shorter_or_longer_than_its_map_says(image, tmp_path, run):
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    for size in (60 * MiB, 65 * MiB):
+        other = tmp_path / "other.img"
+        with open(other, "wb") as f:
+            f.write(image.read_bytes()[:size])
+            f.truncate(size)
+        subprocess.run(["gzip", "-1", "-f", str(other)], check=True)
+        shorter = size < m.image_size
+        r = run(tmp_path / "other.img.gz", tmp_path / "card.img", "--bmap", str(image) + ".bmap")
+        assert r.code == 1
+        if shorter:
+            assert last_line(r.err).startswith(f"kiosk: {tmp_path}/other.img.gz decompresses to ")
+            assert last_line(r.err).endswith(f" bytes, but its block map says the image has {m.image_size}; pass "
+                                             f"the map of this image with --bmap, or download or build it again")
+        else:
+            assert last_line(r.err) == (f"kiosk: {tmp_path}/other.img.gz decompresses to more than the "
+                                        f"{m.image_size} bytes its block map says the image has; pass the map of "
+                                        f"this image with --bmap, or download or build it again")
+        assert not (tmp_path / "card.img").exists()
+
+
+def test_a_compressed_image_without_a_map_is_written_whole(image, tmp_path, run):
+    bare = tmp_path / "bare.img.gz"
+    with open(bare, "wb") as out:
+        subprocess.run(["gzip", "-n", "-c", str(image)], stdout=out, check=True)
+    r = run(bare, tmp_path / "card.img")
+    assert r.code == 0, r.err
+    assert r.err.startswith(f"kiosk: no block map ({bare}.bmap or {tmp_path}/bare.img.bmap): decompressing "
+                            f"{bare} once to learn its size, then writing all of it\n")
+    assert r.out.startswith(f"kiosk: wrote {bare} to {tmp_path}/card.img: 64.0 MiB (image 64.0 MiB)")
+    assert (tmp_path / "card.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["zst named xz", "plain named gz"])
+def test_a_compressed_name_must_hold_that_format(image, packed, tmp_path, run, case):
+    wrong = tmp_path / "wrong.img.xz" if case == "zst named xz" else tmp_path / "wrong.img.gz"
+    shutil.copy(packed("zst") if case == "zst named xz" else image, wrong)
+    r = run(wrong, tmp_path / "card.img", "--bmap", str(image) + ".bmap")
+    kind = "xz" if case == "zst named xz" else "gzip"
+    assert (r.code, r.err) == (2, f"kiosk: {wrong} is not a {kind} file (its name ends in {wrong.suffix}); "
+                                  f"rename it to what it holds, or give the {kind} image\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Several targets at once
+
+def test_rows_keep_one_line_per_card_on_a_terminal_and_name_the_card_in_a_log():
+    import threading
+    out = Stream(tty=True)
+    rows = progress.Rows(2, stream=out)
+    first, second = rows.progress_for(0)("writing /dev/sdb", 10 * MiB), rows.progress_for(1)("writing /dev/sdc", MiB)
+    first.update(MiB, force=True)
+    second.update(MiB, force=True)
+    first.close()
+    text = out.getvalue()
+    assert text.startswith("\n\n")   # the rows, reserved
+    assert "\x1b[2A\rwriting /dev/sdb:  10% 1.0 MiB of 10.0 MiB" in text and text.count("\x1b[2B\r") == 1
+    assert "\x1b[1A\rwriting /dev/sdc: 100% 1.0 MiB of 1.0 MiB" in text and text.endswith("\x1b[K\x1b[1B\r")
+    log = Stream(tty=False)
+    rows = progress.Rows(2, stream=log, cancel=threading.Event())
+    card = rows.progress_for(1)("verifying /dev/sdc", MiB)
+    card.update(MiB, force=True)
+    assert log.getvalue().startswith("verifying /dev/sdc: 100% 1.0 MiB of 1.0 MiB")
+    rows.cancel.set()
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C reached the main thread: every card stops at its next update
+        card.update(MiB)
+
+
+@pytest.mark.parametrize("fmt", [None, "zst"])
+def test_several_files_at_once(image, packed, tmp_path, run, fmt):
+    given = image if fmt is None else packed(fmt)
+    outs = [tmp_path / f"card{i}.img" for i in range(3)]
+    r = run(given, *outs)
+    assert r.code == 0, r.err
+    for out in outs:
+        assert out.read_bytes() == image.read_bytes()
+    assert [line.split(": ")[:2] for line in r.out.splitlines()] == [["kiosk", f"wrote {given} to {out}"]
+                                                                      for out in outs]
+    assert last_line(r.err) == "kiosk: 3 of 3 targets written and verified"
+
+
+def test_a_target_named_twice_is_refused(image, tmp_path, run):
+    out = tmp_path / "card.img"
+    r = run(image, out, f"{tmp_path}/./card.img")
+    assert (r.code, r.err) == (2, f"kiosk: {tmp_path}/./card.img is named twice (also as {out}); "
+                                  f"name each target once\n")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed images and several cards, on real block devices
+
+def type_each_name(monkeypatch):
+    """At each fixed-disk prompt, type the device it names (a loop device is a fixed disk); record the prompts."""
+    prompts = []
+
+    def ask(prompt):
+        prompts.append(prompt)
+        return re.search(r"Type (\S+) to write it", prompt)[1]
+    monkeypatch.setattr(command, "ask", ask)
+    return prompts
+
+
+def assert_card_is(dev, image, fill=b"\0"):
+    """The card holds the image's head and mapped ranges, and `fill` everywhere the map does not reach."""
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    data, img = read_dev(dev, 80 * MiB), image.read_bytes()
+    outside = bytearray(data)
+    for start, end in [(0, MiB)] + m.byte_ranges():
+        assert data[start:end] == img[start:end], (dev, start)
+        outside[start:end] = fill * (end - start)
+    assert bytes(outside) == fill * (80 * MiB), f"{dev}: written outside the map"
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A loop device's backing file on a 3 MiB tmpfs: writing a card past 3 MiB fails for real (ENOSPC)."""
+    made = []
+
+    def make(loops):
+        point = tmp_path / "small"
+        point.mkdir()
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "kiosk-test", str(point)],
+                               capture_output=True, text=True)
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+        backing = point / "card.img"
+        with open(backing, "wb") as f:
+            f.truncate(80 * MiB)
+        dev = loops(backing=backing)
+        made.append((dev, point))
+        return dev
+    yield make
+    for dev, point in made:
+        subprocess.run(["losetup", "-d", dev], check=False)
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+@root_only
+@pytest.mark.parametrize("fmt", ["zst", "xz", "gz"])
+def test_a_compressed_image_to_a_card_writes_only_the_data_and_verifies(image, packed, loops, run, monkeypatch, fmt):
+    dev = loops(fill=b"\xaa")
+    type_each_name(monkeypatch)
+    r = run(packed(fmt), dev, "--allow-fixed-disk")
+    assert r.code == 0, r.err
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    assert r.out.startswith(f"kiosk: wrote {packed(fmt)} to {dev}: {human_size(m.mapped_bytes + MiB)} (image 64.0 MiB)")
+    assert r.out.endswith(", verified\n")
+    assert_card_is(dev, image, fill=b"\xaa")
+
+
+@root_only
+@needs_bmaptool
+@pytest.mark.parametrize("fmt", ["zst", "xz"])
+def test_bmaptool_copy_takes_the_compressed_image_with_its_map(image, packed, loops, run, monkeypatch, fmt):
+    """`bmaptool copy IMAGE.img.zst --bmap IMAGE.img.bmap DEV`: the pair kiosk build --compress writes."""
+    ours, theirs = loops(), loops()   # (zeros: kiosk zeroes all of the first MiB, bmaptool its mapped blocks)
+    type_each_name(monkeypatch)
+    assert run(packed(fmt), ours, "--allow-fixed-disk").code == 0
+    bmap_file = str(packed(fmt).with_suffix("")) + ".bmap"
+    copy = subprocess.run(["bmaptool", "copy", str(packed(fmt)), "--bmap", bmap_file, theirs],
+                          capture_output=True, text=True)
+    assert copy.returncode == 0, copy.stderr
+    assert f"using bmap file '{Path(bmap_file).name}'" in copy.stderr
+    assert subprocess.run(["cmp", ours, theirs]).returncode == 0
+    assert_card_is(theirs, image)
+
+
+@root_only
+@pytest.mark.parametrize("fmt", [None, "zst"])
+def test_several_cards_at_once_one_failing_midway(image, packed, loops, small_tmpfs, run, monkeypatch, fmt):
+    """The middle card's backing store fills up after 3 MiB: it fails, says so and has no partition table;
+    the two others are written and verified all the same."""
+    given = image if fmt is None else packed(fmt)
+    first, bad, last = loops(), small_tmpfs(loops), loops()
+    prompts = type_each_name(monkeypatch)
+    r = run(given, first, bad, last, "--allow-fixed-disk")
+    assert r.code == 1, r.err
+    assert prompts == [f"{dev} is a fixed disk: everything on it will be lost. Type {dev} to write it: "
+                       for dev in (first, bad, last)]
+    for dev in (first, last):
+        assert_card_is(dev, image)
+    lines = r.out.splitlines()
+    assert [line.split(": ")[1] for line in lines] == [f"wrote {given} to {first}", f"wrote {given} to {last}"]
+    assert all(line.endswith(", verified") for line in lines)
+    errors = [line for line in r.err.splitlines() if line.startswith("kiosk: ")]
+    assert re.fullmatch(rf"kiosk: writing {bad} failed: (Input/output error|No space left on device); {bad} is "
+                        rf"partially written and will not boot; run the command again", errors[0]), r.err
+    assert errors[1:] == [f"kiosk: 2 of 3 targets written and verified; failed: {bad}"]
+    assert read_dev(bad, MiB) == bytes(MiB)   # no partition table on the failed card
+    for dev in (first, last):   # a progress row for each card (in a log, at least the last state of each)
+        assert f"writing {dev}: 100% " in r.err and f"verifying {dev}: 100% " in r.err
+
+
+@root_only
+def test_several_removable_cards_are_confirmed_with_one_question(image, loops, run, typed, monkeypatch):
+    devs = [loops(), loops()]
+    monkeypatch.setattr(target, "disk_kind", lambda name, roots=None: "USB")
+    monkeypatch.setattr(command, "stdin_is_tty", lambda: True)
+    prompts = typed("n")
+    r = run(image, *devs)
+    assert (r.code, last_line(r.err)) == (2, f"kiosk: refusing to write {devs[0]} and {devs[1]}: not confirmed; "
+                                             f"nothing was written; answer y to write it")
+    m = bm.read_bmap(Path(str(image) + ".bmap"))
+    assert prompts == [f"Erase {devs[0]} and {devs[1]} and write {image} ({human_size(m.mapped_bytes)} of data)? "
+                       f"[y/N] "]
+    prompts = typed("y")
+    r = run(image, *devs)
+    assert r.code == 0, r.err
+    for dev in devs:
+        assert_card_is(dev, image)
+
+
+@root_only
+def test_one_refused_card_means_no_card_is_written(image, loops, run, monkeypatch):
+    good, ro = loops(fill=b"\x11"), loops(flags=("--read-only",))
+    monkeypatch.setattr(target, "disk_kind", lambda name, roots=None: "USB")
+    r = run(image, good, ro, "--yes")
+    assert (r.code, r.err) == (2, f"kiosk: refusing to write {ro}: the kernel reports it read-only; "
+                                  f"slide the SD card's lock switch away from LOCK and insert it again\n")
+    assert read_dev(good, 80 * MiB) == b"\x11" * (80 * MiB)
+
+
+@root_only
+def test_ctrl_c_with_several_cards_says_each_cards_state(image, packed, loops, run, monkeypatch):
+    """Ctrl-C reaches the main thread only; every card stops at its next step and says where it stopped."""
+    import signal
+    devs = [loops(), loops()]
+    monkeypatch.setattr(target, "disk_kind", lambda name, roots=None: "USB")
+    calls = []
+    real = writer._pwrite_full
+
+    def then_ctrl_c(fd, view, offset):
+        real(fd, view, offset)
+        calls.append(offset)
+        if len(calls) == 4:   # both heads zeroed, a chunk or two of the bodies written
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+
+    monkeypatch.setattr(writer, "_pwrite_full", then_ctrl_c)
+    r = run(packed("zst"), *devs, "--yes")
+    assert r.code == 130, r.err
+    errors = [line for line in r.err.splitlines() if line.startswith("kiosk: ")]
+    assert errors == [f"kiosk: interrupted: {dev} is partially written and will not boot; run the command again"
+                      for dev in devs] + [f"kiosk: 0 of 2 targets written and verified; failed: {devs[0]} and {devs[1]}"]
+    for dev in devs:
+        assert read_dev(dev, MiB) == bytes(MiB)
+
+
+@root_only
+def test_a_cut_compressed_image_on_a_card_says_the_card_state(packed, loops, run, monkeypatch, tmp_path):
+    cut = tmp_path / "kiosk.img.xz"
+    cut.write_bytes(packed("xz").read_bytes()[:packed("xz").stat().st_size * 2 // 3])
+    shutil.copy(str(packed("xz").with_suffix("")) + ".bmap", tmp_path)
+    dev = loops(fill=b"\x11")
+    type_each_name(monkeypatch)
+    r = run(cut, dev, "--allow-fixed-disk")
+    assert r.code == 1 and r.out == ""
+    assert re.fullmatch(rf"kiosk: {cut} is cut short: the xz data ends before its end marker \(after \d+ bytes of "
+                        rf"the image\); download or build the image again; {dev} is partially written and will not "
+                        rf"boot; run the command again", last_line(r.err)), r.err
+    assert read_dev(dev, MiB) == bytes(MiB)   # no partition table: it mounts nothing, boots nothing

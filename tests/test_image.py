@@ -333,6 +333,37 @@ def test_rebuild_is_byte_identical(built_image, tmp_path):
         assert Path(str(again.image) + ".bmap").read_bytes() == bmap.read_bytes()
 
 
+def test_kiosk_build_compress_writes_the_pair_bmaptool_and_kiosk_flash_take(built_image, tmp_path, tmp_path_factory):
+    """`kiosk build --compress zst`, the real command: IMAGE.img.zst beside the same IMAGE.img and IMAGE.img.bmap
+    as a build without it, the manifest says so, and `bmaptool copy` of the pair gives the image back."""
+    from conftest import kiosk_cli
+    from imagetools import _cache_dir, _shared_dir
+
+    img = built_image("qemu")
+    spec = tmp_path / "nixiosk.json"
+    spec.write_text(json.dumps(img.spec, indent=2) + "\n")
+    out = tmp_path / "out"
+    result = kiosk_cli("build", str(spec), "-o", str(out), "--compress", "zst",
+                       env={"KIOSK_CACHE_DIR": str(_cache_dir(_shared_dir(tmp_path_factory)))})
+    assert result.returncode == 0, result.stderr[-3000:]
+    image = out / img.image.name
+    packed = out / f"{img.image.name}.zst"
+    assert f"  compressed {packed} (sha256 " in result.stdout
+    assert f"write it with: kiosk flash {packed} /dev/mmcblk0" in result.stdout
+    assert image.read_bytes() == img.image.read_bytes()   # the same image (and map) as without --compress
+    assert Path(f"{image}.bmap").read_bytes() == Path(f"{img.image}.bmap").read_bytes()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["compressed"] == {"path": str(packed), "format": "zst", "bytes": packed.stat().st_size,
+                                      "sha256": hashlib.sha256(packed.read_bytes()).hexdigest(),
+                                      "bmap": f"{image}.bmap"}
+    assert "compress" in manifest["stageSeconds"]
+    copy = tmp_path / "copy.img"
+    done = subprocess.run(["bmaptool", "copy", str(packed), str(copy)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"discovered bmap file '{image}.bmap'" in done.stderr
+    assert copy.read_bytes() == image.read_bytes()
+
+
 @pytest.mark.root
 def test_mmdebstrap_failure_names_the_stage(tmp_path_factory, monkeypatch):
     """A package that does not exist: a KioskError naming the stage and showing apt's complaint.

@@ -304,6 +304,14 @@ def check_removable(name: str, roots: Roots = Roots(), allow_fixed: bool = False
 def check_disk(name: str, image_size: int, roots: Roots = Roots(), *, allow_fixed: bool = False,
                ask=None, describe=None) -> None:
     """Every rule in order, the cheap and certain ones first; `describe` runs before the fixed-disk prompt."""
+    check_rules(name, image_size, roots, allow_fixed=allow_fixed)
+    if describe:
+        describe()
+    check_removable(name, roots, allow_fixed=allow_fixed, ask=ask)
+
+
+def check_rules(name: str, image_size: int, roots: Roots = Roots(), *, allow_fixed: bool = False) -> None:
+    """The rules that need no answer from the user (every target passes them before any is described)."""
     check_whole_disk(name, roots)
     check_writable(name, roots)
     check_not_system_disk(name, roots)
@@ -313,9 +321,6 @@ def check_disk(name: str, image_size: int, roots: Roots = Roots(), *, allow_fixe
     check_size(name, image_size, roots)
     if disk_kind(name, roots) is None and not allow_fixed:
         check_removable(name, roots, allow_fixed=False)
-    if describe:
-        describe()
-    check_removable(name, roots, allow_fixed=allow_fixed, ask=ask)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Writing an image's mapped ranges to a target, and reading them back to check them.
 
 Speed: only the mapped ranges of the block map are written, in aligned chunks of up to
-4 MiB, while a reader thread reads the next chunks.
+4 MiB, while a reader thread reads the next chunks (from the image file, or decompressing
+a compressed image forwards: source.py).
 
 Trust: every written range is read back bypassing the page cache and compared with the
 block map's checksums (or, for a map without checksums, with the hashes of the image
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 
 from kiosk.core.errors import KioskError
 from kiosk.flash.progress import Progress, Quiet
+from kiosk.flash.source import ImageFile
 
 CHUNK = 4 << 20          # bytes per write: large and aligned, what SD cards like
 VERIFY_BATCH = 64 << 20  # bytes written between an fdatasync and handing them to the read-back
@@ -65,15 +67,6 @@ def pieces(bmap, lo: int = 0, hi: int | None = None, ranges=None):
             cut = min(end, (start // CHUNK + 1) * CHUNK)
             yield start, cut, index
             start = cut
-
-
-def _pread_full(fd: int, view: memoryview, offset: int, what: str) -> None:
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n == 0:
-            raise KioskError(f"{what} ends at byte {offset + done}, before the block map says it does")
-        done += n
 
 
 def _pwrite_full(fd: int, view: memoryview, offset: int) -> None:
@@ -138,10 +131,13 @@ class _Reader:
         self.thread.join(timeout=5)
 
 
-def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = False,
+def write_image(src, dst: int, bmap, *, progress=None, head_last: bool = False,
                 direct_dst: int | None = None, label: str = "the image", verify_path: str | None = None,
-                verify_label: str | None = None) -> Written:
-    """Write the mapped ranges of `bmap` from fd `src` to fd `dst`, then fsync; return digests to verify.
+                verify_label: str | None = None, progress_for=Progress) -> Written:
+    """Write the mapped ranges of `bmap` from `src` to fd `dst`, then fsync; return digests to verify.
+
+    `src` is a source.ImageFile or source.Stream (a compressed image, read forwards), or a plain
+    image's fd. A stream is read to its end, and checked there, before the head is written.
 
     With `head_last` (block devices) the first HEAD_BYTES (1 MiB: MBR, GPT and the
     alignment gap) are handled apart: first zeroed on the card and synced, then
@@ -162,9 +158,12 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
     has no checksums: the read-back against the map's checksums checks the image too, and
     a mismatch is blamed on the image or on the card by hashing that range of the image.
 
+    `progress_for(what, total)` makes the read-back's progress line.
+
     Raises KioskError when the image does not match the map's checksums.
     """
     progress = progress or Quiet()
+    src = ImageFile(src, label) if isinstance(src, int) else src
     kind = bmap.checksum_type or "sha256"
     stated = [digest for _, _, digest in bmap.ranges]
     hash_image = verify_path is None or None in stated
@@ -203,7 +202,7 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
     for start, end, index in pieces(bmap, 0, head_end):
         buf = mmap.mmap(-1, end - start + (-(end - start) % 4096))
         view = memoryview(buf)[:end - start]
-        _pread_full(src, view, start, label)
+        src.read(view, start)
         if hash_image:
             hashers[index].update(view)
         head.append((start, end, index, buf))
@@ -216,9 +215,9 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
         result.bytes += head_end
 
     done, batch, batched = 0, [], 0
-    behind = _Behind(verify_path, bmap, expected, kind, verify_label or verify_path) if verify_path else None
-    reader = _Reader(lambda view, start, end: _pread_full(src, view[:end - start], start, label),
-                     pieces(bmap, head_end), hashers)
+    behind = _Behind(verify_path, bmap, expected, kind, verify_label or verify_path,
+                     progress_for) if verify_path else None
+    reader = _Reader(lambda view, start, end: src.read(view[:end - start], start), pieces(bmap, head_end), hashers)
     try:
         for start, end, index, buf in reader:
             _pwrite_full(out_fd(start, end), memoryview(buf)[:end - start], start)
@@ -236,6 +235,9 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
                     behind.publish(batch)
                     batch, batched = [], 0
         os.fsync(dst)
+        if behind is not None:
+            behind.publish(batch)
+        src.finish(bmap.image_size)   # a stream's end and its checks, while the last batch is read back
     except BaseException:   # (the fsync too: a card pulled out there must not leave the read-back waiting)
         if behind is not None:
             behind.abandon()
@@ -243,14 +245,13 @@ def write_image(src: int, dst: int, bmap, *, progress=None, head_last: bool = Fa
     finally:
         reader.close()
     if behind is not None:
-        behind.publish(batch)
         progress.update(done, force=True)
         progress.close()
         try:
             behind.finish()
         except VerifyFailed as failed:
             for index in failed.ranges if not hash_image else ():
-                actual = _range_digest(src, bmap, index, kind, label)
+                actual = _range_digest(src, bmap, index, kind)
                 if actual != stated[index]:
                     raise mismatch(index, actual) from None
             raise
@@ -359,10 +360,10 @@ class _Behind:
     loop devices) the check is almost free.
     """
 
-    def __init__(self, path: str, bmap, expected: list, kind: str, label: str):
+    def __init__(self, path: str, bmap, expected: list, kind: str, label: str, progress_for=Progress):
         self.label, self.batches, self.published, self.done = label, queue.Queue(), 0, 0
         self.error: BaseException | None = None
-        self.progress = Progress(f"verifying {label}", 0)   # shown by finish(); its rate counts from now
+        self.progress = progress_for(f"verifying {label}", 0)   # shown by finish(); its rate counts from now
         self.thread = threading.Thread(target=self._run, args=(path, bmap, expected, kind),
                                        name="kiosk-flash-verify", daemon=True)
         self.thread.start()
@@ -405,14 +406,14 @@ class _Behind:
         self.batches.put(None)
 
 
-def verify_late(path: str, bmap, written: Written, label: str) -> int:
+def verify_late(path: str, bmap, written: Written, label: str, progress_for=Progress) -> int:
     """Read back the ranges write_image left for after the head (those that overlap it)."""
     late = set(written.late)
     if not late:
         return 0
     size = sum(end - start for start, end, _ in pieces(bmap, ranges=late))
     # Usually the MBR's 4 KiB: worth a progress line only when an unsparse image makes it one long range.
-    check = Progress(f"verifying {label} (ranges from its first MiB)", size) if size > 4 * CHUNK else Quiet()
+    check = progress_for(f"verifying {label} (ranges from its first MiB)", size) if size > 4 * CHUNK else Quiet()
     try:
         return verify(path, bmap, written.expected, written.kind, progress=check, label=label,
                       todo=pieces(bmap, ranges=late))
@@ -420,9 +421,10 @@ def verify_late(path: str, bmap, written: Written, label: str) -> int:
         check.close()
 
 
-def _range_digest(fd: int, bmap, index: int, kind: str, label: str) -> str:
+def _range_digest(src, bmap, index: int, kind: str) -> str:
+    """The image's own digest of one range (a stream starts again from its beginning to reach it)."""
     hasher, buf = hashlib.new(kind), mmap.mmap(-1, CHUNK)
     for start, end, _ in pieces(bmap, ranges={index}):
-        _pread_full(fd, memoryview(buf)[:end - start], start, label)
+        src.read(memoryview(buf)[:end - start], start)
         hasher.update(memoryview(buf)[:end - start])
     return hasher.hexdigest()

@@ -1,4 +1,5 @@
-"""The one image build chain: spec -> <hostName>-<hardware>.img, its .bmap, manifest.json and an SPDX SBOM.
+"""The one image build chain: spec -> <hostName>-<hardware>.img, its .bmap, manifest.json and an SPDX SBOM
+(and with --compress, <hostName>-<hardware>.img.zst or .img.xz).
 
 This module only orchestrates: each stage (rootfs, configure, boot, image) lives
 in its own module. It prints each stage's name and elapsed time, keeps the
@@ -114,16 +115,18 @@ def _clamp_shadow_dates(root: Path, epoch: int) -> None:
 
 
 def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Log | None = None,
-          keep_root: Path | None = None) -> dict:
+          keep_root: Path | None = None, compress: str | None = None) -> dict:
     """Build the image for a validated spec; returns the manifest (also written to out_dir/manifest.json).
 
     This is the one build chain: `kiosk build`, ./deploy.sh, the builder's server, the tests and the
     build benchmark all come through here. log.times holds the seconds per stage afterwards.
     keep_root: also leave the final root tree there (for tests that inspect it); removed otherwise.
+    compress: "zst" or "xz": also write the image compressed (image/compress.py).
     """
     from kiosk.config.layer import apply_layer
     from kiosk.config.render import render
     from kiosk.image import assemble, bootfiles, rootfs
+    from kiosk.image.compress import compress_image
     from kiosk.spec.plan import make_plan
 
     log = log or Log()
@@ -164,6 +167,11 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    if compress:
+        with log.timed("compress"):
+            compressed = compress_image(out_image, compress, log)
+    else:
+        compressed = compress_image(out_image, None)   # (only drops a stale .zst/.xz: it would not match)
     with log.timed("manifest"):
         image_sha = sha256_file(out_image)
         pkg_dicts = [{"name": n, "version": v, "architecture": a, "source": s} for n, v, a, s in packages]
@@ -180,6 +188,8 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             "packageKey": plan.package_key, "packages": pkg_dicts,
             "stageSeconds": log.times,
         }
+        if compressed:
+            manifest["compressed"] = compressed
         write_json(out_dir / "manifest.json", manifest)
     return manifest
 
