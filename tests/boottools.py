@@ -67,6 +67,16 @@ KIOSK_JOURNAL = "journalctl -b --no-pager -o cat _SYSTEMD_UNIT=kiosk.service + _
 ARTIFACTS = Path(os.environ.get("KIOSK_TEST_ARTIFACTS") or ROOT / "test-artifacts")
 
 
+def record_figure(board: str, name: str, seconds: float) -> None:
+    """Keep a timing in test-artifacts/figures-<board>.json (notes/boot.md's table comes from these)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / f"figures-{board}.json"
+    figures = json.loads(path.read_text()) if path.exists() else {}
+    figures[name] = round(seconds, 1)
+    figures["cores"] = os.cpu_count()
+    path.write_text(json.dumps(figures, indent=1, sort_keys=True) + "\n")
+
+
 def boot_spec(board: str, public_key: str, *, host: str | None = None, program: dict | None = None,
               packages=()) -> dict:
     """The spec a boot test builds: imagetools' minimal spec with the session's key and the nasty argv."""

@@ -47,7 +47,7 @@ import pytest
 
 from boottools import (
     ARTIFACTS, DEFAULT_BOARDS, SLOW_BOARDS, BootedVM, boot_spec, build_boot_image, make_fake_image, make_key,
-    png_colours,
+    png_colours, record_figure,
 )
 from conftest import kiosk_cli
 from imagetools import _cache_dir, _shared_dir
@@ -264,6 +264,8 @@ def test_the_boot_is_timed(kiosk):
     print(f"\n[{kiosk.board}] QEMU start -> ssh {kiosk.ssh_seconds:.0f} s, -> {what} {kiosk.kiosk_seconds:.0f} s; "
           f"graphical.target {unit:.0f} s after the kernel started; {os.cpu_count()} cores")
     assert kiosk.ssh_seconds > 0 and kiosk.kiosk_seconds > 0
+    record_figure(kiosk.board, "QEMU start -> ssh", kiosk.ssh_seconds)
+    record_figure(kiosk.board, "QEMU start -> program", kiosk.kiosk_seconds)
 
 
 def test_git_push_to_the_booted_device(kiosk, tmp_path):
@@ -299,6 +301,7 @@ def test_git_push_to_the_booted_device(kiosk, tmp_path):
     assert any(line.startswith("==> build generation 2") for line in lines), lines
     assert f"==> generation 2 is active: {spec['hostName']}, commit {commit[:12]}" in lines, lines
     assert not any("could not check the Debian archive" in line for line in lines), lines
+    record_figure(kiosk.board, "git push -> generation 2 active", seconds)
     print(f"\n[{kiosk.board}] git push -> generation 2 active: {seconds:.1f} s "
           f"(health check {lines[-1] if lines else ''})")
     pid = vm.wait_for_program(program, timeout=300)
