@@ -76,7 +76,7 @@ def test_yaml_and_ini_give_the_same_fleet_with_ansibles_precedence(tmp_path, bas
                     screen[1:2]:
                     screen3: {program: {args: [own]}, ansible_port: 2201}
                 zeta:
-                  vars: {packages: [zeta], ansible_group_priority: 1}
+                  vars: {packages: [less], ansible_group_priority: 1}
                   hosts: {screen1: }
                 alpha:
                   vars: {packages: [alpha]}
@@ -93,7 +93,7 @@ def test_yaml_and_ini_give_the_same_fleet_with_ansibles_precedence(tmp_path, bas
         [zeta]
         screen1
         [zeta:vars]
-        packages=['zeta']
+        packages=['less']
         [alpha]
         screen1   # alpha too (an INI comment)
         [alpha:vars]
@@ -118,7 +118,7 @@ def test_yaml_and_ini_give_the_same_fleet_with_ansibles_precedence(tmp_path, bas
         assert list(got) == ["screen1", "screen2", "screen3", "loner.example.org"]
         assert got["screen2"].data["program"] == {"package": "foot", "args": ["lobby"]}   # child over parent
         assert got["screen3"].data["program"]["args"] == ["own"]                          # host over groups
-        assert got["screen1"].data["packages"] == ["zeta"]       # same depth: by name, zeta after alpha
+        assert got["screen1"].data["packages"] == ["less"]       # same depth: by name, zeta after alpha
         assert got["screen1"].data["locale"] == {"timeZone": "Europe/Paris", "regDom": "DE"}   # merged
         assert got["loner.example.org"].data["program"]["args"] == ["all"]
         assert "allowKioskLogin" not in got["loner.example.org"].data
