@@ -1504,15 +1504,21 @@ def test_ctrl_c_with_several_cards_says_each_cards_state(image, packed, loops, r
     import signal
     devs = [loops(), loops()]
     monkeypatch.setattr(target, "disk_kind", lambda name, roots=None: "USB")
-    calls = []
+    import threading
     real = writer._pwrite_full
+    seen: dict[int, int] = {}
+    lock = threading.Lock()
+    both_started = threading.Barrier(2, timeout=60)
 
     def then_ctrl_c(fd, view, offset):
+        with lock:
+            seen[fd] = seen.get(fd, 0) + 1
+            count = seen[fd]
+        if count == 2:   # this card's head is zeroed; before its body, wait for the other card, then Ctrl-C
+            if both_started.wait() == 0:   # (on a loaded machine one card could otherwise finish first)
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
         real(fd, view, offset)
-        calls.append(offset)
-        if len(calls) == 4:   # both heads zeroed, a chunk or two of the bodies written
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.5)
 
     monkeypatch.setattr(writer, "_pwrite_full", then_ctrl_c)
     r = run(packed("zst"), *devs, "--yes")
