@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 CONFIG_HEADER = """# Do not modify this file!
 #
@@ -28,6 +29,12 @@ CONFIG_HEADER = """# Do not modify this file!
 def version_key(name: str):
     """Order kernel versions and file names as `sort -V` does for Debian's (6.1.0-9 before 6.1.0-28)."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def latest_boot_file(boot: Path, prefix: str) -> str | None:
+    """The hook's `ls -1 /boot/PREFIX* | grep -E -v '\\.(dpkg-bak|old-dkms)$' | sort -V -r | head -1`, as a name."""
+    names = [p.name for p in boot.glob(prefix + "*") if not p.name.endswith((".dpkg-bak", ".old-dkms"))]
+    return max(names, key=version_key) if names else None
 
 
 def firmware_custom(spec: dict, board: dict) -> str:

@@ -26,7 +26,7 @@ import json
 import os
 from pathlib import Path
 
-from kiosk.config.bootconfig import raspi_cmdline_txt, raspi_config_txt, read_defaults, version_key
+from kiosk.config.bootconfig import raspi_cmdline_txt, raspi_config_txt, latest_boot_file, read_defaults
 from kiosk.core.errors import KioskError
 from kiosk.core.files import crash_point, fsync_dir
 from kiosk.core.log import Log
@@ -37,11 +37,6 @@ NEW_SUFFIX = ".kiosk-new"
 DEFAULTS = "etc/default/raspi-firmware"
 CUSTOM = "etc/default/raspi-firmware-custom"
 EXTRA = "etc/default/raspi-extra-cmdline"
-
-
-def _latest(boot: Path, prefix: str) -> str | None:
-    names = [p.name for p in boot.glob(prefix + "*") if not p.name.endswith((".dpkg-bak", ".old-dkms"))]
-    return max(names, key=version_key) if names else None
 
 
 def _board(root: Path) -> dict:
@@ -61,7 +56,7 @@ def expected(root: Path) -> dict[str, bytes]:
         return {}
     board = _board(root)
     defaults = read_defaults((root / DEFAULTS).read_text()) if (root / DEFAULTS).is_file() else {}
-    kernel, initrd = _latest(root / "boot", "vmlinuz-"), _latest(root / "boot", "initrd.img-")
+    kernel, initrd = latest_boot_file(root / "boot", "vmlinuz-"), latest_boot_file(root / "boot", "initrd.img-")
     files = {}
     if kernel and initrd and defaults.get("KERNEL", "auto") == "auto" and defaults.get("INITRAMFS", "auto") == "auto":
         arch = defaults.get("KERNEL_ARCH") or board["architecture"]

@@ -194,7 +194,7 @@ def recover(root: Path, activator, log: Log, *, at_boot: bool = False) -> bool:
     if current(root) is not None:
         update_default_marker(root)
         try:   # the firmware partition follows the generation recovery settled on (device/bootconfig.py)
-            changed |= bool(bootconfig.sync(root, log))
+            bootconfig.sync(root, log)   # (it logs what it wrote; nothing for systemd to reconcile)
         except KioskError as exc:
             log(f"firmware partition not brought up to date: {exc}")
     if changed and at_boot:

@@ -31,8 +31,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, raspi_cmdline_txt, raspi_config_txt, set_default,
-                                     version_key)
+from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, latest_boot_file, raspi_cmdline_txt,
+                                     raspi_config_txt, set_default)
 from kiosk.core.errors import KioskError
 from kiosk.core.files import write_atomic
 from kiosk.core.run import run
@@ -61,11 +61,10 @@ def consoles(board: dict) -> list[str]:
 
 def kernel_version(root_dir: Path) -> str:
     """The (newest) kernel version installed in the tree, from /boot/vmlinuz-<version>."""
-    found = sorted((p.name[len("vmlinuz-"):] for p in (root_dir / "boot").glob("vmlinuz-*")
-                    if not p.name.endswith((".dpkg-bak", ".old-dkms"))), key=version_key)
-    if not found:
+    newest = latest_boot_file(root_dir / "boot", "vmlinuz-")
+    if newest is None:
         raise KioskError(f"boot files: no kernel in {root_dir}/boot (is the kernel package in the plan?)")
-    return found[-1]
+    return newest[len("vmlinuz-"):]
 
 
 # --- modules ---------------------------------------------------------------------------------
