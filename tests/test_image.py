@@ -486,15 +486,27 @@ def test_identity_is_stable_and_per_device():
 
 
 def test_layout_counts_hard_links_once(tmp_path):
-    from kiosk.image.assemble import ALIGN, tree_usage, plan_layout
+    """The root file system's size comes from the tarball's index: a file with ten more names counts once."""
+    import tarfile
 
-    (tmp_path / "big").write_bytes(b"x" * (8 << 20))
+    from kiosk.image import basefs, tarindex
+    from kiosk.image.assemble import ALIGN, layout_for
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(b"x" * (8 << 20))
     for i in range(10):
-        os.link(tmp_path / "big", tmp_path / f"link{i}")
-    used, inodes = tree_usage(tmp_path)
+        os.link(tree / "big", tree / f"link{i}")
+    with tarfile.open(tmp_path / "base.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(tree, arcname=".")
+    index = tarindex.TarIndex(tmp_path / "base.tar", tarindex.scan(tmp_path / "base.tar"))
+    assert [m.kind for m in index.members.values()].count("h") == 10
+    used, inodes = basefs.usage(index)
     assert used < 9 << 20 and inodes == 2
-    layout, _ = plan_layout(tmp_path)
+    size, inode_count = basefs.size_for(used, inodes)
+    layout = layout_for(size)
     assert layout.root_start % ALIGN == 0 and layout.root_size % ALIGN == 0 and layout.boot_start == ALIGN
+    assert inode_count >= 65536 and size >= used + (256 << 20)
 
 
 # --- booting (smoke; the boot tests proper live elsewhere) --------------------------------------

@@ -33,6 +33,7 @@ Things this recipe takes care of:
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import fcntl
 import hashlib
@@ -285,11 +286,23 @@ def mmdebstrap_command(stage: Stage, out: Path, *, verbose: bool = False, meta_d
     return cmd
 
 
-def _lock(path: Path):
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Hold the cache's lock file `path` (flock): one build makes an entry, the others wait and reuse it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def index(tar: Path):
+    """The tarball's index (kiosk.image.tarindex), made beside it under its lock when missing."""
+    from kiosk.image import tarindex
+    with cache_lock(tar.with_suffix(".lock")):
+        return tarindex.load(tar)
 
 
 def run_logged(cmd: list[str], *, stage: str, log: Log, verbose: bool, env: dict | None = None,
@@ -328,8 +341,7 @@ def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: b
 def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bool, rebuild: bool) -> Path:
     tar = stage.path
     what = "base" if stage.parent is None else f"top layer ({', '.join(stage.install)})"
-    fd = _lock(tar.with_suffix(".lock"))
-    try:
+    with cache_lock(tar.with_suffix(".lock")):
         if tar.exists() and metadata_path(tar).exists() and not rebuild:
             log(f"rootfs: reusing the {what}: {tar.name} ({stage.architecture}, {len(stage.packages)} packages)")
             return tar
@@ -373,8 +385,6 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
         log(f"rootfs: built the {what} in {elapsed:.0f} s: {tar.name}, {len(packages)} packages installed, "
             f"{tar.stat().st_size / 2**20:.0f} MiB")
         return tar
-    finally:
-        os.close(fd)
 
 
 def _parse_dpkg_query(text: str) -> list[tuple[str, str, str, str]]:
@@ -423,16 +433,19 @@ def installed_packages(tree_or_tar: Path | str) -> list[tuple[str, str, str, str
     return parse_dpkg_status(path.read_text())
 
 
-def extract(tar: Path, dest: Path, *, log: Log = _noop_log) -> None:
-    """Unpack a base tarball into dest (which must exist), keeping owners, modes and times.
+def extract(tar: Path, dest: Path, *, owners: bool = True, log: Log = _noop_log) -> None:
+    """Unpack a base tarball into dest (which must exist), keeping modes and times.
 
+    owners: also owners and extended attributes (as root; a user's unpack cannot keep them). Without,
+    every file belongs to whoever unpacks: kiosk.image.basefs sets them from the tarball's index.
     /dev is left empty (devtmpfs is mounted there at boot), so this also works without root.
     """
     started = time.monotonic()
-    cmd = ["tar", "-C", str(dest), "--extract", "--file", str(tar), "--xattrs", "--xattrs-include=*",
-           "--numeric-owner", "--exclude=./dev/*"]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--same-owner")
-        cmd.insert(1, "--preserve-permissions")
+    cmd = ["tar", "-C", str(dest), "--extract", "--file", str(tar), "--numeric-owner", "--preserve-permissions",
+           "--exclude=./dev/*"]
+    if owners and os.geteuid() == 0:
+        cmd += ["--same-owner", "--xattrs", "--xattrs-include=*"]
+    else:
+        cmd += ["--no-same-owner", "--no-xattrs"]
     run(cmd, what=f"rootfs: unpacking {tar} failed")
     log(f"rootfs: unpacked {tar.name} in {time.monotonic() - started:.1f} s")
