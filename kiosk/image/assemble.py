@@ -293,12 +293,14 @@ def assemble(layout: Layout, root_fs: Path, boot: dict[str, bytes | Path], out_i
         shutil.rmtree(staging, ignore_errors=True)
     log(f"image: {out_image.name}: {layout.total // MiB} MiB (FAT {layout.boot_size // MiB} MiB, root "
         f"{layout.root_size // MiB} MiB); MBR + FAT {time.monotonic() - started:.1f} s")
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(sha256_file, out_image)
         bmap = _write_bmap(out_image, log)
+        mapped = time.monotonic()
         sha = digest.result()
-    if bmap:
-        log(f"image: block map {bmap.name}")
+    log(f"image: block map {bmap.name if bmap else '(none)'} in {mapped - started:.1f} s, sha256 "
+        f"{time.monotonic() - started:.1f} s")
     return sha
 
 

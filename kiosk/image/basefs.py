@@ -40,7 +40,7 @@ from kiosk.image.tarindex import TarIndex
 
 Log = Callable[[str], None]
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "3"
 ROOT_LABEL = "RASPIROOT"
 BLOCK = 4096
 MiB = 1 << 20
@@ -158,7 +158,16 @@ def base_fs(tar: Path, index: TarIndex, *, epoch: int, log: Log, lock) -> BaseFs
             tmp.unlink(missing_ok=True)
             raise
         log(f"base file system: made {path.name} in {time.monotonic() - started:.1f} s ({size // MiB} MiB)")
+        _prune(tar, path)
         return BaseFs(path, size, epoch, key)
+
+
+def _prune(tar: Path, keep: Path) -> None:
+    """One file system per tarball: those of an older recipe, e2fsprogs or tarball (~1 GB each) go."""
+    for old in tar.parent.glob(f"{tar.stem}.fs-*.ext4"):
+        if old != keep:
+            for path in (old, old.with_suffix(".json"), old.with_suffix(".lock")):
+                path.unlink(missing_ok=True)
 
 
 def _make(tar: Path, index: TarIndex, fs: Path, command: list[str], size: int, *, epoch: int, log: Log) -> None:
@@ -181,6 +190,9 @@ def _make(tar: Path, index: TarIndex, fs: Path, command: list[str], size: int, *
         made = time.monotonic()
         run_debugfs(fs, _settle_commands(index, tree, work, epoch, log), epoch=epoch,
                     what="image (root filesystem owners, modes and times)")
+        # The superblock counts the kilobytes ever written to the file system, and a user's pass above
+        # writes more (every owner): start the count again in a session that writes the same everywhere.
+        run_debugfs(fs, ["ssv kbytes_written 0"], epoch=epoch, what="image (root filesystem)")
         log(f"base file system: mke2fs -d {made - started:.1f} s, owners/modes/times "
             f"{time.monotonic() - made:.1f} s")
     finally:
@@ -221,7 +233,7 @@ def _settle_commands(index: TarIndex, tree: Path, work: Path, epoch: int, log: L
             fixes.append(f"sif {q} uid {m.uid}")
         if st.st_gid != m.gid:
             fixes.append(f"sif {q} gid {m.gid}")
-        if stat.S_IMODE(st.st_mode) != m.mode:
+        if (stat.S_IMODE(st.st_mode) != m.mode or m.path == "/") and m.kind != "l":   # a symlink's is 0777
             fixes.append(f"sif {q} mode 0{stat.S_IFMT(st.st_mode) | m.mode:o}")
         for name, value in m.xattrs.items():
             value_file = work / f"xattr-{n}-{len(fixes)}"
@@ -236,7 +248,7 @@ def _settle_commands(index: TarIndex, tree: Path, work: Path, epoch: int, log: L
         commands += fixes
         commands += [f"sif {q} atime @{epoch}", f"sif {q} ctime @{epoch}"]
         mtime = min(m.mtime, epoch)
-        if st.st_mtime_ns != mtime * 10**9:
+        if st.st_mtime_ns != mtime * 10**9 or m.path == "/":   # mke2fs gives the root its own time
             commands.append(f"sif {q} mtime @{mtime}")
     commands += [f"sif /lost+found atime @{epoch}", f"sif /lost+found ctime @{epoch}"]
     if skipped:
@@ -252,3 +264,7 @@ def copy(base: BaseFs, dest: Path) -> None:
     with open(dest, "wb") as f:
         f.truncate(base.size)
     copy_sparse(base.path, dest, 0)
+    # Write the ~1 GB out now (this runs beside the configure step): debugfs and the block map fsync the
+    # image later, and would otherwise wait for all of it then.
+    with open(dest, "rb+") as f:
+        os.fsync(f.fileno())

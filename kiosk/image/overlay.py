@@ -86,6 +86,7 @@ class Sparse:
         self.as_root = os.geteuid() == 0
         self.fetched: set[str] = set()
         self.seeded: dict[str, Seeded] = {}
+        self._pins: list[int] = []
         self._skeleton()
 
     def host(self, path: str) -> Path:
@@ -145,11 +146,21 @@ class Sparse:
                 self._own(target, m)
                 os.chmod(target, _widened("d", m.mode))
                 os.utime(target, ns=(m.mtime * 10**9,) * 2)
-        for m in self.index.members.values():
-            if m.kind in "dl" or m.path in self.fetched:
-                st = os.lstat(self.host(m.path))
-                self.seeded[m.path] = Seeded(st.st_ino, st.st_ctime_ns, KIND[stat.S_IFMT(st.st_mode)],
-                                             stat.S_IMODE(st.st_mode))
+        seeded = [m.path for m in self.index.members.values() if m.kind in "dl" or m.path in self.fetched]
+        _allow_open_files(len(seeded) + 256)
+        for path in seeded:
+            # Pinned: an inode held open is never freed, so its number cannot come back for a new file
+            # (ext4 reuses freed numbers at once), and "same inode number" means "the seeded inode".
+            self._pins.append(os.open(self.host(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
+            st = os.fstat(self._pins[-1])
+            self.seeded[path] = Seeded(st.st_ino, st.st_ctime_ns, KIND[stat.S_IFMT(st.st_mode)],
+                                       stat.S_IMODE(st.st_mode))
+
+    def close(self) -> None:
+        """Let go of the seeded inodes (changes() does when it is done)."""
+        for fd in self._pins:
+            os.close(fd)
+        self._pins.clear()
 
     # --- after configure -------------------------------------------------------------------------
 
@@ -183,6 +194,7 @@ class Sparse:
             out.append(change)
         for path in sorted(set(self.seeded) - seen):
             out.append(Change(path, "remove", replaces=self.index.get(path)))
+        self.close()
         if self.as_root:
             self._check_owners(out)
         return sorted(out, key=lambda c: c.path)
@@ -244,6 +256,18 @@ class Sparse:
             raise KioskError("image: the owners the configure step gave differ from what a build as a user "
                              "would write:\n  " + "\n  ".join(wrong[:10]),
                              hint="this is a bug in kiosk (overlay.Sparse owner rule); please report it")
+
+
+def _allow_open_files(count: int) -> None:
+    """Raise this process's open-file limit to `count` when it is lower (up to the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        if hard != resource.RLIM_INFINITY and hard < count:
+            raise KioskError(f"image: the build holds {count} files open, and this process may open only {hard}",
+                             hint=f"raise the limit (ulimit -n {count}) and build again")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (count, hard))
 
 
 def _q(path: str) -> str:

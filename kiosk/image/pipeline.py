@@ -185,9 +185,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     with log.timed("base fs"):
         index = rootfs.index(tar)
         base = basefs.base_fs(tar, index, epoch=epoch, log=log, lock=rootfs.cache_lock)
-    work_parent = paths.cache_dir() / "tmp"
-    work_parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=work_parent))
+    work = Path(tempfile.mkdtemp(prefix="kiosk-build-", dir=paths.scratch_dir()))
     out_image = out_dir / assemble.image_name(plan)
     root_fs = assemble.scratch_path(out_image, "root")
     pool = ThreadPoolExecutor(max_workers=1)
@@ -203,8 +201,12 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             changes = sparse.changes(epoch)
             log(f"configure: {len(changes)} paths differ from the base")
         with log.timed("image"):
+            started = time.monotonic()
             copying.result()
+            copied = time.monotonic()
             overlay.write(root_fs, changes, index, work, epoch=epoch, uuid=ident.root_uuid)
+            log(f"image: root file system: base copied (waited {copied - started:.1f} s), changes written "
+                f"in {time.monotonic() - copied:.1f} s")
             image_sha = assemble.assemble(assemble.layout_for(base.size), root_fs, boot, out_image, epoch=epoch,
                                           ident=ident, log=log)
         packages = rootfs.installed_packages(tar)
@@ -246,14 +248,3 @@ def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, o
     dest.mkdir(parents=True)
     rootfs.extract(tar, dest)
     configure_tree(dest, spec, spec_text, layer, plan, out_dir, epoch=epoch, ident=ident, log=lambda m: None)
-
-
-def require_root(what: str, how: str) -> None:
-    """Refuse an image build without root, before any work.
-
-    Unpacked as a user, every file of the tree would belong to that user and mke2fs -d would copy
-    that into the image (root's files owned by uid 1000): a broken card that looks fine.
-    """
-    if os.geteuid() != 0:
-        raise KioskError(f"{what}: the image's files keep their owners (root, kiosk, _apt, ...) and only root "
-                         "can give them", hint=how)

@@ -191,6 +191,58 @@ def mmdebstrap_mode() -> str:
     return "root" if os.geteuid() == 0 else "unshare"
 
 
+def _subordinate_ids(path: Path, user: str, uid: int) -> int:
+    """How many subordinate ids /etc/subuid or /etc/subgid gives the user (by name or number)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    count = 0
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (user, str(uid)) and fields[2].isdigit():
+            count += int(fields[2])
+    return count
+
+
+def unshare_problems(etc: Path = Path("/etc")) -> list[str]:
+    """What keeps mmdebstrap's unshare mode from working for this user (empty when nothing does).
+
+    It runs the package installs as root inside a user namespace: the kernel must allow those, and the
+    user needs 65536 subordinate uids and gids, mapped by newuidmap and newgidmap (package uidmap).
+    """
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    problems = []
+    for kind, tool in (("uid", "newuidmap"), ("gid", "newgidmap")):
+        if not shutil.which(tool):
+            problems.append(f"{tool} is missing (apt install uidmap)")
+        if _subordinate_ids(etc / f"sub{kind}", user, uid) < 65536:
+            problems.append(f"{etc}/sub{kind} gives {user} fewer than 65536 subordinate {kind}s "
+                            f"(sudo usermod --add-sub{kind}s 100000-165535 {user})")
+    probe = run(["unshare", "--user", "--map-root-user", "true"], check=False) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        problems.append("this kernel does not let users make user namespaces "
+                        "(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0)")
+    return problems
+
+
+def check_unshare() -> None:
+    """Before a base is built as a user: say everything mmdebstrap's unshare mode still lacks, at once."""
+    if mmdebstrap_mode() != "unshare" or os.geteuid() == 0:
+        return
+    problems = unshare_problems()
+    if problems:
+        raise KioskError("rootfs: building a base root filesystem as a user needs mmdebstrap's unshare mode, and "
+                         + "; ".join(problems),
+                         hint="fix that, or build as root (sudo kiosk build ...); a cached base needs neither")
+
+
 def mmdebstrap_command(stage: Stage, out: Path, *, verbose: bool = False, meta_dir: Path | None = None,
                        parent_tar: Path | None = None) -> list[str]:
     """The whole mmdebstrap invocation for one stage (shown by `--verbose` for reproducing by hand).
@@ -347,6 +399,7 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
             return tar
         if not shutil.which("mmdebstrap"):
             raise KioskError("rootfs: mmdebstrap is not installed", hint="apt install mmdebstrap")
+        check_unshare()
         epoch = read_metadata(parent_tar)["sourceDateEpoch"] if parent_tar else \
             release_epoch(stage.mirror, stage.suite)
         tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
