@@ -170,6 +170,7 @@ class Sparse:
         seen: set[str] = set()
         replaced_dirs: list[str] = []
         new_inodes: dict[int, str] = {}
+        seeded_inodes = {s.ino for s in self.seeded.values()}
         counts = self.index.link_counts()
         for path, st in self._walk():
             seen.add(path)
@@ -186,6 +187,9 @@ class Sparse:
                 continue
             if before is not None and before.kind == "d":
                 replaced_dirs.append(path)
+            if st.st_ino in seeded_inodes and kind != "d":
+                raise KioskError(f"image: configure gave a base file a second name, {path}",
+                                 hint="this is a bug in kiosk's configure step: copy the file instead")
             change = self._new(path, kind, st, before, base, epoch)
             if change.kind == "f" and st.st_nlink > 1:
                 first = new_inodes.setdefault(st.st_ino, path)

@@ -189,6 +189,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     out_image = out_dir / assemble.image_name(plan)
     root_fs = assemble.scratch_path(out_image, "root")
     pool = ThreadPoolExecutor(max_workers=1)
+    sparse = None
     try:
         # The copy of the base (kernel work: reflink or copy_file_range) runs while configure does.
         copying = pool.submit(basefs.copy, base, root_fs)
@@ -216,6 +217,8 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     finally:
         pool.shutdown()   # the copy, if configure failed while it ran
         root_fs.unlink(missing_ok=True)
+        if sparse is not None:
+            sparse.close()
         index.close()
         basefs.remove_tree(work)
 
