@@ -113,13 +113,16 @@ def build_with(tree: Path, name: str, s: dict, out: Path) -> dict:
     """One build with the kiosk in `tree`, in a child process (its own imports), timed by its stages."""
     text = json.dumps(s, indent=2) + "\n"
     env = dict(os.environ, KIOSK_DATA_DIR=str(tree))
+    before = os.times()
     done = subprocess.run([sys.executable, "-c", CHILD, str(tree), text, str(out)], check=True, capture_output=True,
                           text=True, env=env)
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     result = json.loads(done.stdout.splitlines()[-1])
-    print(f"{name}: {result['seconds']:.1f} s  (" + ", ".join(f"{k} {v:.1f}" for k, v in result["stages"].items())
-          + ")", flush=True)
-    return {"name": name, "board": s["hardware"], "seconds": round(result["seconds"], 2), "stages": result["stages"],
-            "sha256": result["sha256"]}
+    print(f"{name}: {result['seconds']:.1f} s, CPU {cpu:.1f} s  ("
+          + ", ".join(f"{k} {v:.1f}" for k, v in result["stages"].items()) + ")", flush=True)
+    return {"name": name, "board": s["hardware"], "seconds": round(result["seconds"], 2), "cpuSeconds": round(cpu, 2),
+            "stages": result["stages"], "sha256": result["sha256"], "loadavg": os.getloadavg()[0]}
 
 
 def compare(ref: str, board: str, out: Path, repeat: int) -> list[dict]:
@@ -134,7 +137,9 @@ def compare(ref: str, board: str, out: Path, repeat: int) -> list[dict]:
                                           out / f"compare-{label.split()[0]}"))
     for label in (f"before ({ref})", "after (this tree)"):
         times = [r["seconds"] for r in results if label in r["name"]]
-        print(f"config-only rebuild, {label}: median {statistics.median(times):.1f} s of {times}", flush=True)
+        cpu = [r["cpuSeconds"] for r in results if label in r["name"]]
+        print(f"config-only rebuild, {label}: median {statistics.median(times):.1f} s of {times}, "
+              f"CPU median {statistics.median(cpu):.1f} s", flush=True)
     return results
 
 
