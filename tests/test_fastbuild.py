@@ -195,8 +195,8 @@ def test_overlay_matches_the_slow_way_on_every_kind_of_change(tmp_path, monkeypa
     changes = sparse.changes(EPOCH)
     assert "/etc/keep" not in {c.path for c in changes}
     fs = tmp_path / "image.ext4"
-    basefs.copy(base, fs)
-    overlay.write(fs, changes, index, tmp_path, epoch=EPOCH, uuid="01234567-89ab-4def-8123-456789abcdef")
+    basefs.copy(base, fs, 0, base.size)
+    overlay.write(fs, 0, changes, index, tmp_path, epoch=EPOCH, uuid="01234567-89ab-4def-8123-456789abcdef")
     e2fsck_clean(str(fs))
 
     whole = tmp_path / "whole"

@@ -1,9 +1,9 @@
 """The SD card image: MBR, a FAT32 firmware partition, an ext4 root, and its block map.
 
 No mounting, no loop devices, no root: the image is a sparse file; the root
-file system is written into it by the caller (a copy of the cached base ext4
-with the spec's changes: kiosk.image.basefs and overlay) and moved to its
-offset; sfdisk writes the partition table, mkfs.vfat --offset and mcopy -i
+file system is written into it at its offset by the caller (a copy of the
+cached base ext4 with the spec's changes: kiosk.image.basefs and overlay);
+sfdisk writes the partition table, mkfs.vfat --offset and mcopy -i
 image@@offset make and fill the FAT partition in place.
 
 Reproducible: the disk identifier, FAT serial and ext4 UUID are derived from
@@ -228,14 +228,6 @@ def copy_sparse(src: Path, dst: Path, offset: int) -> int:
     return copied
 
 
-def shift_right(path: Path, by: int) -> bool:
-    """Insert `by` bytes of hole at the start of path without copying (FALLOC_FL_INSERT_RANGE, ext4/XFS)."""
-    if not shutil.which("fallocate"):
-        return False
-    result = run(["fallocate", "--insert-range", "--offset", "0", "--length", str(by), str(path)], check=False)
-    return result.returncode == 0
-
-
 # --- the whole image -------------------------------------------------------------------------
 
 def _write_bmap(image: Path, log: Log) -> Path | None:
@@ -254,40 +246,29 @@ def scratch_path(out_image: Path, what: str) -> Path:
     return out_image.with_name(f".{out_image.name}.{os.getpid()}.{what}")
 
 
-def assemble(layout: Layout, root_fs: Path, boot: dict[str, bytes | Path], out_image: Path, *, epoch: int,
+def assemble(layout: Layout, image: Path, boot: dict[str, bytes | Path], out_image: Path, *, epoch: int,
              ident: Identity, log: Log = _noop_log) -> str:
-    """Make out_image (atomically) from the root file system in the file root_fs (layout.root_size bytes,
-    a scratch_path: it becomes the image) and the boot files; write its .bmap; return its sha256.
+    """Finish the image file `image` (a scratch_path, layout.total bytes, the root file system already at
+    layout.root_start): partition table, FAT partition, renamed to out_image; its .bmap; returns its sha256.
 
-    The sha256 is taken while the block map is made (two passes over ~1.5 GB, on two cores).
+    The root is written in place at its offset: moving it there afterwards (fallocate --insert-range)
+    made ext4 write the whole file back and drop it from the page cache, so that the block map and the
+    sha256 read ~1 GB back from the disk. The sha256 is taken while the block map is made (two cores).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     out_image = Path(out_image)
-    tmp = scratch_path(out_image, "tmp")
     staging = scratch_path(out_image, "boot")
     started = time.monotonic()
     try:
-        # The root file system was made first, in the file that becomes the image; it is moved to its
-        # offset by inserting a hole before it: no second copy of ~1 GB (copied where that is unsupported).
-        os.replace(root_fs, tmp)
-        if not shift_right(tmp, layout.root_start):
-            fs = tmp.with_name(tmp.name + ".ext4")
-            os.replace(tmp, fs)
-            try:
-                with open(tmp, "wb") as f:
-                    f.truncate(layout.total)
-                copy_sparse(fs, tmp, layout.root_start)
-            finally:
-                fs.unlink(missing_ok=True)
-        if os.path.getsize(tmp) != layout.total:
-            raise KioskError(f"image: {tmp} is {os.path.getsize(tmp)} bytes, expected {layout.total}")
-        write_partition_table(tmp, layout, ident)
-        make_fat(tmp, layout, boot, ident, epoch=epoch, staging=staging)
-        os.utime(tmp, (epoch, epoch))
-        os.replace(tmp, out_image)
+        if os.path.getsize(image) != layout.total:
+            raise KioskError(f"image: {image} is {os.path.getsize(image)} bytes, expected {layout.total}")
+        write_partition_table(image, layout, ident)
+        make_fat(image, layout, boot, ident, epoch=epoch, staging=staging)
+        os.utime(image, (epoch, epoch))
+        os.replace(image, out_image)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        image.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -256,14 +256,15 @@ def _settle_commands(index: TarIndex, tree: Path, work: Path, epoch: int, log: L
     return commands
 
 
-def copy(base: BaseFs, dest: Path) -> None:
-    """dest = a copy of the cached base file system: its mapped ranges only (FIEMAP, so the block map of
-    every copy is the same), shared extents where the file system can (copy_file_range reflinks)."""
+def copy(base: BaseFs, dest: Path, offset: int, size: int) -> None:
+    """dest = a new sparse file of `size` bytes holding a copy of the cached base file system at `offset`:
+    its mapped ranges only (FIEMAP, so the block map of every copy is the same), extents shared where
+    the file system can (copy_file_range reflinks on XFS and btrfs)."""
     from kiosk.image.assemble import copy_sparse
 
     with open(dest, "wb") as f:
-        f.truncate(base.size)
-    copy_sparse(base.path, dest, 0)
+        f.truncate(size)
+    copy_sparse(base.path, dest, offset)
     # Write the ~1 GB out now (this runs beside the configure step): debugfs and the block map fsync the
     # image later, and would otherwise wait for all of it then.
     with open(dest, "rb+") as f:

@@ -325,7 +325,9 @@ def commands(changes: list[Change], index: TarIndex, work: Path, *, epoch: int) 
     return out + dirs
 
 
-def write(fs: Path, changes: list[Change], index: TarIndex, work: Path, *, epoch: int, uuid: str) -> None:
-    """Apply the changes to the ext4 file `fs` (a copy of the base), and give it this image's UUID."""
+def write(image: Path, offset: int, changes: list[Change], index: TarIndex, work: Path, *, epoch: int,
+          uuid: str) -> None:
+    """Apply the changes to the ext4 at `offset` in `image` (a copy of the base), with this image's UUID."""
     script = commands(changes, index, work, epoch=epoch) + [f"ssv uuid {uuid}"]
-    run_debugfs(fs, script, epoch=epoch, what="image (the configuration into the root file system)")
+    run_debugfs(Path(f"{image}?offset={offset}"), script, epoch=epoch,
+                what="image (the configuration into the root file system)")

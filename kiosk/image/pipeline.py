@@ -187,12 +187,13 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
         base = basefs.base_fs(tar, index, epoch=epoch, log=log, lock=rootfs.cache_lock)
     work = Path(tempfile.mkdtemp(prefix="kiosk-build-", dir=paths.scratch_dir()))
     out_image = out_dir / assemble.image_name(plan)
-    root_fs = assemble.scratch_path(out_image, "root")
+    image = assemble.scratch_path(out_image, "tmp")
+    layout = assemble.layout_for(base.size)
     pool = ThreadPoolExecutor(max_workers=1)
     sparse = None
     try:
         # The copy of the base (kernel work: reflink or copy_file_range) runs while configure does.
-        copying = pool.submit(basefs.copy, base, root_fs)
+        copying = pool.submit(basefs.copy, base, image, layout.root_start, layout.total)
         ident = assemble.identity(plan)
         with log.timed("configure"):
             sparse = overlay.Sparse(index, work / "root")
@@ -205,18 +206,17 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             started = time.monotonic()
             copying.result()
             copied = time.monotonic()
-            overlay.write(root_fs, changes, index, work, epoch=epoch, uuid=ident.root_uuid)
+            overlay.write(image, layout.root_start, changes, index, work, epoch=epoch, uuid=ident.root_uuid)
             log(f"image: root file system: base copied (waited {copied - started:.1f} s), changes written "
                 f"in {time.monotonic() - copied:.1f} s")
-            image_sha = assemble.assemble(assemble.layout_for(base.size), root_fs, boot, out_image, epoch=epoch,
-                                          ident=ident, log=log)
+            image_sha = assemble.assemble(layout, image, boot, out_image, epoch=epoch, ident=ident, log=log)
         packages = rootfs.installed_packages(tar)
         if keep_root is not None:
             whole_tree(tar, keep_root, spec, spec_text, layer, plan, work / "reference-out", epoch=epoch,
                        ident=ident)
     finally:
         pool.shutdown()   # the copy, if configure failed while it ran
-        root_fs.unlink(missing_ok=True)
+        image.unlink(missing_ok=True)
         if sparse is not None:
             sparse.close()
         index.close()
