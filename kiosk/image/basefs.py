@@ -67,13 +67,16 @@ def quote(path: str) -> str | None:
     return f'"{path}"'
 
 
-def run_debugfs(fs: Path, commands: list[str], *, epoch: int, what: str) -> None:
-    """Run debugfs -w over a command file; any complaint it prints is a failure (it exits 0 regardless)."""
+def run_debugfs(fs: Path, commands: list[str], *, epoch: int, what: str, offset: int = 0) -> None:
+    """Run debugfs -w over a command file on the ext4 at `offset` in the file fs; any complaint it prints
+    is a failure (it exits 0 regardless). fs is named relative to its directory: debugfs reads options
+    after the first "?" of the name, and a directory of the user's may hold one."""
     with tempfile.NamedTemporaryFile("w", prefix="kiosk-debugfs-", suffix=".cmds", delete=False) as f:
         f.write("\n".join(commands) + "\n")
         script = f.name
+    name = f"./{fs.name}" + (f"?offset={offset}" if offset else "")
     try:
-        result = run(["debugfs", "-w", "-f", script, str(fs)], env=fake_time_env(epoch), check=False)
+        result = run(["debugfs", "-w", "-f", script, name], cwd=fs.parent, env=fake_time_env(epoch), check=False)
     finally:
         os.unlink(script)
     errors = [line for line in result.stderr.splitlines()

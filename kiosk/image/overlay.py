@@ -329,5 +329,4 @@ def write(image: Path, offset: int, changes: list[Change], index: TarIndex, work
           uuid: str) -> None:
     """Apply the changes to the ext4 at `offset` in `image` (a copy of the base), with this image's UUID."""
     script = commands(changes, index, work, epoch=epoch) + [f"ssv uuid {uuid}"]
-    run_debugfs(Path(f"{image}?offset={offset}"), script, epoch=epoch,
-                what="image (the configuration into the root file system)")
+    run_debugfs(image, script, epoch=epoch, offset=offset, what="image (the configuration into the root file system)")
