@@ -185,7 +185,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     with log.timed("base fs"):
         index = rootfs.index(tar)
         base = basefs.base_fs(tar, index, epoch=epoch, log=log, lock=rootfs.cache_lock)
-    work = Path(tempfile.mkdtemp(prefix="kiosk-build-", dir=paths.scratch_dir()))
+    work = scratch_work_dir()
     out_image = out_dir / assemble.image_name(plan)
     image = assemble.scratch_path(out_image, "tmp")
     layout = assemble.layout_for(base.size)
@@ -239,6 +239,29 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
         }
         write_json(out_dir / "manifest.json", manifest)
     return manifest
+
+
+def scratch_work_dir() -> Path:
+    """A new directory for this build's sparse tree, named after this process; those left in RAM by builds
+    that were killed (their process is gone) are removed first."""
+    from kiosk.image.basefs import remove_tree
+
+    scratch = paths.scratch_dir()
+    for old in scratch.glob("kiosk-build-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and old.is_dir() and old.stat().st_uid == os.geteuid() and not _alive(int(pid)):
+            remove_tree(old)
+    return Path(tempfile.mkdtemp(prefix=f"kiosk-build-{os.getpid()}-", dir=scratch))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int,
