@@ -53,9 +53,9 @@ def steps(tree: Path, debs: Path) -> list[tuple[str, float, float | None]]:
     out.append(("byte-compiling the stdlib", timed([*chroot, "/usr/bin/python3.11", "-E", "-S", "-m", "compileall", "-q",
                                                      "-f", "/usr/lib/python3.11"]),
                 timed(["/usr/bin/python3.11", "-E", "-S", "-m", "compileall", "-q", "-f", str(tree / "usr/lib/python3.11")])))
-    kernel = sorted(debs.glob("linux-image-*-*_*.deb"))
     arch = subprocess.run([*chroot, "dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
-    kernel = [k for k in kernel if k.name.endswith(f"_{arch}.deb") and "-dbg" not in k.name]
+    # the kernel itself (linux-image-6.1.0-50-arm64), not the meta-package linux-image-arm64
+    kernel = sorted(k for k in debs.glob(f"linux-image-[0-9]*_{arch}.deb") if "-dbg" not in k.name)
     if kernel:
         shutil.copy(kernel[-1], tree / "tmp/k.deb")
         with tempfile.TemporaryDirectory() as x:
