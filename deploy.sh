@@ -43,7 +43,7 @@ kiosk="$here/.venv/bin/kiosk"
 "$kiosk" validate "$spec"
 
 out="$here/out"
-# The image's files keep their owners (root, kiosk, ...): only root can give them, so the build runs as root.
+# kiosk build also runs as a user (README, "Building as a user"); here root builds, as root writes the card.
 as_root "$kiosk" build "$spec" -o "$out"
 
 image=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["image"])' "$out/manifest.json")

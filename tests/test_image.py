@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -419,34 +418,6 @@ def test_sample_image_for_every_board(board, tmp_path_factory, monkeypatch):
 
 # --- pure parts, no build ------------------------------------------------------------------------
 
-def test_kiosk_build_as_a_user_is_refused_and_says_how(tmp_path):
-    """Not root: refused before any work (the image would give root's files to the user), exit 1, one line."""
-    from conftest import kiosk_cli
-
-    public = Path(tempfile.mkdtemp(prefix="kiosk-user-build-"))
-    try:
-        public.chmod(0o755)
-        spec = public / "nixiosk.json"
-        spec.write_text(json.dumps(full_spec("qemu")))
-        spec.chmod(0o644)
-        argv = ["build", str(spec), "-o", str(public / "out")]
-        env = {"KIOSK_OFFLINE": "1", "KIOSK_CACHE_DIR": str(public / "cache"), "HOME": str(public)}
-        if os.geteuid() == 0:
-            exe = shutil.which("kiosk", path=str(Path(sys.executable).parent))
-            result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", exe, *argv],
-                                    capture_output=True, text=True, env=dict(os.environ, **env))
-        else:
-            result = kiosk_cli(*argv, env=env)
-        assert result.returncode == 1, result.stdout + result.stderr
-        lines = [line for line in result.stderr.splitlines() if ": warning: " not in line]
-        assert lines == [f"kiosk: kiosk build must run as root: the image's files keep their owners (root, kiosk, "
-                         f"_apt, ...) and only root can give them; run: sudo kiosk build {spec} -o {public / 'out'} "
-                         f"(./deploy.sh asks for sudo itself)"], result.stderr
-        assert "Traceback" not in result.stderr and not (public / "out").exists()
-    finally:
-        shutil.rmtree(public)
-
-
 def test_cpio_is_newc_sorted_and_timeless(tmp_path):
     import stat as st
 
@@ -522,15 +493,27 @@ def test_identity_is_stable_and_per_device():
 
 
 def test_layout_counts_hard_links_once(tmp_path):
-    from kiosk.image.assemble import ALIGN, tree_usage, plan_layout
+    """The root file system's size comes from the tarball's index: a file with ten more names counts once."""
+    import tarfile
 
-    (tmp_path / "big").write_bytes(b"x" * (8 << 20))
+    from kiosk.image import basefs, tarindex
+    from kiosk.image.assemble import ALIGN, layout_for
+
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big").write_bytes(b"x" * (8 << 20))
     for i in range(10):
-        os.link(tmp_path / "big", tmp_path / f"link{i}")
-    used, inodes = tree_usage(tmp_path)
+        os.link(tree / "big", tree / f"link{i}")
+    with tarfile.open(tmp_path / "base.tar", "w", format=tarfile.PAX_FORMAT) as tf:
+        tf.add(tree, arcname=".")
+    index = tarindex.TarIndex(tmp_path / "base.tar", tarindex.scan(tmp_path / "base.tar"))
+    assert [m.kind for m in index.members.values()].count("h") == 10
+    used, inodes = basefs.usage(index)
     assert used < 9 << 20 and inodes == 2
-    layout, _ = plan_layout(tmp_path)
+    size, inode_count = basefs.size_for(used, inodes)
+    layout = layout_for(size)
     assert layout.root_start % ALIGN == 0 and layout.root_size % ALIGN == 0 and layout.boot_start == ALIGN
+    assert inode_count >= 65536 and size >= used + (256 << 20)
 
 
 # --- booting (smoke; the boot tests proper live elsewhere) --------------------------------------

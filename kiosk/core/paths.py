@@ -118,6 +118,18 @@ def cache_dir() -> Path:
     return Path(base) / "kiosk"
 
 
+def scratch_dir() -> Path:
+    """Where a build keeps small, short-lived trees (the image build's sparse tree: tens of MB, thousands of
+    directories): RAM (/dev/shm) when it is there and writable, where making and removing them takes a
+    fifth of the time; else the cache's tmp/."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    tmp = cache_dir() / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
 def deb_cache_dir() -> Path:
     """Downloaded .debs of every architecture, shared by image builds and builders (arch: all ones too)."""
     return cache_dir() / "debs"

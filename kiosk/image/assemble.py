@@ -1,16 +1,15 @@
 """The SD card image: MBR, a FAT32 firmware partition, an ext4 root, and its block map.
 
-No mounting and no loop devices: the image is a sparse file; sfdisk writes the
-partition table into it, mkfs.vfat --offset and mcopy -i image@@offset make
-and fill the FAT partition in place, and `mke2fs -d` makes the ext4 root from
-the tree in place (-E offset=). Nothing needs root except keeping file owners
-in the tree (the tree is unpacked as root).
+No mounting, no loop devices, no root: the image is a sparse file; the root
+file system is written into it at its offset by the caller (a copy of the
+cached base ext4 with the spec's changes: kiosk.image.basefs and overlay);
+sfdisk writes the partition table, mkfs.vfat --offset and mcopy -i
+image@@offset make and fill the FAT partition in place.
 
-Reproducible: the disk identifier, FAT serial and ext4 UUID / hash seed are
-derived from the spec (hostName + hardware); every timestamp is
-SOURCE_DATE_EPOCH (mke2fs 1.47.0 copies each source file's ctime and atime
-into the filesystem, so a debugfs pass sets them afterwards); FAT files are
-copied in sorted order with fixed times (mkfs.vfat --invariant, mcopy -m).
+Reproducible: the disk identifier, FAT serial and ext4 UUID are derived from
+the spec (hostName + hardware); every timestamp is SOURCE_DATE_EPOCH; FAT
+files are copied in sorted order with fixed times (mkfs.vfat --invariant,
+mcopy -m).
 
 The image is written under a temporary name next to the output and renamed at
 the end: a half-written image never has the output's name.
@@ -21,8 +20,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import stat
-import tempfile
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -30,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiosk.core.errors import KioskError
-from kiosk.core.files import write_atomic
+from kiosk.core.files import sha256_file, write_atomic
 from kiosk.core.run import run
 
 Log = Callable[[str], None]
@@ -40,7 +37,6 @@ SECTOR = 512
 ALIGN = 4 * MiB
 BOOT_SIZE = 256 * MiB
 BOOT_LABEL = "RASPIFIRM"
-ROOT_LABEL = "RASPIROOT"
 BOOT_MOUNT = "/boot/firmware"
 
 
@@ -54,8 +50,7 @@ class Identity:
 
     disk_id: int          # MBR disk signature (PARTUUID prefix)
     boot_serial: str      # FAT volume id, 8 hex digits (fstab: XXXX-XXXX)
-    root_uuid: str        # ext4 UUID
-    hash_seed: str        # ext4 directory hash seed
+    root_uuid: str        # ext4 UUID (the directory hash seed is the cached base's: basefs)
 
     @property
     def boot_uuid(self) -> str:
@@ -73,8 +68,7 @@ def identity(plan) -> Identity:
     disk_id = int.from_bytes(h[0:4], "big") or 1
     boot_serial = h[4:8].hex()
     root_uuid = str(uuidlib.UUID(bytes=h[8:24], version=4))
-    hash_seed = str(uuidlib.UUID(bytes=hashlib.sha256(h).digest()[:16], version=4))
-    return Identity(disk_id, boot_serial, root_uuid, hash_seed)
+    return Identity(disk_id, boot_serial, root_uuid)
 
 
 @dataclass(frozen=True)
@@ -89,45 +83,10 @@ class Layout:
         return self.root_start + self.root_size
 
 
-def _round_up(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
-
-
-def tree_usage(root_dir: Path) -> tuple[int, int]:
-    """(bytes the tree needs in 4 KiB blocks, number of inodes)."""
-    used = 0
-    inodes = 0
-    seen: set[tuple[int, int]] = set()   # hard links (mesa's dri drivers are one file 40 times) count once
-    for dirpath, dirnames, filenames in os.walk(root_dir):
-        inodes += 1
-        used += 4096
-        for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            st = os.lstat(os.path.join(dirpath, name))
-            if st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
-                if (st.st_dev, st.st_ino) in seen:
-                    continue
-                seen.add((st.st_dev, st.st_ino))
-            inodes += 1
-            if stat.S_ISREG(st.st_mode):
-                used += _round_up(st.st_size, 4096)
-            elif stat.S_ISLNK(st.st_mode) and st.st_size > 59:
-                used += 4096
-    return used, inodes
-
-
-def plan_layout(root_dir: Path) -> tuple[Layout, int]:
-    """Partition sizes for this tree: FAT 256 MiB at 4 MiB, root = tree + 25% (at least +256 MiB), 4 MiB aligned.
-
-    Returns the layout and the inode count the root filesystem should have.
-    """
-    used, inodes = tree_usage(root_dir)
-    # ext4 overhead: inode tables (256 B per inode), a 64 MiB journal, 5% reserved blocks, bitmaps.
-    inode_count = max(_round_up(inodes * 2, 8192), 65536)
-    overhead = inode_count * 256 + 64 * MiB + used // 20 + 16 * MiB
-    root_size = _round_up(used + overhead + max(used // 4, 256 * MiB), ALIGN)
+def layout_for(root_size: int) -> Layout:
+    """FAT 256 MiB at 4 MiB, then the root file system (its size is the cached base's, basefs.size_for)."""
     boot_start = ALIGN
-    root_start = boot_start + BOOT_SIZE
-    return Layout(boot_start, BOOT_SIZE, root_start, root_size), inode_count
+    return Layout(boot_start, BOOT_SIZE, boot_start + BOOT_SIZE, root_size)
 
 
 def _run(cmd: list[str], *, stage: str, env: dict | None = None, input: str | None = None) -> str:
@@ -234,12 +193,6 @@ def make_fat(image: Path, layout: Layout, files: dict[str, bytes | Path], ident:
              stage="image (FAT partition)", env=env)
 
 
-def _debugfs_quote(path: str) -> str | None:
-    if any(c in path for c in '\n"'):
-        return None
-    return f'"{path}"'
-
-
 def _copy_range(fin: int, fout: int, count: int, src_at: int, dst_at: int) -> int:
     """copy_file_range, or read and write where the kernel will not copy between these file systems
     (EXDEV since Linux 5.19 for most pairs, e.g. an image on ext4 and a copy on tmpfs)."""
@@ -254,83 +207,25 @@ def _copy_range(fin: int, fout: int, count: int, src_at: int, dst_at: int) -> in
 
 
 def copy_sparse(src: Path, dst: Path, offset: int) -> int:
-    """Copy src's data (not its holes) into dst at offset; returns the bytes copied."""
+    """Copy src's mapped ranges (not its holes) into dst at offset; returns the bytes copied.
+
+    The ranges are the block map's (FIEMAP, unwritten extents included), not SEEK_DATA's, which on ext4
+    depends on the page cache: the copy of the same file is then always mapped the same way. Where the
+    file systems can, copy_file_range shares the extents instead of copying them (reflink)."""
+    from kiosk.image.bmap import BLOCK_SIZE, mapped_ranges
+
     copied = 0
     with open(src, "rb") as fin, open(dst, "r+b") as fout:
         size = os.fstat(fin.fileno()).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fin.fileno(), pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
-                break
-            hole = os.lseek(fin.fileno(), data, os.SEEK_HOLE)
-            while data < hole:
-                n = _copy_range(fin.fileno(), fout.fileno(), hole - data, data, data + offset)
+        for first, last in mapped_ranges(fin.fileno(), size):
+            data, end = first * BLOCK_SIZE, min((last + 1) * BLOCK_SIZE, size)
+            while data < end:
+                n = _copy_range(fin.fileno(), fout.fileno(), end - data, data, data + offset)
                 if n <= 0:
                     raise KioskError(f"image: copying {src} into {dst} stopped at {data}")
                 data += n
                 copied += n
-            pos = hole
     return copied
-
-
-def make_ext4(fs: Path, layout: Layout, root_dir: Path, ident: Identity, *, epoch: int, inodes: int,
-              log: Log) -> None:
-    """ext4 from root_dir in the file fs (created, layout.root_size long); every timestamp clamped to epoch."""
-    env = dict(E2FSPROGS_FAKE_TIME=str(epoch), SOURCE_DATE_EPOCH=str(epoch), TZ="UTC",
-               MKE2FS_CONFIG="/etc/mke2fs.conf")
-    fs.unlink(missing_ok=True)
-    with open(fs, "wb") as f:
-        f.truncate(layout.root_size)
-    _make_ext4_file(fs, layout, root_dir, ident, epoch=epoch, inodes=inodes, env=env, log=log)
-
-
-def shift_right(path: Path, by: int) -> bool:
-    """Insert `by` bytes of hole at the start of path without copying (FALLOC_FL_INSERT_RANGE, ext4/XFS)."""
-    if not shutil.which("fallocate"):
-        return False
-    result = run(["fallocate", "--insert-range", "--offset", "0", "--length", str(by), str(path)], check=False)
-    return result.returncode == 0
-
-
-def _make_ext4_file(fs: Path, layout: Layout, root_dir: Path, ident: Identity, *, epoch: int, inodes: int,
-                    env: dict, log: Log) -> None:
-    _run(["mke2fs", "-q", "-F", "-t", "ext4", "-b", "4096", "-N", str(inodes), "-L", ROOT_LABEL,
-          "-U", ident.root_uuid, "-E", f"hash_seed={ident.hash_seed},root_owner=0:0,nodiscard",
-          "-d", str(root_dir), str(fs), str(layout.root_size // 4096)],
-         stage="image (root filesystem)", env=env)
-    # mke2fs -d (1.47.0) copies each file's atime and ctime: pin them (and clamp mtimes) to the epoch.
-    commands = []
-    skipped = []
-    for dirpath, dirnames, filenames in os.walk(root_dir):
-        dirnames.sort()
-        for name in [""] + sorted(filenames) + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-            full = os.path.join(dirpath, name) if name else dirpath
-            rel = "/" + os.path.relpath(full, root_dir) if os.path.normpath(full) != os.path.normpath(root_dir) \
-                else "/"
-            quoted = _debugfs_quote(rel)
-            if quoted is None:
-                skipped.append(rel)
-                continue
-            commands.append(f"sif {quoted} atime @{epoch}")
-            commands.append(f"sif {quoted} ctime @{epoch}")
-            if os.lstat(full).st_mtime > epoch:
-                commands.append(f"sif {quoted} mtime @{epoch}")
-    commands.append(f"sif /lost+found atime @{epoch}")
-    commands.append(f"sif /lost+found ctime @{epoch}")
-    with tempfile.NamedTemporaryFile("w", prefix="kiosk-debugfs-", suffix=".cmds", delete=False) as f:
-        f.write("\n".join(commands) + "\n")
-        script = f.name
-    try:
-        result = run(["debugfs", "-w", "-f", script, str(fs)], env=env, check=False)
-    finally:
-        os.unlink(script)
-    errors = [line for line in result.stderr.splitlines() if line and not line.startswith("debugfs ")]
-    if result.returncode != 0 or errors:
-        raise KioskError("image (root filesystem timestamps) failed:\n" + "\n".join(errors[-20:]))
-    if skipped:
-        log(f"image: {len(skipped)} paths with quotes or newlines keep their build-time ctime: {skipped[:3]}")
 
 
 # --- the whole image -------------------------------------------------------------------------
@@ -346,52 +241,48 @@ def _write_bmap(image: Path, log: Log) -> Path | None:
     return bmap
 
 
-def assemble(plan, root_dir: Path, boot: dict[str, bytes | Path], out_image: Path, *, epoch: int,
-             log: Log = _noop_log, ident: Identity | None = None) -> Path:
-    """Write the image for root_dir + boot files to out_image (atomically) and its .bmap; returns out_image.
+def scratch_path(out_image: Path, what: str) -> Path:
+    """A temporary file beside the output (same file system: renames and hole insertion work)."""
+    return out_image.with_name(f".{out_image.name}.{os.getpid()}.{what}")
 
-    Writes /etc/fstab and the grow-root unit into root_dir first (they depend on the layout).
+
+def assemble(layout: Layout, image: Path, boot: dict[str, bytes | Path], out_image: Path, *, epoch: int,
+             ident: Identity, log: Log = _noop_log) -> str:
+    """Finish the image file `image` (a scratch_path, layout.total bytes, the root file system already at
+    layout.root_start): partition table, FAT partition, renamed to out_image; its .bmap; returns its sha256.
+
+    The root is written in place at its offset: moving it there afterwards (fallocate --insert-range)
+    made ext4 write the whole file back and drop it from the page cache, so that the block map and the
+    sha256 read ~1 GB back from the disk. The sha256 is taken while the block map is made (two cores).
     """
-    ident = ident or identity(plan)
+    from concurrent.futures import ThreadPoolExecutor
+
     out_image = Path(out_image)
-    out_image.parent.mkdir(parents=True, exist_ok=True)
-    write_root_files(root_dir, ident)
-    layout, inodes = plan_layout(root_dir)
-    tmp = out_image.with_name(f".{out_image.name}.{os.getpid()}.tmp")
-    staging = out_image.with_name(f".{out_image.name}.{os.getpid()}.boot")
+    staging = scratch_path(out_image, "boot")
     started = time.monotonic()
     try:
-        # The root filesystem is made first, in the file that becomes the image, then moved to its
-        # offset by inserting a hole before it: no second copy of ~1 GB (copied where that is unsupported).
-        make_ext4(tmp, layout, root_dir, ident, epoch=epoch, inodes=inodes, log=log)
-        t_ext4 = time.monotonic()
-        if not shift_right(tmp, layout.root_start):
-            fs = tmp.with_name(tmp.name + ".ext4")
-            os.replace(tmp, fs)
-            try:
-                with open(tmp, "wb") as f:
-                    f.truncate(layout.total)
-                copy_sparse(fs, tmp, layout.root_start)
-            finally:
-                fs.unlink(missing_ok=True)
-        if os.path.getsize(tmp) != layout.total:
-            raise KioskError(f"image: {tmp} is {os.path.getsize(tmp)} bytes, expected {layout.total}")
-        write_partition_table(tmp, layout, ident)
-        make_fat(tmp, layout, boot, ident, epoch=epoch, staging=staging)
-        t_fat = time.monotonic()
-        os.utime(tmp, (epoch, epoch))
-        os.replace(tmp, out_image)
+        if os.path.getsize(image) != layout.total:
+            raise KioskError(f"image: {image} is {os.path.getsize(image)} bytes, expected {layout.total}")
+        write_partition_table(image, layout, ident)
+        make_fat(image, layout, boot, ident, epoch=epoch, staging=staging)
+        os.utime(image, (epoch, epoch))
+        os.replace(image, out_image)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        image.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"image: {out_image.name}: {layout.total // MiB} MiB (FAT {layout.boot_size // MiB} MiB, root "
-        f"{layout.root_size // MiB} MiB); ext4 {t_ext4 - started:.1f} s, MBR + FAT {t_fat - t_ext4:.1f} s")
-    bmap = _write_bmap(out_image, log)
-    if bmap:
-        log(f"image: block map {bmap.name}")
-    return out_image
+        f"{layout.root_size // MiB} MiB); MBR + FAT {time.monotonic() - started:.1f} s")
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(sha256_file, out_image)
+        bmap = _write_bmap(out_image, log)
+        mapped = time.monotonic()
+        sha = digest.result()
+    log(f"image: block map {bmap.name if bmap else '(none)'} in {mapped - started:.1f} s, sha256 "
+        f"{time.monotonic() - started:.1f} s")
+    return sha
 
 
 def image_name(plan) -> str:

@@ -26,6 +26,7 @@ Debian's mkinitramfs under qemu-user instead costs ~10 minutes.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import stat
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Callable
 
 from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, latest_boot_file, raspi_cmdline_txt,
                                      raspi_config_txt, set_default)
+from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.files import write_atomic
 from kiosk.core.run import run
@@ -248,6 +250,33 @@ def _depmod(entries: dict[str, tuple[int, bytes]], version: str) -> dict[str, by
         return out
 
 
+def _gzip_cached(archive: bytes) -> bytes:
+    """gzip -9 of the archive (mtime 0), kept in the cache under the archive's own sha256.
+
+    Compressing takes ~1.7 s, more than the rest of a configuration-only build's configure step, and
+    the archive changes only with the kernel, busybox, the board's modules or the epoch. The cache is
+    keyed by the exact input (and zlib's version) and every hit is checked by decompressing it, so a
+    stale or damaged entry can never be used.
+    """
+    import hashlib
+    import zlib
+
+    key = hashlib.sha256(archive).hexdigest()
+    path = paths.cache_dir() / "initramfs" / f"{key}.gz9-zlib{zlib.ZLIB_RUNTIME_VERSION}"
+    try:
+        packed = path.read_bytes()
+        if gzip.decompress(packed) == archive:
+            return packed
+    except (OSError, EOFError, zlib.error, gzip.BadGzipFile):
+        pass
+    packed = gzip.compress(archive, compresslevel=9, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # two builds may store the same entry at once
+    tmp.write_bytes(packed)
+    os.replace(tmp, path)
+    return packed
+
+
 def build_initramfs(plan, root_dir: Path, version: str, *, epoch: int, log: Log) -> bytes:
     """The gzip-compressed initramfs for the tree's kernel, made natively (reproducible bytes)."""
     busybox = next((p for p in (root_dir / "usr/bin/busybox", root_dir / "bin/busybox") if p.is_file()), None)
@@ -285,7 +314,7 @@ def build_initramfs(plan, root_dir: Path, version: str, *, epoch: int, log: Log)
                                     f"kernel {version}\nboard {plan.board['name']}\n".encode())
     entries = [(name, mode, data) for name, (mode, data) in sorted(files.items())]
     archive = _cpio_newc(entries, epoch)
-    packed = gzip.compress(archive, compresslevel=9, mtime=0)
+    packed = _gzip_cached(archive)
     found = {_module_name(r) for r in order}
     log(f"boot files: initramfs for {version}: {len(order)} modules "
         f"({', '.join(sorted(found & {_norm(m) for m in wanted}))}), {len(packed) // 1024} KiB")
@@ -299,7 +328,27 @@ def _dtb_dir(root_dir: Path, version: str) -> Path:
     raise KioskError(f"boot files: no device trees for kernel {version} (/usr/lib/linux-image-{version})")
 
 
-# --- the stage -------------------------------------------------------------------------------
+# --- the stage ------------------------------------------------------------------------------
+
+def boot_inputs(plan, root_dir: Path, fetch: Callable[..., None]) -> None:
+    """Fetch into a sparse root_dir (kiosk.image.overlay) every base file boot_files reads.
+
+    /boot (kernel_version globs it; the kernel goes to the FAT), busybox-static, the kernel's module
+    index and the initramfs's modules (build_initramfs), and on raspi-firmware boards the firmware
+    blobs, the board's device trees and /etc/default (raspi-firmware's settings, rewritten here).
+    Keep it in step with boot_files: tests/test_image.py compares the image with a whole-tree build.
+    """
+    fetch("/boot", "/usr/bin/busybox", "/bin/busybox")
+    version = kernel_version(root_dir)
+    moddir = f"/lib/modules/{version}"
+    fetch(*(f"{moddir}/{name}" for name in ("modules.dep", "modules.builtin", "modules.builtin.modinfo",
+                                             "modules.order")))
+    wanted = module_load_order(root_dir / moddir.lstrip("/"), initramfs_modules(plan.board))
+    fetch(*(f"{moddir}/{rel}" for rel in wanted))
+    if plan.board["bootloader"] == "raspi-firmware":
+        fetch("/usr/lib/raspi-firmware", "/etc/default",
+              *(f"{lib}/linux-image-{version}/{dtb}" for lib in ("/usr/lib", "/lib") for dtb in plan.board["deviceTrees"]))
+
 
 def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda m: None) -> dict[str, bytes | Path]:
     """Files for the FAT partition, {name: bytes or a Path to copy}; writes the matching on-device config.

@@ -13,12 +13,13 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from kiosk import __version__
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
-from kiosk.core.files import sha256_file, write_json
+from kiosk.core.files import write_json
 from kiosk.core.log import Log
 from kiosk.core.run import run
 from kiosk.image.sbom import spdx_sbom
@@ -114,18 +115,63 @@ def _clamp_shadow_dates(root: Path, epoch: int) -> None:
         (root / name).unlink(missing_ok=True)  # backup copies would differ from build to build
 
 
+# What the configure step reads from the base tree, or rewrites in place (beyond the boot files':
+# bootfiles.boot_inputs). The fast path fetches exactly these into its sparse tree; everything else
+# configure only creates, replaces or removes (kiosk.image.overlay).
+#   /etc: apply_layer, reconcile and bootfiles replace files there; configure_root rewrites machine-id and
+#         shadow in place, globs the ssh host keys, and systemd-sysusers reads passwd, group, shadow,
+#         gshadow, login.defs and sysusers.d there; builders' files are written there.
+#   sysusers.d under /usr: systemd-sysusers --root reads the packages' users from there.
+CONFIGURE_READS = ("/etc", "/usr/lib/sysusers.d", "/usr/local/lib/sysusers.d")
+
+
+def configure_inputs(plan, sparse) -> None:
+    """Fetch what configure_tree reads into the sparse tree (overlay.Sparse), then record it."""
+    from kiosk.image import bootfiles
+
+    sparse.fetch(*CONFIGURE_READS)
+    bootfiles.boot_inputs(plan, sparse.root, sparse.fetch)
+    sparse.finish()
+
+
+def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int, ident,
+                   log) -> tuple[dict, str]:
+    """Make a base tree this spec's system: the configuration layer, boot files, the kiosk package,
+    generation 1, users, builders' files, fstab. Returns (FAT files, configuration.git commit).
+
+    The one configure step: the fast path runs it on a sparse tree, the whole-tree reference
+    (keep_root) on the unpacked base. The umask is fixed so the modes never depend on the caller's.
+    """
+    from kiosk.config.layer import apply_layer
+    from kiosk.image import assemble, bootfiles
+
+    umask = os.umask(0o022)
+    try:
+        # The layer as plain files first: the boot stage reads some of them (raspi-firmware-custom).
+        apply_layer(layer, root, mtime=epoch)
+        boot = bootfiles.boot_files(plan, root, root=ident.root, epoch=epoch, log=log)
+        commit = configure_root(root, spec_text, layer, plan, epoch=epoch, log=log)
+        if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
+            from kiosk.builders.keys import prepare_device_for_builders  # builders known_hosts, ssh config
+            prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
+        assemble.write_root_files(root, ident)
+    finally:
+        os.umask(umask)
+    return boot, commit
+
+
 def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Log | None = None,
           keep_root: Path | None = None, compress: str | None = None) -> dict:
     """Build the image for a validated spec; returns the manifest (also written to out_dir/manifest.json).
 
     This is the one build chain: `kiosk build`, ./deploy.sh, the builder's server, the tests and the
     build benchmark all come through here. log.times holds the seconds per stage afterwards.
-    keep_root: also leave the final root tree there (for tests that inspect it); removed otherwise.
+    keep_root: also make the whole root tree there the slow way (the base unpacked, then the same
+    configure step), for tests that compare it with the image; as root only.
     compress: "zst" or "xz": also write the image compressed (image/compress.py).
     """
-    from kiosk.config.layer import apply_layer
     from kiosk.config.render import render
-    from kiosk.image import assemble, bootfiles, rootfs
+    from kiosk.image import assemble, basefs, overlay, rootfs
     from kiosk.image.compress import compress_image
     from kiosk.spec.plan import make_plan
 
@@ -139,33 +185,45 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     with log.timed("rootfs"):
         tar = rootfs.base_rootfs(plan, log=log, verbose=verbose)
         epoch = rootfs.read_metadata(tar)["sourceDateEpoch"]
-    work_parent = paths.cache_dir() / "tmp"
-    work_parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="build-", dir=work_parent))
+    with log.timed("base fs"):
+        index = rootfs.index(tar)
+        base = basefs.base_fs(tar, index, epoch=epoch, log=log, lock=rootfs.cache_lock)
+    work = scratch_work_dir()
+    out_image = out_dir / assemble.image_name(plan)
+    image = assemble.scratch_path(out_image, "tmp")
+    layout = assemble.layout_for(base.size)
+    pool = ThreadPoolExecutor(max_workers=1)
+    sparse = None
     try:
-        root = work / "root"
-        root.mkdir()
-        with log.timed("unpack"):
-            rootfs.extract(tar, root, log=log)
+        # The copy of the base (kernel work: reflink or copy_file_range) runs while configure does.
+        copying = pool.submit(basefs.copy, base, image, layout.root_start, layout.total)
+        ident = assemble.identity(plan)
         with log.timed("configure"):
-            # The layer as plain files first: the boot stage reads some of them (raspi-firmware-custom).
-            apply_layer(layer, root, mtime=epoch)
-            ident = assemble.identity(plan)
-            boot = bootfiles.boot_files(plan, root, root=ident.root, epoch=epoch, log=log)
-            commit = configure_root(root, spec_text, layer, plan, epoch=epoch, log=log)
-            if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
-                from kiosk.builders.keys import prepare_device_for_builders  # builders known_hosts, ssh config
-                prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
+            sparse = overlay.Sparse(index, work / "root")
+            configure_inputs(plan, sparse)
+            boot, commit = configure_tree(sparse.root, spec, spec_text, layer, plan, out_dir, epoch=epoch,
+                                          ident=ident, log=log)
+            changes = sparse.changes(epoch)
+            log(f"configure: {len(changes)} paths differ from the base")
         with log.timed("image"):
-            out_image = out_dir / assemble.image_name(plan)
-            assemble.assemble(plan, root, boot, out_image, epoch=epoch, log=log, ident=ident)
+            started = time.monotonic()
+            copying.result()
+            copied = time.monotonic()
+            overlay.write(image, layout.root_start, changes, index, work, epoch=epoch, uuid=ident.root_uuid)
+            log(f"image: root file system: base copied (waited {copied - started:.1f} s), changes written "
+                f"in {time.monotonic() - copied:.1f} s")
+            image_sha = assemble.assemble(layout, image, boot, out_image, epoch=epoch, ident=ident, log=log)
         packages = rootfs.installed_packages(tar)
         if keep_root is not None:
-            shutil.rmtree(keep_root, ignore_errors=True)
-            keep_root.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(root, keep_root)
+            whole_tree(tar, keep_root, spec, spec_text, layer, plan, work / "reference-out", epoch=epoch,
+                       ident=ident)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        pool.shutdown()   # the copy, if configure failed while it ran
+        image.unlink(missing_ok=True)
+        if sparse is not None:
+            sparse.close()
+        index.close()
+        basefs.remove_tree(work)
 
     if compress:
         with log.timed("compress"):
@@ -173,7 +231,6 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     else:
         compressed = compress_image(out_image, None)   # (only drops a stale .zst/.xz: it would not match)
     with log.timed("manifest"):
-        image_sha = sha256_file(out_image)
         pkg_dicts = [{"name": n, "version": v, "architecture": a, "source": s} for n, v, a, s in packages]
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
         sbom_path = out_dir / f"{out_image.stem}.spdx.json"
@@ -194,12 +251,36 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     return manifest
 
 
-def require_root(what: str, how: str) -> None:
-    """Refuse an image build without root, before any work.
+def scratch_work_dir() -> Path:
+    """A new directory for this build's sparse tree, named after this process; those left in RAM by builds
+    that were killed (their process is gone) are removed first."""
+    from kiosk.image.basefs import remove_tree
 
-    Unpacked as a user, every file of the tree would belong to that user and mke2fs -d would copy
-    that into the image (root's files owned by uid 1000): a broken card that looks fine.
-    """
-    if os.geteuid() != 0:
-        raise KioskError(f"{what}: the image's files keep their owners (root, kiosk, _apt, ...) and only root "
-                         "can give them", hint=how)
+    scratch = paths.scratch_dir()
+    for old in scratch.glob("kiosk-build-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and old.is_dir() and old.stat().st_uid == os.geteuid() and not _alive(int(pid)):
+            remove_tree(old)
+    return Path(tempfile.mkdtemp(prefix=f"kiosk-build-{os.getpid()}-", dir=scratch))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int,
+               ident) -> None:
+    """The slow path's tree, for tests: the whole base unpacked with its owners (as root), then the same
+    configure step. The image's files must be exactly these (tests/test_image.py compares them)."""
+    from kiosk.image import rootfs
+
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    rootfs.extract(tar, dest)
+    configure_tree(dest, spec, spec_text, layer, plan, out_dir, epoch=epoch, ident=ident, log=lambda m: None)

@@ -33,6 +33,7 @@ Things this recipe takes care of:
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import fcntl
 import hashlib
@@ -190,6 +191,58 @@ def mmdebstrap_mode() -> str:
     return "root" if os.geteuid() == 0 else "unshare"
 
 
+def _subordinate_ids(path: Path, user: str, uid: int) -> int:
+    """How many subordinate ids /etc/subuid or /etc/subgid gives the user (by name or number)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return 0
+    count = 0
+    for line in lines:
+        fields = line.strip().split(":")
+        if len(fields) == 3 and fields[0] in (user, str(uid)) and fields[2].isdigit():
+            count += int(fields[2])
+    return count
+
+
+def unshare_problems(etc: Path = Path("/etc")) -> list[str]:
+    """What keeps mmdebstrap's unshare mode from working for this user (empty when nothing does).
+
+    It runs the package installs as root inside a user namespace: the kernel must allow those, and the
+    user needs 65536 subordinate uids and gids, mapped by newuidmap and newgidmap (package uidmap).
+    """
+    import pwd
+
+    uid = os.geteuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    problems = []
+    for kind, tool in (("uid", "newuidmap"), ("gid", "newgidmap")):
+        if not shutil.which(tool):
+            problems.append(f"{tool} is missing (apt install uidmap)")
+        if _subordinate_ids(etc / f"sub{kind}", user, uid) < 65536:
+            problems.append(f"{etc}/sub{kind} gives {user} fewer than 65536 subordinate {kind}s "
+                            f"(sudo usermod --add-sub{kind}s 100000-165535 {user})")
+    probe = run(["unshare", "--user", "--map-root-user", "true"], check=False) if shutil.which("unshare") else None
+    if probe is None or probe.returncode != 0:
+        problems.append("this kernel does not let users make user namespaces "
+                        "(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces > 0)")
+    return problems
+
+
+def check_unshare() -> None:
+    """Before a base is built as a user: say everything mmdebstrap's unshare mode still lacks, at once."""
+    if mmdebstrap_mode() != "unshare" or os.geteuid() == 0:
+        return
+    problems = unshare_problems()
+    if problems:
+        raise KioskError("rootfs: building a base root filesystem as a user needs mmdebstrap's unshare mode, and "
+                         + "; ".join(problems),
+                         hint="fix that, or build as root (sudo kiosk build ...); a cached base needs neither")
+
+
 def mmdebstrap_command(stage: Stage, out: Path, *, verbose: bool = False, meta_dir: Path | None = None,
                        parent_tar: Path | None = None) -> list[str]:
     """The whole mmdebstrap invocation for one stage (shown by `--verbose` for reproducing by hand).
@@ -285,11 +338,23 @@ def mmdebstrap_command(stage: Stage, out: Path, *, verbose: bool = False, meta_d
     return cmd
 
 
-def _lock(path: Path):
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Hold the cache's lock file `path` (flock): one build makes an entry, the others wait and reuse it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def index(tar: Path):
+    """The tarball's index (kiosk.image.tarindex), made beside it under its lock when missing."""
+    from kiosk.image import tarindex
+    with cache_lock(tar.with_suffix(".lock")):
+        return tarindex.load(tar)
 
 
 def run_logged(cmd: list[str], *, stage: str, log: Log, verbose: bool, env: dict | None = None,
@@ -328,13 +393,13 @@ def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: b
 def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bool, rebuild: bool) -> Path:
     tar = stage.path
     what = "base" if stage.parent is None else f"top layer ({', '.join(stage.install)})"
-    fd = _lock(tar.with_suffix(".lock"))
-    try:
+    with cache_lock(tar.with_suffix(".lock")):
         if tar.exists() and metadata_path(tar).exists() and not rebuild:
             log(f"rootfs: reusing the {what}: {tar.name} ({stage.architecture}, {len(stage.packages)} packages)")
             return tar
         if not shutil.which("mmdebstrap"):
             raise KioskError("rootfs: mmdebstrap is not installed", hint="apt install mmdebstrap")
+        check_unshare()
         epoch = read_metadata(parent_tar)["sourceDateEpoch"] if parent_tar else \
             release_epoch(stage.mirror, stage.suite)
         tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
@@ -373,8 +438,6 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
         log(f"rootfs: built the {what} in {elapsed:.0f} s: {tar.name}, {len(packages)} packages installed, "
             f"{tar.stat().st_size / 2**20:.0f} MiB")
         return tar
-    finally:
-        os.close(fd)
 
 
 def _parse_dpkg_query(text: str) -> list[tuple[str, str, str, str]]:
@@ -423,16 +486,19 @@ def installed_packages(tree_or_tar: Path | str) -> list[tuple[str, str, str, str
     return parse_dpkg_status(path.read_text())
 
 
-def extract(tar: Path, dest: Path, *, log: Log = _noop_log) -> None:
-    """Unpack a base tarball into dest (which must exist), keeping owners, modes and times.
+def extract(tar: Path, dest: Path, *, owners: bool = True, log: Log = _noop_log) -> None:
+    """Unpack a base tarball into dest (which must exist), keeping modes and times.
 
+    owners: also owners and extended attributes (as root; a user's unpack cannot keep them). Without,
+    every file belongs to whoever unpacks: kiosk.image.basefs sets them from the tarball's index.
     /dev is left empty (devtmpfs is mounted there at boot), so this also works without root.
     """
     started = time.monotonic()
-    cmd = ["tar", "-C", str(dest), "--extract", "--file", str(tar), "--xattrs", "--xattrs-include=*",
-           "--numeric-owner", "--exclude=./dev/*"]
-    if os.geteuid() == 0:
-        cmd.insert(1, "--same-owner")
-        cmd.insert(1, "--preserve-permissions")
+    cmd = ["tar", "-C", str(dest), "--extract", "--file", str(tar), "--numeric-owner", "--preserve-permissions",
+           "--exclude=./dev/*"]
+    if owners and os.geteuid() == 0:
+        cmd += ["--same-owner", "--xattrs", "--xattrs-include=*"]
+    else:
+        cmd += ["--no-same-owner", "--no-xattrs"]
     run(cmd, what=f"rootfs: unpacking {tar} failed")
     log(f"rootfs: unpacked {tar.name} in {time.monotonic() - started:.1f} s")
