@@ -8,7 +8,8 @@ mode=${1:-build}
 
 build_pkgs=(mmdebstrap qemu-user-static binfmt-support arch-test dosfstools mtools fdisk
             e2fsprogs zstd xz-utils ca-certificates tzdata dpkg-dev cpio kmod python3-venv
-            python3-pip git openssh-client bmap-tools util-linux python3-yaml uidmap)
+            python3-pip git openssh-client bmap-tools util-linux python3-yaml uidmap
+            rauc squashfs-tools openssl)
 test_pkgs=(qemu-system-arm qemu-system-x86 qemu-utils openssh-server dnsutils avahi-utils
            iproute2 procps python3-zeroconf)
 

@@ -1,0 +1,154 @@
+"""The key that signs update bundles, and the certificate every device trusts (notes/ab-update.md).
+
+kiosk makes the pair on first use and keeps it in the user's cache (KIOSK_CACHE_DIR/update-signing/,
+a 0700 directory; the key 0600). A device trusts exactly this certificate (its RAUC keyring), so a
+bundle signed by anyone else is refused on the device before a slot is touched.
+
+The certificate is valid from 1970 to 9999: a Raspberry Pi has no clock, and a device that boots
+offline runs at its image's build date; RAUC refuses a signer whose notBefore is after the device's
+clock ("certificate is not yet valid", tried with rauc 1.8), so a certificate made today would make
+every update of such a device fail. `openssl req -x509` (OpenSSL 3.0) cannot set notBefore;
+`openssl ca -selfsign -startdate` can.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiosk.core import paths
+from kiosk.core.errors import KioskError, one_line
+from kiosk.core.files import fsync_dir
+from kiosk.core.run import run
+
+DIR_NAME = "update-signing"
+NOT_BEFORE = "19700101000000Z"
+NOT_AFTER = "99991231235959Z"
+
+_CA_CONFIG = """\
+[ca]
+default_ca = kiosk
+[kiosk]
+database = index.txt
+new_certs_dir = .
+serial = serial
+default_md = sha256
+policy = any
+copy_extensions = none
+x509_extensions = ext
+unique_subject = no
+[any]
+organizationName = optional
+commonName = supplied
+[ext]
+basicConstraints = critical,CA:TRUE
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid
+keyUsage = critical,digitalSignature,keyCertSign
+"""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    key: Path    # PEM private key, 0600
+    cert: Path   # PEM self-signed certificate: what devices trust
+
+
+def signing_dir() -> Path:
+    return paths.cache_dir() / DIR_NAME
+
+
+def _openssl(args: list[str], cwd: Path, what: str) -> str:
+    return run(["openssl", *args], cwd=cwd, what=what,
+               hint="kiosk signs update bundles with openssl (apt install openssl)").stdout
+
+
+def _subject() -> str:
+    """Whose key this is, for people reading `rauc info` on a device (no '/' or ',' from the names)."""
+    try:
+        who = getpass.getuser()
+    except (KeyError, OSError):
+        who = str(os.getuid())
+    where = socket.gethostname()
+    clean = "".join(c for c in f"{who}@{where}" if c.isalnum() or c in "@.-_")[:48] or "unknown"
+    return f"/O=kiosk/CN=kiosk update signing key {clean}"
+
+
+def _make(directory: Path) -> None:
+    """Key and certificate into directory (empty, 0700)."""
+    (directory / "ca.cnf").write_text(_CA_CONFIG)
+    (directory / "index.txt").write_text("")
+    (directory / "serial").write_text("01\n")
+    old = os.umask(0o077)
+    try:
+        _openssl(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                  "-keyout", "key.pem", "-out", "req.pem", "-subj", _subject()], directory,
+                 "making the update signing key")
+        _openssl(["ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", "key.pem", "-in", "req.pem",
+                  "-out", "cert.pem", "-startdate", NOT_BEFORE, "-enddate", NOT_AFTER, "-notext"], directory,
+                 "making the update signing certificate")
+    finally:
+        os.umask(old)
+    for name in os.listdir(directory):
+        if name not in ("key.pem", "cert.pem"):
+            os.unlink(directory / name)
+    os.chmod(directory / "key.pem", 0o600)
+    os.chmod(directory / "cert.pem", 0o644)
+
+
+def check_private(directory: Path) -> SigningKey:
+    """The pair in directory, refused when others could read the key or replace the certificate."""
+    pair = SigningKey(directory / "key.pem", directory / "cert.pem")
+    for path, allowed in ((directory, 0o700), (pair.key, 0o600), (pair.cert, 0o644)):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise KioskError(f"{path} is missing: the update signing key is incomplete",
+                             hint=f"restore it from your backup; devices trust only its certificate "
+                                  f"(a new key needs a newly flashed card)") from None
+        kind_ok = stat.S_ISDIR(st.st_mode) if path == directory else stat.S_ISREG(st.st_mode)
+        if not kind_ok or st.st_uid != os.getuid():
+            raise KioskError(one_line(f"{path} is not a {'directory' if path == directory else 'file'} "
+                                      f"of yours"), hint="kiosk keeps the update signing key only in a place "
+                                                         "that is yours alone")
+        if stat.S_IMODE(st.st_mode) & ~allowed:
+            raise KioskError(one_line(f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: others may read or "
+                                      f"change the update signing key"), hint=f"chmod {allowed:o} {path}")
+    return pair
+
+
+def signing_key(*, create: bool = True, log=lambda message: None) -> SigningKey:
+    """The user's signing pair, made on first use (two kiosk processes at once end up with one pair)."""
+    directory = signing_dir()
+    if not directory.exists():
+        if not create:
+            raise KioskError(f"no update signing key in {directory}",
+                             hint="kiosk makes it the first time it builds an update")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{DIR_NAME}-", dir=directory.parent))   # 0700
+        try:
+            _make(tmp)
+            fsync_dir(tmp)
+            os.rename(tmp, directory)   # fails if another process made its pair first: theirs is kept
+            fsync_dir(directory.parent)
+            log(f"made the update signing key {directory / 'key.pem'} (keep a copy: devices trust only its "
+                "certificate)")
+        except OSError:
+            if not directory.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return check_private(directory)
+
+
+def fingerprint(cert: Path) -> str:
+    """SHA-256 fingerprint of a certificate (what `rauc info` and people compare)."""
+    out = _openssl(["x509", "-in", str(cert), "-noout", "-fingerprint", "-sha256"], cert.parent,
+                   "reading the update signing certificate")
+    return out.strip().split("=", 1)[-1]
