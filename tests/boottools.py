@@ -372,7 +372,10 @@ class BootedVM:
         """`kiosk screenshot` of this device, as a user runs it (ssh with the key, the host key checked)."""
         argv = [sys.executable, "-m", "kiosk", "screenshot", "127.0.0.1", "-p", str(self.port), "-i", str(self.key),
                 "--ssh-option", f"UserKnownHostsFile={self.known_hosts()}", "-o", str(dest)]
-        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        # An emulated ARMv6 on a loaded 2-core host can take more than the default 15 s to send sshd's
+        # banner (seen on raspberryPi1 at load 9); a real board answers in a second or two.
+        env = {**os.environ, "KIOSK_SSH_CONNECT_TIMEOUT": "60"}
+        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
     def guest_seconds(self, pid: int) -> float:
         """When a process started, in seconds since the guest kernel started."""

@@ -229,6 +229,9 @@ def test_screenshot_of_the_kiosk(kiosk, tmp_path_factory):
     deadline = time.monotonic() + 120
     while True:   # foot draws a moment after it starts
         result = kiosk.vm.kiosk_screenshot(path)
+        if result.returncode != 0 and time.monotonic() < deadline:
+            time.sleep(3)   # an emulated board under load may miss one ssh handshake
+            continue
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == str(path)
         colours = png_colours(path)
