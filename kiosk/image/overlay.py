@@ -293,15 +293,18 @@ def commands(changes: list[Change], index: TarIndex, work: Path, *, epoch: int) 
         out.append(f"{'rmdir' if index.get(path).kind == 'd' else 'rm'} {_q(path)}")
     created = [c for c in changes if c.op == "new" or c.rewrite]
     for c in created:
+        # Every new name relative to its directory: debugfs resolves the directory part of "/name" (an empty
+        # string) against its working directory, so "mkdir /data" after a cd would land in that directory.
         parent, name = os.path.split(c.path)
+        out.append(f"cd {_q(parent)}")
         if c.kind == "d":
-            out.append(f"mkdir {_q(c.path)}")
+            out.append(f"mkdir {_q(name)}")
         elif c.kind == "l":
-            out.append(f"symlink {_q(c.path)} {_q(c.target)}")
+            out.append(f"symlink {_q(name)} {_q(c.target)}")
         elif c.first_name:
-            out.append(f"ln {_q(c.first_name)} {_q(c.path)}")
+            out.append(f"ln {_q(c.first_name)} {_q(name)}")
         else:
-            out += [f"cd {_q(parent)}", f"write {_q(str(c.source))} {_q(name)}"]
+            out.append(f"write {_q(str(c.source))} {_q(name)}")
     out.append("cd /")
     for n, (path, name, value) in enumerate((c.path, k, v) for c in changes if c.rewrite for k, v in c.xattrs.items()):
         value_file = work / f"xattr-{n}"
@@ -328,5 +331,8 @@ def commands(changes: list[Change], index: TarIndex, work: Path, *, epoch: int) 
 def write(image: Path, offset: int, changes: list[Change], index: TarIndex, work: Path, *, epoch: int,
           uuid: str) -> None:
     """Apply the changes to the ext4 at `offset` in `image` (a copy of the base), with this image's UUID."""
-    script = commands(changes, index, work, epoch=epoch) + [f"ssv uuid {uuid}"]
+    # close -a: the backup superblocks too (debugfs writes only the primary). A backup with the base's UUID
+    # made e2fsck -a (systemd-fsck-root at the first boot) force a full check and then reboot, the check
+    # having rewritten the backups of the mounted root: on A/B boards that reboot spent slot A's try.
+    script = commands(changes, index, work, epoch=epoch) + [f"ssv uuid {uuid}", "close -a"]
     run_debugfs(image, script, epoch=epoch, offset=offset, what="image (the configuration into the root file system)")
