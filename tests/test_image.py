@@ -162,7 +162,7 @@ def test_slot_b_is_empty_and_not_in_the_block_map(built_image):
           f"(slot A {_mapped(ranges, r0, rsize) // MiB} MiB, data {_mapped(ranges, d0, dsize) // 1024} KiB)")
 
 
-def test_generation_1_is_on_the_data_partition(built_image):
+def test_generation_1_is_on_the_data_partition(built_image, tmp_path):
     """A/B: generation 1 and configuration.git are written into the data partition, where the device binds
     them over /var/lib/kiosk and /etc/kiosk/configuration.git; the slot keeps empty mount points."""
     img = built_image("qemu")
@@ -183,6 +183,12 @@ def test_generation_1_is_on_the_data_partition(built_image):
     assert spec["hostName"] == img.spec["hostName"]
     # the live links in the slot resolve through the bind (the hostname is generation 1's)
     assert read_root_file(img.image, "/etc/hostname").decode().strip() == img.spec["hostName"]
+    # and kiosk run finds the board in the image the same way (release.json is such a link)
+    from kiosk.qemu.disk import board_of_image
+
+    renamed = tmp_path / "card.img"      # no board in the name, no manifest beside it
+    renamed.symlink_to(img.image)
+    assert board_of_image(renamed) == ("qemu", img.spec["hostName"])
 
 
 @pytest.mark.parametrize("board", BOARDS)

@@ -5,7 +5,8 @@ console, extra kernel arguments, disk, display and network devices) and from the
 partition: the kernel, the initramfs, the device tree and cmdline.txt. The kernel command line
 is the image's own; only console= is rewritten (QEMU's serial port for the board, last, so
 systemd's messages reach the terminal) and root= only when it names a device that does not
-exist under QEMU.
+exist under QEMU. Boards with qemu.firmware (the qemu target: OVMF) boot the disk's own boot
+loader instead (GRUB on the FAT picks root slot A or B): no -kernel, -initrd or -append.
 """
 
 from __future__ import annotations
