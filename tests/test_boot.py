@@ -248,6 +248,20 @@ def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
                   check=False).stdout.split() == ["active"] * 3
 
 
+def test_rauc_knows_the_slots_and_that_a_is_booted(kiosk):
+    """A/B: RAUC (rauc-service over D-Bus) reads the image's system.conf: the board's compatible string, slot A
+    booted (from rauc.slot=A), slot B the other one."""
+    if not _ab(kiosk.board):
+        pytest.skip("the board keeps one root partition (no A/B slots yet)")
+    from kiosk.update.bundle import compatible
+
+    out = kiosk.vm.ssh("rauc status", timeout=300).stdout
+    print(f"\n[{kiosk.board}] rauc status:\n{out}")
+    assert re.search(rf"^Compatible:\s+{compatible(kiosk.board)}$", out, re.M), out
+    assert re.search(r"^Booted from:\s+rootfs\.0 \(A\)$", out, re.M), out
+    assert "/dev/vda2" in out and "/dev/vda3" in out, out
+
+
 def test_the_users_image_is_untouched(kiosk):
     digest = hashlib.sha256()
     with open(kiosk.image, "rb") as f:
@@ -686,10 +700,12 @@ def test_a_full_host_disk_is_said_not_a_silent_pause(boot_key, tmp_path_factory,
         # 2. Room for the copy and the headroom, not for what the device then writes.
         subprocess.run(["mount", "-o", f"remount,size={allocated + RUN_HEADROOM + 64 * MiB}", str(small)], check=True)
         vm = BootedVM(image, key, tmp_path / "vm", board="qemu",
-                      extra_args=["--disk", str(small / "disk.img"), "--disk-size", "4G"]).start()
+                      extra_args=["--disk", str(small / "disk.img"), "--disk-size", "8G"]).start()
         vm.wait_for_ssh(timeout=1200)
         with contextlib.suppress(subprocess.TimeoutExpired):   # the VM pauses in the middle of it
-            vm.ssh("dd if=/dev/zero of=/var/tmp/fill bs=1M count=1536 conv=fsync", check=False, timeout=120)
+            # (on A/B the root slot never grows: the data partition does)
+            fill = "/data/fill" if _ab("qemu") else "/var/tmp/fill"
+            vm.ssh(f"dd if=/dev/zero of={fill} bs=1M count=1536 conv=fsync", check=False, timeout=120)
         deadline = time.monotonic() + 120
         while "QEMU paused the device" not in vm.run_log.read_text() and time.monotonic() < deadline:
             time.sleep(1)

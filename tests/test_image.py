@@ -355,6 +355,14 @@ def test_qemu_boot_partition(built_image, tmp_path):
     assert read_root_file(img.image, "/initrd.img", follow=False) == f"boot/initrd.img-{version}".encode()
     files = _cpio_list(read_root_file(img.image, "/initrd.img"), tmp_path)
     assert "etc/kiosk-data" in files     # kiosk's own initramfs: it mounts the data partition
+    # RAUC's view of the same slots: its grub backend on this grubenv, what kiosk's bundles say they fit
+    from kiosk.update.bundle import compatible
+
+    conf = read_root_file(img.image, "/etc/rauc/system.conf").decode()
+    for line in (f"compatible={compatible('qemu')}", "bootloader=grub", "grubenv=/boot/firmware/grub/grubenv",
+                 "statusfile=/data/rauc.status", "device=/dev/vda2", "device=/dev/vda3", "bootname=A",
+                 "bootname=B"):
+        assert f"\n{line}\n" in conf, conf
 
 
 def _cpio_list(initrd: bytes, tmp_path: Path) -> list[str]:
@@ -430,6 +438,7 @@ def test_installed_packages_recorded(built_image, board, tmp_path):
     assert packages["busybox-static"][1] == hw["architecture"]
     assert hw["kernelPackage"] in packages
     assert packages["foot"][1] == hw["architecture"]
+    assert set(hw.get("updatePackages", [])) <= set(packages)    # A/B: rauc, rauc-service, grub-common
     assert all(v for v, _, _ in packages.values())
 
 

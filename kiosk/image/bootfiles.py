@@ -16,7 +16,7 @@ direct-kernel: vmlinuz, initrd.img and cmdline.txt, for `kiosk run` to pass as
 -kernel/-initrd/-append.
 
 grub-efi (the qemu target, A/B): GRUB's files (kiosk.image.grub); the kernel and
-initramfs stay in the root slot, as /vmlinuz and /initrd.img.
+initramfs stay in the root slot, as /vmlinuz and /initrd.img; RAUC's system.conf names the slots.
 
 The initramfs is built here, natively, in a second: busybox-static of the
 target architecture (installed by kiosk.rootfs), the kernel modules needed to
@@ -413,7 +413,9 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     files: dict[str, bytes | Path] = {}
 
     if board["bootloader"] == "grub-efi":
-        from kiosk.image.grub import grub_files
+        from kiosk.image.grub import grub_files, rauc_system_conf
+
+        write_atomic(root_dir / "etc/rauc/system.conf", rauc_system_conf(board))
 
         # Each slot boots its own kernel and initramfs (grub.cfg names these Debian-style links).
         for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):

@@ -286,7 +286,8 @@ def _alive(pid: int) -> bool:
 def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int,
                ident) -> None:
     """The slow path's tree, for tests: the whole base unpacked with its owners (as root), then the same
-    configure step. The image's files must be exactly these (tests/test_image.py compares them)."""
+    configure step. The image's files must be exactly these (tests/test_fastbuild.py compares them); on A/B
+    boards the data partition's tree goes beside it, to <dest>-data."""
     from kiosk.image import rootfs
 
     data = dest.with_name(dest.name + "-data")   # A/B boards: the data partition's tree
