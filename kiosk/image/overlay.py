@@ -333,6 +333,7 @@ def write(image: Path, offset: int, changes: list[Change], index: TarIndex, work
     """Apply the changes to the ext4 at `offset` in `image` (a copy of the base), with this image's UUID."""
     # close -a: the backup superblocks too (debugfs writes only the primary). A backup with the base's UUID
     # made e2fsck -a (systemd-fsck-root at the first boot) force a full check and then reboot, the check
-    # having rewritten the backups of the mounted root: on A/B boards that reboot spent slot A's try.
+    # having rewritten the backups of the mounted root; on QEMU's raspi machines, where a reboot halts,
+    # raspberryPi2 never came up.
     script = commands(changes, index, work, epoch=epoch) + [f"ssv uuid {uuid}", "close -a"]
     run_debugfs(image, script, epoch=epoch, offset=offset, what="image (the configuration into the root file system)")
