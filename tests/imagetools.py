@@ -92,22 +92,45 @@ def _offsets(image: Path | str) -> tuple[int, int]:
     return parts[0][0], parts[1][0]
 
 
+# A/B images: the device binds these directories of the data partition (partition 4) over the slot's
+# (hardware/qemu.json: grub-efi; kiosk.core.paths.DATA_BINDS, written out here to stay independent of it).
+DATA_BINDS = {"/var/lib/kiosk": "/kiosk/state", "/etc/kiosk/configuration.git": "/kiosk/configuration.git"}
+
+
+def _where(image: Path | str, path: str) -> tuple[int, str]:
+    """(offset of the ext4, path inside it) of a path as the running device sees it: slot A, or the data
+    partition for what the device binds from there."""
+    parts = partition_offsets(Path(image))
+    if len(parts) == 4:
+        for mount, inside in DATA_BINDS.items():
+            if path == mount or path.startswith(mount + "/"):
+                return parts[3][0], inside + path[len(mount):]
+    return parts[1][0], path
+
+
 def read_root_file(image: Path | str, path: str, *, follow: bool = True) -> bytes:
-    """A file's bytes from the image's root filesystem (debugfs cat).
+    """A file's bytes from the image's root filesystem (debugfs cat), as the device sees it (A/B images:
+    the data partition's bound directories included).
 
     follow: symlinks are resolved inside the image, as the device would see them (the configuration
     layer's files are links into /var/lib/kiosk/current); False gives a link's own target text."""
     import posixpath
+    import re
 
-    _, root = _offsets(image)
     for _ in range(16):
-        result = subprocess.run(["debugfs", "-R", f'cat "{path}"', f"{image}?offset={root}"], capture_output=True)
+        root, inside = _where(image, path)
+        result = subprocess.run(["debugfs", "-R", f'cat "{inside}"', f"{image}?offset={root}"], capture_output=True)
         err = result.stderr.decode(errors="replace")
         if result.returncode != 0 or "File not found" in err or "not found by ext2_lookup" in err:
             raise FileNotFoundError(f"{path} in {image}: {err.strip()}")
-        if not follow or root_stat(image, path)["type"] != "symlink":
+        info = root_stat(image, path)
+        if info["type"] != "symlink":
             return result.stdout
-        target = result.stdout.decode()
+        # a short target lives in the inode ("fast link"): debugfs cat prints nothing for it
+        fast = re.search(r'Fast link dest: "(.*)"', info["text"])
+        target = fast.group(1) if fast else result.stdout.decode()
+        if not follow:
+            return target.encode()
         path = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
     raise FileNotFoundError(f"{path} in {image}: too many levels of symbolic links")
 
@@ -116,8 +139,8 @@ def root_stat(image: Path | str, path: str) -> dict:
     """debugfs's stat of a path: mode, uid, gid, size, type, times (as debugfs prints them)."""
     import re
 
-    _, root = _offsets(image)
-    result = subprocess.run(["debugfs", "-R", f'stat "{path}"', f"{image}?offset={root}"], capture_output=True,
+    root, inside = _where(image, path)
+    result = subprocess.run(["debugfs", "-R", f'stat "{inside}"', f"{image}?offset={root}"], capture_output=True,
                             text=True)
     text = result.stdout
     if "Inode:" not in text:
@@ -136,8 +159,8 @@ def root_file_mode(image: Path | str, path: str) -> int:
 
 
 def root_listdir(image: Path | str, path: str) -> list[str]:
-    _, root = _offsets(image)
-    result = subprocess.run(["debugfs", "-R", f'ls -p "{path}"', f"{image}?offset={root}"], capture_output=True,
+    root, inside = _where(image, path)
+    result = subprocess.run(["debugfs", "-R", f'ls -p "{inside}"', f"{image}?offset={root}"], capture_output=True,
                             text=True)
     names = []
     for line in result.stdout.splitlines():
@@ -189,7 +212,7 @@ def build(spec: dict, out_dir: Path, *, keep_root: bool = True, log=print) -> Bu
     manifest = pipeline_build(loads(text, str(out_dir / "nixiosk.json")), text, out_dir, log=Log(out=Lines()),
                               keep_root=root)
     path = Path(manifest["image"])
-    boot, rootfs = partition_offsets(path)
+    boot, rootfs = partition_offsets(path)[:2]
     return BuiltImage(spec["hardware"], path, root, boot[0], boot[1], rootfs[0], rootfs[1], spec,
                       manifest["stageSeconds"])
 

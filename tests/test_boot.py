@@ -64,6 +64,11 @@ def _has_display(board: str) -> bool:
     return bool(_board(board)["qemu"].get("display"))
 
 
+def _ab(board: str) -> bool:
+    """A/B boards: GRUB picks root slot A or B; a data partition holds the generations (notes/ab-update.md)."""
+    return _board(board)["bootloader"] == "grub-efi"
+
+
 # ---------------------------------------------------------------- one boot per board
 
 @dataclass
@@ -192,18 +197,69 @@ def test_nothing_failed(kiosk):
 
 
 def test_grow_root_filled_the_disk(kiosk):
+    """The last partition grew to the end of the (larger) disk on first boot: the root, or on A/B boards the data
+    partition (the slots keep their size)."""
     vm = kiosk.vm
-    info = json.loads(vm.ssh("lsblk -J -b -o NAME,SIZE,START,TYPE,MOUNTPOINT").stdout)
+    mount, what = ("/data", "growdata") if _ab(kiosk.board) else ("/", "growroot")
+    info = json.loads(vm.ssh("lsblk -J -b -o NAME,SIZE,START,TYPE,MOUNTPOINTS").stdout)
     disk = next(d for d in info["blockdevices"] if d["type"] == "disk" and any(
-        c.get("mountpoint") == "/" for c in d.get("children", [])))
-    root = next(c for c in disk["children"] if c.get("mountpoint") == "/")
+        mount in (c.get("mountpoints") or []) for c in d.get("children", [])))
+    grown = next(c for c in disk["children"] if mount in (c.get("mountpoints") or []))
     image_bytes = kiosk.image.stat().st_size
     assert disk["size"] > image_bytes, "the copy QEMU boots should be larger than the image"
-    assert root["start"] * 512 + root["size"] == disk["size"], "the root partition does not reach the disk's end"
-    fs_bytes = int(vm.ssh("df -B1 --output=size / | tail -1").stdout)
-    assert fs_bytes > root["size"] * 0.9, "resize2fs did not grow the filesystem"
-    assert vm.ssh("test -e /var/lib/kiosk/growroot.done && systemctl is-enabled kiosk-growroot.service",
+    assert grown["start"] * 512 + grown["size"] == disk["size"], f"the {mount} partition does not reach the disk's end"
+    fs_bytes = int(vm.ssh(f"df -B1 --output=size {mount} | tail -1").stdout)
+    assert fs_bytes > grown["size"] * 0.9, "resize2fs did not grow the filesystem"
+    assert vm.ssh(f"test -e /var/lib/kiosk/{what}.done && systemctl is-enabled kiosk-{what}.service",
                   check=False).stdout.strip() == "disabled"
+    if _ab(kiosk.board):
+        slots = [c for c in disk["children"] if c["name"].endswith(("2", "3"))]
+        assert len(slots) == 2 and slots[0]["size"] == slots[1]["size"] < grown["size"]
+        print(f"\n[{kiosk.board}] data partition grown to {grown['size'] >> 20} MiB ({fs_bytes >> 20} MiB file system)")
+
+
+def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
+    """A/B: GRUB booted slot A (root by device path, rauc.slot=A on the command line) and marked its try in
+    grubenv on the FAT; kiosk's initramfs mounted the data partition and bound the generations, the
+    configuration repository and (through sshd's HostKey lines) the host keys from it."""
+    if not _ab(kiosk.board):
+        pytest.skip("the board keeps one root partition (no A/B slots yet)")
+    vm = kiosk.vm
+    cmdline = vm.ssh("cat /proc/cmdline").stdout.split()
+    assert "rauc.slot=A" in cmdline and "root=/dev/vda2" in cmdline, cmdline
+    assert vm.ssh("findmnt -n -o SOURCE /").stdout.strip() == "/dev/vda2"
+    assert vm.ssh("findmnt -n -o SOURCE,FSTYPE /data").stdout.split() == ["/dev/vda4", "ext4"]
+    for target, source in (("/var/lib/kiosk", "/dev/vda4[/kiosk/state]"),
+                           ("/etc/kiosk/configuration.git", "/dev/vda4[/kiosk/configuration.git]")):
+        assert vm.ssh(f"findmnt -n -o SOURCE {target}").stdout.strip() == source
+    assert vm.ssh("readlink /var/lib/kiosk/current").stdout.strip().startswith("generations/")
+    assert vm.ssh("test -s /data/kiosk/state/current/nixiosk.json && git -C /data/kiosk/configuration.git "
+                  "rev-parse main", check=False).returncode == 0
+    # the host keys live on /data, and sshd serves the one there
+    served = subprocess.run(["ssh-keyscan", "-t", "ed25519", "-p", str(vm.port), "127.0.0.1"], capture_output=True,
+                            text=True, timeout=60).stdout.split()
+    on_data = vm.ssh("cat /data/ssh/etc/ssh/ssh_host_ed25519_key.pub").stdout.split()
+    assert served[1:3] == on_data[:2], (served, on_data)
+    assert vm.ssh("ls /etc/ssh/ssh_host_*_key 2>/dev/null", check=False).stdout.strip() == ""
+    env = vm.ssh("grub-editenv /boot/firmware/grub/grubenv list 2>/dev/null || cat /boot/firmware/grub/grubenv",
+                  check=False).stdout
+    assert "ORDER=A B" in env and "A_TRY=1" in env, env   # GRUB's save_env wrote the try on the FAT
+    assert vm.ssh("systemctl is-active data.mount var-lib-kiosk.mount etc-kiosk-configuration.git.mount",
+                  check=False).stdout.split() == ["active"] * 3
+
+
+def test_rauc_knows_the_slots_and_that_a_is_booted(kiosk):
+    """A/B: RAUC (rauc-service over D-Bus) reads the image's system.conf: the board's compatible string, slot A
+    booted (from rauc.slot=A), slot B the other one."""
+    if not _ab(kiosk.board):
+        pytest.skip("the board keeps one root partition (no A/B slots yet)")
+    from kiosk.update.bundle import compatible
+
+    out = kiosk.vm.ssh("rauc status", timeout=300).stdout
+    print(f"\n[{kiosk.board}] rauc status:\n{out}")
+    assert re.search(rf"^Compatible:\s+{compatible(kiosk.board)}$", out, re.M), out
+    assert re.search(r"^Booted from:\s+rootfs\.0 \(A\)$", out, re.M), out
+    assert "/dev/vda2" in out and "/dev/vda3" in out, out
 
 
 def test_the_users_image_is_untouched(kiosk):
@@ -255,7 +311,7 @@ def test_the_headless_display_is_kiosk_runs_not_the_images(kiosk):
 
     running = kiosk.vm.ssh("cat /proc/cmdline").stdout
     assert ("systemd.setenv=WLR_BACKENDS=headless" in running) == (not _has_display(kiosk.board)), running
-    assert b"WLR_BACKENDS" not in read_boot_file(kiosk.image, "cmdline.txt")
+    assert b"WLR_BACKENDS" not in read_boot_file(kiosk.image, "grub/grub.cfg" if _ab(kiosk.board) else "cmdline.txt")
     found = kiosk.vm.ssh("grep -rl WLR_BACKENDS /etc /usr/lib/systemd /usr/lib/kiosk /var/lib/kiosk", check=False)
     assert found.stdout.strip() == "", found.stdout
 
@@ -647,10 +703,12 @@ def test_a_full_host_disk_is_said_not_a_silent_pause(boot_key, tmp_path_factory,
         # 2. Room for the copy and the headroom, not for what the device then writes.
         subprocess.run(["mount", "-o", f"remount,size={allocated + RUN_HEADROOM + 64 * MiB}", str(small)], check=True)
         vm = BootedVM(image, key, tmp_path / "vm", board="qemu",
-                      extra_args=["--disk", str(small / "disk.img"), "--disk-size", "4G"]).start()
+                      extra_args=["--disk", str(small / "disk.img"), "--disk-size", "8G"]).start()
         vm.wait_for_ssh(timeout=1200)
         with contextlib.suppress(subprocess.TimeoutExpired):   # the VM pauses in the middle of it
-            vm.ssh("dd if=/dev/zero of=/var/tmp/fill bs=1M count=1536 conv=fsync", check=False, timeout=120)
+            # (on A/B the root slot never grows: the data partition does)
+            fill = "/data/fill" if _ab("qemu") else "/var/tmp/fill"
+            vm.ssh(f"dd if=/dev/zero of={fill} bs=1M count=1536 conv=fsync", check=False, timeout=120)
         deadline = time.monotonic() + 120
         while "QEMU paused the device" not in vm.run_log.read_text() and time.monotonic() < deadline:
             time.sleep(1)
@@ -674,7 +732,9 @@ def fake_image(tmp_path: Path, board_name: str) -> Path:
     board = _board(board_name)
     root = "UUID=0b0e53b3-1c1e-4d5a-8f3e-5e1d1a2b3c4d"
     console = " ".join(f"console={c}" for c in consoles(board))
-    if board["bootloader"] == "direct-kernel":
+    if board["bootloader"] == "grub-efi":   # the firmware boots GRUB from the disk: nothing for QEMU to take
+        files = {"grubenv": b"# GRUB Environment Block\n"}
+    elif board["bootloader"] == "direct-kernel":
         files = {"vmlinuz": b"kernel", "initrd.img": b"initrd",
                  "cmdline.txt": f"{console} root={root} rw net.ifnames=0 rootwait quiet splash\n".encode()}
     else:
@@ -693,19 +753,8 @@ def _qemu_argv(out: str) -> list[str]:
     return shlex.split(out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("board_name", ALL_BOARDS)
-def test_kiosk_run_command_line(board_name, tmp_path):
-    board = _board(board_name)
-    q = board["qemu"]
-    image = fake_image(tmp_path, board_name)
-    before = hashlib.sha256(image.read_bytes()).hexdigest()
-    result = kiosk_cli("run", str(image), "--headless", "--print-command", "--keep", "--ssh-port", "2222",
-                       env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
-    assert result.returncode == 0, result.stderr
-    argv = _qemu_argv(result.stdout)
-    assert Path(argv[0]).name == q["binary"]
-    assert argv[argv.index("-M") + 1] == q["machine"]
-    assert argv[argv.index("-m") + 1] == q["memory"]
+def _check_kernel_arguments(argv: list[str], q: dict) -> None:
+    """-kernel/-initrd/-append (and -dtb) as kiosk run gives them from the FAT partition."""
     append = argv[argv.index("-append") + 1].split()
     consoles = [a for a in append if a.startswith("console=")]
     # The serial console last: /dev/console, where systemd writes; tty1 first where QEMU shows a screen.
@@ -719,6 +768,31 @@ def test_kiosk_run_command_line(board_name, tmp_path):
         assert Path(argv[argv.index("-dtb") + 1]).name == q["dtb"]
     else:
         assert "-dtb" not in argv
+
+
+@pytest.mark.parametrize("board_name", ALL_BOARDS)
+def test_kiosk_run_command_line(board_name, tmp_path):
+    board = _board(board_name)
+    q = board["qemu"]
+    image = fake_image(tmp_path, board_name)
+    before = hashlib.sha256(image.read_bytes()).hexdigest()
+    result = kiosk_cli("run", str(image), "--headless", "--print-command", "--keep", "--ssh-port", "2222",
+                       env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    argv = _qemu_argv(result.stdout)
+    assert Path(argv[0]).name == q["binary"]
+    assert argv[argv.index("-M") + 1] == q["machine"]
+    assert argv[argv.index("-m") + 1] == q["memory"]
+    if q.get("firmware"):
+        # OVMF boots the disk's GRUB; the TCO watchdog may reset the machine (ICH9-LPC.noreboot=false)
+        assert argv[argv.index("-bios") + 1] == "/usr/share/ovmf/OVMF.fd"
+        assert argv[argv.index("-global") + 1] == "ICH9-LPC.noreboot=false"
+        assert not {"-kernel", "-initrd", "-append", "-dtb"} & set(argv)
+        refused = kiosk_cli("run", str(image), "--print-command", "--append", "quiet",
+                            env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
+        assert refused.returncode == 2 and "grub/grub.cfg" in refused.stderr and refused.stderr.count("\n") == 1
+    else:
+        _check_kernel_arguments(argv, q)
     drive = " ".join(argv)
     assert str(image) not in drive, "QEMU must boot a copy, never the image"
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in drive

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 
 from kiosk import __version__
-from kiosk.spec.hardware import load_board
+from kiosk.core.paths import DATA_HOST_KEYS
+from kiosk.spec.hardware import ab_slots, load_board
 from kiosk.config.bootconfig import extra_cmdline, firmware_custom
 from kiosk.config.layer import Layer, directory, file, symlink
 from kiosk.spec.sshkeys import parse_public_key
@@ -67,7 +68,7 @@ def render(spec: dict) -> Layer:
     layer.update(_identity(spec))
     layer.update(_locale(spec))
     layer.update(_network(spec))
-    layer.update(_ssh(spec))
+    layer.update(_ssh(spec, board))
     layer.update(_users(spec))
     layer.update(_display(spec, board))
     layer.update(_agent())
@@ -144,18 +145,24 @@ def _network(spec: dict) -> Layer:
     return layer
 
 
-def _ssh(spec: dict) -> Layer:
+def _ssh(spec: dict, board: dict) -> Layer:
     keys = "".join(parse_public_key(k).line() + "\n" for k in spec["authorizedKeys"])
+    # A/B boards keep the host keys on the data partition: the device keeps its identity across slots.
+    keygen, host_keys = "/usr/bin/ssh-keygen -A", ""
+    if ab_slots(board):
+        keygen = f"/usr/bin/ssh-keygen -A -f {DATA_HOST_KEYS}"
+        host_keys = "".join(f"HostKey {DATA_HOST_KEYS}/etc/ssh/ssh_host_{kind}_key\n"
+                            for kind in ("ecdsa", "ed25519", "rsa"))
     return {
         "/etc/ssh/sshd_config.d/kiosk.conf": file(
             HEADER + "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitEmptyPasswords no\n"
             "AuthenticationMethods publickey\nPermitRootLogin prohibit-password\n"
-            "AuthorizedKeysFile .ssh/authorized_keys\n"),
+            "AuthorizedKeysFile .ssh/authorized_keys\n" + host_keys),
         # Host keys are made on the device at first start, never baked into an image.
         f"{UNIT_DIR}/ssh.service.d/kiosk-host-keys.conf": file(
             HEADER + "[Service]\n"
             # ssh.service's own ExecStartPre (sshd -t) would run first and fail without keys: reset the list.
-            "ExecStartPre=\nExecStartPre=/usr/bin/ssh-keygen -A\nExecStartPre=/usr/sbin/sshd -t\n"
+            f"ExecStartPre=\nExecStartPre={keygen}\nExecStartPre=/usr/sbin/sshd -t\n"
             # The first start makes an RSA key: 40 s on a raspi0 under QEMU, over the 90 s default when busy.
             "TimeoutStartSec=10min\n"),
         "/root/.ssh": directory(0o700),

@@ -28,6 +28,15 @@ BUILDER_KEY = "/etc/kiosk/builder_ed25519"           # the device's key for its 
 BUILDERS_KNOWN_HOSTS = "/etc/kiosk/builders_known_hosts"
 BUILDERS_SSH_CONFIG = "/etc/kiosk/builders_ssh_config"
 
+# A/B boards (kiosk.spec.hardware.ab_slots): what must survive a switch of root slot lives on the data partition,
+# mounted at DATA_MOUNT and bound where the system expects it (kiosk's initramfs mounts all of it before
+# systemd starts, so PID 1 already reads the generation's units and hostname; fstab names them too).
+DATA_MOUNT = "/data"
+DATA_LABEL = "KIOSKDATA"
+DATA_BINDS = (("kiosk/state", "/var/lib/kiosk"),                              # (on the data fs, bound at)
+              ("kiosk/configuration.git", "/etc/kiosk/configuration.git"))
+DATA_HOST_KEYS = "/data/ssh"     # `ssh-keygen -A -f` prefix: the host keys are /data/ssh/etc/ssh/ssh_host_*
+
 # ---------------------------------------------------------------- the settings
 # Every KIOSK_* variable kiosk reads, and what it does. Those marked "tests" are never set on a real
 # device or builder: they let the test suite reach a state it could not reach otherwise.

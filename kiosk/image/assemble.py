@@ -1,5 +1,9 @@
 """The SD card image: MBR, a FAT32 firmware partition, an ext4 root, and its block map.
 
+A/B boards (kiosk.spec.hardware.ab_slots) get four partitions instead: the FAT, root slot A (the
+root file system), root slot B (the same size, all zeros: the block map skips it) and the data
+partition (ext4 KIOSKDATA, kiosk.image.datafs), which grows to fill the card on first boot.
+
 No mounting, no loop devices, no root: the image is a sparse file; the root
 file system is written into it at its offset by the caller (a copy of the
 cached base ext4 with the spec's changes: kiosk.image.basefs and overlay);
@@ -38,6 +42,9 @@ ALIGN = 4 * MiB
 BOOT_SIZE = 256 * MiB
 BOOT_LABEL = "RASPIFIRM"
 BOOT_MOUNT = "/boot/firmware"
+DATA_SIZE = 128 * MiB          # the data partition in the image (it grows on the device)
+SLOT_MIN = 2 << 30             # a root slot: at least 2 GiB ...
+SLOT_STEP = 256 * MiB          # ... in steps of 256 MiB
 
 
 def _noop_log(msg: str) -> None:
@@ -51,6 +58,8 @@ class Identity:
     disk_id: int          # MBR disk signature (PARTUUID prefix)
     boot_serial: str      # FAT volume id, 8 hex digits (fstab: XXXX-XXXX)
     root_uuid: str        # ext4 UUID (the directory hash seed is the cached base's: basefs)
+    data_uuid: str = ""   # A/B: the data partition's ext4 UUID ...
+    data_hash_seed: str = ""   # ... and its directory hash seed
 
     @property
     def boot_uuid(self) -> str:
@@ -68,7 +77,9 @@ def identity(plan) -> Identity:
     disk_id = int.from_bytes(h[0:4], "big") or 1
     boot_serial = h[4:8].hex()
     root_uuid = str(uuidlib.UUID(bytes=h[8:24], version=4))
-    return Identity(disk_id, boot_serial, root_uuid)
+    d = hashlib.sha256(seed + b"\0data").digest()
+    return Identity(disk_id, boot_serial, root_uuid, str(uuidlib.UUID(bytes=d[:16], version=4)),
+                    str(uuidlib.UUID(bytes=d[16:32], version=4)))
 
 
 @dataclass(frozen=True)
@@ -76,17 +87,45 @@ class Layout:
     boot_start: int
     boot_size: int
     root_start: int
-    root_size: int
+    root_size: int        # the root file system (on A/B boards: in slot A, which may be larger)
+    slot_size: int = 0    # A/B: each root slot's partition; 0: one root partition of root_size
+    data_size: int = 0    # A/B: the data partition
+
+    @property
+    def ab(self) -> bool:
+        return self.slot_size > 0
+
+    @property
+    def root_part_size(self) -> int:
+        return self.slot_size or self.root_size
+
+    @property
+    def slot_b_start(self) -> int:
+        return self.root_start + self.slot_size
+
+    @property
+    def data_start(self) -> int:
+        return self.root_start + 2 * self.slot_size
 
     @property
     def total(self) -> int:
-        return self.root_start + self.root_size
+        return self.data_start + self.data_size if self.ab else self.root_start + self.root_size
 
 
-def layout_for(root_size: int) -> Layout:
-    """FAT 256 MiB at 4 MiB, then the root file system (its size is the cached base's, basefs.size_for)."""
+def slot_size_for(root_size: int, used: int) -> int:
+    """A root slot is fixed at the first flash and must hold next year's bigger system too: twice the tree,
+    at least 2 GiB and at least this root file system, in 256 MiB steps (notes/ab-update.md)."""
+    size = max(2 * used, root_size, SLOT_MIN)
+    return -(-size // SLOT_STEP) * SLOT_STEP
+
+
+def layout_for(root_size: int, *, ab: bool = False, used: int = 0) -> Layout:
+    """FAT 256 MiB at 4 MiB, then the root file system (its size is the cached base's, basefs.size_for);
+    A/B: slot A holding it, slot B as large, then the data partition."""
     boot_start = ALIGN
-    return Layout(boot_start, BOOT_SIZE, boot_start + BOOT_SIZE, root_size)
+    if not ab:
+        return Layout(boot_start, BOOT_SIZE, boot_start + BOOT_SIZE, root_size)
+    return Layout(boot_start, BOOT_SIZE, boot_start + BOOT_SIZE, root_size, slot_size_for(root_size, used), DATA_SIZE)
 
 
 def _run(cmd: list[str], *, stage: str, env: dict | None = None, input: str | None = None) -> str:
@@ -95,36 +134,37 @@ def _run(cmd: list[str], *, stage: str, env: dict | None = None, input: str | No
 
 # --- root tree additions that depend on the image layout ---------------------------------------
 
-GROWROOT_SCRIPT = """#!/bin/sh
-# kiosk: grow the root partition and its ext4 filesystem to fill the card, once.
+GROW_SCRIPT = """#!/bin/sh
+# kiosk: grow the partition mounted at {mount} and its ext4 file system to fill the card, once.
 set -eu
-stamp=/var/lib/kiosk/growroot.done
-dev=$(findmnt -n -o SOURCE /)
-name=${dev##*/}
+stamp={stamp}
+dev=$(findmnt -n -o SOURCE {mount})
+name=${{dev##*/}}
 part=$(cat "/sys/class/block/$name/partition")
 disk=/dev/$(basename "$(readlink -f "/sys/class/block/$name/..")")
 echo "growing $dev (partition $part of $disk) to fill the card"
-# ", +" = same start, as large as possible; --force: the disk is in use (its root is mounted).
+# ", +" = same start, as large as possible; --force: the disk is in use (the partition is mounted).
 echo ", +" | sfdisk --force --no-reread --no-tell-kernel -N "$part" "$disk" || true
 partx -u -n "$part" "$disk"
 resize2fs "$dev"
-mkdir -p "${stamp%/*}"
+mkdir -p "${{stamp%/*}}"
 touch "$stamp"
-systemctl --no-reload disable kiosk-growroot.service || true
+systemctl --no-reload disable {unit} || true
 """
 
-GROWROOT_UNIT = """[Unit]
-Description=Grow the root filesystem to fill the SD card (first boot only)
-Documentation=file:///usr/lib/kiosk/growroot
-ConditionPathExists=!/var/lib/kiosk/growroot.done
+GROW_UNIT = """[Unit]
+Description=Grow the {what} to fill the SD card (first boot only)
+Documentation=file://{script}
+ConditionPathExists=!{stamp}
 DefaultDependencies=no
 After=systemd-remount-fs.service
+RequiresMountsFor={mounts}
 Before=shutdown.target
 Conflicts=shutdown.target
 
 [Service]
 Type=oneshot
-ExecStart=/usr/lib/kiosk/growroot
+ExecStart={script}
 RemainAfterExit=yes
 
 [Install]
@@ -132,22 +172,62 @@ WantedBy=local-fs.target
 """
 
 
-def write_root_files(root_dir: Path, ident: Identity) -> None:
-    """/etc/fstab for this image's partitions, and the grow-root-once unit (enabled)."""
-    fstab = ("# Written by kiosk at image build: the partitions of this image.\n"
-             "# <file system>\t<mount point>\t<type>\t<options>\t<dump>\t<pass>\n"
-             f"UUID={ident.root_uuid}\t/\text4\trw,noatime,errors=remount-ro\t0\t1\n"
-             f"UUID={ident.boot_uuid}\t{BOOT_MOUNT}\tvfat\trw,noatime,umask=0022,nofail\t0\t2\n")
-    write_atomic(root_dir / "etc/fstab", fstab)
+def grow_unit(ab: bool) -> tuple[str, str, str]:
+    """(unit name, script, unit text) of the grow-once unit: the root partition, or on A/B boards the data
+    partition (the last one; a root slot never grows: slot B follows slot A)."""
+    from kiosk.core.paths import DATA_MOUNT
+
+    name, mount, what = (("kiosk-growdata", DATA_MOUNT, "data partition") if ab else
+                         ("kiosk-growroot", "/", "root filesystem"))
+    stamp = f"/var/lib/kiosk/{name.split('-')[1]}.done"
+    script = f"/usr/lib/kiosk/{name.split('-')[1]}"
+    mounts = f"{mount} /var/lib/kiosk" if ab else "/var/lib/kiosk"
+    return (f"{name}.service", GROW_SCRIPT.format(mount=mount, stamp=stamp, unit=f"{name}.service"),
+            GROW_UNIT.format(what=what, script=script, stamp=stamp, mounts=mounts))
+
+
+HOST_KEY_TYPES = ("ecdsa", "ed25519", "rsa")
+
+
+def fstab(ident: Identity, ab: bool) -> str:
+    """This image's partitions. A/B: `/` is whichever slot the boot loader chose (both carry the same UUID),
+    and the data partition with its binds (kiosk's initramfs checks and mounts them before systemd starts:
+    pass 0, systemd finds them mounted)."""
+    from kiosk.core.paths import DATA_BINDS, DATA_LABEL, DATA_MOUNT
+
+    root = "/dev/root" if ab else f"UUID={ident.root_uuid}"
+    text = ("# Written by kiosk at image build: the partitions of this image.\n"
+            "# <file system>\t<mount point>\t<type>\t<options>\t<dump>\t<pass>\n"
+            f"{root}\t/\text4\trw,noatime,errors=remount-ro\t0\t1\n"
+            f"UUID={ident.boot_uuid}\t{BOOT_MOUNT}\tvfat\trw,noatime,umask=0022,nofail\t0\t2\n")
+    if ab:
+        text += f"LABEL={DATA_LABEL}\t{DATA_MOUNT}\text4\trw,noatime\t0\t0\n"
+        text += "".join(f"{DATA_MOUNT}/{source}\t{target}\tnone\tbind\t0\t0\n" for source, target in DATA_BINDS)
+    return text
+
+
+def write_root_files(root_dir: Path, ident: Identity, ab: bool = False) -> None:
+    """/etc/fstab for this image's partitions, and the grow-once unit (enabled); A/B: the data mount point and
+    the host keys' public halves where ssh tools look for them (the keys are made on /data at first start)."""
+    from kiosk.core.paths import DATA_HOST_KEYS, DATA_MOUNT
+
+    write_atomic(root_dir / "etc/fstab", fstab(ident, ab))
     (root_dir / BOOT_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    write_atomic(root_dir / "usr/lib/kiosk/growroot", GROWROOT_SCRIPT, 0o755)
-    write_atomic(root_dir / "etc/systemd/system/kiosk-growroot.service", GROWROOT_UNIT)
+    unit, script, text = grow_unit(ab)
+    write_atomic(root_dir / "usr/lib/kiosk" / unit.split("-")[1].removesuffix(".service"), script, 0o755)
+    write_atomic(root_dir / "etc/systemd/system" / unit, text)
     wants = root_dir / "etc/systemd/system/local-fs.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    link = wants / "kiosk-growroot.service"
+    link = wants / unit
     if link.is_symlink() or link.exists():
         link.unlink()
-    link.symlink_to("/etc/systemd/system/kiosk-growroot.service")
+    link.symlink_to(f"/etc/systemd/system/{unit}")
+    if ab:
+        (root_dir / DATA_MOUNT.lstrip("/")).mkdir(exist_ok=True)
+        for kind in HOST_KEY_TYPES:
+            pub = root_dir / f"etc/ssh/ssh_host_{kind}_key.pub"
+            pub.unlink(missing_ok=True)
+            pub.symlink_to(f"{DATA_HOST_KEYS}/etc/ssh/ssh_host_{kind}_key.pub")
 
 
 # --- filesystems ---------------------------------------------------------------------------------
@@ -158,8 +238,11 @@ def write_partition_table(image: Path, layout: Layout, ident: Identity) -> None:
         f"label-id: 0x{ident.disk_id:08x}\n"
         "unit: sectors\n\n"
         f"start={layout.boot_start // SECTOR}, size={layout.boot_size // SECTOR}, type=c, bootable\n"
-        f"start={layout.root_start // SECTOR}, size={layout.root_size // SECTOR}, type=83\n"
+        f"start={layout.root_start // SECTOR}, size={layout.root_part_size // SECTOR}, type=83\n"
     )
+    if layout.ab:   # slot B (empty) and the data partition
+        script += (f"start={layout.slot_b_start // SECTOR}, size={layout.slot_size // SECTOR}, type=83\n"
+                   f"start={layout.data_start // SECTOR}, size={layout.data_size // SECTOR}, type=83\n")
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], stage="image (partition table)",
          input=script)
 
@@ -175,21 +258,28 @@ def make_fat(image: Path, layout: Layout, files: dict[str, bytes | Path], ident:
           f"--offset={layout.boot_start // SECTOR}", str(image), str(layout.boot_size // 1024)],
          stage="image (FAT partition)", env=env)
     staging.mkdir(parents=True, exist_ok=True)
-    sources = []
+    by_dir: dict[str, list[str]] = {}     # FAT directory ("" = the top) -> files to copy there, sorted
     for name in sorted(files):
-        if "/" in name or name.startswith("."):
-            raise KioskError(f"image: boot file name {name!r} must be a plain name")
+        if any(not part or part.startswith(".") for part in name.split("/")):
+            raise KioskError(f"image: boot file name {name!r} must be a plain name or a relative path")
         content = files[name]
         dest = staging / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, Path):
             shutil.copyfile(content, dest)
         else:
             dest.write_bytes(content)
         os.chmod(dest, 0o644)
         os.utime(dest, (epoch, epoch))
-        sources.append(str(dest))
-    if sources:
-        _run(["mcopy", "-m", "-o", "-i", f"{image}@@{layout.boot_start}", *sources, "::"],
+        by_dir.setdefault(name.rpartition("/")[0], []).append(str(dest))
+    fat = f"{image}@@{layout.boot_start}"
+    # Directories made in sorted order, files copied in sorted order: the same FAT bytes every time
+    # (mmd stamps directories with SOURCE_DATE_EPOCH).
+    directories = sorted({"/".join(d.split("/")[:i]) for d in by_dir if d for i in range(1, d.count("/") + 2)})
+    if directories:
+        _run(["mmd", "-i", fat, *(f"::{d}" for d in directories)], stage="image (FAT partition)", env=env)
+    for directory in sorted(by_dir):
+        _run(["mcopy", "-m", "-o", "-i", fat, *by_dir[directory], f"::{directory}" + ("/" if directory else "")],
              stage="image (FAT partition)", env=env)
 
 
@@ -272,8 +362,10 @@ def assemble(layout: Layout, image: Path, boot: dict[str, bytes | Path], out_ima
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log(f"image: {out_image.name}: {layout.total // MiB} MiB (FAT {layout.boot_size // MiB} MiB, root "
-        f"{layout.root_size // MiB} MiB); MBR + FAT {time.monotonic() - started:.1f} s")
+    parts = (f"root slots A and B {layout.slot_size // MiB} MiB each (A's file system {layout.root_size // MiB} "
+             f"MiB), data {layout.data_size // MiB} MiB" if layout.ab else f"root {layout.root_size // MiB} MiB")
+    log(f"image: {out_image.name}: {layout.total // MiB} MiB (FAT {layout.boot_size // MiB} MiB, {parts}); "
+        f"MBR + FAT {time.monotonic() - started:.1f} s")
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(sha256_file, out_image)

@@ -52,6 +52,7 @@ class BaseFs:
     size: int         # bytes: the root partition's size
     epoch: int
     key: str
+    used: int = 0     # bytes the tree needs (usage): what an A/B slot's size is reckoned from
 
 
 def fake_time_env(epoch: int) -> dict:
@@ -82,7 +83,7 @@ def run_debugfs(fs: Path, commands: list[str], *, epoch: int, what: str, offset:
     errors = [line for line in result.stderr.splitlines()
               if line and not line.startswith("debugfs ") and not line.startswith("Allocated inode")]
     if result.returncode != 0 or errors:
-        raise KioskError(f"{what} failed (debugfs):\n" + "\n".join(errors[-20:]))
+        raise KioskError(f"{what} failed (debugfs):\n" + "\n".join(errors[:10] + ["..."] + errors[-10:]))
 
 
 def e2fsprogs_version() -> str:
@@ -146,7 +147,7 @@ def base_fs(tar: Path, index: TarIndex, *, epoch: int, log: Log, lock) -> BaseFs
     with lock(path.with_suffix(".lock")):
         if path.exists() and meta_path.exists():
             log(f"base file system: reusing {path.name} ({size // MiB} MiB)")
-            return BaseFs(path, size, epoch, key)
+            return BaseFs(path, size, epoch, key, used)
         started = time.monotonic()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
@@ -162,7 +163,7 @@ def base_fs(tar: Path, index: TarIndex, *, epoch: int, log: Log, lock) -> BaseFs
             raise
         log(f"base file system: made {path.name} in {time.monotonic() - started:.1f} s ({size // MiB} MiB)")
         _prune(tar, path)
-        return BaseFs(path, size, epoch, key)
+        return BaseFs(path, size, epoch, key, used)
 
 
 def _prune(tar: Path, keep: Path) -> None:

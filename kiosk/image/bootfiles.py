@@ -12,8 +12,11 @@ raspi-firmware boards: config.txt and cmdline.txt are exactly what Debian's
 or firmware upgrade on the device reproduces them byte for byte; file names
 (vmlinuz-<version>, initrd.img-<version>, <soc>.dtb) are the hook's too.
 
-direct-kernel (the qemu target): vmlinuz, initrd.img and cmdline.txt, for
-`kiosk run` to pass as -kernel/-initrd/-append.
+direct-kernel: vmlinuz, initrd.img and cmdline.txt, for `kiosk run` to pass as
+-kernel/-initrd/-append.
+
+grub-efi (the qemu target, A/B): GRUB's files (kiosk.image.grub); the kernel and
+initramfs stay in the root slot, as /vmlinuz and /initrd.img; RAUC's system.conf names the slots.
 
 The initramfs is built here, natively, in a second: busybox-static of the
 target architecture (installed by kiosk.rootfs), the kernel modules needed to
@@ -38,6 +41,7 @@ from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.files import write_atomic
 from kiosk.core.run import run
+from kiosk.spec.hardware import ab_slots
 
 Log = Callable[[str], None]
 
@@ -187,6 +191,21 @@ while :; do
     waited=$((waited + 1))
 done
 
+# A/B boards: the data partition (generations, configuration.git, host keys), found now, mounted below.
+data_spec= ; data_dev=
+if [ -s /etc/kiosk-data ]; then
+    read -r data_spec data_mount < /etc/kiosk-data
+    say "waiting for the data partition $data_spec"
+    waited=0
+    while :; do
+        data_dev=$(findfs "$data_spec" 2>/dev/null)
+        [ -n "$data_dev" ] && [ -b "$data_dev" ] && break
+        [ "$waited" -ge $((rootdelay * 5)) ] && fail "the data partition $data_spec did not appear in $rootdelay seconds"
+        sleep 0.2
+        waited=$((waited + 1))
+    done
+fi
+
 say "mounting $dev ($root) on /root ($mode)"
 opts=$mode
 [ -n "$rootflags" ] && opts="$opts,$rootflags"
@@ -197,6 +216,26 @@ else
 fi
 [ -x "/root$init" ] || [ -L "/root$init" ] || fail "no $init on $dev"
 
+if [ -n "$data_dev" ]; then
+    # Checked with the slot's own e2fsck, mounted and bound before systemd starts: PID 1 reads the
+    # generation's units and hostname through the binds (fstab names them too, pass 0: found mounted).
+    for fs in /dev /proc /sys; do mount -o bind "$fs" "/root$fs"; done
+    chroot /root /sbin/e2fsck -p "$data_dev"
+    rc=$?
+    if [ "$rc" -ge 4 ]; then
+        chroot /root /sbin/e2fsck -y "$data_dev"
+        rc=$?
+    fi
+    for fs in /dev /proc /sys; do umount "/root$fs"; done
+    [ "$rc" -ge 4 ] && fail "e2fsck could not repair the data partition $data_dev (exit $rc)"
+    say "mounting the data partition $data_dev on $data_mount"
+    mount -t ext4 -o rw,noatime "$data_dev" "/root$data_mount" || fail "cannot mount $data_dev on $data_mount"
+    sed 1d /etc/kiosk-data > /tmp/kiosk-binds
+    while read -r source target; do
+        mount -o bind "/root$source" "/root$target" || fail "cannot bind $source on $target"
+    done < /tmp/kiosk-binds
+fi
+
 for fs in /dev /run /proc /sys; do
     mkdir -p "/root$fs"
     mount --move "$fs" "/root$fs" 2>/dev/null || umount -l "$fs"
@@ -204,6 +243,14 @@ done
 say "switching to $init"
 exec switch_root /root "$init" "$@"
 """
+
+
+def data_mounts() -> str:
+    """/etc/kiosk-data of an A/B board's initramfs: the data partition and where it goes, then its binds."""
+    from kiosk.core.paths import DATA_BINDS, DATA_LABEL, DATA_MOUNT
+
+    return (f"LABEL={DATA_LABEL} {DATA_MOUNT}\n"
+            + "".join(f"{DATA_MOUNT}/{source} {target}\n" for source, target in DATA_BINDS))
 
 
 def _cpio_newc(entries: list[tuple[str, int, bytes]], mtime: int) -> bytes:
@@ -309,6 +356,8 @@ def build_initramfs(plan, root_dir: Path, version: str, *, epoch: int, log: Log)
     for name, data in _depmod(files, version).items():
         files[name] = (stat.S_IFREG | 0o644, data)
     files["etc/kiosk-modules"] = (stat.S_IFREG | 0o644, "".join(f"{rel}\n" for rel in order).encode())
+    if ab_slots(plan.board):
+        files["etc/kiosk-data"] = (stat.S_IFREG | 0o644, data_mounts().encode())
     # The initramfs modules must never be stale: record what they came from.
     files["etc/kiosk-initramfs"] = (stat.S_IFREG | 0o644,
                                     f"kernel {version}\nboard {plan.board['name']}\n".encode())
@@ -362,6 +411,19 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     # On the device, raspi-firmware's hooks copy /boot/initrd.img-* to the FAT partition: keep ours there.
     write_atomic(root_dir / "boot" / f"initrd.img-{version}", initrd)
     files: dict[str, bytes | Path] = {}
+
+    if board["bootloader"] == "grub-efi":
+        from kiosk.image.grub import grub_files, rauc_system_conf
+
+        write_atomic(root_dir / "etc/rauc/system.conf", rauc_system_conf(board))
+
+        # Each slot boots its own kernel and initramfs (grub.cfg names these Debian-style links).
+        for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):
+            (root_dir / link).unlink(missing_ok=True)
+            (root_dir / link).symlink_to(target)
+        files.update(grub_files(board))
+        log(f"boot files: GRUB EFI, grub.cfg, grubenv; kernel {version} and initrd.img in the root slot")
+        return files
 
     if board["bootloader"] == "direct-kernel":
         cmdline = " ".join([f"console={c}" for c in consoles(board)] + [f"root={root}", "rw"]

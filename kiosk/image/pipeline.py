@@ -135,15 +135,18 @@ def configure_inputs(plan, sparse) -> None:
 
 
 def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int, ident,
-                   log) -> tuple[dict, str]:
+                   log, data: Path) -> tuple[dict, str]:
     """Make a base tree this spec's system: the configuration layer, boot files, the kiosk package,
     generation 1, users, builders' files, fstab. Returns (FAT files, configuration.git commit).
+    A/B boards: what goes on the data partition (generation 1, configuration.git) is moved out of the
+    tree into the new directory `data` (kiosk.image.datafs).
 
     The one configure step: the fast path runs it on a sparse tree, the whole-tree reference
     (keep_root) on the unpacked base. The umask is fixed so the modes never depend on the caller's.
     """
     from kiosk.config.layer import apply_layer
-    from kiosk.image import assemble, bootfiles
+    from kiosk.image import assemble, bootfiles, datafs
+    from kiosk.spec.hardware import ab_slots
 
     umask = os.umask(0o022)
     try:
@@ -154,7 +157,9 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
         if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
             from kiosk.builders.keys import prepare_device_for_builders  # builders known_hosts, ssh config
             prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
-        assemble.write_root_files(root, ident)
+        assemble.write_root_files(root, ident, ab_slots(plan.board))
+        if ab_slots(plan.board):
+            datafs.split(root, data, epoch=epoch)
     finally:
         os.umask(umask)
     return boot, commit
@@ -171,8 +176,9 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     compress: "zst" or "xz": also write the image compressed (image/compress.py).
     """
     from kiosk.config.render import render
-    from kiosk.image import assemble, basefs, overlay, rootfs
+    from kiosk.image import assemble, basefs, datafs, overlay, rootfs
     from kiosk.image.compress import compress_image
+    from kiosk.spec.hardware import ab_slots
     from kiosk.spec.plan import make_plan
 
     log = log or Log()
@@ -191,7 +197,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     work = scratch_work_dir()
     out_image = out_dir / assemble.image_name(plan)
     image = assemble.scratch_path(out_image, "tmp")
-    layout = assemble.layout_for(base.size)
+    layout = assemble.layout_for(base.size, ab=ab_slots(plan.board), used=base.used)
     pool = ThreadPoolExecutor(max_workers=1)
     sparse = None
     try:
@@ -202,7 +208,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             sparse = overlay.Sparse(index, work / "root")
             configure_inputs(plan, sparse)
             boot, commit = configure_tree(sparse.root, spec, spec_text, layer, plan, out_dir, epoch=epoch,
-                                          ident=ident, log=log)
+                                          ident=ident, log=log, data=work / "data")
             changes = sparse.changes(epoch)
             log(f"configure: {len(changes)} paths differ from the base")
         with log.timed("image"):
@@ -210,6 +216,9 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             copying.result()
             copied = time.monotonic()
             overlay.write(image, layout.root_start, changes, index, work, epoch=epoch, uuid=ident.root_uuid)
+            if layout.ab:
+                datafs.write(image, layout.data_start, layout.data_size, work / "data", work, ident=ident,
+                             epoch=epoch)
             log(f"image: root file system: base copied (waited {copied - started:.1f} s), changes written "
                 f"in {time.monotonic() - copied:.1f} s")
             image_sha = assemble.assemble(layout, image, boot, out_image, epoch=epoch, ident=ident, log=log)
@@ -278,10 +287,14 @@ def _alive(pid: int) -> bool:
 def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int,
                ident) -> None:
     """The slow path's tree, for tests: the whole base unpacked with its owners (as root), then the same
-    configure step. The image's files must be exactly these (tests/test_image.py compares them)."""
+    configure step. The image's files must be exactly these (tests/test_fastbuild.py compares them); on A/B
+    boards the data partition's tree goes beside it, to <dest>-data."""
     from kiosk.image import rootfs
 
-    shutil.rmtree(dest, ignore_errors=True)
+    data = dest.with_name(dest.name + "-data")   # A/B boards: the data partition's tree
+    for old in (dest, data):
+        shutil.rmtree(old, ignore_errors=True)
     dest.mkdir(parents=True)
     rootfs.extract(tar, dest)
-    configure_tree(dest, spec, spec_text, layer, plan, out_dir, epoch=epoch, ident=ident, log=lambda m: None)
+    configure_tree(dest, spec, spec_text, layer, plan, out_dir, epoch=epoch, ident=ident, log=lambda m: None,
+                   data=data)

@@ -141,6 +141,9 @@ def _run(args) -> int:
     board = load_board(board_name)
     check_qemu(board)
     q = board["qemu"]
+    if args.append and q.get("firmware"):
+        raise UsageError(f"--append: {board['name']} images boot through their own boot loader, which sets the "
+                         "kernel command line", hint="change it in grub/grub.cfg on the image's FAT partition")
     fixed = FIXED_MEMORY.get(q["machine"])
     if args.memory and fixed and parse_size(args.memory, "--memory") != parse_size(fixed):
         raise UsageError(f"--memory: QEMU's {q['machine']} machine has a fixed {fixed} of memory")
@@ -261,7 +264,7 @@ def register(sub) -> None:
     p.add_argument("--board", metavar="NAME", help="the board, when the image cannot say")
     p.add_argument("--qmp", metavar="SOCKET", help="path of the QMP monitor socket (default: in the work directory)")
     p.add_argument("--serial-log", metavar="FILE", help="write the serial console to FILE instead of the terminal")
-    p.add_argument("--append", action="append", metavar="ARG", help="one more kernel argument (repeatable)")
+    p.add_argument("--append", action="append", metavar="ARG", help="one more kernel argument (repeatable; boards QEMU boots with -kernel: not the qemu target, whose GRUB sets the command line)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (disk copy, kernel, initrd)")
     p.add_argument("--print-command", action="store_true", help="print the QEMU command line and exit")
     p.add_argument("--screendump", metavar="FILE", help="with --qmp SOCKET: save a running VM's screen as PNG "

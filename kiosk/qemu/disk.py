@@ -1,7 +1,8 @@
 """Reading a kiosk image without root or mounting, and making the copy QEMU boots.
 
 The partition table is read here (no tool needed), the FAT partition with mtools and the ext4
-root with debugfs, both at the partition's offset inside the image file. The user's image is
+root with debugfs, both at the partition's offset inside the image file (on A/B images what the
+device binds from the data partition is read there). The user's image is
 never opened for writing: QEMU boots a sparse copy, grown to a power of two where the machine
 needs it (the raspi SD controller) and always larger than the image, so the device's
 grow-root-once unit has room to grow into.
@@ -102,25 +103,37 @@ def fat_read(image: Path, part: Partition, name: str) -> bytes:
                what=f"{image}: cannot read {name} from the FAT partition").stdout
 
 
+def _file_system_of(image: Path, path: str) -> tuple[str, str]:
+    """(debugfs's image spec, path inside that file system) for a path as the device sees it: the root, or on
+    A/B images (four partitions) the data partition for what the device binds from there (paths.DATA_BINDS)."""
+    from kiosk.core.paths import DATA_BINDS
+
+    parts = partitions(image)
+    if len(parts) == 4:
+        for source, target in DATA_BINDS:
+            if path == target or path.startswith(target + "/"):
+                return f"{image}?offset={parts[3].start}", "/" + source + path[len(target):]
+    return f"{image}?offset={root_partition(image).start}", path
+
+
 def root_read(image: Path, path: str, *, hops: int = 16) -> bytes | None:
     """A file from the image's ext4 root filesystem with debugfs (symlinks followed); None if absent."""
     debugfs = shutil.which("debugfs") or shutil.which("/sbin/debugfs")
     if not debugfs:
         return None
-    part = root_partition(image)
-    spec = f"{image}?offset={part.start}"
     for _ in range(hops):
-        stat = run([debugfs, "-R", f'stat "{path}"', spec], check=False)
+        spec, inside = _file_system_of(image, path)
+        stat = run([debugfs, "-R", f'stat "{inside}"', spec], check=False)
         if "Type: symlink" not in stat.stdout:
             if "Type: regular" not in stat.stdout:
                 return None
-            result = run([debugfs, "-R", f'cat "{path}"', spec], check=False, text=False)
+            result = run([debugfs, "-R", f'cat "{inside}"', spec], check=False, text=False)
             return result.stdout if result.returncode == 0 else None
         match = re.search(r'Fast link dest: "(.*)"', stat.stdout)
         if match:
             target = match.group(1)
         else:
-            target = run([debugfs, "-R", f'cat "{path}"', spec], check=False).stdout.rstrip("\0")
+            target = run([debugfs, "-R", f'cat "{inside}"', spec], check=False).stdout.rstrip("\0")
         path = target if target.startswith("/") else os.path.normpath(os.path.join(os.path.dirname(path), target))
     return None
 

@@ -5,7 +5,8 @@ console, extra kernel arguments, disk, display and network devices) and from the
 partition: the kernel, the initramfs, the device tree and cmdline.txt. The kernel command line
 is the image's own; only console= is rewritten (QEMU's serial port for the board, last, so
 systemd's messages reach the terminal) and root= only when it names a device that does not
-exist under QEMU.
+exist under QEMU. Boards with qemu.firmware (the qemu target: OVMF) boot the disk's own boot
+loader instead (GRUB on the FAT picks root slot A or B): no -kernel, -initrd or -append.
 """
 
 from __future__ import annotations
@@ -56,8 +57,11 @@ class BootFiles:
     cmdline: str
 
 
-def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles:
-    """Kernel, initramfs, device tree and cmdline.txt from the image's FAT partition, into dest."""
+def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None:
+    """Kernel, initramfs, device tree and cmdline.txt from the image's FAT partition, into dest; None for a
+    board whose firmware boots the disk itself (qemu.firmware: OVMF and the image's GRUB)."""
+    if board["qemu"].get("firmware"):
+        return None
     part = boot_partition(image)
     names = fat_listing(image, part)
     lower = {n.lower(): n for n in names}
@@ -137,7 +141,7 @@ class Machine:
 
     board: dict
     disk: Path
-    boot: BootFiles
+    boot: BootFiles | None      # None: the machine's firmware boots the disk (qemu.firmware)
     ssh_port: int
     qmp: Path
     headless: bool = True
@@ -167,13 +171,16 @@ class Machine:
         if q.get("smp"):
             args += ["-smp", str(q["smp"])]
         args += ["-m", self.memory or q["memory"]]
-        args += ["-kernel", str(self.boot.kernel)]
-        if self.boot.initrd:
-            args += ["-initrd", str(self.boot.initrd)]
-        if self.boot.dtb:
-            args += ["-dtb", str(self.boot.dtb)]
-        args += ["-append", qemu_cmdline(self.boot.cmdline, self.board, display=self.has_display,
-                                         extra=self.extra_append)]
+        if self.boot is None:
+            args += list(q["firmware"])
+        else:
+            args += ["-kernel", str(self.boot.kernel)]
+            if self.boot.initrd:
+                args += ["-initrd", str(self.boot.initrd)]
+            if self.boot.dtb:
+                args += ["-dtb", str(self.boot.dtb)]
+            args += ["-append", qemu_cmdline(self.boot.cmdline, self.board, display=self.has_display,
+                                             extra=self.extra_append)]
         args += [a.replace("{image}", str(self.disk)) for a in q["disk"]]
         for serial in q["serial"]:
             if serial == "mon:stdio" and self.serial_log is not None:
@@ -194,6 +201,10 @@ class Machine:
         return args
 
 
+# The Debian package that ships each firmware file a board's qemu.firmware names.
+FIRMWARE_PACKAGES = {"/usr/share/ovmf/OVMF.fd": "ovmf"}
+
+
 def check_qemu(board: dict) -> str:
     binary = board["qemu"]["binary"]
     path = shutil.which(binary)
@@ -201,4 +212,10 @@ def check_qemu(board: dict) -> str:
         package = QEMU_PACKAGES.get(binary, "qemu-system")
         raise KioskError(f"{binary} is not installed",
                          hint=f"it boots {board['name']} images (apt install {package})")
+    firmware = board["qemu"].get("firmware", [])
+    for option, value in zip(firmware, firmware[1:]):
+        if option == "-bios" and not os.path.isfile(value):
+            raise KioskError(f"{value} is not installed",
+                             hint=f"QEMU boots {board['name']} images with it (apt install "
+                                  f"{FIRMWARE_PACKAGES.get(value, 'the package that has it')})")
     return path

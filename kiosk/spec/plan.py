@@ -74,6 +74,7 @@ def make_plan(spec: dict) -> Plan:
     packages = set(BASE_PACKAGES)
     packages.add(board["kernelPackage"])
     packages.update(board["firmwarePackages"])
+    packages.update(board.get("updatePackages", []))
     if spec.get("raspberryPi", {}).get("enableExtraFirmware"):
         packages.update(board["extraFirmwarePackages"])
     if spec.get("raspberryPi", {}).get("cecSupport") and board["bootloader"] == "raspi-firmware":
