@@ -96,7 +96,12 @@ def answers(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
         return str(getattr(exc, "reason", exc))
 
 
-def watch_url(root: Path, *, every: float = PROBE_EVERY, rounds: int | None = None) -> int:
+def restart_kiosk() -> None:
+    # try-restart: a kiosk switched off (kiosk screen off) stays off
+    run(["systemctl", "try-restart", "kiosk.service"], check=False, timeout=180)
+
+
+def watch_url(root: Path, *, every: float = PROBE_EVERY, rounds: int | None = None, restart=restart_kiosk) -> int:
     argv = json.loads((Path(root) / "etc/kiosk/program.json").read_text())
     url = web_url(argv)
     if not url:
@@ -114,7 +119,7 @@ def watch_url(root: Path, *, every: float = PROBE_EVERY, rounds: int | None = No
         elif failures:
             _say(f"kiosk watch-url: {url} answers again after {failures} failed probes since {since}; "
                  "restarting kiosk.service to show it")
-            run(["systemctl", "try-restart", "kiosk.service"], check=False, timeout=180)
+            restart()
             failures = 0
         rounds = None if rounds is None else rounds - 1
         time.sleep(every)
