@@ -160,7 +160,8 @@ def test_bad_pushes_are_refused_and_change_nothing(device, client, spec):
     expected = validate_lines()
     assert expected == [
         'nixiosk.json: /colour: unknown field "colour"; remove it; fields here are: allowKioskLogin, '
-        'allowLocalBuild, authorizedKeys, builders, debian, hardware, hostName, localSystem, locale, networks, packages, '
+        'allowLocalBuild, authorizedKeys, builders, debian, display, hardware, hostName, localSystem, locale, networks, '
+        'packages, '
         'program, raspberryPi',
         'nixiosk.json: /hostName: "my_kiosk" is not a valid host name: it contains \'_\'; use 1-63 letters, '
         'digits and hyphens, not starting or ending with a hyphen, e.g. "lobby-screen"']
@@ -222,7 +223,7 @@ def test_a_failing_switch_rolls_back_and_the_push_fails(device, client, spec):
         {"unit": "kiosk.service", "reason": "exited at once (status 1), restarted 2 times", "when": "crash-me"}]}))
     clone = client.clone(device.url, "clone")
     new = copy.deepcopy(spec)
-    new["program"]["args"] = ["--crash-me"]
+    new["program"]["args"] = ["https://example.org/", "--crash-me"]   # the page stays: kiosk-url-watch is in both
     commit = client.commit_spec(clone, new)
     r = client.push(clone)
     assert r.returncode != 0

@@ -102,14 +102,16 @@ def restart_kiosk() -> None:
 
 
 def watch_url(root: Path, *, every: float = PROBE_EVERY, rounds: int | None = None, restart=restart_kiosk) -> int:
-    argv = json.loads((Path(root) / "etc/kiosk/program.json").read_text())
-    url = web_url(argv)
-    if not url:
-        _say("kiosk watch-url: the program's arguments hold no http(s) URL; nothing to watch")
-        return 0
-    failures, since = 0, None
-    _say(f"kiosk watch-url: watching {url}")
+    failures, since, url = 0, None, None
     while rounds is None or rounds > 0:
+        # read every round: a push that changes the URL restarts the kiosk, not this watcher
+        now_url = web_url(json.loads((Path(root) / "etc/kiosk/program.json").read_text()))
+        if now_url != url:
+            url, failures = now_url, 0
+            _say(f"kiosk watch-url: watching {url}" if url else
+                 "kiosk watch-url: the program's arguments hold no http(s) URL; nothing to watch")
+        if not url:
+            return 0
         why = answers(url)
         if why is not None:
             if failures == 0:
