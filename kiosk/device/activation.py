@@ -52,7 +52,6 @@ FILE_ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("/etc/localtime", "restart", "kiosk.service"),
     ("/etc/timezone", "restart", "kiosk.service"),
     ("/etc/kiosk/program.json", "restart", "kiosk.service"),
-    ("/etc/kiosk/screen.json", "try-restart", "kiosk-screen-idle.service"),   # display.blanking, read at start
     ("/etc/kiosk/firmware/", "boot", "the display mode (an EDID the display driver reads when it starts)"),
     ("/etc/udev/rules.d/", "boot", "udev rules (the touchscreen's output)"),
     ("/etc/systemd/system.conf.d/", "boot", "systemd's manager settings (the watchdog)"),

@@ -121,14 +121,17 @@ class InputWatch:
 
 
 def idle(root: Path) -> int:
-    seconds = settings(root).get("blanking")
-    if not seconds:
-        _say("display.blanking is \"never\"; nothing to do")
-        return 0
     watch = InputWatch(root)
-    last = time.monotonic()
-    _say(f"switching the screen off after {seconds} s without input")
+    last, seconds = time.monotonic(), None
     while True:
+        # read every round: a push that changes display.blanking changes only screen.json
+        now_seconds = settings(root).get("blanking")
+        if now_seconds != seconds:
+            seconds = now_seconds
+            _say(f"switching the screen off after {seconds} s without input" if seconds else
+                 "display.blanking is \"never\"; nothing to do")
+        if not seconds:
+            return 0
         if watch.wait(seconds - (time.monotonic() - last)):
             last = time.monotonic()
             if who_switched_off(root) == "idle":
