@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -124,6 +126,16 @@ class InputWatch:
 
 
 def idle(root: Path) -> int:
+    """Until stopped; stopping it (a push that sets blanking to "never") lights a screen it switched off."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        return _idle_loop(root)
+    finally:
+        if who_switched_off(root) == "idle":
+            screen_on(root, "blanking stopped")
+
+
+def _idle_loop(root: Path) -> int:
     watch = InputWatch(root)
     last, seconds = time.monotonic(), None
     while True:
