@@ -14,7 +14,7 @@ import re
 import shlex
 from pathlib import Path
 
-from kiosk.config.display import video_args
+from kiosk.config.display import mode_kernel_args
 
 CONFIG_HEADER = """# Do not modify this file!
 #
@@ -54,8 +54,8 @@ def extra_cmdline(board: dict, spec: dict) -> str:
 
 
 def kernel_arguments(board: dict, spec: dict) -> list[str]:
-    """The kernel arguments after root= and console=: the board's, display.mode's video=, quiet splash."""
-    return board["cmdline"] + video_args(spec, board) + ["quiet", "splash"]
+    """The kernel arguments after root= and console=: the board's, display.mode's EDID, quiet splash."""
+    return board["cmdline"] + mode_kernel_args(spec, board) + ["quiet", "splash"]
 
 
 def _shell_cat(text: str) -> str:

@@ -59,7 +59,7 @@ def edid_name(spec: dict) -> str | None:
     return None if mode == "auto" else f"edid/kiosk-{mode.replace('@', '-')}.bin"
 
 
-def video_args(spec: dict, board: dict) -> list[str]:
+def mode_kernel_args(spec: dict, board: dict) -> list[str]:
     """Kernel arguments for display.mode: the board's connectors get an EDID naming only that mode
     (config.edid says why not `video=`), loaded from FIRMWARE_DIR; none for "auto"."""
     name, connectors = edid_name(spec), board.get("displayConnectors", [])
