@@ -57,6 +57,7 @@ def full_spec(board: str, *, host: str | None = None, program: dict | None = Non
         "debian": {"suite": "bookworm", "mirror": os.environ.get("KIOSK_TEST_MIRROR", "http://deb.debian.org/debian"),
                    "security": True, "updates": True, "securityMirror": "http://deb.debian.org/debian-security"},
         "raspberryPi": {"firmwareConfig": firmware_config, "enableExtraFirmware": False, "cecSupport": False},
+        "display": {"rotation": 0, "mode": "auto", "cursor": "hidden", "blanking": "never"},
         "builders": [],
     }
 
