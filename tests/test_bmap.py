@@ -456,3 +456,24 @@ def test_a_map_that_is_not_a_small_regular_file_is_refused_unread(kind, says, tm
     error = done["error"]
     assert error.exit_code == 2 and "\n" not in str(error)
     assert str(error).startswith(f"{path}: {says}"), str(error)
+
+
+def test_sha256_file_hashes_holes_as_zeros_without_reading_them(tmp_path):
+    """kiosk.core.files.sha256_file skips holes (SEEK_DATA/SEEK_HOLE) and gives hashlib's digest of every byte."""
+    import hashlib
+    import random
+
+    from kiosk.core.files import sha256_file
+
+    rng = random.Random(7)
+    for size in (0, 1, 4096, 5 * 2**20 + 7, 64 * 2**20):
+        path = tmp_path / f"sparse-{size}"
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for _ in range(4 if size else 0):
+                offset = rng.randrange(size)
+                f.seek(offset)
+                f.write(rng.randbytes(min(rng.randint(1, 3 * 2**20), size - offset)))
+        whole = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert sha256_file(path) == whole and sha256_file(path, chunk=4096) == whole, size
+    assert sha256_file("/dev/null") == hashlib.sha256(b"").hexdigest()   # a device: read through
