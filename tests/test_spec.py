@@ -309,16 +309,7 @@ CASES = [
      ['/debian/mirror: "deb.debian.org/debian" is not in the right form; use an http(s) URL of a Debian mirror, '
       'e.g. "http://deb.debian.org/debian"']),
     ("debian-unknown", [("/debian/components", ["main"])],
-     ['/debian/components: unknown field "components"; remove it; fields here are: mirror, security, '
-      'securityMirror, suite, updates']),
-    ("debian-security", [("/debian/security", "yes")],
-     ['/debian/security: must be true or false, not a string; use true (Debian\'s security fixes) or false '
-      '(no security suite)']),
-    ("debian-updates", [("/debian/updates", 0)],
-     ['/debian/updates: must be true or false, not a number; use true or false']),
-    ("debian-security-mirror", [("/debian/securityMirror", "security.debian.org")],
-     ['/debian/securityMirror: "security.debian.org" is not in the right form; use an http(s) URL of Debian\'s '
-      'security archive, e.g. "http://deb.debian.org/debian-security"']),
+     ['/debian/components: unknown field "components"; remove it; fields here are: mirror, suite']),
     # --- several problems at once, in pointer order
     ("many", [("/hostName", "a_b"), ("/hardware", "pi3"), ("/locale/regDom", "XX")],
      ['/hardware: "pi3" is not a valid choice; use one of raspberryPi0, raspberryPi1, raspberryPi2, raspberryPi3, '

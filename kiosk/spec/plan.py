@@ -12,7 +12,6 @@ import json
 from dataclasses import dataclass, field
 
 from kiosk.spec.hardware import load_board
-from kiosk.spec.sources import apt_sources
 
 # Every kiosk: init, networking, SSH, the display stack, and what the device-side
 # kiosk package needs (Debian's own python3 libraries, git for configuration.git).
@@ -43,14 +42,13 @@ class Plan:
     architecture: str
     suite: str
     mirror: str
-    sources: tuple[tuple[str, str], ...]   # (mirror, suite): the suite, its -security, its -updates
     packages: tuple[str, ...]       # sorted; the whole set given to mmdebstrap
     notes: tuple[str, ...] = field(default=())
 
     @property
     def package_key(self) -> str:
-        """Cache key of the base root filesystem: (suite, architecture, sources, package set)."""
-        blob = json.dumps([self.suite, self.architecture, [list(s) for s in self.sources], list(self.packages)])
+        """Cache key of the base root filesystem: (suite, architecture, mirror, package set)."""
+        blob = json.dumps([self.suite, self.architecture, self.mirror, list(self.packages)])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def summary(self) -> dict:
@@ -62,7 +60,6 @@ class Plan:
             "bootloader": self.board["bootloader"],
             "suite": self.suite,
             "mirror": self.mirror,
-            "sources": [f"{mirror} {suite}" for mirror, suite in self.sources],
             "packages": list(self.packages),
             "packageKey": self.package_key,
             "canBuildItself": self.board["canBuildItself"],
@@ -89,6 +86,5 @@ def make_plan(spec: dict) -> Plan:
         architecture=board["architecture"],
         suite=spec["debian"]["suite"],
         mirror=spec["debian"]["mirror"],
-        sources=tuple(apt_sources(spec["debian"])),
         packages=tuple(sorted(packages)),
     )
