@@ -124,7 +124,9 @@ def test_hostile_text_gives_problems_quickly(monkeypatch_offline, name):
         assert exc.render().startswith("fuzz.json: /")
         assert len(exc.problems) <= specmod.MAX_PROBLEMS + 1
         assert all(len(line) < 2000 for line in exc.render().splitlines())
-    assert time.monotonic() - started < 10
+    # A bound against runaway work (a hang or minutes of backtracking), not a speed figure: it failed once
+    # at 10 s on a machine at load 9 while the same text took 2 s alone.
+    assert time.monotonic() - started < 60
 
 
 HOSTILE_FILES = {
