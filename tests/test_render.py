@@ -187,20 +187,6 @@ def test_mode_is_an_edid_for_each_connector_on_the_kernel_command_line(spec):
     assert args[at + 1] == "drm.edid_firmware=Virtual-1:edid/kiosk-1920x1080-60.bin"
 
 
-def test_grub_boots_the_display_mode_too(spec):
-    """The A/B qemu target boots through grub.cfg: the mode's EDID arguments must be on its kernel line."""
-    from kiosk.image.grub import grub_cfg
-    from kiosk.spec.hardware import load_board
-
-    spec["hardware"] = "qemu"
-    spec["display"]["mode"] = "1024x768@60"
-    cfg = grub_cfg(load_board("qemu"), spec)
-    assert "drm.edid_firmware=Virtual-1:edid/kiosk-1024x768-60.bin" in cfg, cfg
-    assert "console=tty1 console=ttyS0,115200 net.ifnames=0" in cfg, cfg
-    spec["display"]["mode"] = "auto"
-    assert "edid" not in grub_cfg(load_board("qemu"), spec)
-
-
 @pytest.mark.parametrize("mode,clock_khz,v_blank", [("1920x1080@60", 138500, 31), ("1280x720@60", 64000, 21)])
 def test_the_edid_is_valid_and_its_one_timing_is_cvt_reduced_blanking(mode, clock_khz, v_blank):
     """VESA's CVT-RB figures: 1920x1080@60 is 138.5 MHz with 2080x1111 total, 1280x720@60 64 MHz with 1440x741;

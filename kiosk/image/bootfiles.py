@@ -421,7 +421,7 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
         for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):
             (root_dir / link).unlink(missing_ok=True)
             (root_dir / link).symlink_to(target)
-        files.update(grub_files(board, plan.spec))
+        files.update(grub_files(board))
         log(f"boot files: GRUB EFI, grub.cfg, grubenv; kernel {version} and initrd.img in the root slot")
         return files
 
