@@ -56,7 +56,6 @@ def full_spec(board: str, *, host: str | None = None, program: dict | None = Non
         "packages": list(packages),
         "debian": {"suite": "bookworm", "mirror": os.environ.get("KIOSK_TEST_MIRROR", "http://deb.debian.org/debian")},
         "raspberryPi": {"firmwareConfig": firmware_config, "enableExtraFirmware": False, "cecSupport": False},
-        "display": {"rotation": 0, "mode": "auto", "cursor": "hidden", "blanking": "never"},
         "builders": [],
     }
 

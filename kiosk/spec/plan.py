@@ -75,9 +75,7 @@ def make_plan(spec: dict) -> Plan:
     if spec.get("raspberryPi", {}).get("enableExtraFirmware"):
         packages.update(board["extraFirmwarePackages"])
     if spec.get("raspberryPi", {}).get("cecSupport") and board["bootloader"] == "raspi-firmware":
-        # cec-utils (libcec's cec-client) as Nixiosk has it; v4l-utils' cec-ctl speaks the kernel's CEC API
-        # (/dev/cec0 of vc4's HDMI), which `kiosk screen off|on` uses for the TV's standby and wake-up.
-        packages.update(("cec-utils", "v4l-utils"))
+        packages.add("cec-utils")
     packages.add(spec["program"]["package"])
     packages.update(spec.get("packages", []))
     return Plan(
