@@ -71,7 +71,8 @@ def main() -> int:
     client_pub = keygen(tmp / "keys/client", "client@bench")
     spec = {"hostName": "bench", "hardware": "raspberryPi0", "authorizedKeys": [client_pub],
             "program": {"package": "kiosk-test-kiosk", "executable": "/usr/bin/kiosk-test-kiosk"},
-            "debian": {"suite": "bookworm", "mirror": server.url}}
+            "debian": {"suite": "bookworm", "mirror": server.url,
+                       "security": False, "updates": False}}   # the test archive has no -security/-updates
     (tmp / "builder").mkdir()
     builder = Device(tmp / "builder", spec, client_pub, tmp / "keys/builder_host",
                      env={"KIOSK_TEST_UNSIGNED_MIRROR": "1"})

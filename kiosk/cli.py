@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "kiosk.qemu.command",    # run
     "kiosk.flash.command",          # flash
     "kiosk.device.commands",     # generations, rollback, switch
+    "kiosk.device.screen",       # screen (on the device)
+    "kiosk.device.selfheal",     # program-exited, watch-url (on the device)
     "kiosk.net.agent",           # agent
     "kiosk.net.discover",        # discover, resolve, ssh-proxy, ssh-config
     "kiosk.net.screenshot",      # screenshot
@@ -44,7 +46,8 @@ COMMANDS = {
     "ssh-config": "kiosk.net.discover", "screenshot": "kiosk.net.screenshot",
     "builders": "kiosk.builders.commands",
     "builder-serve": "kiosk.buildhost.commands", "fleet": "kiosk.fleet.commands",
-    "hook": "kiosk.device.hooks",
+    "hook": "kiosk.device.hooks", "screen": "kiosk.device.screen", "program-exited": "kiosk.device.selfheal",
+    "watch-url": "kiosk.device.selfheal",
 }
 
 

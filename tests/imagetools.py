@@ -54,8 +54,10 @@ def full_spec(board: str, *, host: str | None = None, program: dict | None = Non
         "allowKioskLogin": False,
         "locale": {"lang": "en_US.UTF-8", "regDom": "US", "timeZone": "America/New_York"},
         "packages": list(packages),
-        "debian": {"suite": "bookworm", "mirror": os.environ.get("KIOSK_TEST_MIRROR", "http://deb.debian.org/debian")},
+        "debian": {"suite": "bookworm", "mirror": os.environ.get("KIOSK_TEST_MIRROR", "http://deb.debian.org/debian"),
+                   "security": True, "updates": True, "securityMirror": "http://deb.debian.org/debian-security"},
         "raspberryPi": {"firmwareConfig": firmware_config, "enableExtraFirmware": False, "cecSupport": False},
+        "display": {"rotation": 0, "mode": "auto", "cursor": "hidden", "blanking": "never"},
         "builders": [],
     }
 

@@ -73,7 +73,8 @@ def keys(tmp_path_factory):
 def device_spec(archive, keys, builders_=(), hardware="raspberryPi0", **extra) -> dict:
     spec = {"hostName": "lobby", "hardware": hardware, "authorizedKeys": [keys["client_pub"]],
             "program": {"package": "kiosk-test-kiosk", "executable": "/usr/bin/kiosk-test-kiosk"},
-            "debian": {"suite": "bookworm", "mirror": archive.url}}
+            "debian": {"suite": "bookworm", "mirror": archive.url,
+                       "security": False, "updates": False}}   # the test archive has no -security/-updates
     if builders_:
         spec["builders"] = list(builders_)
     spec.update(extra)

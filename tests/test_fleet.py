@@ -180,7 +180,7 @@ def test_bad_inventories_are_refused_one_line_per_problem(tmp_path, base):
         "Ansible variable (ansible_*); did you mean 'program'?",
         "hosts.yml: host screen01: /colour: unknown variable 'colour': neither a nixiosk.json field nor an Ansible "
         "variable (ansible_*); nixiosk.json's fields are: allowKioskLogin, allowLocalBuild, authorizedKeys, "
-        "builders, debian, hardware, hostName, localSystem, locale, networks, packages, program, raspberryPi",
+        "builders, debian, display, hardware, hostName, localSystem, locale, networks, packages, program, raspberryPi",
         tz_problem(tmp_path, "hosts.yml: host screen02"),
         "hosts.yml: host screen02: /program/args: must be an array, not a string; give a list of strings; each "
         "is passed to the program as one argument, never through a shell"]

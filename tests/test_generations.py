@@ -178,8 +178,8 @@ def test_activation_plan_between_two_specs(monkeypatch_offline):
     first = store.manifest_of(render(check(copy.deepcopy(BASE)).data))
     second_layer = render(check(copy.deepcopy(SECOND)).data)
     second = store.manifest_of(second_layer)
-    texts = {p: e.data.decode() for p, e in second_layer.items() if e.kind == "file"}
-    old_texts = {p: e.data.decode() for p, e in render(check(copy.deepcopy(BASE)).data).items() if e.kind == "file"}
+    texts = {p: e.data.decode(errors="replace") for p, e in second_layer.items() if e.kind == "file"}
+    old_texts = {p: e.data.decode(errors="replace") for p, e in render(check(copy.deepcopy(BASE)).data).items() if e.kind == "file"}
     plan = activation.plan(first, second, new_texts=texts, old_texts=old_texts)
     assert plan.commands == [["usermod", "--shell", "/bin/bash", "kiosk"]]  # sysusers never changes a user
     assert plan.daemon_reload

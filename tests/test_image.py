@@ -455,6 +455,56 @@ def test_installed_packages_recorded(built_image, board, tmp_path):
     assert all(v for v, _, _ in packages.values())
 
 
+def _security_index(arch: str) -> dict[str, str] | None:
+    """{package: version} of Debian's bookworm-security main for arch, fetched now; None when the suite
+    publishes nothing for arch (its Release file's Architectures: bookworm's LTS dropped armel)."""
+    import lzma
+    import urllib.request
+
+    from kiosk.spec.sources import DEFAULT_SECURITY_MIRROR
+
+    suite = f"{DEFAULT_SECURITY_MIRROR}/dists/bookworm-security"
+    with urllib.request.urlopen(f"{suite}/Release", timeout=60) as response:
+        release = response.read().decode()
+    architectures = next(line.split(":", 1)[1].split() for line in release.splitlines()
+                         if line.startswith("Architectures:"))
+    if arch not in architectures:
+        return None
+    with urllib.request.urlopen(f"{suite}/main/binary-{arch}/Packages.xz", timeout=60) as response:
+        text = lzma.decompress(response.read()).decode()
+    index = {}
+    for stanza in text.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" "))
+        if "Package" in fields:
+            index[fields["Package"]] = fields["Version"]
+    return index
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_images_carry_debians_security_fixes(built_image, board, tmp_path):
+    """Every installed package that bookworm-security updates is at that version (or newer), and the device's
+    apt reads the suite, its security suite and its updates suite."""
+    from kiosk.image import rootfs
+
+    img = built_image(board)
+    sources = read_root_file(img.image, "/etc/apt/sources.list").decode()
+    assert "http://deb.debian.org/debian bookworm main non-free-firmware" in sources
+    assert "http://deb.debian.org/debian-security bookworm-security main non-free-firmware" in sources
+    assert "http://deb.debian.org/debian bookworm-updates main non-free-firmware" in sources
+    status = tmp_path / "status"
+    status.write_bytes(read_root_file(img.image, "/var/lib/dpkg/status"))
+    installed = {name: version for name, version, _, _ in rootfs.installed_packages(status)}
+    security = _security_index(_board(board)["architecture"])
+    if security is None:   # armel (raspberryPi0/1) since bookworm went to LTS: nothing to be behind on
+        assert installed, "no packages recorded"
+        return
+    fixed = sorted(set(installed) & set(security))
+    assert fixed, "no installed package has a security update: the check would prove nothing"
+    behind = [f"{name} {installed[name]} < {security[name]}" for name in fixed
+              if subprocess.run(["dpkg", "--compare-versions", installed[name], "lt", security[name]]).returncode == 0]
+    assert not behind, f"older than bookworm-security (a cached base built before the fix?): {behind}"
+
+
 @pytest.mark.parametrize("board", BOARDS)
 def test_all_timestamps_pinned(built_image, board):
     img = built_image(board)
@@ -636,6 +686,36 @@ def test_rootfs_stages_split_by_spec_only():
     assert "cog" not in cog[0].packages and cog[1].parent == cog[0]
     assert cog[1].path != foot_less[1].path and rootfs.tarball_path(make_plan(full_spec("raspberryPi3"))) != \
         cog[1].path
+
+
+def test_apt_sources_follow_the_spec():
+    """The suite, its -security (on the security mirror) and its -updates, each switchable off."""
+    from kiosk.spec.sources import apt_sources, sources_list
+
+    main = "http://deb.debian.org/debian"
+    assert apt_sources({"suite": "bookworm", "mirror": main}) == [
+        (main, "bookworm"), ("http://deb.debian.org/debian-security", "bookworm-security"), (main, "bookworm-updates")]
+    assert apt_sources({"suite": "bookworm", "mirror": "http://m/debian", "security": False, "updates": False}) == [
+        ("http://m/debian", "bookworm")]
+    assert apt_sources({"suite": "bookworm", "mirror": main, "securityMirror": "http://s/ds", "updates": False}) == [
+        (main, "bookworm"), ("http://s/ds", "bookworm-security")]
+    assert apt_sources({"suite": "sid", "mirror": main}) == [(main, "sid")]   # Debian has no sid-security
+    assert sources_list([(main, "bookworm")], options="[arch=armel] ") == \
+        "deb [arch=armel] http://deb.debian.org/debian bookworm main non-free-firmware\n"
+
+
+def test_the_base_key_follows_the_sources():
+    """Turning the security suite off (or on) is another package set: another cached base."""
+    from kiosk.image import rootfs
+    from kiosk.spec.plan import make_plan
+
+    frozen = full_spec("qemu")
+    frozen["debian"] = {**frozen["debian"], "security": False}
+    assert rootfs.stages(make_plan(full_spec("qemu")))[0].key != rootfs.stages(make_plan(frozen))[0].key
+    command = rootfs.mmdebstrap_command(rootfs.stages(make_plan(full_spec("qemu")))[0], Path("/tmp/x.tar"))
+    assert command[-3:] == ["deb http://deb.debian.org/debian bookworm main non-free-firmware",
+                            "deb http://deb.debian.org/debian-security bookworm-security main non-free-firmware",
+                            "deb http://deb.debian.org/debian bookworm-updates main non-free-firmware"]
 
 
 def test_identity_is_stable_and_per_device():

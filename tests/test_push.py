@@ -160,7 +160,8 @@ def test_bad_pushes_are_refused_and_change_nothing(device, client, spec):
     expected = validate_lines()
     assert expected == [
         'nixiosk.json: /colour: unknown field "colour"; remove it; fields here are: allowKioskLogin, '
-        'allowLocalBuild, authorizedKeys, builders, debian, hardware, hostName, localSystem, locale, networks, packages, '
+        'allowLocalBuild, authorizedKeys, builders, debian, display, hardware, hostName, localSystem, locale, networks, '
+        'packages, '
         'program, raspberryPi',
         'nixiosk.json: /hostName: "my_kiosk" is not a valid host name: it contains \'_\'; use 1-63 letters, '
         'digits and hyphens, not starting or ending with a hyphen, e.g. "lobby-screen"']
@@ -222,7 +223,7 @@ def test_a_failing_switch_rolls_back_and_the_push_fails(device, client, spec):
         {"unit": "kiosk.service", "reason": "exited at once (status 1), restarted 2 times", "when": "crash-me"}]}))
     clone = client.clone(device.url, "clone")
     new = copy.deepcopy(spec)
-    new["program"]["args"] = ["--crash-me"]
+    new["program"]["args"] = ["https://example.org/", "--crash-me"]   # the page stays: kiosk-url-watch is in both
     commit = client.commit_spec(clone, new)
     r = client.push(clone)
     assert r.returncode != 0
@@ -435,3 +436,24 @@ def test_a_spec_with_a_byte_order_mark_does_not_wedge_the_device(device, client,
     r = client.push(clone)
     assert r.returncode == 0, r.stderr
     assert store.current(root).meta["commit"] == commit and links.verify(root) == []
+
+
+def test_a_push_while_the_screen_is_switched_off_does_not_check_the_stopped_kiosk(device, client, spec):
+    """display.schedule/blanking stopped kiosk.service on purpose (/run/kiosk-screen/off): a push that does not
+    restart the kiosk must not fail its health check on it; one that restarts it checks it as always."""
+    state = device.root / "run/kiosk-screen/off"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text("schedule\n")
+    clone = client.clone(device.url, "clone")
+    new = copy.deepcopy(spec)
+    new["display"] = {"blanking": 300}
+    client.commit_spec(clone, new)
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    lines = remote_lines(r.stderr)
+    assert "==> health check: kiosk-agent.service, kiosk-screen-idle.service (up and staying up for 0s)" in lines
+    assert "    kiosk.service: not checked, the screen is switched off (schedule)" in lines
+    new["program"]["args"] = ["https://example.org/other"]
+    client.commit_spec(clone, new)
+    lines = remote_lines(client.push(clone).stderr)
+    assert any(line.startswith("==> health check: ") and "kiosk.service" in line for line in lines), lines

@@ -71,7 +71,8 @@ CASES = [
     ("unknown-top", [("/hostname", "x")], ['/hostname: unknown field "hostname"; did you mean "hostName"?']),
     ("unknown-top-far", [("/colour", "x")],
      ['/colour: unknown field "colour"; remove it; fields here are: allowKioskLogin, allowLocalBuild, authorizedKeys, '
-      'builders, debian, hardware, hostName, localSystem, locale, networks, packages, program, raspberryPi']),
+      'builders, debian, display, hardware, hostName, localSystem, locale, networks, packages, program, '
+      'raspberryPi']),
     ("unknown-typo-network", [("/network", {})], ['/network: unknown field "network"; did you mean "networks"?']),
     ("unknown-typo-package", [("/package", [])], ['/package: unknown field "package"; did you mean "packages"?']),
     # --- hostName
@@ -308,7 +309,16 @@ CASES = [
      ['/debian/mirror: "deb.debian.org/debian" is not in the right form; use an http(s) URL of a Debian mirror, '
       'e.g. "http://deb.debian.org/debian"']),
     ("debian-unknown", [("/debian/components", ["main"])],
-     ['/debian/components: unknown field "components"; remove it; fields here are: mirror, suite']),
+     ['/debian/components: unknown field "components"; remove it; fields here are: mirror, security, '
+      'securityMirror, suite, updates']),
+    ("debian-security", [("/debian/security", "yes")],
+     ['/debian/security: must be true or false, not a string; use true (Debian\'s security fixes) or false '
+      '(no security suite)']),
+    ("debian-updates", [("/debian/updates", 0)],
+     ['/debian/updates: must be true or false, not a number; use true or false']),
+    ("debian-security-mirror", [("/debian/securityMirror", "security.debian.org")],
+     ['/debian/securityMirror: "security.debian.org" is not in the right form; use an http(s) URL of Debian\'s '
+      'security archive, e.g. "http://deb.debian.org/debian-security"']),
     # --- several problems at once, in pointer order
     ("many", [("/hostName", "a_b"), ("/hardware", "pi3"), ("/locale/regDom", "XX")],
      ['/hardware: "pi3" is not a valid choice; use one of raspberryPi0, raspberryPi1, raspberryPi2, raspberryPi3, '
@@ -316,6 +326,72 @@ CASES = [
       f"/hostName: \"a_b\" is not a valid host name: it contains '_'; {HOST_FIX}",
       '/locale/regDom: "XX" is not an ISO 3166-1 alpha-2 country code; use your country\'s two-letter code (e.g. '
       '"US", "GB", "DE") or "00"']),
+    # --- display
+    ("display-type", [("/display", "portrait")],
+     ['/display: must be an object, not a string; give {"rotation": 0, "mode": "auto", "cursor": "hidden", '
+      '"blanking": "never"}']),
+    ("display-unknown", [("/display/rotate", 90)], ['/display/rotate: unknown field "rotate"; did you mean "rotation"?']),
+    ("rotation-45", [("/display/rotation", 45)],
+     ["/display/rotation: 45 is not a valid choice; use 0, 90, 180 or 270 (degrees clockwise)"]),
+    ("rotation-string", [("/display/rotation", "90")],
+     ['/display/rotation: "90" is not a valid choice; use 0, 90, 180 or 270 (degrees clockwise)']),
+    ("mode-words", [("/display/mode", "full hd")],
+     ['/display/mode: "full hd" is not in the right form; use "auto" or WIDTHxHEIGHT@REFRESH, e.g. "1920x1080@60" '
+      'or "1280x720"']),
+    ("mode-star", [("/display/mode", "1920*1080")],
+     ['/display/mode: "1920*1080" is not in the right form; use "auto" or WIDTHxHEIGHT@REFRESH, e.g. "1920x1080@60" '
+      'or "1280x720"']),
+    ("mode-zero", [("/display/mode", "0x0")],
+     ['/display/mode: "0x0" is not in the right form; use "auto" or WIDTHxHEIGHT@REFRESH, e.g. "1920x1080@60" '
+      'or "1280x720"']),
+    ("mode-newline", [("/display/mode", "auto\n")],
+     ['/display/mode: "auto\\n" is not in the right form; use "auto" or WIDTHxHEIGHT@REFRESH, e.g. "1920x1080@60" '
+      'or "1280x720"']),
+    ("mode-number", [("/display/mode", 1080)],
+     ['/display/mode: must be a string, not a number; use "auto" or WIDTHxHEIGHT@REFRESH, e.g. "1920x1080@60" '
+      'or "1280x720"']),
+    ("cursor-bool", [("/display/cursor", False)],
+     ['/display/cursor: false is not a valid choice; use "hidden" or "visible"']),
+    ("cursor-typo", [("/display/cursor", "hiden")], ['/display/cursor: "hiden" is not a valid choice; did you mean "hidden"?']),
+    ("blanking-typo", [("/display/blanking", "nevr")],
+     ['/display/blanking: "nevr" is not in the right form; use "never" or a number of seconds from 10 to 86400, '
+      'e.g. 300']),
+    ("blanking-short", [("/display/blanking", 5)],
+     ['/display/blanking: is 5; it must be at least 10; use "never" or a number of seconds from 10 to 86400, e.g. 300']),
+    ("blanking-long", [("/display/blanking", 100000)],
+     ['/display/blanking: is 100000; it must be at most 86400; use "never" or a number of seconds from 10 to 86400, '
+      'e.g. 300']),
+    ("blanking-fraction", [("/display/blanking", 30.5)],
+     ['/display/blanking: must be a string or a whole number, not a number; use "never" or a number of seconds from '
+      '10 to 86400, e.g. 300']),
+    ("blanking-bool", [("/display/blanking", False)],
+     ['/display/blanking: must be a string or a whole number, not a boolean; use "never" or a number of seconds '
+      'from 10 to 86400, e.g. 300']),
+    ("schedule-string", [("/display/schedule", "22:00-07:00")],
+     ['/display/schedule: must be an object, not a string; give {"off": "22:00", "on": "07:00", "days": ["Mon", '
+      '"Tue", "Wed", "Thu", "Fri"]}']),
+    ("schedule-no-on", [("/display/schedule", {"off": "22:00"})],
+     ['/display/schedule/on: is required but missing; use a 24-hour time HH:MM, e.g. "07:00"']),
+    ("schedule-hour", [("/display/schedule", {"off": "24:00", "on": "07:00"})],
+     ['/display/schedule/off: "24:00" is not in the right form; use a 24-hour time HH:MM, e.g. "22:00"']),
+    ("schedule-short-time", [("/display/schedule", {"off": "22:00", "on": "7:00"})],
+     ['/display/schedule/on: "7:00" is not in the right form; use a 24-hour time HH:MM, e.g. "07:00"']),
+    ("schedule-pm", [("/display/schedule", {"off": "10pm", "on": "07:00"})],
+     ['/display/schedule/off: "10pm" is not in the right form; use a 24-hour time HH:MM, e.g. "22:00"']),
+    ("schedule-same", [("/display/schedule", {"off": "07:00", "on": "07:00"})],
+     ['/display/schedule/on: is the same time as "off" (07:00), so the screen would never be off; give two '
+      'different times, e.g. "off": "22:00", "on": "07:00" (on may be the next morning)']),
+    ("schedule-day-case", [("/display/schedule", {"off": "22:00", "on": "07:00", "days": ["mon"]})],
+     ['/display/schedule/days/0: "mon" is not a valid choice; did you mean "Mon"?']),
+    ("schedule-day-name", [("/display/schedule", {"off": "22:00", "on": "07:00", "days": ["Monday"]})],
+     ['/display/schedule/days/0: "Monday" is not a valid choice; did you mean "Mon"?']),
+    ("schedule-days-empty", [("/display/schedule", {"off": "22:00", "on": "07:00", "days": []})],
+     ['/display/schedule/days: must have at least 1 item(s); give a list of days, e.g. ["Mon", "Tue", "Wed", '
+      '"Thu", "Fri"]']),
+    ("schedule-days-twice", [("/display/schedule", {"off": "22:00", "on": "07:00", "days": ["Mon", "Mon"]})],
+     ['/display/schedule/days: lists "Mon" more than once; list each item once']),
+    ("schedule-unknown", [("/display/schedule", {"off": "22:00", "on": "07:00", "weekdays": ["Mon"]})],
+     ['/display/schedule/weekdays: unknown field "weekdays"; did you mean "days"?']),
 ]
 
 
@@ -337,6 +413,16 @@ def test_base_is_valid_and_defaults_are_filled(base):
     assert data["packages"] == [] and data["builders"] == []
     assert data["raspberryPi"] == {"firmwareConfig": "", "enableExtraFirmware": False, "cecSupport": False}
     assert data["debian"]["suite"] == "bookworm"
+    assert data["display"] == {"rotation": 0, "mode": "auto", "cursor": "hidden", "blanking": "never"}
+
+
+def test_display_fields_that_are_valid(base):
+    data = specmod.check(apply(base, [("/display", {"rotation": 270, "mode": "1920x1080@60", "cursor": "visible",
+                                                   "blanking": 300, "schedule": {"off": "22:30", "on": "07:00"}})])).data
+    assert data["display"]["schedule"] == {"off": "22:30", "on": "07:00",
+                                           "days": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]}
+    for mode in ("auto", "1280x720", "800x480@60", "3840x2160@30"):
+        assert specmod.check(apply(base, [("/display/mode", mode)])).data["display"]["mode"] == mode
 
 
 def test_nixiosk_defaults(base):

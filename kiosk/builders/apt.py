@@ -23,8 +23,8 @@ from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.files import human_size, sha256_file
 from kiosk.core.run import run
+from kiosk.spec.sources import COMPONENTS, sources_list
 
-COMPONENTS = ("main", "non-free-firmware")
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}   # added to kiosk.core.run's environment
 
@@ -64,6 +64,10 @@ def check_request(req: dict) -> None:
         raise KioskError(f"bad suite name {req.get('suite')!r}")
     if not isinstance(req.get("mirror"), str) or not MIRROR_URL.match(req["mirror"]):
         raise KioskError(f"bad mirror URL {req.get('mirror')!r}")
+    for source in request_sources(req):
+        if not (isinstance(source, list) and len(source) == 2 and isinstance(source[0], str)
+                and MIRROR_URL.match(source[0]) and isinstance(source[1], str) and SUITE_NAME.match(source[1])):
+            raise KioskError(f"bad source {source!r}: give [mirror URL, suite]")
     components = req.get("components") or list(COMPONENTS)
     if not all(isinstance(c, str) and SUITE_NAME.match(c) for c in components):
         raise KioskError("bad component names")
@@ -75,6 +79,13 @@ def check_request(req: dict) -> None:
         raise KioskError("the request carries no dpkg status")
 
 
+def request_sources(req: dict) -> list:
+    """The (mirror, suite) pairs a request resolves from: its "sources" (the suite, -security, -updates:
+    kiosk.spec.sources), or from a device older than that field, its one mirror and suite."""
+    sources = req.get("sources")
+    return sources if isinstance(sources, list) and sources else [[req.get("mirror"), req.get("suite")]]
+
+
 def apt_options(req: dict, status: Path) -> tuple[list[str], Path]:
     """apt-get options resolving for the device: its architecture, its dpkg status, the spec's
     mirror; lists, preferences and sources private to kiosk, kept per suite, architecture and mirror."""
@@ -82,8 +93,8 @@ def apt_options(req: dict, status: Path) -> tuple[list[str], Path]:
     arches = [arch, *[a for a in req.get("foreignArchitectures") or [] if a != arch]]
     components = req.get("components") or list(COMPONENTS)
     trusted = paths.setting("KIOSK_TEST_UNSIGNED_MIRROR") == "1"
-    key = hashlib.sha256(json.dumps([req["mirror"].rstrip("/"), req["suite"], arches, components, trusted])
-                         .encode()).hexdigest()[:16]
+    sources = [(mirror.rstrip("/"), suite) for mirror, suite in request_sources(req)]
+    key = hashlib.sha256(json.dumps([sources, arches, components, trusted]).encode()).hexdigest()[:16]
     base = paths.cache_dir() / "builder" / "apt" / f"{req['suite']}-{arch}-{key}"
     for sub in ("lists/partial", "state", "cache", "etc/parts", "etc/preferences.d", "log"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -96,7 +107,7 @@ def apt_options(req: dict, status: Path) -> tuple[list[str], Path]:
     else:
         option = ""
     opt = f"[arch={','.join(arches)}{' ' + option if option else ''}] "
-    sources = f"deb {opt}{req['mirror']} {req['suite']} {' '.join(components)}\n"
+    sources = sources_list(sources, options=opt, components=components)
     if not (base / "etc/sources.list").is_file() or (base / "etc/sources.list").read_text() != sources:
         (base / "etc/sources.list").write_text(sources)
     opts = {

@@ -14,6 +14,8 @@ import re
 import shlex
 from pathlib import Path
 
+from kiosk.config.display import mode_kernel_args
+
 CONFIG_HEADER = """# Do not modify this file!
 #
 # It is automatically generated upon install or update of either the
@@ -46,9 +48,14 @@ def firmware_custom(spec: dict, board: dict) -> str:
     return text
 
 
-def extra_cmdline(board: dict) -> str:
-    """/etc/default/raspi-extra-cmdline: the board's kernel arguments, then a quiet boot."""
-    return " ".join(board["cmdline"] + ["quiet", "splash"]) + "\n"
+def extra_cmdline(board: dict, spec: dict) -> str:
+    """/etc/default/raspi-extra-cmdline: the board's kernel arguments, the spec's display mode, a quiet boot."""
+    return " ".join(kernel_arguments(board, spec)) + "\n"
+
+
+def kernel_arguments(board: dict, spec: dict) -> list[str]:
+    """The kernel arguments after root= and console=: the board's, display.mode's EDID, quiet splash."""
+    return board["cmdline"] + mode_kernel_args(spec, board) + ["quiet", "splash"]
 
 
 def _shell_cat(text: str) -> str:

@@ -14,6 +14,8 @@ from kiosk import __version__
 from kiosk.core.paths import DATA_HOST_KEYS
 from kiosk.spec.hardware import ab_slots, load_board
 from kiosk.config.bootconfig import extra_cmdline, firmware_custom
+from kiosk.config.display import (cursor_theme, display, kiosk_environment, mode_files, rotation_flags,
+                                  screen_files, self_healing, touch_rule)
 from kiosk.config.layer import Layer, directory, file, symlink
 from kiosk.spec.sshkeys import parse_public_key
 from kiosk.spec.load import network_psk
@@ -53,7 +55,7 @@ def systemd_quote(arg: str) -> str:
 def program_argv(spec: dict) -> list[str]:
     """The exact argv cage starts: cage, its end-of-options, then the program and its args."""
     program = spec["program"]
-    return ["/usr/bin/cage", "-d", "--", program["executable"], *program["args"]]
+    return ["/usr/bin/cage", "-d", *rotation_flags(spec), "--", program["executable"], *program["args"]]
 
 
 def _wants(target: str, unit: str, unit_file: str) -> tuple[str, object]:
@@ -220,7 +222,11 @@ def _display(spec: dict, board: dict) -> Layer:
             # Software rendering where the board has no GPU driver (QEMU); harmless on real boards.
             "Environment=WLR_RENDERER_ALLOW_SOFTWARE=1\n"
             "Environment=WLR_NO_HARDWARE_CURSORS=1\n"
+            + kiosk_environment(spec) +
             f"ExecStart={argv}\n"
+            # Runs as root after every stop: says why the program ended and waits out the back-off
+            # (2 s doubling to 60 s while it keeps failing fast) before Restart= starts it again.
+            "ExecStopPost=+/usr/bin/kiosk program-exited\nTimeoutStopSec=120\n"
             "Restart=always\nRestartSec=2\n\n"
             "[Install]\nWantedBy=graphical.target\n")
     layer: Layer = {
@@ -231,6 +237,12 @@ def _display(spec: dict, board: dict) -> Layer:
     }
     path, link = _wants("graphical.target", "kiosk.service", f"{UNIT_DIR}/kiosk.service")
     layer[path] = link
+    if display(spec)["cursor"] == "hidden":
+        layer.update(cursor_theme())
+    layer.update(screen_files(spec))
+    layer.update(touch_rule(board))
+    layer.update(mode_files(spec))
+    layer.update(self_healing(spec, program_argv(spec)))
     return layer
 
 
@@ -252,5 +264,5 @@ def _boot_settings(spec: dict, board: dict) -> Layer:
         return {}
     return {
         "/etc/default/raspi-firmware-custom": file(HEADER + firmware_custom(spec, board)),
-        "/etc/default/raspi-extra-cmdline": file(extra_cmdline(board)),
+        "/etc/default/raspi-extra-cmdline": file(extra_cmdline(board, spec)),
     }

@@ -52,6 +52,9 @@ FILE_ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("/etc/localtime", "restart", "kiosk.service"),
     ("/etc/timezone", "restart", "kiosk.service"),
     ("/etc/kiosk/program.json", "restart", "kiosk.service"),
+    ("/etc/kiosk/firmware/", "boot", "the display mode (an EDID the display driver reads when it starts)"),
+    ("/etc/udev/rules.d/", "boot", "udev rules (the touchscreen's output)"),
+    ("/etc/systemd/system.conf.d/", "boot", "systemd's manager settings (the watchdog)"),
     ("/etc/modprobe.d/", "boot", "the Wi-Fi regulatory domain (cfg80211 module option)"),
     # the switch rewrites config.txt/cmdline.txt from these (device/bootconfig.py); the firmware reads them at boot
     ("/etc/default/raspi-", "boot", "firmware settings (config.txt/cmdline.txt rewritten now, read at the next boot)"),

@@ -22,6 +22,7 @@ from kiosk.core.files import human_size
 from kiosk.core.paths import setting
 from kiosk.core.run import run, run_lines
 from kiosk.device.packages import Installer
+from kiosk.spec.sources import apt_sources
 
 START_A_BUILDER = "start a builder, see kiosk builders check"
 
@@ -67,6 +68,7 @@ def package_request(root: Path, spec, packages) -> dict:
     return {"kiosk": PROTOCOL, "op": "packages", "architecture": arch,
             "foreignArchitectures": foreign_architectures(root, arch),
             "suite": data["debian"]["suite"], "mirror": data["debian"]["mirror"], "components": list(COMPONENTS),
+            "sources": [list(s) for s in apt_sources(data["debian"])],
             "packages": sorted(set(packages)), "status": device_status(root),
             "compression": compression if compression in ("none", "xz") else "none"}
 

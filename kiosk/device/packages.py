@@ -13,6 +13,7 @@ from kiosk.core.errors import KioskError
 from kiosk.core.log import Log
 from kiosk.core.run import run_lines
 from kiosk.device import activation
+from kiosk.spec.sources import apt_sources, sources_list
 
 
 class Installer:
@@ -32,8 +33,7 @@ class AptInstaller(Installer):
     def install(self, root, packages, spec, log):
         if Path(root).resolve() != Path("/"):
             raise KioskError("apt-get can only install packages on the running device (root /)")
-        debian = spec.get("debian", {})
-        sources = f"deb {debian.get('mirror')} {debian.get('suite')} main non-free-firmware\n"
+        sources = sources_list(apt_sources(spec.get("debian", {})))
         env = {"DEBIAN_FRONTEND": "noninteractive", "APT_LISTCHANGES_FRONTEND": "none"}
         with tempfile.TemporaryDirectory(prefix="kiosk-apt-") as tmp:
             (Path(tmp) / "sources.list").write_text(sources)

@@ -19,7 +19,7 @@ from kiosk.core.errors import KioskError
 from kiosk.core.files import crash_point, fsync_dir, remove_durable, write_durable
 from kiosk.core.log import Log
 from kiosk.core.paths import number_setting
-from kiosk.device import activation, bootconfig
+from kiosk.device import activation, bootconfig, screen
 from kiosk.device.links import conflicts, ensure, remove_ours, sync
 from kiosk.device.pending import read_pending
 from kiosk.device.store import (DAMAGED, GOOD, DamagedState, Generation, current, list_generations, pointer,
@@ -151,7 +151,13 @@ class Switch:
     def health(self, settle: float) -> list[str]:
         units = sorted(set(activation.HEALTH_UNITS) | set(self.plan.touched_units()))
         units = [u for u in units if u not in self.plan.stop]
+        # display.schedule or display.blanking stopped the kiosk on purpose, and this push does not restart it
+        off_by = screen.who_switched_off(self.root)
+        unchecked = off_by and activation.PROGRAM_UNIT not in self.plan.touched_units()
+        units = [u for u in units if not (unchecked and u == activation.PROGRAM_UNIT)]
         self.log.stage(f"health check: {', '.join(units)} (up and staying up for {settle:g}s)")
+        if unchecked:
+            self.log(f"{activation.PROGRAM_UNIT}: not checked, the screen is switched off ({off_by})")
         problems = self.activator.health(units, settle)
         for unit in units:
             bad = [p for p in problems if p.startswith(unit + ":")]

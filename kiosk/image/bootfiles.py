@@ -35,8 +35,8 @@ import stat
 from pathlib import Path
 from typing import Callable
 
-from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, latest_boot_file, raspi_cmdline_txt,
-                                     raspi_config_txt, set_default)
+from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, kernel_arguments, latest_boot_file,
+                                     raspi_cmdline_txt, raspi_config_txt, set_default)
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.files import write_atomic
@@ -421,13 +421,13 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
         for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):
             (root_dir / link).unlink(missing_ok=True)
             (root_dir / link).symlink_to(target)
-        files.update(grub_files(board))
+        files.update(grub_files(board, plan.spec))
         log(f"boot files: GRUB EFI, grub.cfg, grubenv; kernel {version} and initrd.img in the root slot")
         return files
 
     if board["bootloader"] == "direct-kernel":
         cmdline = " ".join([f"console={c}" for c in consoles(board)] + [f"root={root}", "rw"]
-                           + board["cmdline"] + ["quiet", "splash"]) + "\n"
+                           + kernel_arguments(board, plan.spec)) + "\n"
         files["vmlinuz"] = vmlinuz
         files["initrd.img"] = initrd
         files["cmdline.txt"] = cmdline.encode()
@@ -461,7 +461,7 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     if not custom_path.is_file():
         write_atomic(custom_path, firmware_custom(plan.spec, board))
     if not extra_path.is_file():
-        write_atomic(extra_path, extra_cmdline(board))
+        write_atomic(extra_path, extra_cmdline(board, plan.spec))
     custom = custom_path.read_text()
     extra = extra_path.read_text()
     files["config.txt"] = raspi_config_txt(plan.architecture, f"vmlinuz-{version}", f"initrd.img-{version}",

@@ -91,14 +91,18 @@ def rauc_system_conf(board: dict) -> str:
                                    prefix=board["slotDevicePrefix"])
 
 
-def kernel_arguments(board: dict) -> list[str]:
+def kernel_arguments(board: dict, spec: dict) -> list[str]:
     """The kernel's arguments beyond root= and the slot: the screen's console first, the serial console last
-    (/dev/console: systemd's messages reach the serial log `kiosk run` shows), the board's own."""
-    return ["console=tty1", f"console={board['serialConsole']}", *board["cmdline"], "quiet", "splash"]
+    (/dev/console: systemd's messages reach the serial log `kiosk run` shows), then what every boot loader
+    gives (kiosk.config.bootconfig: the board's own, display.mode's EDID, quiet splash)."""
+    from kiosk.config.bootconfig import kernel_arguments as common
+
+    return ["console=tty1", f"console={board['serialConsole']}", *common(board, spec)]
 
 
-def grub_cfg(board: dict) -> str:
-    return GRUB_CFG.format(prefix=PREFIX, device=board["slotDevicePrefix"], cmdline=" ".join(kernel_arguments(board)))
+def grub_cfg(board: dict, spec: dict) -> str:
+    return GRUB_CFG.format(prefix=PREFIX, device=board["slotDevicePrefix"],
+                           cmdline=" ".join(kernel_arguments(board, spec)))
 
 
 def _need_grub() -> None:
@@ -107,7 +111,7 @@ def _need_grub() -> None:
                          hint="apt install grub-efi-amd64-bin grub-common (scripts/install-deps.sh)")
 
 
-def grub_files(board: dict) -> dict[str, bytes]:
+def grub_files(board: dict, spec: dict) -> dict[str, bytes]:
     """{path on the FAT: bytes}: the EFI boot loader, grub.cfg and the first grubenv."""
     _need_grub()
     with tempfile.TemporaryDirectory(prefix="kiosk-grub-") as tmp:
@@ -118,5 +122,5 @@ def grub_files(board: dict) -> dict[str, bytes]:
         run(["grub-editenv", str(env), "create"], what="boot files (grub-editenv)")
         run(["grub-editenv", str(env), "set", *(f"{k}={v}" for k, v in FIRST_ENV.items())],
             what="boot files (grub-editenv)")
-        return {"EFI/BOOT/BOOTX64.EFI": efi.read_bytes(), "grub/grub.cfg": grub_cfg(board).encode(),
+        return {"EFI/BOOT/BOOTX64.EFI": efi.read_bytes(), "grub/grub.cfg": grub_cfg(board, spec).encode(),
                 "grub/grubenv": env.read_bytes()}

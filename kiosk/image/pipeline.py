@@ -248,6 +248,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             "kioskVersion": __version__,
             "hostName": spec.data["hostName"], "hardware": spec.data["hardware"],
             "architecture": plan.architecture, "suite": plan.suite, "mirror": plan.mirror,
+            "sources": [f"{mirror} {suite}" for mirror, suite in plan.sources],
             "specSha256": spec.digest, "configurationCommit": commit, "sourceDateEpoch": epoch,
             "image": str(out_image), "imageSha256": image_sha, "imageBytes": out_image.stat().st_size,
             "bmap": str(out_image) + ".bmap", "sbom": str(sbom_path),

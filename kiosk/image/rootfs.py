@@ -52,6 +52,7 @@ from typing import Callable
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run, run_lines
+from kiosk.spec.sources import COMPONENTS, sources_list
 
 # Bump when the recipe below changes what ends up in the tarball.
 RECIPE_VERSION = "5"
@@ -60,7 +61,6 @@ RECIPE_VERSION = "5"
 # architecture is what the native initramfs (kiosk.image.bootfiles) is made of.
 RECIPE_PACKAGES = ("busybox-static",)
 
-COMPONENTS = ("main", "non-free-firmware")
 QEMU_BINFMT = {"arm64": "qemu-aarch64", "armhf": "qemu-arm", "armel": "qemu-arm"}
 FALLBACK_EPOCH = 1686355200  # 2023-06-10, the bookworm release, when the mirror gives no date
 
@@ -89,11 +89,12 @@ class Stage:
     packages: tuple[str, ...]          # everything this tarball was asked to contain (sorted)
     install: tuple[str, ...]           # what this step installs (== packages for a base)
     parent: "Stage | None" = None
+    sources: tuple[tuple[str, str], ...] = ()   # (mirror, suite) apt reads: kiosk.spec.sources
 
     @property
     def key(self) -> str:
-        blob = json.dumps([self.suite, self.architecture, self.mirror, list(self.packages), list(self.install),
-                           RECIPE_VERSION, self.parent.key if self.parent else None])
+        blob = json.dumps([self.suite, self.architecture, [list(s) for s in self.sources], list(self.packages),
+                           list(self.install), RECIPE_VERSION, self.parent.key if self.parent else None])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -111,12 +112,13 @@ def stages(plan) -> list[Stage]:
     """
     top = {plan.spec["program"]["package"], *plan.spec.get("packages", [])}
     base_packages = tuple(sorted((set(plan.packages) - top) | set(RECIPE_PACKAGES)))
-    base = Stage(plan.suite, plan.architecture, plan.mirror, base_packages, base_packages)
+    base = Stage(plan.suite, plan.architecture, plan.mirror, base_packages, base_packages, sources=plan.sources)
     top_packages = tuple(sorted(set(plan.packages) & top))
     if not top_packages:
         return [base]
     everything = tuple(sorted(set(base_packages) | set(top_packages)))
-    return [base, Stage(plan.suite, plan.architecture, plan.mirror, everything, top_packages, base)]
+    return [base, Stage(plan.suite, plan.architecture, plan.mirror, everything, top_packages, base,
+                        sources=plan.sources)]
 
 
 def tarball_path(plan) -> Path:
@@ -133,14 +135,19 @@ def read_metadata(tar: Path) -> dict:
     return json.loads(metadata_path(tar).read_text())
 
 
-def release_epoch(mirror: str, suite: str, timeout: float = 20) -> int:
-    """The Date: of the suite's Release file, or the caller's SOURCE_DATE_EPOCH.
+def release_epoch(sources, timeout: float = 20) -> int:
+    """The newest Date: of the suites' Release files, or the caller's SOURCE_DATE_EPOCH.
 
-    The Release date changes exactly when the package lock (the archive's state)
-    does, so a pinned snapshot mirror gives the same epoch, hence the same bytes.
+    The Release dates change exactly when the package lock (the archive's state)
+    does, so pinned snapshot mirrors give the same epoch, hence the same bytes.
     """
     if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
         return int(os.environ["SOURCE_DATE_EPOCH"])
+    dates = [_release_date(mirror, suite, timeout) for mirror, suite in sources]
+    return max((d for d in dates if d is not None), default=FALLBACK_EPOCH)
+
+
+def _release_date(mirror: str, suite: str, timeout: float) -> int | None:
     for name in ("InRelease", "Release"):
         url = f"{mirror.rstrip('/')}/dists/{suite}/{name}"
         try:
@@ -151,7 +158,7 @@ def release_epoch(mirror: str, suite: str, timeout: float = 20) -> int:
         match = re.search(r"^Date: (.+)$", head, re.M)
         if match:
             return int(email.utils.parsedate_to_datetime(match.group(1).strip()).timestamp())
-    return FALLBACK_EPOCH
+    return None
 
 
 def check_foreign_arch(arch: str) -> None:
@@ -334,7 +341,8 @@ def mmdebstrap_command(stage: Stage, out: Path, *, verbose: bool = False, meta_d
     ]
     if verbose:
         cmd.append("--verbose")
-    cmd += [stage.suite, str(out), stage.mirror]
+    # Each source as a one-line sources.list entry: the suite, its security fixes, its updates.
+    cmd += [stage.suite, str(out), *sources_list(stage.sources).splitlines()]
     return cmd
 
 
@@ -401,7 +409,7 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
             raise KioskError("rootfs: mmdebstrap is not installed", hint="apt install mmdebstrap")
         check_unshare()
         epoch = read_metadata(parent_tar)["sourceDateEpoch"] if parent_tar else \
-            release_epoch(stage.mirror, stage.suite)
+            release_epoch(stage.sources)
         tmp = tar.with_name(f".{tar.name}.{os.getpid()}.tmp")
         meta_dir = tar.with_name(f".{tar.name}.{os.getpid()}.meta")
         meta_dir.mkdir(exist_ok=True)
@@ -412,7 +420,7 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
         cached = len(list(debs.glob(f"*_{stage.architecture}.deb")) + list(debs.glob("*_all.deb"))) \
             if debs.is_dir() else 0
         log(f"rootfs: mmdebstrap the {what}: {stage.suite} {stage.architecture}, {len(stage.install)} packages "
-            f"from {stage.mirror} ({cached} .debs cached, SOURCE_DATE_EPOCH={epoch})")
+            f"from {', '.join(f'{m} {s}' for m, s in stage.sources)} ({cached} .debs cached, SOURCE_DATE_EPOCH={epoch})")
         started = time.monotonic()
         try:
             run_logged(cmd, stage="rootfs (mmdebstrap)", log=log, verbose=verbose, env=env,
@@ -426,7 +434,8 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
         elapsed = time.monotonic() - started
         meta = {
             "recipe": RECIPE_VERSION, "key": stage.key, "suite": stage.suite,
-            "architecture": stage.architecture, "mirror": stage.mirror, "requested": list(stage.packages),
+            "architecture": stage.architecture, "mirror": stage.mirror,
+            "sources": [list(s) for s in stage.sources], "requested": list(stage.packages),
             "installedOnTop": list(stage.install) if stage.parent else [],
             "parent": parent_tar.name if parent_tar else None,
             "sourceDateEpoch": epoch, "seconds": round(elapsed, 1),

@@ -29,8 +29,8 @@ from pathlib import Path
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.files import human_size
+from kiosk.spec.sources import COMPONENTS
 
-COMPONENTS = ("main", "non-free-firmware")
 CACHE_SECONDS = 24 * 3600
 DEADLINE_SECONDS = 120.0          # the whole fetch; KIOSK_ARCHIVE_TIMEOUT overrides
 READ_TIMEOUT = 20.0               # one read from the mirror

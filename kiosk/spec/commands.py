@@ -45,7 +45,7 @@ def cmd_show(args) -> int:
     print(f"architecture: {implied['architecture']}")
     print(f"kernel:       {implied['kernel']}")
     print(f"boot:         {implied['bootloader']}")
-    print(f"debian:       {implied['suite']} from {implied['mirror']}")
+    print(f"debian:       {'; '.join(implied['sources'])}")
     print(f"packages:     {len(implied['packages'])}: {' '.join(implied['packages'])}")
     print(f"builds on itself: {'yes' if implied['canBuildItself'] else 'no (needs a remote builder for package changes)'}")
     return 0

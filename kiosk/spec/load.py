@@ -107,7 +107,7 @@ def _edit_distance(a: str, b: str) -> int:
 
 def _suggest(word: str, choices, cutoff: float = 0.6) -> str:
     """The closest choice to a misspelt word ("" if none is close): case first, then fewest typos."""
-    choices = [c for c in choices if c is not None]
+    choices = [c for c in choices if isinstance(c, str)]   # enums of numbers (display.rotation) have no spelling
     lowered = {c.lower(): c for c in choices}
     if word.lower() in lowered:
         return lowered[word.lower()]
@@ -340,6 +340,14 @@ def _semantic_problems(data: dict, bad: set[str], warnings: list[str],
             problems.append(Problem("/raspberryPi/firmwareConfig", f"line {number}: {_show(line)} {why}",
                                     "remove that line (kiosk itself sets the kernel, initramfs, command line and "
                                     "device tree)"))
+
+    display = data.get("display")
+    schedule = display.get("schedule") if isinstance(display, dict) else None
+    if isinstance(schedule, dict) and isinstance(schedule.get("on"), str) and schedule.get("on") == schedule.get("off") \
+            and ok("/display/schedule/on") and ok("/display/schedule/off"):
+        problems.append(Problem("/display/schedule/on", f"is the same time as \"off\" ({schedule['on']}), so the "
+                                "screen would never be off", "give two different times, e.g. \"off\": \"22:00\", "
+                                "\"on\": \"07:00\" (on may be the next morning)"))
 
     problems.extend(_board_problems(data, ok, warnings, known_packages))
     return problems

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from kiosk.spec.hardware import load_board
+from kiosk.spec.sources import apt_sources
 
 # Every kiosk: init, networking, SSH, the display stack, and what the device-side
 # kiosk package needs (Debian's own python3 libraries, git for configuration.git).
@@ -42,13 +43,14 @@ class Plan:
     architecture: str
     suite: str
     mirror: str
+    sources: tuple[tuple[str, str], ...]   # (mirror, suite): the suite, its -security, its -updates
     packages: tuple[str, ...]       # sorted; the whole set given to mmdebstrap
     notes: tuple[str, ...] = field(default=())
 
     @property
     def package_key(self) -> str:
-        """Cache key of the base root filesystem: (suite, architecture, mirror, package set)."""
-        blob = json.dumps([self.suite, self.architecture, self.mirror, list(self.packages)])
+        """Cache key of the base root filesystem: (suite, architecture, sources, package set)."""
+        blob = json.dumps([self.suite, self.architecture, [list(s) for s in self.sources], list(self.packages)])
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def summary(self) -> dict:
@@ -60,6 +62,7 @@ class Plan:
             "bootloader": self.board["bootloader"],
             "suite": self.suite,
             "mirror": self.mirror,
+            "sources": [f"{mirror} {suite}" for mirror, suite in self.sources],
             "packages": list(self.packages),
             "packageKey": self.package_key,
             "canBuildItself": self.board["canBuildItself"],
@@ -75,7 +78,9 @@ def make_plan(spec: dict) -> Plan:
     if spec.get("raspberryPi", {}).get("enableExtraFirmware"):
         packages.update(board["extraFirmwarePackages"])
     if spec.get("raspberryPi", {}).get("cecSupport") and board["bootloader"] == "raspi-firmware":
-        packages.add("cec-utils")
+        # cec-utils (libcec's cec-client) as Nixiosk has it; v4l-utils' cec-ctl speaks the kernel's CEC API
+        # (/dev/cec0 of vc4's HDMI), which `kiosk screen off|on` uses for the TV's standby and wake-up.
+        packages.update(("cec-utils", "v4l-utils"))
     packages.add(spec["program"]["package"])
     packages.update(spec.get("packages", []))
     return Plan(
@@ -84,5 +89,6 @@ def make_plan(spec: dict) -> Plan:
         architecture=board["architecture"],
         suite=spec["debian"]["suite"],
         mirror=spec["debian"]["mirror"],
+        sources=tuple(apt_sources(spec["debian"])),
         packages=tuple(sorted(packages)),
     )
