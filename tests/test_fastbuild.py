@@ -266,7 +266,9 @@ def test_image_files_are_the_whole_tree_configured_the_slow_way(name, tmp_path_f
 # --- the same bytes, however the image is reached --------------------------------------------------
 
 def _seed_cache(cache: Path, spec: dict, from_cache: Path) -> None:
-    """A fresh cache holding only the spec's base tarballs (hard links to from_cache's, else copies)."""
+    """A fresh cache holding only the spec's base tarballs (hard links to from_cache's, else copies) and
+    from_cache's update signing pair (an A/B image carries its certificate: as a user restores theirs)."""
+    from kiosk.config.signing import signing_key
     from kiosk.image import rootfs
     from kiosk.spec.plan import make_plan
 
@@ -275,6 +277,7 @@ def _seed_cache(cache: Path, spec: dict, from_cache: Path) -> None:
     os.environ["KIOSK_CACHE_DIR"] = str(from_cache)
     try:
         tars = [stage.path for stage in rootfs.stages(make_plan(spec))]
+        shutil.copytree(signing_key().cert.parent, cache / "update-signing")
     finally:
         os.environ["KIOSK_CACHE_DIR"] = old or ""
     for tar in tars:

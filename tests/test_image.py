@@ -343,7 +343,7 @@ def _check_hook_regenerates(img, tmp_path):
     assert expected(t) == {name: read_boot_file(img.image, name) for name in ("config.txt", "cmdline.txt")}
 
 
-def test_qemu_boot_partition(built_image, tmp_path):
+def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     """GRUB (EFI) on the FAT, RAUC's slot variables in grubenv (A first, committed; B empty), and each slot's own
     kernel and kiosk's initramfs in the slot, which grub.cfg boots with root= by device path."""
     img = built_image("qemu")
@@ -376,6 +376,13 @@ def test_qemu_boot_partition(built_image, tmp_path):
                  "statusfile=/data/rauc.status", "device=/dev/vda2", "device=/dev/vda3", "bootname=A",
                  "bootname=B"):
         assert f"\n{line}\n" in conf, conf
+    # Its keyring: the certificate of the update key of whoever built the image (their cache), nothing else
+    from imagetools import _cache_dir, _shared_dir   # the cache built_image used
+
+    assert "\npath=/etc/rauc/kiosk-update.cert.pem\n" in conf
+    trusted = read_root_file(img.image, "/etc/rauc/kiosk-update.cert.pem")
+    assert trusted == (_cache_dir(_shared_dir(tmp_path_factory)) / "update-signing" / "cert.pem").read_bytes()
+    assert trusted.count(b"-----BEGIN CERTIFICATE-----") == 1 and b"PRIVATE" not in trusted
 
 
 def _cpio_list(initrd: bytes, tmp_path: Path) -> list[str]:
@@ -525,9 +532,14 @@ def test_all_timestamps_pinned(built_image, board):
     assert len(dates) == 1, mdir
 
 
-def test_rebuild_is_byte_identical(built_image, tmp_path):
-    """Same plan, same layer, same cached base: the same image bytes (and block map)."""
+def test_rebuild_is_byte_identical(built_image, tmp_path, tmp_path_factory, isolated_cache):
+    """Same plan, same layer, same update certificate: the same image bytes (and block map), from this
+    worker's own cache."""
+    from imagetools import _cache_dir, _shared_dir
+
     img = built_image("qemu")
+    if not (isolated_cache / "update-signing").exists():   # the user's key restored: the A/B image trusts it
+        shutil.copytree(_cache_dir(_shared_dir(tmp_path_factory)) / "update-signing", isolated_cache / "update-signing")
     again = build(img.spec, tmp_path, keep_root=False, log=lambda m: None)
     assert again.image.name == img.image.name
 

@@ -18,7 +18,8 @@ from imagetools import built_image  # noqa: E402,F401
 
 from kiosk.core.errors import KioskError  # noqa: E402
 from kiosk.qemu.disk import root_partition  # noqa: E402
-from kiosk.update import bundle, signing  # noqa: E402
+from kiosk.config import signing  # noqa: E402
+from kiosk.update import bundle  # noqa: E402
 
 
 @pytest.fixture

@@ -15,9 +15,11 @@ from pathlib import Path
 from kiosk.builders.client import RemoteError, exchange
 from kiosk.builders.ssh import BuilderFailure, connect_timeout, remote_command, transfer_timeout
 from kiosk.builders.wire import PROTOCOL, BadAnswer
+from kiosk.config.signing import signing_key
 from kiosk.core.errors import KioskError, UsageError
 from kiosk.core.files import write_json
 from kiosk.core.paths import setting
+from kiosk.spec.hardware import ab_slots, load_board
 
 NOTHING_WRITTEN = "nothing was written"
 
@@ -80,6 +82,9 @@ def remote_build(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     request = {"kiosk": PROTOCOL, "op": "build", "spec": text, "source": path.name,
                "verbose": bool(getattr(args, "verbose", False))}
+    if ab_slots(load_board(spec.data["hardware"])):
+        # The image trusts this user's update key, never the builder's own (kiosk.config.signing).
+        request["updateCertificate"] = signing_key(log=lambda m: print(m, file=sys.stderr)).cert.read_text()
     where = f"{user + '@' if user else ''}{host}{':' + str(port) if port else ''}"
     print(f"==> building on {where}", file=sys.stderr, flush=True)
     started = time.monotonic()

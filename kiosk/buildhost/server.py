@@ -19,11 +19,13 @@ from kiosk import __version__
 from kiosk.builders.apt import fetch_packages
 from kiosk.builders.select import ARCHITECTURES
 from kiosk.builders.wire import FILE_NAME, MARK, MAX_REQUEST, PROTOCOL, answer, tar_add
+from kiosk.config.signing import certificate_fingerprint
 from kiosk.core import paths
 from kiosk.core.errors import InvalidSpec, KioskError, UsageError, one_line
 from kiosk.core.log import Log
 from kiosk.core.files import human_size, sha256_file
 from kiosk.core.run import run
+from kiosk.spec.hardware import ab_slots, load_board
 
 
 class _Progress:
@@ -162,6 +164,17 @@ def serve_build(req: dict, out, progress) -> None:
     spec = specmod.loads(text, source)   # drops a byte-order mark; spec.text is what the image stores
     for warning in spec.warnings:
         progress(f"{source}: warning: {warning}")
+    cert = req.get("updateCertificate")
+    if ab_slots(load_board(spec.data["hardware"])):
+        # An A/B image trusts one update key: the requester's. Built with this builder's own, the device
+        # would take updates from the builder's owner and refuse its own user's.
+        if not isinstance(cert, str):
+            raise UsageError(f"{spec.data['hardware']} images trust the update key of whoever asked for them, "
+                             "and the request carries no certificate",
+                             hint="update kiosk on the machine that asked (it sends updateCertificate)")
+        certificate_fingerprint(cert)
+    else:
+        cert = None
     with _job_slot(int(req.get("maxJobs") or 1), progress):
         work = Path(tempfile.mkdtemp(prefix="build-", dir=_builder_tmp()))
         try:
@@ -169,7 +182,8 @@ def serve_build(req: dict, out, progress) -> None:
             out_dir.mkdir()
             # An older kiosk sends "builderKey" (the key its images shared): ignored, images carry no key now.
             relay = _RelayText(progress)  # the build's `==> stage` lines reach the device as progress
-            manifest = build(spec, spec.text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay))
+            manifest = build(spec, spec.text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay),
+                             update_cert=cert)
             names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and FILE_NAME.match(p.name))
             entries = []
             image_name = Path(manifest["image"]).name

@@ -135,11 +135,12 @@ def configure_inputs(plan, sparse) -> None:
 
 
 def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int, ident,
-                   log, data: Path) -> tuple[dict, str]:
+                   log, data: Path, update_cert: str | None = None) -> tuple[dict, str]:
     """Make a base tree this spec's system: the configuration layer, boot files, the kiosk package,
     generation 1, users, builders' files, fstab. Returns (FAT files, configuration.git commit).
     A/B boards: what goes on the data partition (generation 1, configuration.git) is moved out of the
-    tree into the new directory `data` (kiosk.image.datafs).
+    tree into the new directory `data` (kiosk.image.datafs), and the slot trusts update_cert (PEM): RAUC
+    installs only bundles signed with the key of that certificate.
 
     The one configure step: the fast path runs it on a sparse tree, the whole-tree reference
     (keep_root) on the unpacked base. The umask is fixed so the modes never depend on the caller's.
@@ -159,6 +160,16 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
             prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
         assemble.write_root_files(root, ident, ab_slots(plan.board))
         if ab_slots(plan.board):
+            from kiosk.image.grub import RAUC_CERTIFICATE
+
+            if not update_cert:
+                raise KioskError("an A/B image needs the update certificate its devices will trust",
+                                 hint="this is a bug in the build, please report it")
+            cert = root / RAUC_CERTIFICATE.lstrip("/")
+            cert.parent.mkdir(parents=True, exist_ok=True)
+            cert.write_text(update_cert)
+            for path in (cert, cert.parent):
+                os.utime(path, (epoch, epoch))
             datafs.split(root, data, epoch=epoch)
     finally:
         os.umask(umask)
@@ -166,7 +177,7 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
 
 
 def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Log | None = None,
-          keep_root: Path | None = None, compress: str | None = None) -> dict:
+          keep_root: Path | None = None, compress: str | None = None, update_cert: str | None = None) -> dict:
     """Build the image for a validated spec; returns the manifest (also written to out_dir/manifest.json).
 
     This is the one build chain: `kiosk build`, ./deploy.sh, the builder's server, the tests and the
@@ -174,7 +185,10 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     keep_root: also make the whole root tree there the slow way (the base unpacked, then the same
     configure step), for tests that compare it with the image; as root only.
     compress: "zst" or "xz": also write the image compressed (image/compress.py).
+    update_cert: the PEM certificate an A/B image trusts for update bundles; by default the user's own
+    (kiosk.config.signing, made on first use). A builder building for someone else is given theirs.
     """
+    from kiosk.config import signing
     from kiosk.config.render import render
     from kiosk.image import assemble, basefs, datafs, overlay, rootfs
     from kiosk.image.compress import compress_image
@@ -188,6 +202,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
         layer = render(spec.data)
         log(f"{plan.board['name']}: {plan.architecture}, {len(plan.packages)} packages, "
             f"{len(layer)} configuration files")
+
     with log.timed("rootfs"):
         tar = rootfs.base_rootfs(plan, log=log, verbose=verbose)
         epoch = rootfs.read_metadata(tar)["sourceDateEpoch"]
@@ -205,10 +220,15 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
         copying = pool.submit(basefs.copy, base, image, layout.root_start, layout.total)
         ident = assemble.identity(plan)
         with log.timed("configure"):
+            if ab_slots(plan.board):
+                if update_cert is None:
+                    update_cert = signing.signing_key(log=log).cert.read_text()
+                log(f"update bundles: the image trusts the key of certificate "
+                    f"{signing.certificate_fingerprint(update_cert)[:23]}...")
             sparse = overlay.Sparse(index, work / "root")
             configure_inputs(plan, sparse)
             boot, commit = configure_tree(sparse.root, spec, spec_text, layer, plan, out_dir, epoch=epoch,
-                                          ident=ident, log=log, data=work / "data")
+                                          ident=ident, log=log, data=work / "data", update_cert=update_cert)
             changes = sparse.changes(epoch)
             log(f"configure: {len(changes)} paths differ from the base")
         with log.timed("image"):
@@ -225,7 +245,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
         packages = rootfs.installed_packages(tar)
         if keep_root is not None:
             whole_tree(tar, keep_root, spec, spec_text, layer, plan, work / "reference-out", epoch=epoch,
-                       ident=ident)
+                       ident=ident, update_cert=update_cert)
     finally:
         pool.shutdown()   # the copy, if configure failed while it ran
         image.unlink(missing_ok=True)
@@ -285,7 +305,7 @@ def _alive(pid: int) -> bool:
 
 
 def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int,
-               ident) -> None:
+               ident, update_cert: str | None = None) -> None:
     """The slow path's tree, for tests: the whole base unpacked with its owners (as root), then the same
     configure step. The image's files must be exactly these (tests/test_fastbuild.py compares them); on A/B
     boards the data partition's tree goes beside it, to <dest>-data."""
@@ -297,4 +317,4 @@ def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, o
     dest.mkdir(parents=True)
     rootfs.extract(tar, dest)
     configure_tree(dest, spec, spec_text, layer, plan, out_dir, epoch=epoch, ident=ident, log=lambda m: None,
-                   data=data)
+                   data=data, update_cert=update_cert)

@@ -1,5 +1,5 @@
 """Update bundles: the root filesystem of an image kiosk's pipeline built, in a RAUC bundle signed with the
-user's key (kiosk.update.signing). The device installs it into its inactive root slot (notes/ab-update.md).
+user's key (kiosk.config.signing). The device installs it into its inactive root slot (notes/ab-update.md).
 
 The bundle carries the image's root partition byte for byte (an ext4 made by `mke2fs -d`, sparse), so a
 device updated with it runs exactly what a card flashed with the image would. The format is RAUC's
@@ -21,7 +21,7 @@ from pathlib import Path
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run
 from kiosk.qemu.disk import root_partition
-from kiosk.update.signing import SigningKey
+from kiosk.config.signing import SigningKey
 
 ROOT_IMAGE = "rootfs.ext4"
 SQUASHFS_ARGS = "-comp zstd -Xcompression-level 3"

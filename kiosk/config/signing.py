@@ -152,3 +152,18 @@ def fingerprint(cert: Path) -> str:
     out = _openssl(["x509", "-in", str(cert), "-noout", "-fingerprint", "-sha256"], cert.parent,
                    "reading the update signing certificate")
     return out.strip().split("=", 1)[-1]
+
+
+def certificate_fingerprint(pem: str) -> str:
+    """SHA-256 fingerprint of a PEM certificate given as text: what an image is told to trust (one
+    certificate, nothing else in the text), refused with a KioskError when it is not one."""
+    if pem.count("-----BEGIN CERTIFICATE-----") != 1 or "PRIVATE KEY" in pem:
+        raise KioskError("the update certificate is not one PEM certificate",
+                         hint=f"give the cert.pem of {signing_dir()} (never the key)")
+    try:
+        out = run(["openssl", "x509", "-noout", "-fingerprint", "-sha256"], input=pem,
+                  what="reading the update certificate",
+                  hint="the update certificate must be a PEM certificate (openssl x509 reads it)").stdout
+    except KioskError as exc:
+        raise KioskError(f"the update certificate is not readable: {exc.message}", hint=exc.hint) from None
+    return out.strip().split("=", 1)[-1]
