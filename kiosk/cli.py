@@ -25,6 +25,8 @@ COMMAND_MODULES = (
     "kiosk.qemu.command",    # run
     "kiosk.flash.command",          # flash
     "kiosk.device.commands",     # generations, rollback, switch
+    "kiosk.device.slots",        # slot status/commit (on an A/B device)
+    "kiosk.update.commands",     # update
     "kiosk.device.screen",       # screen (on the device)
     "kiosk.device.selfheal",     # program-exited, watch-url (on the device)
     "kiosk.net.agent",           # agent
@@ -47,7 +49,7 @@ COMMANDS = {
     "builders": "kiosk.builders.commands",
     "builder-serve": "kiosk.buildhost.commands", "fleet": "kiosk.fleet.commands",
     "hook": "kiosk.device.hooks", "screen": "kiosk.device.screen", "program-exited": "kiosk.device.selfheal",
-    "watch-url": "kiosk.device.selfheal",
+    "watch-url": "kiosk.device.selfheal", "slot": "kiosk.device.slots", "update": "kiosk.update.commands",
 }
 
 

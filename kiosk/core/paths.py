@@ -50,6 +50,8 @@ SETTINGS = {
     "KIOSK_ACTIVATOR": "how a switch tells the service manager: systemd (default on a device) or none",
     "KIOSK_HEALTH_SECONDS": "how long a new generation must stay healthy before it is kept",
     "KIOSK_HEALTH_START_SECONDS": "how long cage may take to start the program after a switch (default 180)",
+    "KIOSK_SLOT_COMMIT_SECONDS": "how long a newly booted root slot may take to come up healthy (default 600)",
+    "KIOSK_UPDATE_BOOT_SECONDS": "how long kiosk update waits for the device to come back after its reboot (default 900)",
     "KIOSK_LOCK_TIMEOUT": "seconds a push or switch waits for the device lock",
     "KIOSK_KEEP_GENERATIONS": "how many generations pruning keeps",
     "KIOSK_BUILDER_CONNECT_TIMEOUT": "seconds to reach a builder's ssh port",

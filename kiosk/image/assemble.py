@@ -188,6 +188,20 @@ def grow_unit(ab: bool) -> tuple[str, str, str]:
 
 HOST_KEY_TYPES = ("ecdsa", "ed25519", "rsa")
 
+SLOT_COMMIT_UNIT = """[Unit]
+Description=Keep this root slot only when the kiosk comes up healthy (A/B: boot once, then commit or fall back)
+After=kiosk.service kiosk-agent.service
+RequiresMountsFor=/var/lib/kiosk
+
+[Service]
+# exec, not oneshot: the command waits for the boot to finish (systemctl is-system-running --wait).
+Type=exec
+ExecStart=/usr/bin/kiosk slot commit
+
+[Install]
+WantedBy=multi-user.target
+"""
+
 
 def fstab(ident: Identity, ab: bool) -> str:
     """This image's partitions. A/B: `/` is whichever slot the boot loader chose (both carry the same UUID),
@@ -206,6 +220,15 @@ def fstab(ident: Identity, ab: bool) -> str:
     return text
 
 
+def _enable(root_dir: Path, target: str, unit: str) -> None:
+    wants = root_dir / f"etc/systemd/system/{target}.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    link = wants / unit
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(f"/etc/systemd/system/{unit}")
+
+
 def write_root_files(root_dir: Path, ident: Identity, ab: bool = False) -> None:
     """/etc/fstab for this image's partitions, and the grow-once unit (enabled); A/B: the data mount point and
     the host keys' public halves where ssh tools look for them (the keys are made on /data at first start)."""
@@ -216,13 +239,11 @@ def write_root_files(root_dir: Path, ident: Identity, ab: bool = False) -> None:
     unit, script, text = grow_unit(ab)
     write_atomic(root_dir / "usr/lib/kiosk" / unit.split("-")[1].removesuffix(".service"), script, 0o755)
     write_atomic(root_dir / "etc/systemd/system" / unit, text)
-    wants = root_dir / "etc/systemd/system/local-fs.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    link = wants / unit
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(f"/etc/systemd/system/{unit}")
+    _enable(root_dir, "local-fs.target", unit)
     if ab:
+        # kiosk.device.slots: the verdict on a newly installed system (RAUC mark-good / mark-bad)
+        write_atomic(root_dir / "etc/systemd/system/kiosk-slot-commit.service", SLOT_COMMIT_UNIT)
+        _enable(root_dir, "multi-user.target", "kiosk-slot-commit.service")
         (root_dir / DATA_MOUNT.lstrip("/")).mkdir(exist_ok=True)
         for kind in HOST_KEY_TYPES:
             pub = root_dir / f"etc/ssh/ssh_host_{kind}_key.pub"

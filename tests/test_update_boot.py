@@ -1,0 +1,211 @@
+"""Whole-system updates on the booted A/B qemu target (issue 16): real RAUC, GRUB, systemd, OpenSSH.
+
+One device, booted once (module fixture), then in file order:
+- its first boot commits slot A (kiosk-slot-commit.service: the health check, then rauc mark-good);
+- `kiosk update` with a package added: built with kiosk build's pipeline and the same cache, shipped,
+  installed into slot B, one reboot, kept; the package is there, the host key and generations unchanged;
+- a bundle whose system cannot run the program (foot removed from its root): tried in slot A, judged
+  unhealthy, marked bad, and the device restarts into slot B by itself; `kiosk update`'s delivery says
+  "rolled back" with the health check's reason;
+- a bundle signed by another key: refused by RAUC on the device, nothing switched;
+- (slow) a try cut short by a reset (what the watchdog does to a hang): GRUB falls back, and the old
+  slot records why.
+Run: pytest tests/test_update_boot.py --basetemp=/var/tmp/updatebt (KIOSK_TEST_CACHE_DIR set).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from boottools import ROOT, BootedVM, boot_spec, build_boot_image
+from imagetools import _cache_dir, _shared_dir
+from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
+
+pytestmark = [pytest.mark.root, pytest.mark.xdist_group("boot-update")]
+
+
+@dataclass
+class Device:
+    vm: BootedVM
+    spec: dict
+    cache: Path
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory, boot_key):  # noqa: F811 (the imported fixture)
+    if os.geteuid() != 0:
+        pytest.skip("building images needs root (the CI runs as root)")
+    key, public = boot_key
+    shared = _shared_dir(tmp_path_factory)
+    spec = boot_spec("qemu", public, host="update-qemu")
+    cache = _cache_dir(shared)
+    image, _ = build_boot_image(spec, shared / "boot-update", cache, log=lambda m: print(m, flush=True))
+    work = tmp_path_factory.mktemp("vm-update")
+    vm = BootedVM(image, key, work, board="qemu")
+    vm.start()
+    try:
+        print(f"[update] ssh after {vm.wait_for_ssh(timeout=900):.0f} s", flush=True)
+        yield Device(vm, spec, cache, work)
+    finally:
+        vm.stop()
+
+
+def slot_status(vm: BootedVM) -> dict:
+    return json.loads(vm.ssh("kiosk slot status --json").stdout)
+
+
+def grubenv(vm: BootedVM) -> dict:
+    out = vm.ssh("grub-editenv /boot/firmware/grub/grubenv list").stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def wait_for(what: str, check, timeout: float, every: float = 5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(every)
+
+
+def kiosk_update(device: Device, *args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
+    """`kiosk update` as a user runs it: ssh with the key, the device's host key checked (known_hosts)."""
+    vm = device.vm
+    argv = [sys.executable, "-m", "kiosk", "update", "127.0.0.1", "-p", str(vm.port), "-i", str(vm.key),
+            "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}", *args]
+    env = {**os.environ, "KIOSK_CACHE_DIR": str(device.cache), "KIOSK_SSH_CONNECT_TIMEOUT": "60"}
+    started = time.monotonic()
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    print(f"\n[update] kiosk update {' '.join(args)}: {time.monotonic() - started:.0f} s, exit {result.returncode}\n"
+          + result.stderr[-4000:] + result.stdout, flush=True)
+    return result
+
+
+def committed(vm: BootedVM, slot: str) -> bool:
+    status = slot_status(vm)
+    return status["booted"] == slot and (status["record"].get(slot) or {}).get("state") == "good"
+
+
+def test_the_first_boot_commits_slot_a(device):
+    vm = device.vm
+    wait_for("slot A committed", lambda: committed(vm, "A"), timeout=600)
+    env = grubenv(vm)
+    assert (env["ORDER"], env["A_OK"], env["A_TRY"]) == ("A B", "1", "0"), env   # mark-good: no try pending
+    rauc = slot_status(vm)["rauc"]
+    assert rauc["compatible"] == "kiosk-qemu" and rauc["slots"]["A"]["bootStatus"] == "good"
+    journal = vm.ssh("journalctl -b -o cat -u kiosk-slot-commit.service").stdout
+    assert "slot A is healthy: kept" in journal, journal
+
+
+def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
+    vm = device.vm
+    wait_for("slot A committed", lambda: committed(vm, "A"), timeout=600)
+    before = json.loads(vm.ssh("kiosk generations --json").stdout)
+    main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
+    assert vm.ssh("dpkg -s hello", check=False).returncode != 0
+    spec = dict(device.spec, packages=[*device.spec.get("packages", []), "hello"])
+    path = tmp_path / "nixiosk.json"
+    path.write_text(json.dumps(spec, indent=2))
+    result = kiosk_update(device, str(path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("127.0.0.1: kept: slot B runs the new system "), last
+    for stage in ("==> device 127.0.0.1", "==> rootfs", "==> bundle", "==> ship", "==> install", "==> boot",
+                  "==> health"):
+        assert any(line.startswith(stage) for line in result.stderr.splitlines()), stage
+    assert "shipping: " in result.stderr and "/s" in result.stderr   # bytes and rate
+    assert "rauc: " in result.stderr
+    # the new system runs: slot B, its package; the same host key (kiosk update's ssh checked it), the same
+    # configuration and generations (the data partition)
+    assert "rauc.slot=B" in vm.ssh("cat /proc/cmdline").stdout.split()
+    assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda3"
+    assert vm.ssh("hello").stdout.strip() == "Hello, world!"
+    assert json.loads(vm.ssh("kiosk generations --json").stdout) == before
+    assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
+    env = grubenv(vm)
+    assert (env["ORDER"].split()[0], env["B_OK"], env["B_TRY"]) == ("B", "1", "0"), env
+    vm.wait_for_program("/usr/bin/foot", timeout=300)
+
+
+def _bundle(device: Device, tmp_path: Path, *, break_program: bool, key=None) -> Path:
+    """A bundle of the boot image's system, signed with the user's key (or `key`); break_program: foot
+    removed from its root, so cage cannot start the program (a system update that breaks the kiosk)."""
+    from kiosk.config.signing import signing_key
+    from kiosk.qemu.disk import root_partition
+    from kiosk.update.bundle import make_bundle
+
+    image = tmp_path / "broken.img"
+    subprocess.run(["cp", "--sparse=always", str(device.vm.image), str(image)], check=True)
+    if break_program:
+        part = root_partition(image)
+        subprocess.run(["debugfs", "-w", "-R", "rm /usr/bin/foot", f"{image}?offset={part.start}"], check=True,
+                       capture_output=True)
+    os.environ["KIOSK_CACHE_DIR"] = str(device.cache)
+    try:
+        pair = key or signing_key()
+    finally:
+        del os.environ["KIOSK_CACHE_DIR"]
+    bundle = make_bundle(image, tmp_path / "test.raucb", board="qemu", version="broken-1" if break_program else "1",
+                         description="kiosk test", key=pair)
+    image.unlink()
+    return bundle
+
+
+def test_a_system_that_cannot_run_the_program_is_rolled_back_by_the_device(device, tmp_path):
+    from kiosk.core.log import Log
+    from kiosk.net.reach import ssh_argv
+    from kiosk.update.commands import deliver, report
+
+    vm = device.vm
+    wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    bundle = _bundle(device, tmp_path, break_program=True)
+    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
+                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    lines = []
+    kept, status = deliver(ssh, bundle, "A", Log(out=type("Out", (), {"write": lambda s, t: lines.append(t),
+                                                                        "flush": lambda s: None})()))
+    assert not kept
+    assert status["booted"] == "B"
+    record = status["record"]["A"]
+    assert record["state"] == "bad" and "kiosk.service" in record["reason"], record
+    assert report("dev", "A", "broken-1", kept, status) == 1
+    assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda3"
+    env = grubenv(vm)
+    assert env["A_OK"] == "0" or env["A_TRY"] == "1", env    # mark-bad: GRUB will not choose A
+    vm.wait_for_program("/usr/bin/foot", timeout=300)
+
+
+def test_a_bundle_signed_by_another_key_is_refused_and_nothing_switches(device, tmp_path):
+    from kiosk.config.signing import signing_key
+
+    vm = device.vm
+    before = grubenv(vm)
+    os.environ["KIOSK_CACHE_DIR"] = str(tmp_path / "other-cache")
+    try:
+        other = signing_key()
+    finally:
+        del os.environ["KIOSK_CACHE_DIR"]
+    bundle = _bundle(device, tmp_path, break_program=False, key=other)
+    from kiosk.core.errors import KioskError
+    from kiosk.core.log import Log
+    from kiosk.net.reach import ssh_argv
+    from kiosk.update.commands import _install, _ship
+
+    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
+                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    log = Log(out=open(os.devnull, "w"))
+    _ship(ssh, bundle, log)
+    with pytest.raises(KioskError, match="not signed by the key this device trusts"):
+        _install(ssh, log)
+    assert grubenv(vm) == before
+    assert vm.ssh("ls /data/kiosk/incoming").stdout.strip() == ""   # the refused bundle is not left there
