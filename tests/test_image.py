@@ -361,8 +361,8 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     assert "load_env --file (hd0,msdos1)/grub/grubenv" in cfg and "save_env --file (hd0,msdos1)/grub/grubenv A_TRY B_TRY" in cfg
     linux = next(line.split() for line in cfg.splitlines() if line.strip().startswith("linux "))
     assert linux[1] == "(hd0,msdos$part)/vmlinuz"
-    assert linux[2:5] == ["root=/dev/vda$part", "rw", "rauc.slot=$slot"]
-    assert linux[5:] == ["console=tty1", f"console={hw['serialConsole']}", *hw["cmdline"], "quiet", "splash"]
+    assert linux[2:6] == ["root=/dev/vda$part", "rw", "rauc.slot=$slot", "panic=10"]   # a panic reboots: GRUB falls back
+    assert linux[6:] == ["console=tty1", f"console={hw['serialConsole']}", *hw["cmdline"], "quiet", "splash"]
     assert "initrd (hd0,msdos$part)/initrd.img" in cfg
     assert read_root_file(img.image, "/vmlinuz", follow=False) == f"boot/vmlinuz-{version}".encode()
     assert read_root_file(img.image, "/initrd.img", follow=False) == f"boot/initrd.img-{version}".encode()

@@ -5,7 +5,8 @@ host's grub-efi-amd64-bin, the removable-media path any UEFI firmware boots, OVM
 grub/grub.cfg and grub/grubenv (grub-editenv). grub.cfg follows RAUC's GRUB convention (ORDER,
 A_OK/A_TRY, B_OK/B_TRY in grubenv, `save_env` on the FAT): a slot is tried when OK=1 and TRY=0, and
 TRY is set as it is tried, so a slot that never commits is not booted twice; `rauc status
-mark-good` clears TRY. Each slot boots its own kernel and initramfs (/vmlinuz, /initrd.img in the
+mark-good` clears TRY (kiosk slot commit, after the health check). panic=10: a kernel panic reboots, and
+the next boot falls back like after a watchdog reset. Each slot boots its own kernel and initramfs (/vmlinuz, /initrd.img in the
 slot's root); root= names the partition by device path, since both slots carry one ext4 UUID.
 grub-mkimage's output is the same bytes for the same modules and GRUB version (checked by the
 rebuild test).
@@ -54,7 +55,7 @@ export part
 save_env --file {prefix}/grubenv A_TRY B_TRY
 echo "kiosk-ab: booting slot $slot from (hd0,msdos$part)"
 menuentry "kiosk slot" {{
-  linux (hd0,msdos$part)/vmlinuz root={device}$part rw rauc.slot=$slot {cmdline}
+  linux (hd0,msdos$part)/vmlinuz root={device}$part rw rauc.slot=$slot panic=10 {cmdline}
   initrd (hd0,msdos$part)/initrd.img
 }}
 """
