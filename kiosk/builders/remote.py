@@ -81,7 +81,7 @@ def remote_build(args) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     request = {"kiosk": PROTOCOL, "op": "build", "spec": text, "source": path.name,
-               "verbose": bool(getattr(args, "verbose", False))}
+               "verbose": bool(getattr(args, "verbose", False)), "upgrade": bool(getattr(args, "upgrade", False))}
     if ab_slots(load_board(spec.data["hardware"])):
         # The image trusts this user's update key, never the builder's own (kiosk.config.signing).
         request["updateCertificate"] = signing_key(log=lambda m: print(m, file=sys.stderr)).cert.read_text()

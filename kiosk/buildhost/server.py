@@ -183,7 +183,7 @@ def serve_build(req: dict, out, progress) -> None:
             # An older kiosk sends "builderKey" (the key its images shared): ignored, images carry no key now.
             relay = _RelayText(progress)  # the build's `==> stage` lines reach the device as progress
             manifest = build(spec, spec.text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay),
-                             update_cert=cert)
+                             update_cert=cert, upgrade=bool(req.get("upgrade")))
             names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and FILE_NAME.match(p.name))
             entries = []
             image_name = Path(manifest["image"]).name

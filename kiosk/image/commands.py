@@ -22,7 +22,8 @@ def cmd_build(args) -> int:
     spec = specmod.load(path)
     print_warnings(spec)
     started = time.monotonic()
-    manifest = build(spec, spec.text, Path(args.output), verbose=args.verbose, log=Log(), compress=args.compress)
+    manifest = build(spec, spec.text, Path(args.output), verbose=args.verbose, log=Log(), compress=args.compress,
+                     upgrade=args.upgrade)
     written = manifest.get("compressed", {}).get("path")
     print(f"{manifest['image']}\n  sha256 {manifest['imageSha256']}\n  block map {manifest['bmap']}\n"
           + (f"  compressed {written} (sha256 {manifest['compressed']['sha256']})\n" if written else "")
@@ -56,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("spec", nargs="?", default="nixiosk.json", metavar="SPEC", help="the spec (default: nixiosk.json)")
     p.add_argument("-o", "--output", default="out", metavar="DIR", help="output directory (default: out)")
     p.add_argument("-v", "--verbose", action="store_true", help="stream the tools' output")
+    p.add_argument("--upgrade", action="store_true",
+                   help="take today's archive: build the cached base again if a suite (security fixes, "
+                        "updates) has changed since it was cached")
     p.add_argument("--compress", choices=("zst", "xz"), metavar="zst|xz",
                    help="also write <name>.img.zst (or .img.xz) beside <name>.img and its .bmap, the same bytes "
                         "for the same image; kiosk flash and bmaptool copy take it with that .bmap")

@@ -177,7 +177,8 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
 
 
 def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Log | None = None,
-          keep_root: Path | None = None, compress: str | None = None, update_cert: str | None = None) -> dict:
+          keep_root: Path | None = None, compress: str | None = None, update_cert: str | None = None,
+          upgrade: bool = False) -> dict:
     """Build the image for a validated spec; returns the manifest (also written to out_dir/manifest.json).
 
     This is the one build chain: `kiosk build`, ./deploy.sh, the builder's server, the tests and the
@@ -187,6 +188,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     compress: "zst" or "xz": also write the image compressed (image/compress.py).
     update_cert: the PEM certificate an A/B image trusts for update bundles; by default the user's own
     (kiosk.config.signing, made on first use). A builder building for someone else is given theirs.
+    upgrade: build the cached base again when the archive has moved on (rootfs.base_rootfs).
     """
     from kiosk.config import signing
     from kiosk.config.render import render
@@ -204,7 +206,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             f"{len(layer)} configuration files")
 
     with log.timed("rootfs"):
-        tar = rootfs.base_rootfs(plan, log=log, verbose=verbose)
+        tar = rootfs.base_rootfs(plan, log=log, verbose=verbose, upgrade=upgrade)
         epoch = rootfs.read_metadata(tar)["sourceDateEpoch"]
     with log.timed("base fs"):
         index = rootfs.index(tar)

@@ -383,26 +383,53 @@ def _interesting(line: str) -> bool:
     return line.startswith("I: ") and not line.startswith(("I: running --", "I: running special hook"))
 
 
-def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, rebuild: bool = False) -> Path:
+def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, upgrade: bool = False) -> Path:
     """The cached tree of plan's package set, as an uncompressed tarball (built if missing).
 
     Built in two cached stages (see stages()): the base, then the program and the spec's
     packages on top. The returned tarball's metadata (read_metadata) has the epoch and the
-    installed packages.
+    installed packages. upgrade: a cached base older than the archive (a suite's Release is newer,
+    e.g. a security fix was published since) is built again from today's archive, and its top with it.
     """
     check_foreign_arch(plan.architecture)
     parent_tar = None
     for stage in stages(plan):
-        parent_tar = _build_stage(stage, parent_tar, log=log, verbose=verbose, rebuild=rebuild)
+        parent_tar = _build_stage(stage, parent_tar, log=log, verbose=verbose, upgrade=upgrade)
     assert parent_tar is not None
     return parent_tar
 
 
-def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bool, rebuild: bool) -> Path:
+def archive_moved(cached_epoch: int, sources, *, timeout: float = 20) -> int | None:
+    """The archive's state (its suites' newest Release date) when it is newer than cached_epoch, else None
+    (also when no Release file can be read: offline, the cache stands)."""
+    dates = [d for d in (_release_date(mirror, suite, timeout) for mirror, suite in sources) if d is not None]
+    newest = max(dates, default=None)
+    return newest if newest is not None and newest > cached_epoch else None
+
+
+def _stale(stage: Stage, tar: Path, parent_tar: Path | None, upgrade: bool, log: Log) -> bool:
+    """Whether a cached tarball must be built again: its parent was (another epoch), or --upgrade and the
+    archive has moved on since it was built."""
+    epoch = read_metadata(tar).get("sourceDateEpoch")
+    if parent_tar is not None:
+        return read_metadata(parent_tar).get("sourceDateEpoch") != epoch
+    if not upgrade or os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
+        return False
+    newer = archive_moved(int(epoch or 0), stage.sources)
+    day = lambda t: time.strftime("%Y-%m-%d %H:%M", time.gmtime(t))   # noqa: E731
+    if newer is None:
+        log(f"rootfs: --upgrade: the cached base is the archive's current state ({day(int(epoch or 0))} UTC)")
+        return False
+    log(f"rootfs: --upgrade: the archive has changed since the cached base ({day(int(epoch or 0))} -> "
+        f"{day(newer)} UTC): building it again")
+    return True
+
+
+def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bool, upgrade: bool) -> Path:
     tar = stage.path
     what = "base" if stage.parent is None else f"top layer ({', '.join(stage.install)})"
     with cache_lock(tar.with_suffix(".lock")):
-        if tar.exists() and metadata_path(tar).exists() and not rebuild:
+        if tar.exists() and metadata_path(tar).exists() and not _stale(stage, tar, parent_tar, upgrade, log):
             log(f"rootfs: reusing the {what}: {tar.name} ({stage.architecture}, {len(stage.packages)} packages)")
             return tar
         if not shutil.which("mmdebstrap"):

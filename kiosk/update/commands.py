@@ -198,7 +198,7 @@ def cmd_update(args) -> int:
     out_dir = paths.cache_dir() / "update" / spec.data["hostName"]
     out_dir.mkdir(parents=True, exist_ok=True)
     key = signing_key(log=log)
-    manifest = build(spec, spec.text, out_dir, log=log, update_cert=key.cert.read_text())
+    manifest = build(spec, spec.text, out_dir, log=log, update_cert=key.cert.read_text(), upgrade=args.upgrade)
     with log.timed("bundle"):
         version = f"{manifest['imageSha256'][:16]}"
         bundle = make_bundle(Path(manifest["image"]), out_dir / "update.raucb", board=spec.data["hardware"],
@@ -252,4 +252,7 @@ def register(sub) -> None:
                                    "itself). Configuration changes go by git push.")
     reach.add_arguments(p)
     p.add_argument("spec", nargs="?", metavar="SPEC", help="nixiosk.json to build from (default: the device's own)")
+    p.add_argument("--upgrade", action="store_true",
+                   help="the archive's current versions (Debian's security fixes and updates): build the cached "
+                        "base again if the archive has changed since it was cached")
     p.set_defaults(func=cmd_update)
