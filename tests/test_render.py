@@ -252,6 +252,9 @@ def test_schedule_timers_in_the_specs_time_zone(spec):
     for state in ("off", "on"):
         link = layer[f"/etc/systemd/system/timers.target.wants/kiosk-screen-{state}.timer"]
         assert link.target == f"/etc/systemd/system/kiosk-screen-{state}.timer"
+    boot = text(layer, "/etc/systemd/system/kiosk-screen-boot.service")   # a boot inside the off window
+    assert "ExecStart=/usr/bin/kiosk screen boot\n" in boot and "After=kiosk.service\n" in boot
+    assert layer["/etc/systemd/system/multi-user.target.wants/kiosk-screen-boot.service"].kind == "symlink"
     spec["display"]["schedule"] = {"off": "12:00", "on": "13:00", "days": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]}
     layer = render.render(spec)
     assert "OnCalendar=*-*-* 13:00:00 Europe/Berlin\n" in text(layer, "/etc/systemd/system/kiosk-screen-on.timer")

@@ -82,3 +82,34 @@ def test_the_idle_watcher_sees_input_on_any_event_device(tmp_path):
         assert watch.wait(0.2) is False
     finally:
         os.close(writer)
+
+
+def _at(day: int, hhmm: str):
+    """A local time on weekday `day` (0 = Monday) at HH:MM."""
+    import time
+    hour, minute = map(int, hhmm.split(":"))
+    return time.struct_time((2026, 12, 7 + day, hour, minute, 0, day, 341 + day, 0))
+
+
+def test_the_off_window_of_a_schedule_crossing_midnight_and_not():
+    night = {"off": "22:00", "on": "07:30", "days": ["Fri", "Sat"]}
+    assert screen.in_off_window(night, _at(4, "22:00")) and screen.in_off_window(night, _at(4, "23:59"))
+    assert screen.in_off_window(night, _at(5, "07:29")) and not screen.in_off_window(night, _at(5, "07:30"))
+    assert screen.in_off_window(night, _at(6, "03:00"))          # Saturday night into Sunday
+    assert not screen.in_off_window(night, _at(4, "21:59"))
+    assert not screen.in_off_window(night, _at(3, "23:00"))      # Thursday is not in days
+    assert not screen.in_off_window(night, _at(4, "03:00"))      # Friday early: Thursday night was not off
+    lunch = {"off": "12:00", "on": "13:00"}                       # every day
+    assert screen.in_off_window(lunch, _at(2, "12:30")) and not screen.in_off_window(lunch, _at(2, "13:00"))
+    assert not screen.in_off_window(lunch, _at(2, "11:59"))
+
+
+def test_a_boot_inside_the_off_window_switches_the_screen_off(tmp_path, monkeypatch):
+    (tmp_path / "etc/kiosk").mkdir(parents=True)
+    (tmp_path / "etc/kiosk/screen.json").write_text(json.dumps({"schedule": {"off": "22:00", "on": "07:00"}}))
+    offs = []
+    monkeypatch.setattr(screen, "screen_off", lambda root, by: offs.append(by))
+    assert not screen.at_boot(tmp_path, _at(0, "12:00")) and offs == []
+    assert screen.at_boot(tmp_path, _at(0, "23:00")) and offs == ["schedule"]
+    (tmp_path / "etc/kiosk/screen.json").write_text(json.dumps({"schedule": None}))
+    assert not screen.at_boot(tmp_path, _at(0, "23:00"))

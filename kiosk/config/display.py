@@ -168,6 +168,13 @@ def screen_files(spec: dict) -> Layer:
                                                             _calendar(when_days, schedule[state], zone)))
             path, link = _enable("timers.target", f"{unit}.timer")
             layer[path] = link
+        # The timers fire only at the times themselves: a kiosk started inside the off window goes dark here.
+        boot = (HEADER + "[Unit]\nDescription=Kiosk: the screen off when the boot is inside display.schedule's off "
+                "window\nAfter=kiosk.service\n\n[Service]\nType=oneshot\nExecStart=/usr/bin/kiosk screen boot\n\n"
+                "[Install]\nWantedBy=multi-user.target\n")
+        layer[f"{UNIT_DIR}/kiosk-screen-boot.service"] = file(boot)
+        path, link = _enable("multi-user.target", "kiosk-screen-boot.service")
+        layer[path] = link
     if blanking:
         layer.update(_daemon("kiosk-screen-idle.service", "the screen off after no input (display.blanking)",
                              "/usr/bin/kiosk screen idle", after="kiosk.service"))

@@ -155,11 +155,39 @@ def _idle_loop(root: Path) -> int:
             screen_off(root, "idle")
 
 
+DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def in_off_window(schedule: dict, now: time.struct_time) -> bool:
+    """Whether display.schedule has the screen off at `now` (local time): from "off" on each of its days
+    until "on" (the next day when "on" is earlier, as its timers run)."""
+    days = schedule.get("days") or list(DAYS)
+    today, yesterday = DAYS[now.tm_wday], DAYS[(now.tm_wday - 1) % 7]
+    minute = f"{now.tm_hour:02d}:{now.tm_min:02d}"
+    off, on = schedule["off"], schedule["on"]
+    if off < on:
+        return today in days and off <= minute < on
+    return (today in days and minute >= off) or (yesterday in days and minute < on)
+
+
+def at_boot(root: Path, now: time.struct_time | None = None) -> bool:
+    """A kiosk started inside the schedule's off window goes dark at once (its timers only fire at the
+    times themselves). Returns whether it switched the screen off."""
+    schedule = settings(root).get("schedule")
+    if not schedule or not in_off_window(schedule, now or time.localtime()):
+        return False
+    screen_off(root, "schedule")
+    return True
+
+
 def cmd_screen(args) -> int:
     root = device_root()
     if not (root / "etc/kiosk/release.json").is_file():
         raise KioskError("kiosk screen runs on a kiosk device", hint="ssh root@HOST kiosk screen off")
-    if args.action == "off":
+    if args.action == "boot":
+        if not at_boot(root):
+            _say("on: not inside display.schedule's off window")
+    elif args.action == "off":
         screen_off(root, args.by)
     elif args.action == "on":
         screen_on(root, args.by)
@@ -174,7 +202,8 @@ def register(sub) -> None:
                        description="Switch this kiosk's screen off (kiosk.service stopped, the output powered down, "
                                    "the TV to standby over HDMI-CEC with raspberryPi.cecSupport) or on again; "
                                    "'idle' switches it off after display.blanking seconds without input.")
-    p.add_argument("action", choices=("off", "on", "idle"))
+    p.add_argument("action", choices=("off", "on", "idle", "boot"),
+                   help="boot: off if the time is inside display.schedule's off window (kiosk-screen-boot.service)")
     p.add_argument("--by", default="hand", choices=("hand", "schedule", "idle", "input"),
                    help="who asks (the schedule's 'off' is not undone by input)")
     p.set_defaults(func=cmd_screen)
