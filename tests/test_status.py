@@ -243,7 +243,8 @@ def test_on_the_kiosk_itself_here_says_the_same_without_the_archive(device):
     assert "health      ok (kiosk.service active, kiosk-agent.service active)" in lines
     assert any(line.startswith("pending     not checked on the device") for line in lines)
     facts = json.loads(kiosk_cli("status", "--here", "--json", env=env).stdout)
-    assert json.loads(facts["spec"])["debian"]["securityMirror"].startswith("http://127.0.0.1:")
+    assert facts["debian"]["securityMirror"].startswith("http://127.0.0.1:")
+    assert "authorizedKeys" not in json.dumps(facts)   # the debian section, not the spec
     assert ["foot", "1.0-1", "arm64"] in facts["packages"] and ["gone", "0.1-1", "arm64"] not in facts["packages"]
 
 

@@ -1,8 +1,9 @@
 """What a kiosk says about itself for `kiosk status HOST`, in one answer (`kiosk status --here --json`).
 
 One ssh round trip carries everything the user's machine needs: the board, the root slots and their
-verdicts, the current generation and its commit, uptime, the health of the kiosk's units, the spec it
-runs (for its mirrors) and its installed packages. Comparing those packages with Debian's security and
+verdicts, the current generation and its commit, uptime, the health of the kiosk's units, the `debian`
+section of the spec it runs (its mirrors and suites; not the whole spec, which holds Wi-Fi passwords) and
+its installed packages. Comparing those packages with Debian's security and
 updates suites happens on the user's machine: a 512 MB Pi 0 must not download and parse package indexes.
 
 A part that cannot be read (no rauc, no dpkg, a damaged record) is a line in "problems" and that field is
@@ -11,6 +12,7 @@ null; the rest is still said.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from kiosk import __version__
@@ -45,6 +47,13 @@ def _spec_text(root: Path) -> str:
         raise KioskError(f"configuration.git has no main:nixiosk.json ({one_line(proc.stderr.strip())[:200]}), "
                          "and there is no current generation")
     return gen.spec_text
+
+
+def debian_section(spec_text: str) -> dict:
+    """The spec's `debian` section ({} when it has none): where this device's apt takes packages from."""
+    data = json.loads(spec_text)
+    section = data.get("debian") if isinstance(data, dict) else None
+    return section if isinstance(section, dict) else {}
 
 
 def installed_packages(root: Path) -> list[list[str]]:
@@ -118,7 +127,7 @@ def gather(root: Path, *, cmdline: str | None = None) -> dict:
         "health": health,
         "units": units,
         "slots": attempt("slots", lambda: slots.summary(root, cmdline)),
-        "spec": attempt("nixiosk.json", lambda: _spec_text(root)),
+        "debian": attempt("nixiosk.json", lambda: debian_section(_spec_text(root))),
         "packages": attempt("installed packages", lambda: installed_packages(root)),
         "problems": problems,
     }

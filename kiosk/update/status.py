@@ -1,12 +1,12 @@
 """`kiosk status HOST [--json] [-v]`: one kiosk at a glance, from the user's machine.
 
-The device answers one fixed command over ssh (`kiosk status --here --json`, kiosk.device.facts): board,
-root slots, generation and commit, uptime, health, its spec and its installed packages. This side then
-counts the installed packages that Debian's `<suite>-security` and `<suite>-updates` carry newer
-versions of, from the mirrors of the device's own spec (kiosk.spec.sources.apt_sources) and the
-archive's indexes (kiosk.spec.archive.suite_versions: deadline, size limits, a day's cache). That work
-stays here: a 512 MB Pi 0 must not run `apt-get update`. An archive that cannot be reached is said in
-its row; the rest is printed all the same.
+The device answers one fixed command over ssh (`kiosk status --here --json`, kiosk.device.facts):
+board, root slots, generation and commit, uptime, health, its spec's `debian` section and its
+installed packages. This side then counts the installed packages that Debian's `<suite>-security` and
+`<suite>-updates` carry newer versions of, from the mirrors of the device's own spec
+(kiosk.spec.sources.apt_sources) and the archive's indexes (kiosk.spec.archive.suite_versions:
+deadline, size limits, a day's cache). That work stays here: a 512 MB Pi 0 must not run `apt-get
+update`. An archive that cannot be reached is said in its row; the rest is printed all the same.
 """
 
 from __future__ import annotations
@@ -64,14 +64,10 @@ def ask(args) -> dict:
 
 # ---------------------------------------------------------------- what the archive has newer
 
-def _debian(spec_text) -> dict:
-    """The spec's `debian` section (the device validated the spec when it was pushed), {} when unreadable."""
-    try:
-        data = json.loads(spec_text) if isinstance(spec_text, str) else None
-    except ValueError:
-        return {}
-    debian = data.get("debian") if isinstance(data, dict) else None
-    return {k: v for k, v in debian.items() if isinstance(v, (str, bool))} if isinstance(debian, dict) else {}
+def _debian(section) -> dict:
+    """The device's `debian` section, its text and switch fields only (the device validated the spec when it
+    was pushed; this side uses the mirrors only as URLs to fetch)."""
+    return {k: v for k, v in section.items() if isinstance(v, (str, bool))} if isinstance(section, dict) else {}
 
 
 def behind(packages, versions: dict[str, str], arch: str) -> list[dict]:
@@ -247,7 +243,7 @@ def cmd_status(args) -> int:
             no_arch = f"this kiosk does not know the board {one_line(str(board))[:60]!r}: update kiosk here"
         packages = facts.get("packages")
         rows = pending([tuple(p) for p in packages] if isinstance(packages, list) else None,
-                       _debian(facts.get("spec")), arch, no_arch=no_arch)
+                       _debian(facts.get("debian")), arch, no_arch=no_arch)
         data = view(args.host, facts, rows, arch)
     if args.json:
         print(json.dumps(data, indent=1, ensure_ascii=False))
