@@ -140,12 +140,24 @@ def test_an_unreachable_archive_is_said_in_its_row(cache, monkeypatch):
     url = closed_port_url()
     rows = status.pending(INSTALLED, debian(url), "arm64", deadline=20)
     assert [r["state"] for r in rows] == ["unavailable", "unavailable"]
-    assert rows[0]["note"].startswith(f"archive not reachable: cannot reach {url}/dists/bookworm-security/")
+    assert rows[0]["note"].startswith(f"archive unavailable: cannot reach {url}/dists/bookworm-security/")
     monkeypatch.setenv("KIOSK_OFFLINE", "1")
     rows = status.pending(INSTALLED, debian(url), "arm64")
-    assert rows[0]["note"] == "archive not reachable: KIOSK_OFFLINE=1 and no cached package index"
+    assert rows[0]["note"] == "archive unavailable: KIOSK_OFFLINE=1 and no cached package index"
     text = status.table(status.view("lobby", {"packages": [], "health": "ok"}, rows, "arm64"))
-    assert "security    archive not reachable: KIOSK_OFFLINE=1" in text
+    assert "security    archive unavailable: KIOSK_OFFLINE=1" in text
+
+
+def test_a_damaged_answer_from_the_device_is_shown_as_such():
+    data = status._well_typed({"format": 1, "hostName": ["x"], "uptimeSeconds": True, "slots": "A",
+                               "packages": [["foot", "1.0-1", "arm64"], ["bad"], "x", [1, 2, 3]],
+                               "problems": ["dpkg-query: gone\nsecond line", 7]})
+    assert data["hostName"] is None and data["uptimeSeconds"] is None and data["slots"] is None
+    assert data["packages"] == [["foot", "1.0-1", "arm64"]]
+    assert data["problems"][0] == "dpkg-query: gone\\x0asecond line"
+    assert "hostName: the device's answer has list, not what kiosk status reads" in data["problems"]
+    text = status.table(status.view("lobby", data, None, None))
+    assert "slots       unknown (see problems)" in text.splitlines()
 
 
 # ---------------------------------------------------------------- slots
@@ -275,7 +287,7 @@ def test_a_kiosk_switched_off_on_purpose_is_healthy(device):
 def test_an_offline_archive_still_prints_the_rest(device, keys, tmp_path, cache):
     result = kiosk_status(device, keys, tmp_path, env={"KIOSK_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    assert "security    archive not reachable: KIOSK_OFFLINE=1 and no cached package index" in result.stdout
+    assert "security    archive unavailable: KIOSK_OFFLINE=1 and no cached package index" in result.stdout
     assert "board       raspberryPi3 (arm64)" in result.stdout
 
 

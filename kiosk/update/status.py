@@ -59,7 +59,30 @@ def ask(args) -> dict:
     except ValueError:
         raise KioskError(f"{args.host}: its `kiosk status --here --json` printed nothing this kiosk can read",
                          hint="is kiosk on the device as new as this one?") from None
-    return data
+    return _well_typed(data)
+
+
+FIELDS = {"hostName": str, "board": str, "kioskVersion": str, "uptimeSeconds": (int, float), "generation": dict,
+          "health": str, "units": dict, "slots": dict, "debian": dict, "packages": list, "problems": list}
+
+
+def _well_typed(data: dict) -> dict:
+    """The device's answer with each field of the type kiosk.device.facts gives it, else null and a problem
+    said (a damaged answer is shown as such, never a traceback); packages only as [name, version, arch]."""
+    problems = [one_line(str(p)) for p in data.get("problems") or [] if isinstance(p, str)] \
+        if isinstance(data.get("problems"), list) else ["problems: not a list"]
+    out = {"format": data["format"]}
+    for name, kind in FIELDS.items():
+        value = data.get(name)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            problems.append(f"{name}: the device's answer has {type(value).__name__}, not what kiosk status reads")
+            value = None
+        out[name] = value
+    if out["packages"] is not None:
+        out["packages"] = [p for p in out["packages"]
+                           if isinstance(p, list) and len(p) == 3 and all(isinstance(x, str) for x in p)]
+    out["problems"] = problems
+    return out
 
 
 # ---------------------------------------------------------------- what the archive has newer
@@ -117,7 +140,7 @@ def pending(packages, debian: dict, arch: str | None, *, deadline: float | None 
                 row.update(state="none", note=f"no {row['kind']} suite for {arch} ({row['mirror']} publishes "
                                               f"no {row['suite']} for it)")
             except ArchiveUnavailable as exc:
-                row.update(state="unavailable", note=f"archive not reachable: {one_line(str(exc))[:200]}")
+                row.update(state="unavailable", note=f"archive unavailable: {one_line(str(exc))[:200]}")
             else:
                 row.update(fetched=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(index.fetched)),
                            packages=behind(packages, index.versions, arch))
@@ -241,9 +264,9 @@ def cmd_status(args) -> int:
             arch = load_board(board)["architecture"]
         elif board:
             no_arch = f"this kiosk does not know the board {one_line(str(board))[:60]!r}: update kiosk here"
-        packages = facts.get("packages")
-        rows = pending([tuple(p) for p in packages] if isinstance(packages, list) else None,
-                       _debian(facts.get("debian")), arch, no_arch=no_arch)
+        packages = facts["packages"]
+        rows = pending(None if packages is None else [tuple(p) for p in packages], _debian(facts["debian"]), arch,
+                       no_arch=no_arch)
         data = view(args.host, facts, rows, arch)
     if args.json:
         print(json.dumps(data, indent=1, ensure_ascii=False))
