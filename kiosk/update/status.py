@@ -12,7 +12,6 @@ update`. An archive that cannot be reached is said in its row; the rest is print
 from __future__ import annotations
 
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
