@@ -182,9 +182,39 @@ def test_a_slot_is_empty_good_bad_or_installed_as_its_record_and_rauc_say():
     assert slots.slot_state("B", record, rauc(b={**b_new, "bootStatus": "bad"}))["state"].startswith("bad (")
 
 
-def test_a_board_without_slots_says_so():
-    assert slots.summary(None, "root=/dev/mmcblk0p2 rw", rauc=lambda: pytest.fail("no rauc")) == \
-        {"booted": None, "slots": {}}
+RAUC_JSON = {   # `rauc status --detailed --output-format=json` of rauc 1.8 after the first boot's commit
+    "compatible": "kiosk-qemu", "booted": "A", "boot_primary": "rootfs.0",
+    "slots": [{"rootfs.0": {"class": "rootfs", "device": "/dev/vda2", "bootname": "A", "boot_status": "good",
+                            "slot_status": {}}},
+              {"rootfs.1": {"class": "rootfs", "device": "/dev/vda3", "bootname": "B", "boot_status": "bad",
+                            "slot_status": {}}}]}
+
+
+def test_an_ab_device_says_which_slot_runs_and_what_the_other_holds(tmp_path, monkeypatch):
+    from kiosk.device import facts
+
+    root = tmp_path / "root"
+    (root / "var/lib/kiosk").mkdir(parents=True)
+    monkeypatch.setattr(slots, "rauc_status", lambda: slots.parse_rauc_status(json.dumps(RAUC_JSON)))
+    slots.record(root, "A", "good", installed=None, version="as flashed")
+    data = facts.gather(root, cmdline="root=/dev/vda2 rw rauc.slot=A quiet")
+    assert data["slots"] == {"booted": "A", "slots": {"A": {"state": "good", "reason": "", "version": "as flashed"},
+                                                      "B": {"state": "empty", "reason": "", "version": ""}}}
+    text = status.table(status.view("lobby", status._well_typed(data), None, None))
+    assert "slots       A runs: good, system as flashed; other slot B: empty" in text.splitlines()
+    # slot B tried and failed; A runs again
+    b = RAUC_JSON["slots"][1]["rootfs.1"]
+    monkeypatch.setitem(b, "slot_status", {"bundle": {"version": "0123abcd"}, "installed": {"timestamp": "T1"}})
+    slots.record(root, "B", "bad", "kiosk.service: restarted 3 time(s)", installed="T1", version="0123abcd")
+    data = facts.gather(root, cmdline="rauc.slot=A")
+    text = status.table(status.view("lobby", status._well_typed(data), None, None))
+    assert ("slots       A runs: good, system as flashed; other slot B: bad, system 0123abcd (kiosk.service: "
+            "restarted 3 time(s))") in text.splitlines()
+
+
+def test_a_board_without_slots_says_so(monkeypatch):
+    monkeypatch.setattr(slots, "rauc_status", lambda: pytest.fail("no rauc on a board without slots"))
+    assert slots.summary(None, "root=/dev/mmcblk0p2 rw") == {"booted": None, "slots": {}}
     text = status.table(status.view("pi", {"slots": {"booted": None, "slots": {}}, "health": "ok"}, [], "armel"))
     assert "slots       none (one root partition)" in text.splitlines()
 

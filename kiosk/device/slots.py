@@ -182,13 +182,13 @@ def slot_state(name: str, record: dict, rauc: dict) -> dict:
     return {"state": "empty", "reason": "", "version": ""}
 
 
-def summary(root: Path, cmdline: str, rauc=rauc_status) -> dict:
+def summary(root: Path, cmdline: str) -> dict:
     """{"booted": "A"|"B"|None, "slots": {"A": slot_state, "B": ...}} for kiosk status; None booted (and no
-    slots) on a board with one root partition."""
+    slots, no rauc asked) on a board with one root partition."""
     booted = booted_slot(cmdline)
     if booted is None:
         return {"booted": None, "slots": {}}
-    status = rauc()
+    status = rauc_status()
     record = read_record(root)
     return {"booted": booted, "slots": {name: slot_state(name, record, status) for name in NAMES}}
 
