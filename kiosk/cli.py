@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "kiosk.device.commands",     # generations, rollback, switch
     "kiosk.device.slots",        # slot status/commit (on an A/B device)
     "kiosk.update.commands",     # update
+    "kiosk.update.status",       # status
     "kiosk.device.screen",       # screen (on the device)
     "kiosk.device.selfheal",     # program-exited, watch-url (on the device)
     "kiosk.net.agent",           # agent
@@ -50,6 +51,7 @@ COMMANDS = {
     "builder-serve": "kiosk.buildhost.commands", "fleet": "kiosk.fleet.commands",
     "hook": "kiosk.device.hooks", "screen": "kiosk.device.screen", "program-exited": "kiosk.device.selfheal",
     "watch-url": "kiosk.device.selfheal", "slot": "kiosk.device.slots", "update": "kiosk.update.commands",
+    "status": "kiosk.update.status",
 }
 
 

@@ -1,4 +1,5 @@
-"""A tiny Debian archive served over real HTTP, for tests that check package names offline."""
+"""A tiny Debian archive served over real HTTP, for tests that check package names (and, for a security or
+updates suite, versions) offline."""
 
 from __future__ import annotations
 
@@ -17,15 +18,23 @@ ARCHES = {"armel": COMMON, "armhf": COMMON + ARMV7_PLUS, "arm64": COMMON + ARMV7
 
 def write_mirror(root: Path, suite: str = "bookworm") -> None:
     for arch, names in ARCHES.items():
-        stanzas = []
-        for name in names:
-            stanza = f"Package: {name}\nVersion: 1.0-1\nArchitecture: {arch}\n"
+        write_suite(root, suite, arch, {name: "1.0-1" for name in names})
+
+
+def write_suite(root: Path, suite: str, arch: str, versions: dict[str, str | list[str]],
+                component: str = "main") -> None:
+    """dists/SUITE/COMPONENT/binary-ARCH/Packages.xz listing each package at its version(s): a suite such
+    as bookworm-security carrying a newer version of an installed package."""
+    stanzas = []
+    for name, listed in versions.items():
+        for version in [listed] if isinstance(listed, str) else listed:
+            stanza = f"Package: {name}\nVersion: {version}\nArchitecture: {arch}\n"
             if name == "exim4-daemon-light":
                 stanza += "Provides: mail-transport-agent\n"
             stanzas.append(stanza)
-        directory = root / "dists" / suite / "main" / f"binary-{arch}"
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "Packages.xz").write_bytes(lzma.compress("\n".join(stanzas).encode()))
+    directory = root / "dists" / suite / component / f"binary-{arch}"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "Packages.xz").write_bytes(lzma.compress("\n".join(stanzas).encode()))
 
 
 class Server:

@@ -303,6 +303,16 @@ def _cases() -> list[Case]:
     for value in ["-1", "70000", "nan", "9" * 5000]:
         cases.append(Case(f"ssh-proxy-port={value[:8]}", ["ssh-proxy", "nosuchkiosk.local", value, "--timeout", "1"]))
 
+    # status (kiosk/update/status.py): the host, the port; --here on an empty root; ssh that says nothing
+    for label, host in (("surrogate", SURROGATE_ARG), ("empty", ""), ("long", LONG_ARG), ("newline", "a\nb.local"),
+                        ("option", "-oProxyCommand=touch /tmp/x")):
+        cases.append(Case(f"status-host-{label}", ["status", host]))
+    for value in ["-1", "nan", "9" * 5000]:
+        cases.append(Case(f"status-port={value[:8]}", ["status", "lobby.example", "-p", value]))
+    cases.append(Case("status-here-empty-root", ["status", "--here"]))
+    cases.append(Case("status-here-and-host", ["status", "--here", "lobby.example"]))
+    cases.append(Case("status-ssh-says-nothing", ["status", "lobby.example", "--json"]))
+
     # builders check/authorize, builder-serve (kiosk/builders)
     cases += _spec_cases(["builders", "check", "--root", "{root}"], "builders-check",
                          files=["fifo", "devzero", "dir", "missing", "deep", "surrogate", "huge"])

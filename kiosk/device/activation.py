@@ -240,6 +240,11 @@ class Activator:
         """Problems (one line each) with `units` over `settle` seconds; [] when all came up and stayed up."""
         return []
 
+    def states(self, units: list[str]) -> dict[str, str]:
+        """Each unit's state now, at one look ("active", "failed", "inactive (dead)", ...): kiosk status.
+        A unit this activator cannot see is left out."""
+        return {}
+
 
 class ActivationFailed(KioskError):
     pass
@@ -324,6 +329,19 @@ class SystemdActivator(Activator):
             if time.monotonic() > deadline:
                 return now, f"{unit}: the program did not start within {program_start_seconds():.0f}s"
             time.sleep(0.5)
+
+    def states(self, units):
+        out = {}
+        for unit, props in (self._show(units) if units else {}).items():
+            if not props:   # systemctl said nothing of it
+                continue
+            if props.get("LoadState") != "loaded":
+                out[unit] = f"not loaded ({props.get('LoadState') or 'unknown'})"
+            elif props.get("ActiveState") == "active":
+                out[unit] = "active"
+            else:
+                out[unit] = f"{props.get('ActiveState') or 'unknown'} ({props.get('SubState') or '?'})"
+        return out
 
     def health(self, units, settle):
         if not units:
@@ -450,6 +468,10 @@ class RecordingActivator(Activator):
 
     def boot_reconcile(self):
         self.record("boot-reconcile")
+
+    def states(self, units):
+        failing = self._failing()
+        return {u: f"failed ({failing[u]})" if u in failing else "active" for u in units}
 
     def health(self, units, settle):
         time.sleep(settle)  # as long as the real check watches the units

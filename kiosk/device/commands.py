@@ -23,8 +23,8 @@ def _root(args) -> Path:
     return device_root(args.root)
 
 
-def cmd_generations(args) -> int:
-    root = _root(args)
+def generations_data(root: Path) -> dict:
+    """What `kiosk generations --json` prints: {"current", "default", "generations": [row, ...]}."""
     cur, default = pointer(root, "current"), pointer(root, "default")
     rows = []
     for gen in list_generations(root):
@@ -33,8 +33,31 @@ def cmd_generations(args) -> int:
                      "status": meta.get("status"), "reason": meta.get("reason", ""),
                      "current": gen.number == cur, "default": gen.number == default,
                      "previous": meta.get("previous")})
+    return {"current": cur, "default": default, "generations": rows}
+
+
+def generation_health(data: dict) -> tuple[str, str, str]:
+    """(generation, commit, health) from generations_data / `kiosk generations --json`: "ok" when the current
+    generation is active, else its status and reason; a different boot default is said too. kiosk fleet
+    status and kiosk status show it."""
+    rows = {g.get("number"): g for g in data["generations"] if isinstance(g, dict)}
+    current = rows.get(data.get("current"))
+    if current is None:
+        return "-", "-", "no current generation"
+    health = "ok" if current.get("status") == "active" else one_line(str(current.get("status")))
+    if current.get("reason"):
+        health += f" ({one_line(str(current['reason']))[:80]})"
+    if data.get("default") != data.get("current"):
+        health += f"; boots generation {data.get('default')} next"
+    return str(current.get("number")), str(current.get("commit") or "-"), health
+
+
+def cmd_generations(args) -> int:
+    root = _root(args)
+    data = generations_data(root)
+    rows = data["generations"]
     if args.json:
-        json.dump({"current": cur, "default": default, "generations": rows}, sys.stdout, indent=2)
+        json.dump(data, sys.stdout, indent=2)
         print()
         return 0
     if not rows:   # a failure, said on stderr like every other (exit 1)

@@ -159,6 +159,40 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
     return 1
 
 
+def slot_state(name: str, record: dict, rauc: dict) -> dict:
+    """What the device knows of slot `name` as kiosk status tells it: {"state", "reason", "version"}.
+
+    state: the verdict on the system it holds now (good, bad, unhealthy, trying) when the record judges that
+    install; "installed, boots next" / "installed, not tried" for a system RAUC wrote since (an install whose
+    reboot is pending); "empty" for a slot never written. An interrupted install leaves RAUC's status file
+    naming the previous install (notes/ab-update.md), so a slot the boot loader calls bad is never "good"."""
+    rec = record.get(name) or {}
+    slot = (rauc.get("slots") or {}).get(name) or {}
+    installed = slot.get("installed")
+    version = rec.get("version") or slot.get("version") or ""
+    if rec.get("state") and rec.get("installed") == installed:
+        state = rec["state"]
+        if state == "good" and slot and slot.get("bootStatus") not in (None, "good"):
+            state = f"bad (the boot loader says {slot.get('bootStatus')}: an install into it was interrupted?)"
+        return {"state": state, "reason": rec.get("reason") or "", "version": version}
+    if installed:
+        nxt = rauc.get("primary") == name and slot.get("bootStatus") == "good"
+        return {"state": "installed, boots next" if nxt else "installed, not tried", "reason": "",
+                "version": slot.get("version") or ""}
+    return {"state": "empty", "reason": "", "version": ""}
+
+
+def summary(root: Path, cmdline: str) -> dict:
+    """{"booted": "A"|"B"|None, "slots": {"A": slot_state, "B": ...}} for kiosk status; None booted (and no
+    slots, no rauc asked) on a board with one root partition."""
+    booted = booted_slot(cmdline)
+    if booted is None:
+        return {"booted": None, "slots": {}}
+    status = rauc_status()
+    record = read_record(root)
+    return {"booted": booted, "slots": {name: slot_state(name, record, status) for name in NAMES}}
+
+
 def cmd_slot(args) -> int:
     root = device_root(args.root)
     if args.action == "status":

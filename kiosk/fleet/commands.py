@@ -106,21 +106,8 @@ def cmd_push(args) -> int:
 
 # ---------------------------------------------------------------- status
 
-def _health(data: dict) -> tuple[str, str, str]:
-    """(generation, commit, health) from `kiosk generations --json`."""
-    rows = {g.get("number"): g for g in data["generations"] if isinstance(g, dict)}
-    current = rows.get(data.get("current"))
-    if current is None:
-        return "-", "-", "no current generation"
-    health = "ok" if current.get("status") == "active" else one_line(str(current.get("status")))
-    if current.get("reason"):
-        health += f" ({one_line(str(current['reason']))[:80]})"
-    if data.get("default") != data.get("current"):
-        health += f"; boots generation {data.get('default')} next"
-    return str(current.get("number")), str(current.get("commit") or "-"), health
-
-
 def cmd_status(args) -> int:
+    from kiosk.device.commands import generation_health
     from kiosk.fleet.remote import Settings, generations
     from kiosk.fleet.rollout import run_parallel
 
@@ -135,7 +122,7 @@ def cmd_status(args) -> int:
         row = {"host": device.name, "reach": device.connection.label, "reachable": data is not None,
                "generation": None, "commit": None, "health": why, "seconds": round(time.monotonic() - started, 2)}
         if data is not None:
-            gen, commit, health = _health(data)
+            gen, commit, health = generation_health(data)
             row.update(generation=int(gen) if gen.isdigit() else None, commit=commit, health=health)
         rows[device.name] = row
 

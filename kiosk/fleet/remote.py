@@ -26,7 +26,7 @@ from pathlib import Path
 from kiosk.core.errors import KioskError, one_line
 from kiosk.core.run import run, run_lines
 from kiosk.fleet.merge import Connection, Device
-from kiosk.net.reach import ssh_command
+from kiosk.net.reach import ssh_command, ssh_problem
 
 SPEC_FILE = "nixiosk.json"
 MAIN = "refs/heads/main"
@@ -83,28 +83,12 @@ def login(conn: Connection) -> str:
 
 def why_not(text: str, code: int, conn: Connection) -> tuple[str, str]:
     """(result, reason) from what ssh or git said when the device could not be reached or used."""
+    said = ssh_problem(text, host=conn.host, port=conn.port, login=login(conn),
+                       new_keys=", or pass --accept-new-host-keys for devices never reached before")
+    if said:
+        return said
     low = text.lower()
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("remote: ")]
-    if "remote host identification has changed" in low:
-        host = f"[{conn.host}]:{conn.port}" if conn.port != 22 else conn.host
-        return "refused", ("its host key has CHANGED since you last connected (a reinstalled device, or someone "
-                           f"in between); check it, then remove the old key (ssh-keygen -R '{host}')")
-    if "host key verification failed" in low:
-        return "refused", ("its host key is not in your known_hosts, so it is not trusted; check it and connect "
-                           f"once by hand ({login(conn)}), or pass --accept-new-host-keys for devices never "
-                           "reached before")
-    if "permission denied" in low:
-        return "refused", "it does not take your ssh key (Permission denied); is your key in its authorizedKeys?"
-    for needle, reason in (("connection refused", "connection refused"), ("timed out", "timed out"),
-                           ("no route to host", "no route to host"),
-                           ("network is unreachable", "network unreachable"),
-                           ("could not resolve hostname", "unknown host name"),
-                           ("name or service not known", "unknown host name"),
-                           ("over mdns", "no answer over mDNS"), ("kex_exchange_identification", "connection closed"),
-                           ("connection closed", "connection closed"), ("connection reset", "connection reset")):
-        if needle in low:
-            detail = next((line for line in lines if needle in line.lower()), "")
-            return "unreachable", reason + (f" ({detail})" if detail and detail.lower() != reason else "")
     if "does not appear to be a git repository" in low or "no such file or directory" in low:
         return "failed", "it has no configuration.git at /etc/kiosk/configuration.git: is it a kiosk?"
     if "couldn't find remote ref" in low:

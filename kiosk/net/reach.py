@@ -69,5 +69,33 @@ def add_arguments(parser, *, host_help: str = "the kiosk: its name (lobby.local)
                         help="one more ssh -o option, e.g. UserKnownHostsFile=FILE (repeatable)")
 
 
+def ssh_problem(text: str, *, host: str, port: int | None, login: str, new_keys: str = "") -> tuple[str, str] | None:
+    """("refused" or "unreachable", reason) when ssh's output says it could not reach the device or was
+    refused; None when ssh got through (a failure is then the remote command's). login: the ssh command a
+    person types; new_keys: how the caller's command trusts a first key, if it can."""
+    low = text.lower()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("remote: ")]
+    if "remote host identification has changed" in low:
+        where = f"[{host}]:{port}" if port and port != 22 else host
+        return "refused", ("its host key has CHANGED since you last connected (a reinstalled device, or someone "
+                           f"in between); check it, then remove the old key (ssh-keygen -R '{where}')")
+    if "host key verification failed" in low:
+        return "refused", ("its host key is not in your known_hosts, so it is not trusted; check it and connect "
+                           f"once by hand ({login}){new_keys}")
+    if "permission denied" in low:
+        return "refused", "it does not take your ssh key (Permission denied); is your key in its authorizedKeys?"
+    for needle, reason in (("connection refused", "connection refused"), ("timed out", "timed out"),
+                           ("no route to host", "no route to host"),
+                           ("network is unreachable", "network unreachable"),
+                           ("could not resolve hostname", "unknown host name"),
+                           ("name or service not known", "unknown host name"),
+                           ("over mdns", "no answer over mDNS"), ("kex_exchange_identification", "connection closed"),
+                           ("connection closed", "connection closed"), ("connection reset", "connection reset")):
+        if needle in low:
+            detail = next((line for line in lines if needle in line.lower()), "")
+            return "unreachable", reason + (f" ({detail})" if detail and detail.lower() != reason else "")
+    return None
+
+
 def from_args(args) -> list[str]:
     return ssh_argv(args.host, port=args.port, identity=args.identity, options=args.ssh_option)

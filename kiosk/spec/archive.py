@@ -1,9 +1,12 @@
-"""Which packages the Debian archive has for an architecture.
+"""Which packages the Debian archive has for an architecture, and (for the small security and updates
+suites) at which versions.
 
 Reads dists/<suite>/<component>/binary-<arch>/Packages.xz (the same index apt
-uses), keeps only the package names and what they provide, and caches that for
-a day so `kiosk validate` stays fast and works on a train. Offline is not an
-error here: callers turn ArchiveUnavailable into a warning.
+uses), keeps only the package names and what they provide (package_index), or
+the names and their newest versions (suite_versions: `kiosk status` counts the
+fixes a device lacks), and caches that for a day so `kiosk validate` stays fast
+and works on a train. Offline is not an error here: callers turn
+ArchiveUnavailable into a warning.
 
 A mirror is not trusted to be kind: the whole fetch (connect, download,
 decompress, parse) has a deadline (KIOSK_ARCHIVE_TIMEOUT; a mirror sending a
@@ -25,10 +28,12 @@ import time
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.files import human_size
+from kiosk.spec.debversion import newer
 from kiosk.spec.sources import COMPONENTS
 
 CACHE_SECONDS = 24 * 3600
@@ -41,10 +46,17 @@ MAX_LINE = 1 << 20
 CHUNK = 1 << 16
 
 _FIELD = re.compile(rb"^(Package|Provides): ?([^\n]*)$", re.M)
+_VERSION_FIELD = re.compile(rb"^(Package|Version): ?([^\n]*)$", re.M)
+T = TypeVar("T")
 
 
 class ArchiveUnavailable(KioskError):
     """The index could not be fetched (offline, mirror down, too slow, too big); the text says why."""
+
+
+class NotPublished(ArchiveUnavailable):
+    """The mirror has no such index (HTTP 404 for main): the suite is not published for this architecture
+    (bookworm-security for armel since bookworm's LTS), or not at all."""
 
 
 @dataclass(frozen=True)
@@ -56,11 +68,20 @@ class PackageIndex:
         return name in self.packages
 
 
-class _IndexParser:
-    """Package names and provides from a Packages file fed in pieces; only those lines are kept."""
+@dataclass(frozen=True)
+class SuiteVersions:
+    versions: dict[str, str]   # package -> its newest version in the suite (all components)
+    fetched: float             # when the mirror was read (seconds since the epoch): a cached index is older
 
-    def __init__(self, url: str, packages: set[str], provides: dict[str, set[str]]):
-        self.url, self.packages, self.provides = url, packages, provides
+
+class _IndexParser:
+    """Package names and provides (or, given `versions`, names and their newest versions) from a Packages
+    file fed in pieces; only those lines are kept."""
+
+    def __init__(self, url: str, packages: set[str], provides: dict[str, set[str]],
+                 versions: dict[str, str] | None = None):
+        self.url, self.packages, self.provides, self.versions = url, packages, provides, versions
+        self.field = _FIELD if versions is None else _VERSION_FIELD
         self.name: str | None = None
         self.pending = b""
         self.size = 0
@@ -84,12 +105,17 @@ class _IndexParser:
         self.pending = b""
 
     def _lines(self, block: bytes) -> None:
-        for match in _FIELD.finditer(block):
+        for match in self.field.finditer(block):
             value = match.group(2).decode("utf-8", "replace")
             if match.group(1) == b"Package":
                 self.name = value.strip()
                 self.packages.add(self.name)
                 self.entries += 1
+            elif match.group(1) == b"Version":
+                version = value.strip()
+                if self.name and version and (self.name not in self.versions
+                                              or newer(version, self.versions[self.name])):
+                    self.versions[self.name] = version
             elif self.name:
                 for item in value.split(","):
                     virtual = item.strip().split(" ", 1)[0]
@@ -110,9 +136,9 @@ def _parse(text: str) -> tuple[set[str], dict[str, set[str]]]:
     return packages, provides
 
 
-def _cache_file(mirror: str, suite: str, arch: str) -> Path:
+def _cache_file(mirror: str, suite: str, arch: str, kind: str = "") -> Path:
     key = sha256(f"{mirror.rstrip('/')}|{suite}|{arch}".encode()).hexdigest()[:16]
-    return paths.cache_dir() / "archive" / f"{suite}-{arch}-{key}.json"
+    return paths.cache_dir() / "archive" / f"{suite}-{arch}-{key}{kind}.json"
 
 
 def _decompress(chunks, parser: _IndexParser, url: str, stop: threading.Event) -> None:
@@ -186,18 +212,19 @@ def _download(url: str, parser: _IndexParser, stop: threading.Event, current: di
     return True
 
 
-def _fetch_all(mirror: str, suite: str, arch: str, stop: threading.Event, current: dict, end: float):
+def _fetch_all(mirror: str, suite: str, arch: str, stop: threading.Event, current: dict, end: float,
+               versions: dict[str, str] | None = None):
     packages: set[str] = set()
     provides: dict[str, set[str]] = {}
     for component in COMPONENTS:
         url = f"{mirror.rstrip('/')}/dists/{suite}/{component}/binary-{arch}/Packages.xz"
-        if not _download(url, _IndexParser(url, packages, provides), stop, current, end):
+        if not _download(url, _IndexParser(url, packages, provides, versions), stop, current, end):
             if component == "main":
-                raise ArchiveUnavailable(f"{url} answered HTTP 404")
+                raise NotPublished(f"{url} answered HTTP 404")
             continue  # a mirror without non-free-firmware still answers for main
         if stop.is_set():
             break
-    if not packages:
+    if not packages and versions is None:   # a security or updates suite may well be empty for a while
         raise ArchiveUnavailable(f"no packages found for {arch} in {suite} at {mirror}")
     return packages, provides
 
@@ -207,8 +234,10 @@ def deadline_seconds() -> float:
     return paths.number_setting("KIOSK_ARCHIVE_TIMEOUT", DEADLINE_SECONDS, least=0, above=True)
 
 
-def _fetch(mirror: str, suite: str, arch: str, deadline: float) -> tuple[set[str], dict[str, set[str]]]:
-    """The index's names, within `deadline` seconds in all, whatever the mirror does.
+def _fetch(mirror: str, suite: str, arch: str, deadline: float,
+           versions: dict[str, str] | None = None) -> tuple[set[str], dict[str, set[str]]]:
+    """The index's names (and `versions`, when given), within `deadline` seconds in all, whatever the
+    mirror does.
 
     The fetch runs in a thread the caller waits for; at the deadline its connection is shut down,
     which wakes a read blocked on a slow mirror, and the thread ends on its own."""
@@ -217,7 +246,7 @@ def _fetch(mirror: str, suite: str, arch: str, deadline: float) -> tuple[set[str
 
     def work():
         try:
-            outcome["value"] = _fetch_all(mirror, suite, arch, stop, current, end)
+            outcome["value"] = _fetch_all(mirror, suite, arch, stop, current, end, versions)
         except ArchiveUnavailable as exc:
             outcome["error"] = exc
         except Exception as exc:  # whatever else a hostile mirror provokes, the index is still unavailable
@@ -241,23 +270,15 @@ def _fetch(mirror: str, suite: str, arch: str, deadline: float) -> tuple[set[str
     return outcome["value"]
 
 
-def _from_cache(cached: dict) -> PackageIndex | None:
-    try:
-        return PackageIndex(frozenset(cached["packages"]), {k: tuple(v) for k, v in cached["provides"].items()})
-    except (TypeError, AttributeError, KeyError):  # a damaged cache file: fetch again
-        return None
+_READ: dict[Path, tuple[float, object]] = {}   # cache file -> (fetched, index), as read by this process
 
 
-_READ: dict[Path, tuple[float, PackageIndex]] = {}   # cache file -> (fetched, index), as read by this process
+def _cached(cache: Path, fetch: Callable[[], dict], decode: Callable[[dict], T | None]) -> T:
+    """The index in `cache` when fresh (a day), else fetch() it and keep it there. fetch returns the JSON
+    record to keep, decode turns a record (with "fetched") back into the index (None: a damaged file).
 
-
-def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None = None) -> PackageIndex:
-    """The archive's package names for (mirror, suite, arch), from cache when fresh.
-
-    KIOSK_OFFLINE=1 never touches the network: a stale cache is used, none raises.
-    deadline: seconds the fetch may take in all (default KIOSK_ARCHIVE_TIMEOUT, else 120).
-    """
-    cache = _cache_file(mirror, suite, arch)
+    KIOSK_OFFLINE=1 never touches the network: a stale cache is used, none raises; a failed fetch falls
+    back to a stale cache too."""
     memo = _READ.get(cache)
     if memo and time.time() - memo[0] < CACHE_SECONDS:   # read once per process (a fleet checks 100 specs)
         return memo[1]
@@ -267,11 +288,10 @@ def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None 
         try:
             data = json.loads(cache.read_text())
             if isinstance(data, dict) and isinstance(data.get("fetched"), (int, float)):
-                cached = (data["fetched"], _from_cache(data))
+                index = decode(data)
+                cached = (data["fetched"], index) if index is not None else None   # damaged: fetch again
         except (OSError, ValueError):
             cached = None
-    if cached and cached[1] is None:
-        cached = None
     fresh = cached and time.time() - cached[0] < CACHE_SECONDS
     if cached and (fresh or offline):
         if fresh:
@@ -280,17 +300,57 @@ def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None 
     if offline:
         raise ArchiveUnavailable("KIOSK_OFFLINE=1 and no cached package index")
     try:
-        packages, provides = _fetch(mirror, suite, arch, deadline_seconds() if deadline is None else deadline)
+        record = {"fetched": time.time(), **fetch()}
     except ArchiveUnavailable:
         if cached:  # stale is better than nothing
             return cached[1]
         raise
-    record = {"fetched": time.time(), "packages": sorted(packages),
-              "provides": {k: sorted(v) for k, v in sorted(provides.items())}}
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}-{threading.get_ident()}")   # two threads may fetch at once
     tmp.write_text(json.dumps(record))
     os.replace(tmp, cache)
-    index = PackageIndex(frozenset(packages), {k: tuple(sorted(v)) for k, v in provides.items()})
+    index = decode(record)
     _READ[cache] = (record["fetched"], index)
     return index
+
+
+def _names(data: dict) -> PackageIndex | None:
+    try:
+        return PackageIndex(frozenset(data["packages"]), {k: tuple(v) for k, v in data["provides"].items()})
+    except (TypeError, AttributeError, KeyError):
+        return None
+
+
+def _versions(data: dict) -> SuiteVersions | None:
+    versions = data.get("versions")
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        return None
+    return SuiteVersions(versions, data["fetched"])
+
+
+def _timeout(deadline: float | None) -> float:
+    return deadline_seconds() if deadline is None else deadline
+
+
+def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None = None) -> PackageIndex:
+    """The archive's package names for (mirror, suite, arch), from cache when fresh (see _cached).
+
+    deadline: seconds the fetch may take in all (default KIOSK_ARCHIVE_TIMEOUT, else 120).
+    """
+    def fetch() -> dict:
+        packages, provides = _fetch(mirror, suite, arch, _timeout(deadline))
+        return {"packages": sorted(packages), "provides": {k: sorted(v) for k, v in sorted(provides.items())}}
+
+    return _cached(_cache_file(mirror, suite, arch), fetch, _names)
+
+
+def suite_versions(mirror: str, suite: str, arch: str, *, deadline: float | None = None) -> SuiteVersions:
+    """Every package of (mirror, suite, arch) with its newest version: meant for the small suites
+    (`<suite>-security`, `<suite>-updates`). Same limits and cache as package_index; NotPublished when the
+    mirror has no such index."""
+    def fetch() -> dict:
+        versions: dict[str, str] = {}
+        _fetch(mirror, suite, arch, _timeout(deadline), versions)
+        return {"versions": dict(sorted(versions.items()))}
+
+    return _cached(_cache_file(mirror, suite, arch, "-versions"), fetch, _versions)
