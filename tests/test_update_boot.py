@@ -91,6 +91,17 @@ def kiosk_update(device: Device, *args: str, timeout: float = 2400) -> subproces
     return result
 
 
+def kiosk_status(device: Device) -> dict:
+    """`kiosk status --json` as a user runs it (issue 17): the slots as the laptop sees them."""
+    vm = device.vm
+    argv = [sys.executable, "-m", "kiosk", "status", "127.0.0.1", "-p", str(vm.port), "-i", str(vm.key),
+            "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}", "--json"]
+    env = {**os.environ, "KIOSK_CACHE_DIR": str(device.cache), "KIOSK_SSH_CONNECT_TIMEOUT": "60"}
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
 def committed(vm: BootedVM, slot: str) -> bool:
     status = slot_status(vm)
     return status["booted"] == slot and (status["record"].get(slot) or {}).get("state") == "good"
@@ -105,6 +116,11 @@ def test_the_first_boot_commits_slot_a(device):
     assert rauc["compatible"] == "kiosk-qemu" and rauc["slots"]["A"]["bootStatus"] == "good"
     journal = vm.ssh("journalctl -b -o cat -u kiosk-slot-commit.service").stdout
     assert "slot A is healthy: kept" in journal, journal
+    status = kiosk_status(device)
+    assert status["board"] == "qemu" and status["health"] == "ok", status
+    assert status["slots"]["booted"] == "A"
+    assert status["slots"]["slots"]["A"]["state"] == "good" and status["slots"]["slots"]["B"]["state"] == "empty"
+    assert status["generation"]["commit"] == vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout.strip()
 
 
 def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
@@ -135,6 +151,10 @@ def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
     env = grubenv(vm)
     assert (env["ORDER"].split()[0], env["B_OK"], env["B_TRY"]) == ("B", "1", "0"), env
     vm.wait_for_program("/usr/bin/foot", timeout=300)
+    slots = kiosk_status(device)["slots"]
+    version = last.split("runs the new system ")[1].split(",")[0]
+    assert slots["booted"] == "B" and slots["slots"]["B"]["state"] == "good", slots
+    assert slots["slots"]["B"]["version"] == version and slots["slots"]["A"]["state"] == "good", slots
 
 
 def _bundle(device: Device, tmp_path: Path, *, break_program: bool, key=None) -> Path:
@@ -182,6 +202,9 @@ def test_a_system_that_cannot_run_the_program_is_rolled_back_by_the_device(devic
     assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda3"
     env = grubenv(vm)
     assert env["A_OK"] == "0" or env["A_TRY"] == "1", env    # mark-bad: GRUB will not choose A
+    slots = kiosk_status(device)["slots"]
+    assert slots["booted"] == "B" and slots["slots"]["A"]["state"] == "bad", slots
+    assert "kiosk.service" in slots["slots"]["A"]["reason"], slots
     vm.wait_for_program("/usr/bin/foot", timeout=300)
 
 
