@@ -10,7 +10,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+@pytest.hookimpl(tryfirst=True)   # before -m deselects: the slow marks added here count
 def pytest_collection_modifyitems(config, items):
+    # @pytest.mark.slow_on("raspberryPi3"): that board's case of a boot test is in the slow suite only
+    for item in items:
+        boards = [arg for mark in item.iter_markers("slow_on") for arg in mark.args]
+        param = getattr(getattr(item, "callspec", None), "params", {}).get("kiosk")
+        if boards and param in boards:
+            item.add_marker(pytest.mark.slow)
     if os.geteuid() == 0:
         return
     skip = pytest.mark.skip(reason="needs root (the CI runs as root)")

@@ -15,7 +15,8 @@ fixture); every assertion for that board looks at that one boot:
 - `kiosk screenshot` (grim through cage's screencopy, over ssh) of every board, kept in test-artifacts/;
 - git push end to end on every board: a good push, a refused spec, a rollback by the device itself;
 - raspberryPi.firmwareConfig and the regulatory domain pushed, read back after a reboot, rolled back;
-- a push that adds a Debian package, installed by apt on the device from the mirror.
+- a push that adds a Debian package, installed by apt on the device from the mirror (qemu in the
+  default suite; raspberryPi3's case, 5 minutes of emulated apt, in the slow suite: slow_on).
 
 Default suite: qemu (x86-64, the display path), raspberryPi3 (raspi3b), raspberryPi0
 (raspi0). Slow suite (-m slow): raspberryPi4 (arm64 virt), raspberryPi2 (raspi2b),
@@ -488,6 +489,7 @@ def test_firmware_files_survive_a_power_cut_at_every_step(kiosk):
     assert by_step["firmware-replaced-cmdline.txt"]["cmdline"] == "new"
 
 
+@pytest.mark.slow_on("raspberryPi3")   # 316 s in the CI check of 2026-12-05 (apt emulated); qemu's case stays
 def test_a_push_that_adds_a_package_installs_it_from_the_mirror(kiosk, tmp_path):
     """The spec's `packages` grows by one: apt on the device (AptInstaller) fetches it from the Debian mirror
     through QEMU's user network before the switch; the new generation runs with it."""

@@ -81,8 +81,8 @@ def wait_for(what: str, check, timeout: float, every: float = 5):
 def kiosk_update(device: Device, *args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
     """`kiosk update` as a user runs it: ssh with the key, the device's host key checked (known_hosts)."""
     vm = device.vm
-    argv = [sys.executable, "-m", "kiosk", "update", "127.0.0.1", "-p", str(vm.port), "-i", str(vm.key),
-            "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}", *args]
+    argv = [sys.executable, "-m", "kiosk", "update", "127.0.0.1", *args, "-p", str(vm.port), "-i", str(vm.key),
+            "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}"]
     env = {**os.environ, "KIOSK_CACHE_DIR": str(device.cache), "KIOSK_SSH_CONNECT_TIMEOUT": "60"}
     started = time.monotonic()
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
