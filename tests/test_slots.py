@@ -117,7 +117,8 @@ def test_the_screen_switched_off_on_purpose_is_not_a_failure(device, monkeypatch
 
 
 def test_rauc_status_json_is_read():
-    """The shape rauc 1.8 prints (`rauc status --detailed --output-format=json`, seen on the qemu target)."""
+    """The shape rauc 1.8 prints (`rauc status --detailed --output-format=json`); the booted update test reads
+    a kept install's bundle version through it (tests/test_update_boot.py)."""
     text = json.dumps({
         "compatible": "kiosk-qemu", "booted": "B", "boot_primary": "rootfs.1",
         "slots": [{"rootfs.0": {"class": "rootfs", "device": "/dev/vda2", "bootname": "A", "boot_status": "good",
