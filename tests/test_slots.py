@@ -38,7 +38,9 @@ def device(tmp_path):
 def verdict(device, cmdline, st, problems=()):
     marks, reboots, lines = [], [], []
     code = slots.commit(device, Health(problems), lines.append, cmdline=cmdline, status=st, limit=60, settle=0,
-                        mark=marks.append, reboot=lambda: reboots.append(True), startup=lambda *a: None)
+                        mark=lambda state, which="booted": marks.append(state if which == "booted" else
+                                                                        f"{state} {which}"),
+                        reboot=lambda: reboots.append(True), startup=lambda *a: None)
     return code, marks, reboots, slots.read_record(device), lines
 
 
@@ -80,7 +82,7 @@ def test_a_slot_tried_and_never_judged_is_recorded_as_failed_by_the_other(device
     slots.record(device, "A", "good", installed=None)
     st = status("A", "B", b={"installed": "T2", "version": "def", "bootStatus": "bad"})
     code, marks, reboots, record, lines = verdict(device, "rauc.slot=A", st)
-    assert (code, marks, reboots) == (0, ["active", "good"], [])
+    assert (code, marks, reboots) == (0, ["bad other", "active", "good"], [])
     assert record["B"] == {**record["B"], "state": "bad", "reason": slots.FALLBACK_REASON, "installed": "T2"}
     assert any("slot B failed" in line for line in lines)
 
@@ -90,7 +92,7 @@ def test_a_slot_that_started_its_try_and_died_is_failed_too(device):
     slots.record(device, "B", "trying", installed="T3")
     st = status("A", "A", b={"installed": "T3", "bootStatus": "bad"})
     _, marks, _, record, _ = verdict(device, "rauc.slot=A", st)
-    assert marks == ["good"] and record["B"]["state"] == "bad"
+    assert marks == ["bad other", "active", "good"] and record["B"]["state"] == "bad"
 
 
 def test_an_unhealthy_slot_with_no_good_other_stays(device):

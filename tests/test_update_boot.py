@@ -232,3 +232,43 @@ def test_a_bundle_signed_by_another_key_is_refused_and_nothing_switches(device, 
         _install(ssh, log)
     assert grubenv(vm) == before
     assert vm.ssh("ls /data/kiosk/incoming").stdout.strip() == ""   # the refused bundle is not left there
+
+
+@pytest.mark.slow
+def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device, tmp_path):
+    """What the watchdog does to a hung new system: the machine resets before any verdict. GRUB does not
+    try the slot again (its TRY is set), and the old slot records it failed."""
+    from kiosk.core.log import Log
+    from kiosk.net.reach import ssh_argv
+    from kiosk.qemu.qmp import QMP
+    from kiosk.update.commands import _install, _ship
+
+    vm = device.vm
+    wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    bundle = _bundle(device, tmp_path, break_program=False)
+    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
+                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    log = Log(out=open(os.devnull, "w"))
+    _ship(ssh, bundle, log)
+    _install(ssh, log)
+    seen = vm.serial.read_text(errors="replace").count("kiosk-ab: booting slot A")
+    vm.ssh("systemctl reboot", check=False)
+    wait_for("GRUB booting slot A", lambda: vm.serial.read_text(errors="replace").count(
+        "kiosk-ab: booting slot A") > seen, timeout=300, every=1)
+    time.sleep(10)                     # slot A's kernel is starting: no verdict can have been given
+    with QMP(vm.qmp) as qmp:
+        qmp.execute("system_reset")
+    def judged():
+        try:
+            status = slot_status(vm)
+        except (AssertionError, subprocess.TimeoutExpired, ValueError):   # still booting
+            return False
+        return status["booted"] == "B" and (status["record"].get("A") or {}).get("state") == "bad"
+
+    wait_for("back on slot B with a verdict on A", judged, timeout=900)
+    record = slot_status(vm)["record"]["A"]
+    from kiosk.device.slots import FALLBACK_REASON
+    assert record["reason"] == FALLBACK_REASON, record
+    env = grubenv(vm)
+    assert (env["ORDER"].split()[0], env["A_OK"]) == ("B", "0"), env   # A never tried again; B first
+    vm.wait_for_program("/usr/bin/foot", timeout=300)

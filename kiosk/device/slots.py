@@ -128,8 +128,10 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
         record(root, spare, "bad", FALLBACK_REASON, version=theirs.get("version") or "",
                installed=theirs.get("installed"))
         log(f"slot {spare} failed: {FALLBACK_REASON}; running slot {booted}")
-    if status.get("primary") not in (None, booted):
-        mark("active")   # the boot order says what runs again
+        mark("bad", "other")   # the boot loader never tries it again (GRUB: OK=0)
+        mark("active")         # and the boot order says what runs
+    elif status.get("primary") not in (None, booted):
+        mark("active")
     mine_rec = known.get(booted) or {}
     if not (mine_rec.get("state") == "good" and mine_rec.get("installed") == installed):
         record(root, booted, "trying", version=version, installed=installed)
