@@ -272,3 +272,39 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     env = grubenv(vm)
     assert (env["ORDER"].split()[0], env["A_OK"]) == ("B", "0"), env   # A never tried again; B first
     vm.wait_for_program("/usr/bin/foot", timeout=300)
+
+
+@pytest.mark.slow
+def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, tmp_path):
+    """QEMU killed while `rauc install` writes the inactive slot: the next boot is the old slot, its
+    configuration and generations whole, and the half-written slot is never chosen (RAUC makes it
+    unbootable before it writes)."""
+    from kiosk.core.log import Log
+    from kiosk.net.reach import ssh_argv
+    from kiosk.update.commands import INSTALL, _ship
+
+    vm = device.vm
+    wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    generations = json.loads(vm.ssh("kiosk generations --json").stdout)
+    main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
+    bundle = _bundle(device, tmp_path, break_program=False)
+    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
+                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    _ship(ssh, bundle, Log(out=open(os.devnull, "w")))
+    install = subprocess.Popen([*ssh, INSTALL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    said = []
+    for line in install.stdout:
+        said.append(line)
+        if "Copying image to rootfs.0" in line:
+            break
+    assert any("Copying image to rootfs.0" in line for line in said), said
+    time.sleep(3)                     # the slot is being written
+    vm.power_cycle()                  # QEMU killed, then booted again on the same disk
+    install.kill()
+    vm.wait_for_ssh(timeout=900)
+    wait_for("slot B committed again", lambda: committed(vm, "B"), timeout=600)
+    assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda3"
+    assert json.loads(vm.ssh("kiosk generations --json").stdout) == generations
+    assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
+    assert grubenv(vm)["A_OK"] == "0"
+    vm.wait_for_program("/usr/bin/foot", timeout=300)
