@@ -82,11 +82,12 @@ def remote_build(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     request = {"kiosk": PROTOCOL, "op": "build", "spec": text, "source": path.name,
                "verbose": bool(getattr(args, "verbose", False)), "upgrade": bool(getattr(args, "upgrade", False))}
-    if ab_slots(load_board(spec.data["hardware"])):
-        # The image trusts this user's update key, never the builder's own (kiosk.config.signing).
-        request["updateCertificate"] = signing_key(log=lambda m: print(m, file=sys.stderr)).cert.read_text()
     where = f"{user + '@' if user else ''}{host}{':' + str(port) if port else ''}"
     print(f"==> building on {where}", file=sys.stderr, flush=True)
+    if ab_slots(load_board(spec.data["hardware"])):
+        # The image trusts this user's update key, never the builder's own (kiosk.config.signing).
+        say = lambda m: print(f"    {m}", file=sys.stderr, flush=True)   # noqa: E731
+        request["updateCertificate"] = signing_key(log=say).cert.read_text()
     started = time.monotonic()
     incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=out_dir))
     try:

@@ -42,10 +42,8 @@ def _ssh(ssh: list[str], command: str, *, what: str, timeout: float = 120, check
                hint="is the kiosk up and your key in its authorizedKeys? (ssh root@HOST)")
 
 
-def slot_status(ssh: list[str], *, check: bool = True) -> dict | None:
-    proc = _ssh(ssh, "kiosk slot status --json", what="kiosk slot status", check=check)
-    if proc.returncode != 0:
-        return None
+def slot_status(ssh: list[str]) -> dict:
+    proc = _ssh(ssh, "kiosk slot status --json", what="kiosk slot status")
     try:
         return json.loads(proc.stdout)
     except ValueError:
@@ -119,12 +117,22 @@ def _install(ssh: list[str], log: Log) -> None:
                          hint="no slot was switched: the device runs what it ran") from None
 
 
+def _ask(ssh: list[str], command: str, what: str):
+    """A question to a device that may be rebooting: None while it does not answer (a refused connection, or
+    QEMU's or a router's port accepting while no sshd is up yet, so ssh waits for a banner)."""
+    try:
+        proc = _ssh(ssh, command, what=what, timeout=60, check=False)
+    except KioskError:
+        return None
+    return proc if proc.returncode == 0 else None
+
+
 def _wait_for_new_boot(ssh: list[str], old_boot: str, limit: float, log: Log) -> None:
     started = time.monotonic()
     last = started
     while time.monotonic() - started < limit:
-        proc = _ssh(ssh, BOOT_ID, what="waiting for the device", timeout=60, check=False)
-        if proc.returncode == 0 and proc.stdout.strip() and proc.stdout.strip() != old_boot:
+        proc = _ask(ssh, BOOT_ID, "waiting for the device")
+        if proc and proc.stdout.strip() and proc.stdout.strip() != old_boot:
             log(f"back after {time.monotonic() - started:.0f} s")
             return
         if time.monotonic() - last >= 30:
@@ -142,7 +150,11 @@ def _verdict(ssh: list[str], target: str, limit: float, log: Log) -> tuple[bool,
     started = time.monotonic()
     last = started
     while time.monotonic() - started < limit:
-        status = slot_status(ssh, check=False)
+        proc = _ask(ssh, "kiosk slot status --json", "kiosk slot status")
+        try:
+            status = json.loads(proc.stdout) if proc else None
+        except ValueError:
+            status = None
         if status:
             rec = (status.get("record") or {}).get(target) or {}
             installed = (((status.get("rauc") or {}).get("slots") or {}).get(target) or {}).get("installed")
