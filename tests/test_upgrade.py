@@ -67,3 +67,30 @@ def test_only_upgrade_builds_a_stale_base_again_and_its_top_follows(archive, tmp
     assert not rootfs._stale(stage, top, old, False, lines.append)
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1")    # a pinned build never chases the archive
     assert not rootfs._stale(stage, old, None, True, lines.append)
+
+
+def test_a_mirror_caught_syncing_is_tried_again_then_said(monkeypatch):
+    """apt's "Mirror sync in progress?" (an index whose size does not match its Release, seen with
+    bookworm-security armhf on 2026-12-05): mmdebstrap again after a wait; other failures at once."""
+    from kiosk.core.errors import KioskError
+
+    calls, waits = [], []
+    monkeypatch.setattr(rootfs.time, "sleep", waits.append)
+
+    def failing(message):
+        def run(cmd, **kwargs):
+            calls.append(cmd)
+            raise KioskError(message)
+        return run
+
+    monkeypatch.setattr(rootfs, "run_logged", failing("E: Failed to fetch ... File has unexpected size (1 != 2). "
+                                                      "Mirror sync in progress?"))
+    lines = []
+    with pytest.raises(KioskError, match="the mirror was being synced during 3 tries"):
+        rootfs._mmdebstrap(["mmdebstrap"], log=lines.append, verbose=False, env={})
+    assert len(calls) == 3 and waits == [60, 60] and "trying again in 60 s" in lines[0]
+    calls.clear()
+    monkeypatch.setattr(rootfs, "run_logged", failing("E: Unable to locate package nope"))
+    with pytest.raises(KioskError, match="Unable to locate"):
+        rootfs._mmdebstrap(["mmdebstrap"], log=lines.append, verbose=False, env={})
+    assert len(calls) == 1

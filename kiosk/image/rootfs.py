@@ -425,6 +425,30 @@ def _stale(stage: Stage, tar: Path, parent_tar: Path | None, upgrade: bool, log:
     return True
 
 
+MIRROR_SYNC = "Mirror sync in progress?"   # apt: an index does not match its Release (a mirror mid-sync)
+MIRROR_RETRIES = 3
+MIRROR_WAIT_SECONDS = 60
+
+
+def _mmdebstrap(cmd: list[str], *, log: Log, verbose: bool, env: dict) -> None:
+    """mmdebstrap, again after a minute when a mirror was caught syncing (Debian's mirrors and caching
+    proxies serve a new Release before its indexes for a while: apt says "File has unexpected size ...
+    Mirror sync in progress?"); any other failure at once."""
+    for attempt in range(1, MIRROR_RETRIES + 1):
+        try:
+            run_logged(cmd, stage="rootfs (mmdebstrap)", log=log, verbose=verbose, env=env, interesting=_interesting)
+            return
+        except KioskError as exc:
+            if MIRROR_SYNC not in str(exc) or attempt == MIRROR_RETRIES:
+                if MIRROR_SYNC in str(exc):
+                    raise KioskError(f"{exc.message}", hint=f"the mirror was being synced during {attempt} tries: "
+                                                            "try again later, or give another debian.mirror") from None
+                raise
+            log(f"rootfs: the mirror is being synced (an index does not match its Release); trying again in "
+                f"{MIRROR_WAIT_SECONDS} s ({attempt} of {MIRROR_RETRIES - 1} retries)")
+            time.sleep(MIRROR_WAIT_SECONDS)
+
+
 def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bool, upgrade: bool) -> Path:
     tar = stage.path
     what = "base" if stage.parent is None else f"top layer ({', '.join(stage.install)})"
@@ -450,8 +474,7 @@ def _build_stage(stage: Stage, parent_tar: Path | None, *, log: Log, verbose: bo
             f"from {', '.join(f'{m} {s}' for m, s in stage.sources)} ({cached} .debs cached, SOURCE_DATE_EPOCH={epoch})")
         started = time.monotonic()
         try:
-            run_logged(cmd, stage="rootfs (mmdebstrap)", log=log, verbose=verbose, env=env,
-                       interesting=_interesting)
+            _mmdebstrap(cmd, log=log, verbose=verbose, env=env)
             packages = _parse_dpkg_query((meta_dir / "dpkg-query").read_text())
         except BaseException:
             tmp.unlink(missing_ok=True)
