@@ -102,6 +102,13 @@ def kiosk_status(device: Device) -> dict:
     return json.loads(result.stdout)
 
 
+def device_ssh(vm: BootedVM) -> list[str]:
+    """kiosk's own ssh argv to the device (kiosk.net.reach), its real host key checked."""
+    from kiosk.net.reach import ssh_argv
+    return ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
+                    options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+
+
 def committed(vm: BootedVM, slot: str) -> bool:
     status = slot_status(vm)
     return status["booted"] == slot and (status["record"].get(slot) or {}).get("state") == "good"
@@ -183,14 +190,12 @@ def _bundle(device: Device, tmp_path: Path, *, break_program: bool, key=None) ->
 
 def test_a_system_that_cannot_run_the_program_is_rolled_back_by_the_device(device, tmp_path):
     from kiosk.core.log import Log
-    from kiosk.net.reach import ssh_argv
     from kiosk.update.commands import deliver, report
 
     vm = device.vm
     wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
     bundle = _bundle(device, tmp_path, break_program=True)
-    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
-                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    ssh = device_ssh(vm)
     lines = []
     kept, status = deliver(ssh, bundle, "A", Log(out=type("Out", (), {"write": lambda s, t: lines.append(t),
                                                                         "flush": lambda s: None})()))
@@ -221,11 +226,9 @@ def test_a_bundle_signed_by_another_key_is_refused_and_nothing_switches(device, 
     bundle = _bundle(device, tmp_path, break_program=False, key=other)
     from kiosk.core.errors import KioskError
     from kiosk.core.log import Log
-    from kiosk.net.reach import ssh_argv
     from kiosk.update.commands import _install, _ship
 
-    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
-                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    ssh = device_ssh(vm)
     log = Log(out=open(os.devnull, "w"))
     _ship(ssh, bundle, log)
     with pytest.raises(KioskError, match="not signed by the key this device trusts"):
@@ -239,15 +242,13 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     """What the watchdog does to a hung new system: the machine resets before any verdict. GRUB does not
     try the slot again (its TRY is set), and the old slot records it failed."""
     from kiosk.core.log import Log
-    from kiosk.net.reach import ssh_argv
     from kiosk.qemu.qmp import QMP
     from kiosk.update.commands import _install, _ship
 
     vm = device.vm
     wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
     bundle = _bundle(device, tmp_path, break_program=False)
-    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
-                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    ssh = device_ssh(vm)
     log = Log(out=open(os.devnull, "w"))
     _ship(ssh, bundle, log)
     _install(ssh, log)
@@ -280,7 +281,6 @@ def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, 
     configuration and generations whole, and the half-written slot is never chosen (RAUC makes it
     unbootable before it writes)."""
     from kiosk.core.log import Log
-    from kiosk.net.reach import ssh_argv
     from kiosk.update.commands import INSTALL, _ship
 
     vm = device.vm
@@ -288,8 +288,7 @@ def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, 
     generations = json.loads(vm.ssh("kiosk generations --json").stdout)
     main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
     bundle = _bundle(device, tmp_path, break_program=False)
-    ssh = ssh_argv("127.0.0.1", port=vm.port, identity=str(vm.key),
-                   options=[f"UserKnownHostsFile={vm.known_hosts()}", "ConnectTimeout=60"])
+    ssh = device_ssh(vm)
     _ship(ssh, bundle, Log(out=open(os.devnull, "w")))
     install = subprocess.Popen([*ssh, INSTALL], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     said = []
