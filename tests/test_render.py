@@ -254,6 +254,7 @@ def test_schedule_timers_in_the_specs_time_zone(spec):
         assert link.target == f"/etc/systemd/system/kiosk-screen-{state}.timer"
     boot = text(layer, "/etc/systemd/system/kiosk-screen-boot.service")   # a boot inside the off window
     assert "ExecStart=/usr/bin/kiosk screen boot\n" in boot and "After=kiosk.service\n" in boot
+    assert "RemainAfterExit=yes\n" in boot   # a push starts it; its health check wants it active afterwards
     assert layer["/etc/systemd/system/multi-user.target.wants/kiosk-screen-boot.service"].kind == "symlink"
     spec["display"]["schedule"] = {"off": "12:00", "on": "13:00", "days": ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]}
     layer = render.render(spec)

@@ -169,8 +169,10 @@ def screen_files(spec: dict) -> Layer:
             path, link = _enable("timers.target", f"{unit}.timer")
             layer[path] = link
         # The timers fire only at the times themselves: a kiosk started inside the off window goes dark here.
+        # RemainAfterExit: a push that adds or changes it starts it, and its health check wants it "active".
         boot = (HEADER + "[Unit]\nDescription=Kiosk: the screen off when the boot is inside display.schedule's off "
-                "window\nAfter=kiosk.service\n\n[Service]\nType=oneshot\nExecStart=/usr/bin/kiosk screen boot\n\n"
+                "window\nAfter=kiosk.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\n"
+                "ExecStart=/usr/bin/kiosk screen boot\n\n"
                 "[Install]\nWantedBy=multi-user.target\n")
         layer[f"{UNIT_DIR}/kiosk-screen-boot.service"] = file(boot)
         path, link = _enable("multi-user.target", "kiosk-screen-boot.service")
