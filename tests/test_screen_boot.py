@@ -321,8 +321,10 @@ def test_a_hung_kernel_is_reset_by_the_watchdog(screen):
     assert vm.ssh("cat /sys/class/watchdog/watchdog0/state").stdout.strip() == "active"
     assert vm.ssh("cat /sys/class/watchdog/watchdog0/identity").stdout.strip().startswith("iTCO_wdt")
     boot_id = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
-    # detached, so ssh returns before the kernel stops answering
-    vm.ssh("sync; nohup sh -c 'sleep 2; echo c > /proc/sysrq-trigger' >/dev/null 2>&1 &", timeout=60, shared=False)
+    # detached, so ssh returns before the kernel stops answering. kernel.panic=0: A/B's grub.cfg has panic=10
+    # (a panic reboots by itself); here the crashed kernel must stay hung, so only the watchdog can reset it
+    vm.ssh("sync; sysctl -q -w kernel.panic=0 && nohup sh -c 'sleep 2; echo c > /proc/sysrq-trigger' >/dev/null 2>&1 &",
+           timeout=60, shared=False)
     hung = time.monotonic()
     wait_until("the kernel panicked (serial console)", lambda: "Kernel panic" in vm.serial.read_text(errors="replace"),
                timeout=120, every=2)
