@@ -538,8 +538,10 @@ def test_rebuild_is_byte_identical(built_image, tmp_path, tmp_path_factory, isol
     from imagetools import _cache_dir, _shared_dir
 
     img = built_image("qemu")
-    if not (isolated_cache / "update-signing").exists():   # the user's key restored: the A/B image trusts it
-        shutil.copytree(_cache_dir(_shared_dir(tmp_path_factory)) / "update-signing", isolated_cache / "update-signing")
+    # The key of the first build (the user's key restored): the A/B image trusts its certificate. Replaced
+    # even if this worker's cache has one: an earlier test's A/B build here made its own.
+    shutil.rmtree(isolated_cache / "update-signing", ignore_errors=True)
+    shutil.copytree(_cache_dir(_shared_dir(tmp_path_factory)) / "update-signing", isolated_cache / "update-signing")
     again = build(img.spec, tmp_path, keep_root=False, log=lambda m: None)
     assert again.image.name == img.image.name
 

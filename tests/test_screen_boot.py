@@ -323,7 +323,8 @@ def test_a_hung_kernel_is_reset_by_the_watchdog(screen):
     boot_id = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     # detached, so ssh returns before the kernel stops answering. kernel.panic=0: A/B's grub.cfg has panic=10
     # (a panic reboots by itself); here the crashed kernel must stay hung, so only the watchdog can reset it
-    vm.ssh("sync; sysctl -q -w kernel.panic=0 && nohup sh -c 'sleep 2; echo c > /proc/sysrq-trigger' >/dev/null 2>&1 &",
+    # (sysctl in the foreground: `a && b &` would put both in the background with ssh's output still open)
+    vm.ssh("sync; sysctl -q -w kernel.panic=0; nohup sh -c 'sleep 2; echo c > /proc/sysrq-trigger' >/dev/null 2>&1 &",
            timeout=60, shared=False)
     hung = time.monotonic()
     wait_until("the kernel panicked (serial console)", lambda: "Kernel panic" in vm.serial.read_text(errors="replace"),
