@@ -126,9 +126,12 @@ def _timer(name: str, what: str, calendar: str) -> str:
             "[Install]\nWantedBy=timers.target\n")
 
 
-def _oneshot(what: str, argv: str) -> str:
-    return (HEADER + f"[Unit]\nDescription=Kiosk: {what}\n\n"
-            f"[Service]\nType=oneshot\nExecStart={argv}\n")
+def _oneshot(what: str, argv: str, *, after: str = "", wanted_by: str = "") -> str:
+    """A kiosk oneshot; wanted_by: enabled there, and RemainAfterExit (a push that adds or changes an
+    enabled unit starts it, and the push's health check wants it "active" afterwards)."""
+    unit = HEADER + f"[Unit]\nDescription=Kiosk: {what}\n" + (f"After={after}\n" if after else "") + "\n"
+    unit += "[Service]\nType=oneshot\n" + ("RemainAfterExit=yes\n" if wanted_by else "") + f"ExecStart={argv}\n"
+    return unit + (f"\n[Install]\nWantedBy={wanted_by}\n" if wanted_by else "")
 
 
 def _enable(target: str, unit: str) -> tuple[str, object]:
@@ -169,12 +172,9 @@ def screen_files(spec: dict) -> Layer:
             path, link = _enable("timers.target", f"{unit}.timer")
             layer[path] = link
         # The timers fire only at the times themselves: a kiosk started inside the off window goes dark here.
-        # RemainAfterExit: a push that adds or changes it starts it, and its health check wants it "active".
-        boot = (HEADER + "[Unit]\nDescription=Kiosk: the screen off when the boot is inside display.schedule's off "
-                "window\nAfter=kiosk.service\n\n[Service]\nType=oneshot\nRemainAfterExit=yes\n"
-                "ExecStart=/usr/bin/kiosk screen boot\n\n"
-                "[Install]\nWantedBy=multi-user.target\n")
-        layer[f"{UNIT_DIR}/kiosk-screen-boot.service"] = file(boot)
+        layer[f"{UNIT_DIR}/kiosk-screen-boot.service"] = file(_oneshot(
+            "the screen off when the boot is inside display.schedule's off window", "/usr/bin/kiosk screen boot",
+            after="kiosk.service", wanted_by="multi-user.target"))
         path, link = _enable("multi-user.target", "kiosk-screen-boot.service")
         layer[path] = link
     if blanking:

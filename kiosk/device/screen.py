@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from kiosk.config.display import DAYS
 from kiosk.core.errors import KioskError
 from kiosk.core.paths import device_root
 from kiosk.core.run import run
@@ -153,9 +154,6 @@ def _idle_loop(root: Path) -> int:
                 screen_on(root, "input")
         elif time.monotonic() - last >= seconds and who_switched_off(root) is None:
             screen_off(root, "idle")
-
-
-DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
 def in_off_window(schedule: dict, now: time.struct_time) -> bool:
