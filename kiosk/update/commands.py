@@ -34,6 +34,7 @@ BUNDLE = f"{INCOMING}/update.raucb"
 RECEIVE = f"mkdir -p {INCOMING} && cat > {BUNDLE}.part && sync {BUNDLE}.part && mv -f {BUNDLE}.part {BUNDLE}"
 INSTALL = f"rauc install {BUNDLE} 2>&1; rc=$?; rm -f {BUNDLE}; exit $rc"
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
+SLOT_STATUS = "kiosk slot status --json"
 SPEC_ON_DEVICE = "git -C /etc/kiosk/configuration.git show main:nixiosk.json"
 
 
@@ -43,12 +44,19 @@ def _ssh(ssh: list[str], command: str, *, what: str, timeout: float = 120, check
 
 
 def slot_status(ssh: list[str]) -> dict:
-    proc = _ssh(ssh, "kiosk slot status --json", what="kiosk slot status")
+    status = _status_of(_ssh(ssh, SLOT_STATUS, what="kiosk slot status").stdout)
+    if status is None:
+        raise KioskError(f"the device's `{SLOT_STATUS}` printed no JSON",
+                         hint="is kiosk on the device as new as this one?")
+    return status
+
+
+def _status_of(text: str) -> dict | None:
     try:
-        return json.loads(proc.stdout)
+        status = json.loads(text)
     except ValueError:
-        raise KioskError("the device's `kiosk slot status --json` printed no JSON",
-                         hint="is kiosk on the device as new as this one?") from None
+        return None
+    return status if isinstance(status, dict) else None
 
 
 def _device_spec(ssh: list[str]) -> str:
@@ -150,11 +158,8 @@ def _verdict(ssh: list[str], target: str, limit: float, log: Log) -> tuple[bool,
     started = time.monotonic()
     last = started
     while time.monotonic() - started < limit:
-        proc = _ask(ssh, "kiosk slot status --json", "kiosk slot status")
-        try:
-            status = json.loads(proc.stdout) if proc else None
-        except ValueError:
-            status = None
+        proc = _ask(ssh, SLOT_STATUS, "kiosk slot status")
+        status = _status_of(proc.stdout) if proc else None
         if status:
             rec = (status.get("record") or {}).get(target) or {}
             installed = (((status.get("rauc") or {}).get("slots") or {}).get(target) or {}).get("installed")
@@ -173,6 +178,7 @@ def _verdict(ssh: list[str], target: str, limit: float, log: Log) -> tuple[bool,
 
 def cmd_update(args) -> int:
     from kiosk.config.signing import signing_key
+    from kiosk.device.slots import other
     from kiosk.image.pipeline import build
     from kiosk.spec import load as specmod
     from kiosk.spec.commands import print_warnings
@@ -186,7 +192,7 @@ def cmd_update(args) -> int:
     if not booted:
         raise UsageError(f"{args.host} has no root slots A and B (its board boots one root partition)",
                          hint="change its configuration with git push; a whole new system needs a newly flashed card")
-    target = "B" if booted == "A" else "A"
+    target = other(booted)
     device_text = _device_spec(ssh)
     device_spec = specmod.loads(device_text, f"{args.host}:nixiosk.json")
     if args.spec:
@@ -232,7 +238,7 @@ def deliver(ssh: list[str], bundle: Path, target: str, log: Log) -> tuple[bool, 
         bundle.unlink(missing_ok=True)
     log.stage("reboot into the new system")
     old_boot = _ssh(ssh, BOOT_ID, what="reading the boot id").stdout.strip()
-    _ssh(ssh, "systemctl reboot", what="systemctl reboot", check=False)
+    _ask(ssh, "systemctl reboot", "systemctl reboot")   # the connection may drop or hang as the device goes down
     limit = paths.number_setting("KIOSK_UPDATE_BOOT_SECONDS", 900, least=30)
     with log.timed("boot"):
         _wait_for_new_boot(ssh, old_boot, limit, log)
