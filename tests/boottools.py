@@ -407,6 +407,17 @@ class BootedVM:
         return screendump(self.qmp, dest)
 
 
+def wait_until(what: str, check, timeout: float, every: float = 5):
+    """check() until it gives something true (returned), or an AssertionError naming `what` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(every)
+
+
 def png_colours(path: Path) -> int:
     """How many distinct colours a PNG screenshot has."""
     from pngtools import png_pixels

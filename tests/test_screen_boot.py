@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from boottools import ARTIFACTS, KIOSK_JOURNAL, BootedVM, boot_spec, build_boot_image
+from boottools import ARTIFACTS, KIOSK_JOURNAL, BootedVM, boot_spec, build_boot_image, wait_until
 from imagetools import _cache_dir, _shared_dir
 from sshd_harness import free_port
 from test_boot import _push, boot_key  # noqa: F401 (boot_key: the session's SSH key fixture)
@@ -159,16 +159,6 @@ def screenshots(screen: Screen, name: str) -> tuple[Path, Path]:
     assert result.returncode == 0, result.stderr
     screen.vm.screendump(dump)
     return shot, dump
-
-
-def wait_until(what: str, check, timeout: float, every: float = 5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(every)
 
 
 def journal(screen: Screen, unit: str) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from boottools import ROOT, BootedVM, boot_spec, build_boot_image
+from boottools import ROOT, BootedVM, boot_spec, build_boot_image, wait_until
 from imagetools import _cache_dir, _shared_dir
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
 
@@ -68,16 +68,6 @@ def grubenv(vm: BootedVM) -> dict:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def wait_for(what: str, check, timeout: float, every: float = 5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(every)
-
-
 def kiosk_update(device: Device, *args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
     """`kiosk update` as a user runs it: ssh with the key, the device's host key checked (known_hosts)."""
     vm = device.vm
@@ -116,7 +106,7 @@ def committed(vm: BootedVM, slot: str) -> bool:
 
 def test_the_first_boot_commits_slot_a(device):
     vm = device.vm
-    wait_for("slot A committed", lambda: committed(vm, "A"), timeout=600)
+    wait_until("slot A committed", lambda: committed(vm, "A"), timeout=600)
     env = grubenv(vm)
     assert (env["ORDER"], env["A_OK"], env["A_TRY"]) == ("A B", "1", "0"), env   # mark-good: no try pending
     rauc = slot_status(vm)["rauc"]
@@ -132,7 +122,7 @@ def test_the_first_boot_commits_slot_a(device):
 
 def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
     vm = device.vm
-    wait_for("slot A committed", lambda: committed(vm, "A"), timeout=600)
+    wait_until("slot A committed", lambda: committed(vm, "A"), timeout=600)
     before = json.loads(vm.ssh("kiosk generations --json").stdout)
     main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
     assert vm.ssh("dpkg -s hello", check=False).returncode != 0
@@ -193,7 +183,7 @@ def test_a_system_that_cannot_run_the_program_is_rolled_back_by_the_device(devic
     from kiosk.update.commands import deliver, report
 
     vm = device.vm
-    wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    wait_until("slot B committed", lambda: committed(vm, "B"), timeout=600)
     bundle = _bundle(device, tmp_path, break_program=True)
     ssh = device_ssh(vm)
     lines = []
@@ -246,7 +236,7 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     from kiosk.update.commands import _install, _ship
 
     vm = device.vm
-    wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    wait_until("slot B committed", lambda: committed(vm, "B"), timeout=600)
     bundle = _bundle(device, tmp_path, break_program=False)
     ssh = device_ssh(vm)
     log = Log(out=open(os.devnull, "w"))
@@ -254,7 +244,7 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     _install(ssh, log)
     seen = vm.serial.read_text(errors="replace").count("kiosk-ab: booting slot A")
     vm.ssh("systemctl reboot", check=False)
-    wait_for("GRUB booting slot A", lambda: vm.serial.read_text(errors="replace").count(
+    wait_until("GRUB booting slot A", lambda: vm.serial.read_text(errors="replace").count(
         "kiosk-ab: booting slot A") > seen, timeout=300, every=1)
     time.sleep(10)                     # slot A's kernel is starting: no verdict can have been given
     with QMP(vm.qmp) as qmp:
@@ -266,7 +256,7 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
             return False
         return status["booted"] == "B" and (status["record"].get("A") or {}).get("state") == "bad"
 
-    wait_for("back on slot B with a verdict on A", judged, timeout=900)
+    wait_until("back on slot B with a verdict on A", judged, timeout=900)
     record = slot_status(vm)["record"]["A"]
     from kiosk.device.slots import FALLBACK_REASON
     assert record["reason"] == FALLBACK_REASON, record
@@ -284,7 +274,7 @@ def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, 
     from kiosk.update.commands import INSTALL, _ship
 
     vm = device.vm
-    wait_for("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    wait_until("slot B committed", lambda: committed(vm, "B"), timeout=600)
     generations = json.loads(vm.ssh("kiosk generations --json").stdout)
     main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
     bundle = _bundle(device, tmp_path, break_program=False)
@@ -301,7 +291,7 @@ def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, 
     vm.power_cycle()                  # QEMU killed, then booted again on the same disk
     install.kill()
     vm.wait_for_ssh(timeout=900)
-    wait_for("slot B committed again", lambda: committed(vm, "B"), timeout=600)
+    wait_until("slot B committed again", lambda: committed(vm, "B"), timeout=600)
     assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda3"
     assert json.loads(vm.ssh("kiosk generations --json").stdout) == generations
     assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
