@@ -441,7 +441,7 @@ def _mmdebstrap(cmd: list[str], *, log: Log, verbose: bool, env: dict) -> None:
         except KioskError as exc:
             if MIRROR_SYNC not in str(exc) or attempt == MIRROR_RETRIES:
                 if MIRROR_SYNC in str(exc):
-                    raise KioskError(f"{exc.message}", hint=f"the mirror was being synced during {attempt} tries: "
+                    raise KioskError(exc.message, hint=f"the mirror was being synced during {attempt} tries: "
                                                             "try again later, or give another debian.mirror") from None
                 raise
             log(f"rootfs: the mirror is being synced (an index does not match its Release); trying again in "
