@@ -418,6 +418,17 @@ def wait_until(what: str, check, timeout: float, every: float = 5):
         time.sleep(every)
 
 
+def boot_env(vm: "BootedVM", board: str) -> dict:
+    """The boot loader's slot variables on the device's FAT: GRUB's grubenv (ORDER, A_TRY, ...) on the qemu
+    target, U-Boot's uboot.env (BOOT_ORDER, BOOT_A_LEFT, ...) through libubootenv's fw_printenv on the Pis."""
+    from kiosk.spec.hardware import load_board
+
+    command = ("fw_printenv" if load_board(board).get("uboot")
+               else "grub-editenv /boot/firmware/grub/grubenv list")
+    out = vm.ssh(command).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
 def png_colours(path: Path) -> int:
     """How many distinct colours a PNG screenshot has."""
     from pngtools import png_pixels

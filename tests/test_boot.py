@@ -47,8 +47,8 @@ from pathlib import Path
 import pytest
 
 from boottools import (
-    ARTIFACTS, DEFAULT_BOARDS, SLOW_BOARDS, BootedVM, boot_spec, build_boot_image, make_fake_image, make_key,
-    png_colours, record_figure,
+    ARTIFACTS, DEFAULT_BOARDS, SLOW_BOARDS, BootedVM, boot_env, boot_spec, build_boot_image, make_fake_image,
+    make_key, png_colours, record_figure,
 )
 from conftest import kiosk_cli
 from imagetools import _cache_dir, _shared_dir
@@ -66,8 +66,10 @@ def _has_display(board: str) -> bool:
 
 
 def _ab(board: str) -> bool:
-    """A/B boards: GRUB picks root slot A or B; a data partition holds the generations (notes/ab-update.md)."""
-    return _board(board)["bootloader"] == "grub-efi"
+    """A/B boards: GRUB or U-Boot picks root slot A or B; a data partition holds the generations (notes/ab-update.md)."""
+    from kiosk.spec.hardware import ab_slots
+
+    return ab_slots(_board(board))
 
 
 # ---------------------------------------------------------------- one boot per board
@@ -220,18 +222,22 @@ def test_grow_root_filled_the_disk(kiosk):
 
 
 def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
-    """A/B: GRUB booted slot A (root by device path, rauc.slot=A on the command line) and marked its try in
-    grubenv on the FAT; kiosk's initramfs mounted the data partition and bound the generations, the
-    configuration repository and (through sshd's HostKey lines) the host keys from it."""
+    """A/B: the boot loader (GRUB on the qemu target, U-Boot on the Pis) booted slot A (root by device path,
+    rauc.slot=A on the command line) and spent a try of it in its environment on the FAT; kiosk's initramfs
+    mounted the data partition and bound the generations, the configuration repository and (through sshd's
+    HostKey lines) the host keys from it."""
     if not _ab(kiosk.board):
         pytest.skip("the board keeps one root partition (no A/B slots yet)")
     vm = kiosk.vm
+    disk = _board(kiosk.board)["slotDevicePrefix"]
     cmdline = vm.ssh("cat /proc/cmdline").stdout.split()
-    assert "rauc.slot=A" in cmdline and "root=/dev/vda2" in cmdline, cmdline
-    assert vm.ssh("findmnt -n -o SOURCE /").stdout.strip() == "/dev/vda2"
-    assert vm.ssh("findmnt -n -o SOURCE,FSTYPE /data").stdout.split() == ["/dev/vda4", "ext4"]
-    for target, source in (("/var/lib/kiosk", "/dev/vda4[/kiosk/state]"),
-                           ("/etc/kiosk/configuration.git", "/dev/vda4[/kiosk/configuration.git]")):
+    # U-Boot appends the slot's root= to the firmware's command line (cmdline.txt's root= first): the last wins
+    roots = [w for w in cmdline if w.startswith("root=")]
+    assert "rauc.slot=A" in cmdline and roots[-1] == f"root={disk}2", cmdline
+    assert vm.ssh("findmnt -n -o SOURCE /").stdout.strip() == f"{disk}2"
+    assert vm.ssh("findmnt -n -o SOURCE,FSTYPE /data").stdout.split() == [f"{disk}4", "ext4"]
+    for target, source in (("/var/lib/kiosk", f"{disk}4[/kiosk/state]"),
+                           ("/etc/kiosk/configuration.git", f"{disk}4[/kiosk/configuration.git]")):
         assert vm.ssh(f"findmnt -n -o SOURCE {target}").stdout.strip() == source
     assert vm.ssh("readlink /var/lib/kiosk/current").stdout.strip().startswith("generations/")
     assert vm.ssh("test -s /data/kiosk/state/current/nixiosk.json && git -C /data/kiosk/configuration.git "
@@ -242,14 +248,18 @@ def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
     on_data = vm.ssh("cat /data/ssh/etc/ssh/ssh_host_ed25519_key.pub").stdout.split()
     assert served[1:3] == on_data[:2], (served, on_data)
     assert vm.ssh("ls /etc/ssh/ssh_host_*_key 2>/dev/null", check=False).stdout.strip() == ""
-    env = vm.ssh("grub-editenv /boot/firmware/grub/grubenv list 2>/dev/null || cat /boot/firmware/grub/grubenv",
-                  check=False).stdout
-    # GRUB's save_env wrote the try on the FAT (A_TRY=1) until kiosk-slot-commit judged the boot healthy and
-    # RAUC cleared it (A_TRY=0): which one depends on when this runs (tests/test_update_boot.py waits for it)
-    # (env is read first: A_TRY=0 there means the commit had run, so its journal line must be there now)
+    env = boot_env(vm, kiosk.board)
+    # The boot loader saved the try on the FAT (GRUB: A_TRY=1; U-Boot: BOOT_A_LEFT counted down to 2) until
+    # kiosk-slot-commit judged the boot healthy and RAUC took it back (A_TRY=0; BOOT_A_LEFT=3): which one
+    # depends on when this runs (tests/test_update_boot.py waits for it). env is read first: the committed
+    # state there means the commit had run, so its journal line must be there now.
     kept = "slot A is healthy: kept" in vm.ssh("journalctl -b -o cat -u kiosk-slot-commit.service",
                                                check=False).stdout
-    assert "ORDER=A B" in env and ("A_TRY=1" in env or ("A_TRY=0" in env and kept)), (kept, env)
+    if "ORDER" in env:   # GRUB
+        assert env["ORDER"] == "A B" and (env["A_TRY"] == "1" or (env["A_TRY"] == "0" and kept)), (kept, env)
+    else:                # U-Boot
+        assert env["BOOT_ORDER"] == "A B" and env["BOOT_B_LEFT"] == "0", env
+        assert env["BOOT_A_LEFT"] == "2" or (env["BOOT_A_LEFT"] == "3" and kept), (kept, env)
     assert vm.ssh("systemctl is-active data.mount var-lib-kiosk.mount etc-kiosk-configuration.git.mount",
                   check=False).stdout.split() == ["active"] * 3
 
@@ -265,7 +275,8 @@ def test_rauc_knows_the_slots_and_that_a_is_booted(kiosk):
     print(f"\n[{kiosk.board}] rauc status:\n{out}")
     assert re.search(rf"^Compatible:\s+{compatible(kiosk.board)}$", out, re.M), out
     assert re.search(r"^Booted from:\s+rootfs\.0 \(A\)$", out, re.M), out
-    assert "/dev/vda2" in out and "/dev/vda3" in out, out
+    disk = _board(kiosk.board)["slotDevicePrefix"]
+    assert f"{disk}2" in out and f"{disk}3" in out, out
 
 
 def test_the_users_image_is_untouched(kiosk):
@@ -317,7 +328,11 @@ def test_the_headless_display_is_kiosk_runs_not_the_images(kiosk):
 
     running = kiosk.vm.ssh("cat /proc/cmdline").stdout
     assert ("systemd.setenv=WLR_BACKENDS=headless" in running) == (not _has_display(kiosk.board)), running
-    assert b"WLR_BACKENDS" not in read_boot_file(kiosk.image, "grub/grub.cfg" if _ab(kiosk.board) else "cmdline.txt")
+    on_fat = ["grub/grub.cfg"] if _board(kiosk.board)["bootloader"] == "grub-efi" else ["cmdline.txt"]
+    if _board(kiosk.board).get("uboot"):
+        on_fat += ["boot.scr", "uboot.env"]
+    for name in on_fat:
+        assert b"WLR_BACKENDS" not in read_boot_file(kiosk.image, name), name
     found = kiosk.vm.ssh("grep -rl WLR_BACKENDS /etc /usr/lib/systemd /usr/lib/kiosk /var/lib/kiosk", check=False)
     assert found.stdout.strip() == "", found.stdout
 
@@ -748,10 +763,15 @@ def fake_image(tmp_path: Path, board_name: str) -> Path:
                  "cmdline.txt": f"{console} root={root} rw net.ifnames=0 rootwait quiet splash\n".encode()}
     else:
         version = KERNEL_VERSION[board["architecture"]]
-        files = {f"vmlinuz-{version}": b"kernel", f"initrd.img-{version}": b"initrd",
-                 "config.txt": f"enable_uart=1\nkernel=vmlinuz-{version}\ninitramfs initrd.img-{version}\n".encode(),
-                 "cmdline.txt": f" {console} root={root} rw fsck.repair=yes net.ifnames=0 cma=64M rootwait "
-                                "quiet splash\n".encode()}
+        cmdline = f" {console} root={root} rw fsck.repair=yes net.ifnames=0 cma=64M rootwait quiet splash\n"
+        if board.get("uboot"):   # A/B: the firmware's kernel is U-Boot, which loads a slot's kernel and initrd
+            uboot = Path(board["uboot"]["binary"]).name
+            files = {uboot: b"kernel", "config.txt": f"enable_uart=1\nkernel={uboot}\n".encode(),
+                     "cmdline.txt": cmdline.encode()}
+        else:
+            files = {f"vmlinuz-{version}": b"kernel", f"initrd.img-{version}": b"initrd",
+                     "config.txt": f"enable_uart=1\nkernel=vmlinuz-{version}\ninitramfs initrd.img-{version}\n".encode(),
+                     "cmdline.txt": cmdline.encode()}
         for dtb in board["deviceTrees"]:
             files[Path(dtb).name] = b"\xd0\x0d\xfe\xed"
     return make_fake_image(tmp_path / f"demo-{board_name}.img", files=files)
@@ -772,7 +792,8 @@ def _check_kernel_arguments(argv: list[str], q: dict) -> None:
     assert "root=UUID=0b0e53b3-1c1e-4d5a-8f3e-5e1d1a2b3c4d" in append
     assert all(a in append for a in q["append"])
     assert Path(argv[argv.index("-kernel") + 1]).read_bytes() == b"kernel"
-    assert Path(argv[argv.index("-initrd") + 1]).read_bytes() == b"initrd"
+    if "-initrd" in argv or not any(a.endswith("u-boot.bin") for a in argv):   # U-Boot loads the slot's own
+        assert Path(argv[argv.index("-initrd") + 1]).read_bytes() == b"initrd"
     if q["dtb"]:
         assert Path(argv[argv.index("-dtb") + 1]).name == q["dtb"]
     else:

@@ -60,7 +60,9 @@ def _blkid(image: Path, offset: int) -> dict:
 
 def _ab(board: str) -> bool:
     """A/B boards: root slots A and B and a data partition (notes/ab-update.md)."""
-    return _board(board)["bootloader"] == "grub-efi"
+    from kiosk.spec.hardware import ab_slots
+
+    return ab_slots(_board(board))
 
 
 def _bmap_ranges(bmap: Path) -> list[tuple[int, int]]:
@@ -257,6 +259,13 @@ def test_raspi_boot_partition(built_image, board):
         assert blob in names
     for dtb in hw["deviceTrees"]:
         assert Path(dtb).name in names
+    if hw.get("uboot"):   # A/B: the firmware starts U-Boot; each slot carries its own kernel and initramfs
+        assert not [n for n in names if n.startswith(("vmlinuz", "initrd.img"))], names
+        assert read_boot_file(img.image, Path(hw["uboot"]["binary"]).name) == read_root_file(
+            img.image, f"/usr/lib/u-boot/{hw['uboot']['binary']}")
+        assert read_root_file(img.image, "/vmlinuz", follow=False) == f"boot/vmlinuz-{version}".encode()
+        assert read_root_file(img.image, "/initrd.img", follow=False) == f"boot/initrd.img-{version}".encode()
+        return
     kernel = read_boot_file(img.image, f"vmlinuz-{version}")
     assert kernel == read_root_file(img.image, f"/boot/vmlinuz-{version}")
     initrd = read_boot_file(img.image, f"initrd.img-{version}")
@@ -279,11 +288,13 @@ def test_config_txt_exact(built_image, board):
         "# firmware or the Linux kernel.\n#\n# If you need to set boot-time parameters, do so via the\n"
         "# /etc/default/raspi-firmware, /etc/default/raspi-firmware-custom or\n"
         "# /etc/default/raspi-extra-cmdline files.\n\n"
-        f"{arm64}enable_uart=1\nupstream_kernel=1\n\nkernel=vmlinuz-{version}\n"
-        "# For details on the initramfs directive, see\n"
-        "# https://www.raspberrypi.org/forums/viewtopic.php?f=63&t=10532\n"
-        f"initramfs initrd.img-{version}\n\n# Inserted by /etc/default/raspi-firmware-custom\n"
-        + custom.rstrip("\n") + "\n")
+        f"{arm64}enable_uart=1\nupstream_kernel=1\n\n"
+        + (f"kernel={Path(hw['uboot']['binary']).name}\n" if hw.get("uboot") else   # U-Boot loads the slot's
+           f"kernel=vmlinuz-{version}\n"
+           "# For details on the initramfs directive, see\n"
+           "# https://www.raspberrypi.org/forums/viewtopic.php?f=63&t=10532\n"
+           f"initramfs initrd.img-{version}\n")
+        + "\n# Inserted by /etc/default/raspi-firmware-custom\n" + custom.rstrip("\n") + "\n")
     assert read_boot_file(img.image, "config.txt").decode() == expected
 
 
@@ -383,6 +394,43 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     trusted = read_root_file(img.image, "/etc/rauc/kiosk-update.cert.pem")
     assert trusted == (_cache_dir(_shared_dir(tmp_path_factory)) / "update-signing" / "cert.pem").read_bytes()
     assert trusted.count(b"-----BEGIN CERTIFICATE-----") == 1 and b"PRIVATE" not in trusted
+
+
+def test_raspberry_pi_uboot_files(built_image, tmp_path):
+    """A/B Pis: boot.scr is kiosk's script as a U-Boot script image, uboot.env kiosk's minimal environment (valid
+    CRC, slot A first with its tries, B empty, no USB start), kiosk-slots.txt the same order, and RAUC drives
+    U-Boot's variables through libubootenv on that file."""
+    import struct
+    import zlib
+
+    from kiosk.image.uboot import boot_cmd
+
+    img = built_image("raspberryPi3")
+    hw = _board("raspberryPi3")
+    scr = read_boot_file(img.image, "boot.scr")
+    magic, _, _, size, _, _, _, _, _, kind, _ = struct.unpack(">IIIIIIIBBBB", scr[:32])
+    assert magic == 0x27051956 and kind == 6 and scr[32:40].rstrip(b"\0") == b"kiosk-ab"   # IH_TYPE_SCRIPT
+    (tmp_path / "boot.scr").write_bytes(scr)
+    listed = subprocess.run(["dumpimage", "-l", str(tmp_path / "boot.scr")], capture_output=True, text=True).stdout
+    assert "Script File" in listed and "kiosk-ab" in listed, listed
+    body = scr[64:64 + size]
+    length = struct.unpack(">I", body[:4])[0]
+    assert body[8:8 + length].decode() == boot_cmd(hw)
+    env = read_boot_file(img.image, "uboot.env")
+    assert len(env) == 0x4000 and struct.unpack("<I", env[:4])[0] == zlib.crc32(env[4:])
+    variables = dict(v.split("=", 1) for v in env[4:].split(b"\0\0")[0].decode().split("\0"))
+    assert (variables["BOOT_ORDER"], variables["BOOT_A_LEFT"], variables["BOOT_B_LEFT"]) == ("A B", "3", "0")
+    assert variables["bootcmd"] == "load mmc 0:1 ${scriptaddr} boot.scr; source ${scriptaddr}"
+    assert "preboot" not in variables and variables["bootdelay"] == "0"
+    assert read_boot_file(img.image, "kiosk-slots.txt") == b"BOOT_ORDER=A B\nBOOT_A_LEFT=3\nBOOT_B_LEFT=0\n"
+    assert read_root_file(img.image, "/etc/fw_env.config").decode().splitlines()[-1] == \
+        "/boot/firmware/uboot.env 0x0000 0x4000"
+    conf = read_root_file(img.image, "/etc/rauc/system.conf").decode()
+    for line in ("compatible=kiosk-raspberryPi3", "bootloader=uboot", "boot-attempts=3", "boot-attempts-primary=1",
+                 "device=/dev/mmcblk0p2", "device=/dev/mmcblk0p3", "statusfile=/data/rauc.status"):
+        assert f"\n{line}\n" in conf, conf
+    defaults = read_root_file(img.image, "/etc/default/raspi-firmware").decode()
+    assert '\nKERNEL="u-boot.bin"\n' in defaults and '\nINITRAMFS="no"\n' in defaults
 
 
 def _cpio_list(initrd: bytes, tmp_path: Path) -> list[str]:

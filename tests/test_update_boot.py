@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from boottools import ROOT, BootedVM, boot_spec, build_boot_image, wait_until
+from boottools import ROOT, BootedVM, boot_env, boot_spec, build_boot_image, wait_until
 from imagetools import _cache_dir, _shared_dir
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
 
@@ -61,11 +61,6 @@ def device(tmp_path_factory, boot_key):  # noqa: F811 (the imported fixture)
 
 def slot_status(vm: BootedVM) -> dict:
     return json.loads(vm.ssh("kiosk slot status --json").stdout)
-
-
-def grubenv(vm: BootedVM) -> dict:
-    out = vm.ssh("grub-editenv /boot/firmware/grub/grubenv list").stdout
-    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
 def kiosk_update(device: Device, *args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
@@ -147,7 +142,7 @@ def committed(vm: BootedVM, slot: str) -> bool:
 def test_the_first_boot_commits_slot_a(device):
     vm = device.vm
     wait_until("slot A committed", lambda: committed(vm, "A"), timeout=600)
-    env = grubenv(vm)
+    env = boot_env(vm, "qemu")
     assert (env["ORDER"], env["A_OK"], env["A_TRY"]) == ("A B", "1", "0"), env   # mark-good: no try pending
     rauc = slot_status(vm)["rauc"]
     assert rauc["compatible"] == "kiosk-qemu" and rauc["slots"]["A"]["bootStatus"] == "good"
@@ -186,7 +181,7 @@ def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
     assert vm.ssh("hello").stdout.strip() == "Hello, world!"
     assert json.loads(vm.ssh("kiosk generations --json").stdout) == before
     assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
-    env = grubenv(vm)
+    env = boot_env(vm, "qemu")
     assert (env["ORDER"].split()[0], env["B_OK"], env["B_TRY"]) == ("B", "1", "0"), env
     vm.wait_for_program("/usr/bin/foot", timeout=300)
     slots = kiosk_status(device)["slots"]
@@ -237,7 +232,7 @@ def test_a_system_that_cannot_run_the_program_is_rolled_back_by_the_device(devic
     assert record["state"] == "bad" and "kiosk.service" in record["reason"], record
     assert report("dev", "A", "broken-1", kept, status) == 1
     assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda3"
-    env = grubenv(vm)
+    env = boot_env(vm, "qemu")
     assert env["A_OK"] == "0" or env["A_TRY"] == "1", env    # mark-bad: GRUB will not choose A
     slots = kiosk_status(device)["slots"]
     assert slots["booted"] == "B" and slots["slots"]["A"]["state"] == "bad", slots
@@ -249,7 +244,7 @@ def test_a_bundle_signed_by_another_key_is_refused_and_nothing_switches(device, 
     from kiosk.config.signing import signing_key
 
     vm = device.vm
-    before = grubenv(vm)
+    before = boot_env(vm, "qemu")
     os.environ["KIOSK_CACHE_DIR"] = str(tmp_path / "other-cache")
     try:
         other = signing_key()
@@ -265,7 +260,7 @@ def test_a_bundle_signed_by_another_key_is_refused_and_nothing_switches(device, 
     _ship(ssh, bundle, log)
     with pytest.raises(KioskError, match="not signed by the key this device trusts"):
         _install(ssh, log)
-    assert grubenv(vm) == before
+    assert boot_env(vm, "qemu") == before
     assert vm.ssh("ls /data/kiosk/incoming").stdout.strip() == ""   # the refused bundle is not left there
 
 
@@ -302,7 +297,7 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     record = slot_status(vm)["record"]["A"]
     from kiosk.device.slots import FALLBACK_REASON
     assert record["reason"] == FALLBACK_REASON, record
-    env = grubenv(vm)
+    env = boot_env(vm, "qemu")
     assert (env["ORDER"].split()[0], env["A_OK"]) == ("B", "0"), env   # A never tried again; B first
     vm.wait_for_program("/usr/bin/foot", timeout=300)
 
@@ -337,5 +332,5 @@ def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, 
     assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == "/dev/vda3"
     assert json.loads(vm.ssh("kiosk generations --json").stdout) == generations
     assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
-    assert grubenv(vm)["A_OK"] == "0"
+    assert boot_env(vm, "qemu")["A_OK"] == "0"
     vm.wait_for_program("/usr/bin/foot", timeout=300)

@@ -63,15 +63,17 @@ def _shell_cat(text: str) -> str:
     return text.rstrip("\n")
 
 
-def raspi_config_txt(arch: str, kernel: str, initrd: str, custom: str | None) -> str:
-    """config.txt as raspi-firmware's z50-raspi-firmware hook writes it (bookworm 1.20220830)."""
+def raspi_config_txt(arch: str, kernel: str, initrd: str | None, custom: str | None) -> str:
+    """config.txt as raspi-firmware's z50-raspi-firmware hook writes it (bookworm 1.20220830); initrd None is
+    its INITRAMFS="no" (U-Boot, which loads the slot's own, is the firmware's kernel)."""
     text = CONFIG_HEADER
     if arch == "arm64":
         text += "# Switch the CPU from ARMv7 into ARMv8 (aarch64) mode\narm_64bit=1\n\n"
     text += f"enable_uart=1\nupstream_kernel=1\n\nkernel={kernel}\n"
-    text += ("# For details on the initramfs directive, see\n"
-             "# https://www.raspberrypi.org/forums/viewtopic.php?f=63&t=10532\n"
-             f"initramfs {initrd}\n")
+    if initrd is not None:
+        text += ("# For details on the initramfs directive, see\n"
+                 "# https://www.raspberrypi.org/forums/viewtopic.php?f=63&t=10532\n"
+                 f"initramfs {initrd}\n")
     if custom is not None:
         text += f"\n# Inserted by /etc/default/raspi-firmware-custom\n{_shell_cat(custom)}\n"
     return text
@@ -110,3 +112,15 @@ def read_defaults(text: str) -> dict[str, str]:
                 continue
             values[match.group(1)] = " ".join(words)
     return values
+
+
+# --- U-Boot's slot order (A/B Raspberry Pis, kiosk.image.uboot) ----------------------------------
+
+SLOTS_FILE = "kiosk-slots.txt"   # on the FAT: the order of the last commit, for a lost uboot.env
+TRIES = 3                        # boots a committed slot may fail before U-Boot passes it over
+
+
+def slots_text(order: str, left: dict[str, int]) -> str:
+    """kiosk-slots.txt (U-Boot's `env import -t` format): the boot order and tries of a known-good state,
+    written at image build and by `kiosk slot commit`."""
+    return f"BOOT_ORDER={order}\n" + "".join(f"BOOT_{name}_LEFT={left[name]}\n" for name in ("A", "B"))

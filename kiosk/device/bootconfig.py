@@ -58,9 +58,12 @@ def expected(root: Path) -> dict[str, bytes]:
     defaults = read_defaults((root / DEFAULTS).read_text()) if (root / DEFAULTS).is_file() else {}
     kernel, initrd = latest_boot_file(root / "boot", "vmlinuz-"), latest_boot_file(root / "boot", "initrd.img-")
     files = {}
-    if kernel and initrd and defaults.get("KERNEL", "auto") == "auto" and defaults.get("INITRAMFS", "auto") == "auto":
+    if kernel and initrd:   # the hook's own condition; KERNEL="u-boot.bin" INITRAMFS="no" on A/B Pis
         arch = defaults.get("KERNEL_ARCH") or board["architecture"]
-        files["config.txt"] = raspi_config_txt(arch, kernel, initrd, (root / CUSTOM).read_text()).encode()
+        named = defaults.get("KERNEL", "auto")
+        files["config.txt"] = raspi_config_txt(arch, kernel if named == "auto" else named,
+                                               None if defaults.get("INITRAMFS", "auto") == "no" else initrd,
+                                               (root / CUSTOM).read_text()).encode()
     consoles = defaults.get("CONSOLES", "auto")
     if consoles != "auto" and defaults.get("ROOTPART"):
         extra = (root / EXTRA).read_text() if (root / EXTRA).is_file() else None

@@ -146,6 +146,7 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
     if not problems:
         mark("good")
         record(root, booted, "good", version=version, installed=installed)
+        remember_order(root, booted, spare_good=(read_record(root).get(spare) or {}).get("state") == "good", log=log)
         log(f"slot {booted} is healthy: kept")
         return 0
     reason = "; ".join(problems)
@@ -159,6 +160,24 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
     record(root, booted, "unhealthy", reason, version=version, installed=installed)
     log(f"slot {booted} is not healthy ({reason}), and slot {spare} is no better choice: staying")
     return 1
+
+
+def remember_order(root: Path, booted: str, *, spare_good: bool, log: Log) -> None:
+    """U-Boot boards: kiosk-slots.txt on the firmware partition says the committed order, for a boot script
+    whose uboot.env was lost (Debian's U-Boot keeps no second copy; kiosk.image.uboot). Other boards have
+    no such file."""
+    from kiosk.device.bootconfig import FIRMWARE_DIR, replace
+    from kiosk.config.bootconfig import SLOTS_FILE, TRIES, slots_text
+
+    fat = Path(root) / FIRMWARE_DIR
+    if not (fat / SLOTS_FILE).is_file():
+        return
+    text = slots_text(f"{booted} {other(booted)}", {booted: TRIES, other(booted): TRIES if spare_good else 0})
+    if (fat / SLOTS_FILE).read_text() != text:
+        try:
+            replace(fat, SLOTS_FILE, text.encode())
+        except OSError as exc:   # the slot is kept all the same: the file only helps a damaged uboot.env
+            log(f"{SLOTS_FILE}: not written ({exc.strerror})")
 
 
 def slot_state(name: str, record: dict, rauc: dict) -> dict:

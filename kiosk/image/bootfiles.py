@@ -15,8 +15,9 @@ or firmware upgrade on the device reproduces them byte for byte; file names
 direct-kernel: vmlinuz, initrd.img and cmdline.txt, for `kiosk run` to pass as
 -kernel/-initrd/-append.
 
-grub-efi (the qemu target, A/B): GRUB's files (kiosk.image.grub); the kernel and
-initramfs stay in the root slot, as /vmlinuz and /initrd.img; RAUC's system.conf names the slots.
+grub-efi (the qemu target, A/B): GRUB's files (kiosk.image.grub); raspi-firmware boards with
+"uboot" (A/B): the firmware's files with U-Boot as its kernel (kiosk.image.uboot). On A/B boards the
+kernel and initramfs stay in the root slot, as /vmlinuz and /initrd.img; RAUC's system.conf names the slots.
 
 The initramfs is built here, natively, in a second: busybox-static of the
 target architecture (installed by kiosk.rootfs), the kernel modules needed to
@@ -394,6 +395,8 @@ def boot_inputs(plan, root_dir: Path, fetch: Callable[..., None]) -> None:
                                              "modules.order")))
     wanted = module_load_order(root_dir / moddir.lstrip("/"), initramfs_modules(plan.board))
     fetch(*(f"{moddir}/{rel}" for rel in wanted))
+    if plan.board.get("uboot"):
+        fetch(f"/usr/lib/u-boot/{plan.board['uboot']['binary']}")
     if plan.board["bootloader"] == "raspi-firmware":
         fetch("/usr/lib/raspi-firmware", "/etc/default",
               *(f"{lib}/linux-image-{version}/{dtb}" for lib in ("/usr/lib", "/lib") for dtb in plan.board["deviceTrees"]))
@@ -412,15 +415,18 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     write_atomic(root_dir / "boot" / f"initrd.img-{version}", initrd)
     files: dict[str, bytes | Path] = {}
 
-    if board["bootloader"] == "grub-efi":
-        from kiosk.image.grub import grub_files, rauc_system_conf
+    if ab_slots(board):
+        from kiosk.image import rauc
 
-        write_atomic(root_dir / "etc/rauc/system.conf", rauc_system_conf(board))
-
-        # Each slot boots its own kernel and initramfs (grub.cfg names these Debian-style links).
+        write_atomic(root_dir / "etc/rauc/system.conf", rauc.system_conf(board))
+        # Each slot boots its own kernel and initramfs (grub.cfg and boot.scr name these Debian-style links).
         for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):
             (root_dir / link).unlink(missing_ok=True)
             (root_dir / link).symlink_to(target)
+
+    if board["bootloader"] == "grub-efi":
+        from kiosk.image.grub import grub_files
+
         files.update(grub_files(board, plan.spec))
         log(f"boot files: GRUB EFI, grub.cfg, grubenv; kernel {version} and initrd.img in the root slot")
         return files
@@ -447,14 +453,26 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
         if not src.is_file():
             raise KioskError(f"boot files: device tree {dtb} is not in kernel {version} (hardware/{board['name']}.json)")
         files[Path(dtb).name] = src
-    files[f"vmlinuz-{version}"] = vmlinuz
-    files[f"initrd.img-{version}"] = initrd
+    uboot = board.get("uboot")
+    if uboot:   # A/B: the firmware starts U-Boot, which boots a slot's kernel (kiosk.image.uboot)
+        from kiosk.image.uboot import fw_env_config, uboot_files
+
+        files.update(uboot_files(board, root_dir, epoch))
+        write_atomic(root_dir / "etc/fw_env.config", fw_env_config())
+        firmware_kernel, firmware_initrd = Path(uboot["binary"]).name, None
+    else:
+        files[f"vmlinuz-{version}"] = vmlinuz
+        files[f"initrd.img-{version}"] = initrd
+        firmware_kernel, firmware_initrd = f"vmlinuz-{version}", f"initrd.img-{version}"
 
     # The on-device settings, so raspi-firmware's hooks regenerate these same files after an upgrade.
     defaults = root_dir / "etc/default/raspi-firmware"
     text = defaults.read_text() if defaults.is_file() else ""
     text = set_default(text, "CONSOLES", f'"{" ".join(consoles(board))}"')
     text = set_default(text, "ROOTPART", f'"{root}"')
+    if uboot:
+        text = set_default(text, "KERNEL", f'"{firmware_kernel}"')
+        text = set_default(text, "INITRAMFS", '"no"')
     write_atomic(defaults, text)
     custom_path = root_dir / "etc/default/raspi-firmware-custom"
     extra_path = root_dir / "etc/default/raspi-extra-cmdline"
@@ -464,12 +482,13 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
         write_atomic(extra_path, extra_cmdline(board, plan.spec))
     custom = custom_path.read_text()
     extra = extra_path.read_text()
-    files["config.txt"] = raspi_config_txt(plan.architecture, f"vmlinuz-{version}", f"initrd.img-{version}",
-                                           custom).encode()
+    files["config.txt"] = raspi_config_txt(plan.architecture, firmware_kernel, firmware_initrd, custom).encode()
     files["cmdline.txt"] = raspi_cmdline_txt(consoles(board), root, pi4=board["name"] == "raspberryPi4",
                                              extra=extra).encode()
-    log(f"boot files: firmware ({sum(1 for p in firmware.iterdir())} files), kernel {version}, "
-        f"{len(board['deviceTrees'])} device trees, config.txt, cmdline.txt")
+    log(f"boot files: firmware ({sum(1 for p in firmware.iterdir())} files), "
+        + (f"U-Boot, boot.scr, uboot.env; kernel {version} and initrd.img in the root slot, " if uboot
+           else f"kernel {version}, ")
+        + f"{len(board['deviceTrees'])} device trees, config.txt, cmdline.txt")
     return files
 
 

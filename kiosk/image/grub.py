@@ -61,37 +61,6 @@ menuentry "kiosk slot" {{
 """
 
 
-RAUC_CERTIFICATE = "/etc/rauc/kiosk-update.cert.pem"   # the keyring: the user's update certificate (not yet written)
-
-RAUC_SYSTEM_CONF = """# Written by kiosk at image build: the root slots RAUC installs into (notes/ab-update.md).
-[system]
-compatible=kiosk-{board}
-bootloader=grub
-grubenv=/boot/firmware/grub/grubenv
-statusfile=/data/rauc.status
-
-[keyring]
-path={certificate}
-
-[slot.rootfs.0]
-device={prefix}2
-type=ext4
-bootname=A
-
-[slot.rootfs.1]
-device={prefix}3
-type=ext4
-bootname=B
-"""
-
-
-def rauc_system_conf(board: dict) -> str:
-    """/etc/rauc/system.conf: RAUC's grub backend on the grubenv this module writes; `compatible` is what
-    kiosk.update.bundle puts in a bundle's manifest for the board."""
-    return RAUC_SYSTEM_CONF.format(board=board["name"], certificate=RAUC_CERTIFICATE,
-                                   prefix=board["slotDevicePrefix"])
-
-
 def kernel_arguments(board: dict, spec: dict) -> list[str]:
     """The kernel's arguments beyond root= and the slot: the screen's console first, the serial console last
     (/dev/console: systemd's messages reach the serial log `kiosk run` shows), then what every boot loader

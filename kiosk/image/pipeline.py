@@ -160,7 +160,7 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
             prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
         assemble.write_root_files(root, ident, ab_slots(plan.board))
         if ab_slots(plan.board):
-            from kiosk.image.grub import RAUC_CERTIFICATE
+            from kiosk.image.rauc import RAUC_CERTIFICATE
 
             if not update_cert:
                 raise KioskError("an A/B image needs the update certificate its devices will trust",

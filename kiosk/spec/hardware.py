@@ -10,13 +10,10 @@ from kiosk.core.errors import KioskError
 
 # Nixiosk targets that are the same thing here under another name.
 ALIASES = {"qemu-no-virtfs": "qemu"}
-# Boot loaders that choose between two root slots (notes/ab-update.md): their boards get the A/B layout.
-AB_BOOTLOADERS = ("grub-efi",)
-
-
 def ab_slots(board: dict) -> bool:
-    """Whether the board's images have root slots A and B and a data partition (else one root partition)."""
-    return board["bootloader"] in AB_BOOTLOADERS
+    """Whether the board's images have root slots A and B and a data partition (else one root partition):
+    GRUB (EFI) or U-Boot chooses the slot (notes/ab-update.md)."""
+    return board["bootloader"] == "grub-efi" or bool(board.get("uboot"))
 
 
 def board_names() -> list[str]:
