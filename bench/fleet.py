@@ -8,7 +8,7 @@ fleet size it measures, with --parallel 10 (waves of 10 after one canary):
 
   push       `kiosk fleet push` wall time, every device changed (the program's URL)
   rerun      the same command again: every device looked at and found unchanged (the resume cost)
-  status     `kiosk fleet status` (kiosk generations --json over ssh on every device, 10 at a time)
+  status     `kiosk fleet status` (kiosk status's question over ssh on every device, 10 at a time)
 
 --build N also times `kiosk fleet build` of N qemu images (base root filesystem from KIOSK_TEST_CACHE_DIR
 or KIOSK_CACHE_DIR; the first image may build it, the rest are configuration-only builds). Root only.

@@ -37,10 +37,23 @@ def write_suite(root: Path, suite: str, arch: str, versions: dict[str, str | lis
     (directory / "Packages.xz").write_bytes(lzma.compress("\n".join(stanzas).encode()))
 
 
+def dpkg_status(packages) -> str:
+    """/var/lib/dpkg/status of these (name, version, architecture) packages, as dpkg writes it; one package
+    removed (config files left), which dpkg-query does not count as installed."""
+    stanzas = [f"Package: {name}\nStatus: install ok installed\nMaintainer: x <x@example.org>\n"
+               f"Architecture: {arch}\nVersion: {version}\nDescription: {name}\n" for name, version, arch in packages]
+    stanzas.append("Package: gone\nStatus: deinstall ok config-files\nMaintainer: x <x@example.org>\n"
+                   "Architecture: arm64\nVersion: 0.1-1\nDescription: gone\n")
+    return "\n".join(stanzas)
+
+
 class Server:
+    """The archive at self.url; self.requests lists every path asked for, in order."""
+
     def __init__(self, root: Path):
         handler = functools.partial(_QuietHandler, directory=str(root))
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.requests = self.httpd.requests = []
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/debian"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()
@@ -51,6 +64,10 @@ class Server:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def send_head(self):
+        self.server.requests.append(self.path.removeprefix("/debian"))
+        return super().send_head()
+
     def translate_path(self, path):
         return super().translate_path(path.removeprefix("/debian"))
 

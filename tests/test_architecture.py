@@ -102,7 +102,7 @@ def test_subpackages_import_each_other_without_a_circle():
 
 # The layers, low to high (README's layout): a subpackage imports only from lower layers.
 LAYERS = {"core": 0, "spec": 1, "config": 2, "builders": 3, "device": 4, "image": 5,
-          "buildhost": 6, "net": 6, "flash": 6, "qemu": 6, "fleet": 7, "update": 7}
+          "buildhost": 6, "net": 6, "flash": 6, "qemu": 6, "update": 7, "fleet": 8}
 
 
 def test_subpackages_import_only_lower_layers():

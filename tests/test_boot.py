@@ -608,11 +608,14 @@ def test_a_fleet_push_reaches_the_booted_device(kiosk, boot_key, tmp_path):
             assert json.loads((device.root / "var/lib/kiosk/current/root/etc/kiosk/program.json").read_text())[4:] \
                 == FLEET_HARNESS_ARGS
 
-        # status over the same ssh: all three healthy; a rerun changes nothing
-        r = kiosk_cli("fleet", "status", "fleet.yml", "--json", cwd=tmp_path)
+        # status over the same ssh: all three healthy, the VM booted from slot A (good); a rerun changes nothing
+        r = kiosk_cli("fleet", "status", "fleet.yml", "--json", "--timeout", "60", cwd=tmp_path)
         assert r.returncode == 0, r.stdout + r.stderr
-        assert {row["host"]: row["generation"] for row in json.loads(r.stdout)["devices"]} == \
+        status = {row["host"]: row for row in json.loads(r.stdout)["devices"]}
+        assert {host: row["generation"] for host, row in status.items()} == \
             {spec["hostName"]: generation, "harness-1": 2, "harness-2": 2}
+        slots = status[spec["hostName"]]["slots"]
+        assert slots["booted"] == "A" and slots["slots"]["A"]["state"] == "good", status[spec["hostName"]]
         r = kiosk_cli("fleet", "push", "fleet.yml", "nixiosk.json", "--json", cwd=tmp_path)
         assert r.returncode == 0 and {row["result"] for row in json.loads(r.stdout)["devices"]} == {"unchanged"}
     finally:

@@ -14,16 +14,21 @@ import json
 import socket
 import textwrap
 import threading
+from collections import Counter
 
 import pytest
 from conftest import kiosk_cli
-from sshd_harness import Device, key_set, snapshot
+from fake_mirror import Server, dpkg_status, write_mirror, write_suite
+from sshd_harness import VENV_BIN, Device, key_set, snapshot
 
 from kiosk.device import pending, store
+from kiosk.fleet import commands as fleet_commands
 from kiosk.fleet.inventory import expand_pattern, read_inventory, select
 from kiosk.fleet.merge import deep_merge, load_fleet
 from kiosk.fleet.rollout import failure_budget
 from kiosk.core.errors import UsageError
+from kiosk.spec import archive
+from kiosk.update import status as one_status
 
 LOBBY = ["https://lobby.example.org/v2"]
 CAFE = ["https://cafe.example.org/v2", "--kiosk"]
@@ -265,7 +270,8 @@ def device_spec(fake_mirror, keys, name: str) -> dict:
 class Fleet:
     """N harness devices (screen01..), a base spec, and an inventory reaching them as an operator's would."""
 
-    def __init__(self, tmp_path, fake_mirror, keys, count: int, groups=("lobby", "cafe")):
+    def __init__(self, tmp_path, fake_mirror, keys, count: int, groups=("lobby", "cafe"), debian=None, env=None):
+        """debian: more fields of every spec's debian section; env: {name: the device's environment}."""
         self.tmp, self.keys = tmp_path, keys
         self.devices: dict[str, Device] = {}
         names = [f"screen{i:02d}" for i in range(1, count + 1)]
@@ -275,8 +281,10 @@ class Fleet:
             try:
                 directory = tmp_path / name
                 directory.mkdir()
-                self.devices[name] = Device(directory, device_spec(fake_mirror, keys, name), keys["client_pub"],
-                                            keys["host"], device_paths=True)
+                spec = device_spec(fake_mirror, keys, name)
+                spec["debian"].update(debian or {})
+                self.devices[name] = Device(directory, spec, keys["client_pub"], keys["host"], device_paths=True,
+                                            env=(env or {}).get(name))
             except Exception as exc:   # reported below, in the test's thread
                 errors.append(exc)
 
@@ -297,6 +305,7 @@ class Fleet:
                                             for d in self.devices.values()))
         (tmp_path / "ssh_config").write_text("")    # not the user's ~/.ssh/config
         base = device_spec(fake_mirror, keys, "x")
+        base["debian"].update(debian or {})
         del base["hostName"]
         self.base = tmp_path / "nixiosk.json"
         self.base.write_text(json.dumps(base, indent=2))
@@ -420,6 +429,11 @@ def test_twenty_devices_in_waves_stop_at_the_failure_budget_and_resume(make_flee
         assert status[name]["reachable"] and status[name]["health"] == "ok", status[name]
         assert status[name]["generation"] == fleet.generation(name)
         assert status[name]["commit"] == pending.repo_main(dev[name].root)
+        # kiosk status's facts: one root partition; no dpkg database in a harness root, so nothing to count
+        assert status[name]["slots"] == {"booted": None, "slots": {}}
+        assert status[name]["pending"]["count"] is None and {s["state"] for s in status[name]["pending"]["suites"]} \
+            == {"unknown"}
+    assert status["screen20"]["slots"] is None and status["screen20"]["pending"] is None
 
 
 @pytest.mark.root
@@ -486,6 +500,164 @@ def test_status_times_out_on_a_device_that_never_answers(make_fleet):
         assert "timed out" in r.stdout or "no answer" in r.stdout, r.stdout
     finally:
         silent.close()
+
+
+# ---------------------------------------------------------------- status: slots and pending fixes
+
+def test_a_fleet_fetches_each_archive_index_once():
+    """100 devices answering at once, 20 at a time, on two mirrors' worth of suites: each (mirror, suite,
+    architecture) is fetched once, the devices that need it wait for that one fetch and share its index or its
+    failure (an unreachable updates suite is "?" on every device, never 100 time-outs)."""
+    calls, gate = Counter(), threading.Event()
+
+    def fetch(mirror, suite, arch, *, deadline=None):
+        calls[(mirror, suite, arch)] += 1
+        gate.wait(10)   # every device has asked before any index arrives
+        if suite.endswith("-updates"):
+            raise archive.ArchiveUnavailable(f"cannot reach {mirror}/dists/{suite}/: connection refused")
+        return archive.SuiteVersions({"foot": "1.0-1+deb12u1", "cage": "1.0-1+deb12u1"}, 0.0)
+
+    def facts(i):
+        board = "raspberryPi0" if i % 10 == 0 else "raspberryPi3"            # armel and arm64
+        arch = "armel" if i % 10 == 0 else "arm64"
+        return {"board": board, "packages": [["foot", "1.0-1", arch], ["cage", "1.0-1+deb12u1", arch]],
+                "debian": {"mirror": "http://m", "securityMirror": "http://s"}}
+
+    answers, lock = {}, threading.Lock()
+    with one_status.SuiteIndexes(fetch=fetch) as indexes:
+        def device(i):
+            answer = (facts(i), *one_status.compare(facts(i), indexes))
+            with lock:
+                answers[i] = answer
+
+        threads = [threading.Thread(target=device, args=(i,)) for i in range(100)]
+        for start in range(0, 100, 20):
+            for t in threads[start:start + 20]:
+                t.start()
+        for t in threads:
+            t.join()
+        gate.set()
+        for facts_i, arch, rows in answers.values():
+            one_status.count(rows, facts_i["packages"], arch, indexes)
+    assert calls == {("http://s", "bookworm-security", "arm64"): 1, ("http://m", "bookworm-updates", "arm64"): 1,
+                     ("http://s", "bookworm-security", "armel"): 1, ("http://m", "bookworm-updates", "armel"): 1}
+    for facts_i, arch, rows in answers.values():
+        security, updates = rows
+        assert security["state"] == "checked" and [p["name"] for p in security["packages"]] == ["foot"]
+        assert updates["state"] == "unavailable" and "connection refused" in updates["note"]
+        data = one_status.view("x", facts_i, rows, arch)["pending"]
+        assert data["count"] is None and one_status.pending_word(data) == "?"
+
+
+def test_slot_and_pending_cells():
+    """The fleet table's SLOT and PENDING cells from kiosk status's facts."""
+    def slots(a, b, booted="A"):
+        return {"booted": booted, "slots": {"A": {"state": a, "reason": "", "version": ""},
+                                            "B": {"state": b, "reason": "", "version": ""}}}
+
+    assert one_status.slots_word(slots("good", "empty")) == "A good (B empty)"
+    assert one_status.slots_word(slots("good", "trying", booted="B")) == "B trying (A good)"
+    assert one_status.slots_word(slots("good", "bad (the boot loader says bad: an install into it was "
+                                               "interrupted?)")) == "A good (B bad)"
+    assert one_status.slots_word(slots("good", "installed, boots next")) == "A good (B installed, boots next)"
+    assert one_status.slots_word({"booted": None, "slots": {}}) == "-"          # one root partition
+    assert one_status.slots_word(None) == one_status.slots_word({"slots": []}) == "?"   # the device could not say
+    checked = {"state": "checked", "packages": [{"name": "foot"}]}
+    assert one_status.pending_word({"count": 1, "suites": [checked, {"state": "off"}]}) == "1"
+    assert one_status.pending_word({"count": None, "suites": [{"state": "unknown"}] * 2}) == "-"
+    assert one_status.pending_word({"count": 0, "suites": [{"state": "off"}, {"state": "none"}]}) == "-"
+    assert one_status.pending_word(None) == "-"
+
+
+OLD_KIOSK = """#!/bin/sh
+# kiosk from before `kiosk status --here` (what its argparse said to `status`); every other command the real one
+if [ "$1" = status ]; then
+    echo "usage: kiosk [-h] [--version] COMMAND ..." >&2
+    echo "kiosk: error: argument COMMAND: invalid choice: 'status' (choose from 'generations', 'rollback')" >&2
+    exit 2
+fi
+exec {venv}/kiosk "$@"
+"""
+
+
+@pytest.fixture
+def fixes_mirror(tmp_path):
+    """bookworm, bookworm-security and bookworm-updates for the fleet's raspberryPi3 devices (arm64)."""
+    root = tmp_path / "mirror"
+    write_mirror(root)
+    write_suite(root, "bookworm-security", "arm64", {"foot": "1.0-1+deb12u1", "cage": "1.0-1+deb12u2"})
+    write_suite(root, "bookworm-updates", "arm64", {"tzdata": "2025b-0+deb12u1"})
+    server = Server(root)
+    yield server
+    server.close()
+
+
+@pytest.mark.root
+def test_status_shows_each_devices_slot_and_pending_fixes(tmp_path, fixes_mirror, keys):
+    """screen01 is behind in both suites (3 pending), screen02 is up to date (0), screen03 runs a kiosk older
+    than `kiosk status --here` (its generation and health; "-" for slot and pending). Harness devices have one
+    root partition ("-": their /proc/cmdline is this machine's, without rauc.slot=). Each index is fetched once
+    for the fleet. With the archive unreachable: "?" and one warning line; the rest of the table as before."""
+    shim = tmp_path / "old-kiosk"
+    shim.mkdir()
+    (shim / "kiosk").write_text(OLD_KIOSK.format(venv=VENV_BIN))
+    (shim / "kiosk").chmod(0o755)
+    (tmp_path / "fleet").mkdir()
+    fleet = Fleet(tmp_path / "fleet", fixes_mirror.url, keys, 3, debian={"securityMirror": fixes_mirror.url},
+                  env={"screen03": {"PATH": f"{shim}:{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin"}})
+    try:
+        installed = {"screen01": [("foot", "1.0-1", "arm64"), ("cage", "1.0-1", "arm64"), ("htop", "1.0-1", "arm64"),
+                                  ("tzdata", "2024a-0+deb12u1", "all")],
+                     "screen02": [("foot", "1.0-1+deb12u1", "arm64"), ("tzdata", "2025b-0+deb12u1", "all")],
+                     "screen03": [("foot", "1.0-1", "arm64")]}
+        for name, packages in installed.items():
+            (fleet.devices[name].root / "var/lib/dpkg").mkdir(parents=True)
+            (fleet.devices[name].root / "var/lib/dpkg/status").write_text(dpkg_status(packages))
+        commit = {name: device.first_commit[:12] for name, device in fleet.devices.items()}
+        fixes_mirror.requests.clear()
+        r = kiosk_cli("fleet", "status", str(fleet.inventory), "--timeout", "60",
+                      env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
+        assert r.returncode == 0 and r.stderr == "", r.stdout + r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].split() == ["HOST", "REACHED", "AS", "REACHABLE", "GEN", "COMMIT", "SLOT", "PENDING", "HEALTH"]
+        cells = {line.split()[0]: line.split()[2:] for line in lines[1:]}
+        assert cells == {"screen01": ["yes", "1", commit["screen01"], "-", "3", "ok"],
+                         "screen02": ["yes", "1", commit["screen02"], "-", "0", "ok"],
+                         "screen03": ["yes", "1", commit["screen03"], "-", "-", "ok"]}, r.stdout
+        fetched = Counter(fixes_mirror.requests)
+        assert "/dists/bookworm-security/main/binary-arm64/Packages.xz" in fetched, fetched
+        assert "/dists/bookworm-updates/main/binary-arm64/Packages.xz" in fetched, fetched
+        assert set(fetched.values()) == {1}, fetched    # two devices counted, each index fetched once
+
+        r = kiosk_cli("fleet", "status", str(fleet.inventory), "--timeout", "60", "--json",
+                      env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
+        rows = {row["host"]: row for row in json.loads(r.stdout)["devices"]}
+        behind = {row["kind"]: {p["name"]: p["available"] for p in row["packages"]}
+                  for row in rows["screen01"]["pending"]["suites"]}
+        assert behind == {"security": {"cage": "1.0-1+deb12u2", "foot": "1.0-1+deb12u1"},
+                          "updates": {"tzdata": "2025b-0+deb12u1"}}
+        assert rows["screen01"]["pending"]["count"] == 3 and rows["screen02"]["pending"]["count"] == 0
+        assert rows["screen01"]["slots"] == {"booted": None, "slots": {}} and rows["screen01"]["problems"] == []
+        assert rows["screen01"]["generation"] == 1
+        assert rows["screen01"]["commit"] == fleet.devices["screen01"].first_commit
+        assert rows["screen03"]["slots"] is None and rows["screen03"]["pending"] is None
+        assert rows["screen03"]["generation"] == 1 and rows["screen03"]["problems"] == [fleet_commands.OLDER]
+
+        # the archive goes away (a fresh cache: nothing to fall back on): "?" and one line saying why
+        fixes_mirror.close()
+        r = kiosk_cli("fleet", "status", str(fleet.inventory), "--timeout", "60",
+                      env={"KIOSK_CACHE_DIR": str(tmp_path / "cache2")})
+        assert r.returncode == 0, r.stdout + r.stderr
+        warning = r.stderr.splitlines()
+        assert len(warning) == 1 and warning[0].startswith(
+            f"kiosk: warning: pending fixes not counted on 2 device(s) (PENDING ?): archive unavailable: cannot "
+            f"reach {fixes_mirror.url}/dists/bookworm-"), r.stderr
+        cells = {line.split()[0]: line.split()[2:] for line in r.stdout.splitlines()[1:]}
+        assert cells == {"screen01": ["yes", "1", commit["screen01"], "-", "?", "ok"],
+                         "screen02": ["yes", "1", commit["screen02"], "-", "?", "ok"],
+                         "screen03": ["yes", "1", commit["screen03"], "-", "-", "ok"]}, r.stdout
+    finally:
+        fleet.close()
 
 
 # ---------------------------------------------------------------- images

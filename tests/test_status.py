@@ -10,7 +10,7 @@ import socket
 
 import pytest
 from conftest import kiosk_cli
-from fake_mirror import Server, write_mirror, write_suite
+from fake_mirror import Server, dpkg_status, write_mirror, write_suite
 from sshd_harness import Device, key_set
 
 from kiosk.device import slots
@@ -24,15 +24,6 @@ INSTALLED = [("foot", "1.0-1", "arm64"), ("cage", "1.0-1", "arm64"), ("htop", "1
              ("tzdata", "2024a-0+deb12u1", "all"), ("busybox", "1:1.35.0-4+b3", "arm64"),
              ("libssl3", "3.0.16-1~deb12u1", "arm64"), ("libc6", "2.36-9+deb12u10", "i386"),
              ("python3-zeroconf", "1.0-1", "arm64")]
-
-
-def dpkg_status(packages) -> str:
-    """/var/lib/dpkg/status of these packages, as dpkg writes it; one package removed (config files left)."""
-    stanzas = [f"Package: {name}\nStatus: install ok installed\nMaintainer: x <x@example.org>\n"
-               f"Architecture: {arch}\nVersion: {version}\nDescription: {name}\n" for name, version, arch in packages]
-    stanzas.append("Package: gone\nStatus: deinstall ok config-files\nMaintainer: x <x@example.org>\n"
-                   "Architecture: arm64\nVersion: 0.1-1\nDescription: gone\n")
-    return "\n".join(stanzas)
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +135,9 @@ def test_an_unreachable_archive_is_said_in_its_row(cache, monkeypatch):
     monkeypatch.setenv("KIOSK_OFFLINE", "1")
     rows = status.pending(INSTALLED, debian(url), "arm64")
     assert rows[0]["note"] == "archive unavailable: KIOSK_OFFLINE=1 and no cached package index"
-    text = status.table(status.view("lobby", {"packages": [], "health": "ok"}, rows, "arm64"))
-    assert "security    archive unavailable: KIOSK_OFFLINE=1" in text
+    data = status.view("lobby", {"packages": [], "health": "ok"}, rows, "arm64")
+    assert data["pending"]["count"] is None           # not 0: nothing could be compared
+    assert "security    archive unavailable: KIOSK_OFFLINE=1" in status.table(data)
 
 
 def test_a_damaged_answer_from_the_device_is_shown_as_such():
@@ -202,6 +194,11 @@ def test_an_ab_device_says_which_slot_runs_and_what_the_other_holds(tmp_path, mo
                                                       "B": {"state": "empty", "reason": "", "version": ""}}}
     text = status.table(status.view("lobby", status._well_typed(data), None, None))
     assert "slots       A runs: good, system as flashed; other slot B: empty" in text.splitlines()
+    # this root has no dpkg database: its packages are unknown (dpkg-query would list none and succeed)
+    assert data["packages"] is None
+    assert any(p.startswith("installed packages: no dpkg database") for p in data["problems"]), data["problems"]
+    rows = status.suites(data["packages"], {}, "amd64")
+    assert [(r["state"], r["note"]) for r in rows] == [("unknown", "the device did not say which packages it has")] * 2
     # slot B tried and failed; A runs again
     b = RAUC_JSON["slots"][1]["rootfs.1"]
     monkeypatch.setitem(b, "slot_status", {"bundle": {"version": "0123abcd"}, "installed": {"timestamp": "T1"}})

@@ -58,6 +58,8 @@ def debian_section(spec_text: str) -> dict:
 
 def installed_packages(root: Path) -> list[list[str]]:
     """[name, version, architecture] of every installed package, from dpkg's own database."""
+    if not (Path(root) / "var/lib/dpkg/status").is_file():   # dpkg-query would list nothing and succeed
+        raise KioskError("no dpkg database (/var/lib/dpkg/status): the installed packages are not known")
     admin = [] if Path(root).resolve() == Path("/") else [f"--admindir={root}/var/lib/dpkg"]
     out = run(["dpkg-query", *admin, "-W", "-f", DPKG_FORMAT], timeout=120, what="dpkg-query").stdout
     packages = []

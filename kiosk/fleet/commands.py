@@ -106,34 +106,65 @@ def cmd_push(args) -> int:
 
 # ---------------------------------------------------------------- status
 
+OLDER = "an older kiosk (no `kiosk status --here`): its generations only"
+
+
+def _generation(number) -> int | None:
+    return number if isinstance(number, int) and not isinstance(number, bool) else None
+
+
 def cmd_status(args) -> int:
     from kiosk.device.commands import generation_health
-    from kiosk.fleet.remote import Settings, generations
+    from kiosk.fleet.remote import Settings, device_status
     from kiosk.fleet.rollout import run_parallel
+    from kiosk.update import status
 
     seconds(args.timeout, "--timeout", 3600)
     devices = _devices(args, check_specs=False)
     settings = Settings(connect_timeout=min(args.timeout, 10), accept_new_host_keys=args.accept_new_host_keys)
     rows: dict[str, dict] = {}
+    answers: dict[str, tuple[dict, str | None, list[dict]]] = {}
 
-    def ask(device: Device) -> None:
-        started = time.monotonic()
-        data, why = generations(device.connection, settings, args.timeout)
-        row = {"host": device.name, "reach": device.connection.label, "reachable": data is not None,
-               "generation": None, "commit": None, "health": why, "seconds": round(time.monotonic() - started, 2)}
-        if data is not None:
-            gen, commit, health = generation_health(data)
-            row.update(generation=int(gen) if gen.isdigit() else None, commit=commit, health=health)
-        rows[device.name] = row
+    with status.SuiteIndexes() as indexes:   # each (mirror, suite, architecture) fetched once for the fleet
+        def ask(device: Device) -> None:
+            started = time.monotonic()
+            facts, older, why = device_status(device.connection, settings, args.timeout)
+            row = {"host": device.name, "reach": device.connection.label,
+                   "reachable": facts is not None or older is not None, "generation": None, "commit": None,
+                   "health": why, "slots": None, "pending": None, "problems": [],
+                   "seconds": round(time.monotonic() - started, 2)}
+            if facts is not None:   # kiosk status HOST's answer: the same facts, the same health
+                gen = facts["generation"] or {}
+                row.update(generation=_generation(gen.get("number")),
+                           commit=gen.get("commit") if isinstance(gen.get("commit"), str) else None,
+                           health=facts["health"] or "unknown (see problems)", slots=facts["slots"],
+                           problems=facts["problems"])
+                answers[device.name] = (facts, *status.compare(facts, indexes))   # its indexes' fetches start now
+            elif older is not None:
+                gen, commit, health = generation_health(older)
+                row.update(generation=int(gen) if gen.isdigit() else None, commit=commit, health=health,
+                           problems=[OLDER])
+            rows[device.name] = row
 
-    run_parallel(devices, ask, args.parallel)
+        run_parallel(devices, ask, args.parallel)
+        for name, (facts, arch, suites) in answers.items():
+            status.count(suites, facts["packages"], arch, indexes)
+            rows[name]["pending"] = status.view(name, facts, suites, arch)["pending"]
     ordered = [rows[d.name] for d in devices]
+    unknown = [r for r in ordered if status.pending_word(r["pending"]) == "?"]
+    if unknown:   # one line for the whole fleet, not one per device
+        causes = list(dict.fromkeys(s["note"] for r in unknown for s in r["pending"]["suites"]
+                                    if s["state"] == "unavailable"))
+        print(f"kiosk: warning: pending fixes not counted on {len(unknown)} device(s) (PENDING ?): {causes[0]}"
+              + (f" (and {len(causes) - 1} more: --json says each)" if len(causes) > 1 else ""),
+              file=sys.stderr)
     if args.json:
         _dump({"devices": ordered})
     else:
-        print(_table(("HOST", "REACHED AS", "REACHABLE", "GEN", "COMMIT", "HEALTH"),
+        print(_table(("HOST", "REACHED AS", "REACHABLE", "GEN", "COMMIT", "SLOT", "PENDING", "HEALTH"),
                      [(r["host"], r["reach"], "yes" if r["reachable"] else "NO", r["generation"] or "-",
-                       (r["commit"] or "-")[:12], r["health"]) for r in ordered]))
+                       (r["commit"] or "-")[:12], status.slots_word(r["slots"]) if r["host"] in answers else "-",
+                       status.pending_word(r["pending"]), r["health"]) for r in ordered]))
     return 0 if all(r["reachable"] and r["health"] == "ok" for r in ordered) else 1
 
 
@@ -276,10 +307,15 @@ def register(sub) -> None:
     q.add_argument("--json", action="store_true", help="the final table as JSON")
     q.set_defaults(func=cmd_push)
 
-    q = actions.add_parser("status", help="every device: reachable, generation, commit, health",
-                           description="Ask every device (in parallel) for `kiosk generations --json`: "
-                                       "reachable, the current generation, its commit and status. Exit 1 when "
-                                       "any device is unreachable or not healthy.")
+    q = actions.add_parser("status", help="every device: reachable, generation, commit, root slot, pending fixes, "
+                                          "health",
+                           description="Ask every device (in parallel) the one fixed question of `kiosk status HOST`: "
+                                       "reachable, the current generation, its commit, the root slot it booted and the "
+                                       "other slot's state (A/B boards; - without slots), how many installed packages "
+                                       "Debian's <suite>-security and <suite>-updates have newer (each index fetched "
+                                       "once for the fleet; ? when the archive cannot be reached), and health as "
+                                       "kiosk status says it. An older kiosk is asked `kiosk generations --json`. "
+                                       "Exit 1 when any device is unreachable or not healthy.")
     common(q, spec=False)
     q.add_argument("--timeout", type=float, default=10.0, metavar="S", help="seconds per device (default 10)")
     q.add_argument("--parallel", type=_whole_number, default=20, metavar="N", help="devices asked at once (default 20)")

@@ -1,6 +1,7 @@
 """One device from the laptop: its configuration.git over ssh (fetch main, commit nixiosk.json, push) and
-`kiosk generations --json` for its state. The device's hooks do the rest, exactly as for a person's
-`git push`: validate, build the generation, switch, health-check, roll back.
+its state: `kiosk status HOST`'s one fixed question (an older kiosk: `kiosk generations --json`). The
+device's hooks do the rest, exactly as for a person's `git push`: validate, build the generation, switch,
+health-check, roll back.
 
 ssh is the user's OpenSSH, with their ~/.ssh/config, keys and known_hosts, plus what a parallel,
 unattended run needs: BatchMode (nothing may wait for a prompt), a connect timeout, keep-alives, no
@@ -190,14 +191,20 @@ def read_push(output: list[str], code: int, commit: str, old: str, conn: Connect
     return Outcome(result, reason, old, lines=remote)
 
 
-def generations(conn: Connection, settings: Settings, timeout: float) -> tuple[dict | None, str]:
-    """(`kiosk generations --json` of the device, "") or (None, why it could not be asked)."""
-    argv = [*ssh_argv(conn, settings), "-p", str(conn.port), "-l", conn.user, "--", conn.host,
-            "kiosk generations --json"]
+def _ask(conn: Connection, settings: Settings, timeout: float, command: str):
+    """(ssh's CompletedProcess running the fixed `command` on the device, "") or (None, why there is none)."""
+    argv = [*ssh_argv(conn, settings), "-p", str(conn.port), "-l", conn.user, "--", conn.host, command]
     try:
-        proc = run(argv, check=False, timeout=timeout, what="ssh")
+        return run(argv, check=False, timeout=timeout, what="ssh"), ""
     except KioskError:
         return None, f"no answer within {timeout:g} s"
+
+
+def generations(conn: Connection, settings: Settings, timeout: float) -> tuple[dict | None, str]:
+    """(`kiosk generations --json` of the device, "") or (None, why it could not be asked)."""
+    proc, why = _ask(conn, settings, timeout, "kiosk generations --json")
+    if proc is None:
+        return None, why
     if proc.returncode != 0:
         return None, why_not(proc.stderr + proc.stdout, proc.returncode, conn)[1]
     try:
@@ -207,3 +214,24 @@ def generations(conn: Connection, settings: Settings, timeout: float) -> tuple[d
     except ValueError:
         return None, "its `kiosk generations --json` printed something else (an older kiosk?)"
     return data, ""
+
+
+def device_status(conn: Connection, settings: Settings, timeout: float) -> tuple[dict | None, dict | None, str]:
+    """What `kiosk status HOST` asks (kiosk.update.status.REMOTE, one fixed command): (its answer, None, "");
+    from a kiosk older than `kiosk status --here`, (None, its `kiosk generations --json`, ""); else
+    (None, None, why the device could not be asked). `timeout` covers both questions."""
+    from kiosk.update.status import REMOTE, older, read_answer
+
+    started = time.monotonic()
+    proc, why = _ask(conn, settings, timeout, REMOTE)
+    if proc is None:
+        return None, None, why
+    said = proc.stderr + proc.stdout
+    if proc.returncode == 0:
+        facts = read_answer(proc.stdout)
+        return (facts, None, "") if facts is not None else \
+            (None, None, "its `kiosk status --here --json` printed nothing this kiosk can read (a newer kiosk?)")
+    if older(said):
+        data, why = generations(conn, settings, max(1.0, timeout - (time.monotonic() - started)))
+        return None, data, why
+    return None, None, why_not(said, proc.returncode, conn)[1]

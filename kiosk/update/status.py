@@ -7,13 +7,17 @@ installed packages. This side then counts the installed packages that Debian's `
 (kiosk.spec.sources.apt_sources) and the archive's indexes (kiosk.spec.archive.suite_versions:
 deadline, size limits, a day's cache). That work stays here: a 512 MB Pi 0 must not run `apt-get
 update`. An archive that cannot be reached is said in its row; the rest is printed all the same.
+
+`kiosk fleet status` asks every device the same question and counts with the same code, through one
+SuiteIndexes for the whole fleet: each (mirror, suite, architecture) index is fetched once, not per device.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.run import run
@@ -23,6 +27,7 @@ from kiosk.net import reach
 REMOTE = "kiosk status --here --json"
 KINDS = ("security", "updates")   # apt_sources names them <suite>-security and <suite>-updates
 NO_SLOTS = "none (one root partition)"
+NO_BOARD = "the device did not say its board"
 HINT = "is the kiosk up and your key in its authorizedKeys? (ssh root@HOST)"
 
 
@@ -32,10 +37,27 @@ def _login(args) -> str:
     return f"ssh {f'-p {args.port} ' if args.port else ''}root@{args.host}"
 
 
-def ask(args) -> dict:
-    """The device's `kiosk status --here --json`, or a one-line KioskError saying why not (exit 1)."""
+def older(said: str) -> bool:
+    """Whether a kiosk's error output says it has no `kiosk status --here` (it is older than this one)."""
+    return "invalid choice: 'status'" in said or "unrecognized arguments: --here" in said
+
+
+def read_answer(text: str) -> dict | None:
+    """The device's `kiosk status --here --json` with each field of its type (_well_typed), or None when the
+    text is not such an answer (no JSON, another format)."""
     from kiosk.device.facts import FORMAT
 
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return None
+    return _well_typed(data)
+
+
+def ask(args) -> dict:
+    """The device's `kiosk status --here --json`, or a one-line KioskError saying why not (exit 1)."""
     ssh = reach.from_args(args)
     proc = run([*ssh, REMOTE], check=False, timeout=300, what="ssh", hint=HINT)
     said = proc.stderr + proc.stdout
@@ -43,7 +65,7 @@ def ask(args) -> dict:
         problem = reach.ssh_problem(said, host=args.host, port=args.port, login=_login(args))
         if problem:
             raise KioskError(f"{args.host}: {problem[0]}: {problem[1]}", hint=HINT)
-        if "invalid choice: 'status'" in said or "unrecognized arguments: --here" in said:
+        if older(said):
             raise KioskError(f"{args.host}: its kiosk has no `kiosk status --here` (it is older than this one)",
                              hint="ssh root@HOST kiosk generations says its generations")
         if proc.returncode == 127:
@@ -51,14 +73,11 @@ def ask(args) -> dict:
         lines = [line for line in said.splitlines() if line.strip()]
         raise KioskError(f"{args.host}: `{REMOTE}` failed there (exit {proc.returncode}): "
                          f"{one_line(lines[-1])[:300] if lines else 'no output'}", hint=HINT)
-    try:
-        data = json.loads(proc.stdout)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError
-    except ValueError:
+    data = read_answer(proc.stdout)
+    if data is None:
         raise KioskError(f"{args.host}: its `kiosk status --here --json` printed nothing this kiosk can read",
-                         hint="is kiosk on the device as new as this one?") from None
-    return _well_typed(data)
+                         hint="is kiosk on the device as new as this one?")
+    return data
 
 
 FIELDS = {"hostName": str, "board": str, "kioskVersion": str, "uptimeSeconds": (int, float), "generation": dict,
@@ -104,12 +123,45 @@ def behind(packages, versions: dict[str, str], arch: str) -> list[dict]:
     return out
 
 
-def pending(packages, debian: dict, arch: str | None, *, deadline: float | None = None,
-            no_arch: str = "the device did not say its board") -> list[dict]:
-    """One row per kind (security, updates): {"kind", "suite", "mirror", "state", "note", "fetched",
-    "packages": [{"name", "installed", "available"}]}. state: checked, off (not in the device's sources),
-    none (the mirror publishes no such suite for this architecture), unavailable (offline, mirror down)."""
-    from kiosk.spec.archive import ArchiveUnavailable, NotPublished, suite_versions
+class SuiteIndexes:
+    """The archive's versions of each (mirror, suite, architecture), fetched once for a whole run: the first
+    device that needs an index starts its fetch, every other device of the run (a fleet of 100 on one
+    bookworm-security) waits for that same fetch and shares its index or its failure. Fetches of different
+    indexes run at once. A context manager: leaving it waits for the fetches still running (each has the
+    archive's deadline, KIOSK_ARCHIVE_TIMEOUT)."""
+
+    def __init__(self, deadline: float | None = None, fetch=None):
+        from kiosk.spec.archive import suite_versions
+
+        self._fetch = fetch or suite_versions
+        self._deadline = deadline
+        self._lock = threading.Lock()
+        self._jobs: dict[tuple[str, str, str], Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=2 * len(KINDS), thread_name_prefix="kiosk-suite-index")
+
+    def get(self, mirror: str, suite: str, arch: str) -> Future:
+        """The fetch of this index (started now if no device asked for it before)."""
+        key = (mirror, suite, arch)
+        with self._lock:
+            if key not in self._jobs:
+                self._jobs[key] = self._pool.submit(self._fetch, mirror, suite, arch, deadline=self._deadline)
+            return self._jobs[key]
+
+    def start(self, rows: list[dict], arch: str | None) -> list[tuple[dict, Future]]:
+        """The fetches the rows still to count (suites(): state "checked") need, started."""
+        return [(row, self.get(row["mirror"], row["suite"], arch)) for row in rows if row["state"] == "checked"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def suites(packages, debian: dict, arch: str | None, *, no_arch: str = NO_BOARD) -> list[dict]:
+    """One row per kind (security, updates), before the archive is asked: {"kind", "suite", "mirror", "state",
+    "note", "fetched", "packages"}. state: checked (to count: count()), off (not in the device's sources),
+    unknown (the device did not say its packages or its board)."""
     from kiosk.spec.sources import NO_SECURITY_SUITES, apt_sources
 
     sources = apt_sources(debian)
@@ -124,26 +176,58 @@ def pending(packages, debian: dict, arch: str | None, *, deadline: float | None 
             row.update(state="off", note=f"{suite} has no {kind} suite" if suite in NO_SECURITY_SUITES
                        else f"off in the device's spec (/debian/{kind} is false)")
         elif packages is None:
-            row.update(state="unavailable", note="the device did not say which packages it has")
+            row.update(state="unknown", note="the device did not say which packages it has")
         elif arch is None:
-            row.update(state="unavailable", note=no_arch)
+            row.update(state="unknown", note=no_arch)
         rows.append(row)
-    todo = [row for row in rows if row["state"] == "checked"]
-    with ThreadPoolExecutor(max_workers=max(1, len(todo))) as pool:
-        jobs = [(row, pool.submit(suite_versions, row["mirror"], row["suite"], arch, deadline=deadline))
-                for row in todo]
-        for row, job in jobs:
-            try:
-                index = job.result()
-            except NotPublished:
-                row.update(state="none", note=f"no {row['kind']} suite for {arch} ({row['mirror']} publishes "
-                                              f"no {row['suite']} for it)")
-            except ArchiveUnavailable as exc:
-                row.update(state="unavailable", note=f"archive unavailable: {one_line(str(exc))[:200]}")
-            else:
-                row.update(fetched=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(index.fetched)),
-                           packages=behind(packages, index.versions, arch))
     return rows
+
+
+def count(rows: list[dict], packages, arch: str | None, indexes: SuiteIndexes) -> list[dict]:
+    """The rows with their pending packages filled in from the archive's indexes (through `indexes`, so a
+    fleet fetches each once). A row whose index cannot be had becomes none (the mirror publishes no such
+    suite for this architecture) or unavailable (offline, mirror down, too slow: the archive's reason)."""
+    from kiosk.spec.archive import ArchiveUnavailable, NotPublished
+
+    for row, job in indexes.start(rows, arch):
+        try:
+            index = job.result()
+        except NotPublished:
+            row.update(state="none", note=f"no {row['kind']} suite for {arch} ({row['mirror']} publishes "
+                                          f"no {row['suite']} for it)")
+        except (ArchiveUnavailable, OSError) as exc:   # OSError: the cache could not be written
+            row.update(state="unavailable", note=f"archive unavailable: {one_line(str(exc))[:200]}")
+        else:
+            row.update(fetched=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(index.fetched)),
+                       packages=behind(packages, index.versions, arch))
+    return rows
+
+
+def pending(packages, debian: dict, arch: str | None, *, deadline: float | None = None,
+            no_arch: str = NO_BOARD) -> list[dict]:
+    """One device's rows (suites(), then count()): security and updates fetched at once."""
+    with SuiteIndexes(deadline) as indexes:
+        return count(suites(packages, debian, arch, no_arch=no_arch), packages, arch, indexes)
+
+
+def architecture(board) -> tuple[str | None, str]:
+    """(the Debian architecture of the device's board, "") or (None, why it is not known)."""
+    from kiosk.spec.hardware import board_names, load_board
+
+    if board in board_names():   # a name from the device, never a path
+        return load_board(board)["architecture"], ""
+    if board:
+        return None, f"this kiosk does not know the board {one_line(str(board))[:60]!r}: update kiosk here"
+    return None, NO_BOARD
+
+
+def compare(facts: dict, indexes: SuiteIndexes) -> tuple[str | None, list[dict]]:
+    """(architecture, suites() rows) of a device's answer, their fetches started through `indexes`;
+    count() the rows once the run has asked every device."""
+    arch, no_arch = architecture(facts.get("board"))
+    rows = suites(facts.get("packages"), _debian(facts.get("debian")), arch, no_arch=no_arch)
+    indexes.start(rows, arch)
+    return arch, rows
 
 
 # ---------------------------------------------------------------- telling it
@@ -191,6 +275,38 @@ def _pending_line(row: dict) -> str:
     return (f"{count or 'none'} pending in {row['suite']} ({row['mirror']}, index of {row['fetched']})")
 
 
+def uncounted(rows: list[dict]) -> bool:
+    """Whether a suite the device uses could not be compared (its index unavailable, or the device did not say
+    its packages or board): then no count is given."""
+    return any(row["state"] in ("unavailable", "unknown") for row in rows)
+
+
+def slots_word(slots) -> str:
+    """The root slots in a table cell of many devices: the booted slot and its state, the other's in brackets
+    ("A good (B empty)"); "-" on a board with one root partition; "?" when the device could not say."""
+    if not isinstance(slots, dict) or not isinstance(slots.get("slots", {}), dict):
+        return "?"
+    booted = slots.get("booted")
+    if not booted:
+        return "-"
+    states = {str(name): str(slot.get("state") or "unknown").split(" (")[0] if isinstance(slot, dict) else "unknown"
+              for name, slot in slots.get("slots", {}).items()}
+    others = ", ".join(f"{name} {state}" for name, state in sorted(states.items()) if name != booted)
+    return f"{booted} {states.get(booted, 'unknown')}" + (f" ({others})" if others else "")
+
+
+def pending_word(pending: dict | None) -> str:
+    """The pending fixes in a table cell of many devices: their count; "?" when the archive could not be asked
+    for a suite the device uses; "-" when there is nothing to count (no answer, the device did not say its
+    packages or board, both suites off or not published for its architecture)."""
+    states = {row["state"] for row in (pending or {}).get("suites") or []}
+    if "unavailable" in states:
+        return "?"
+    if "checked" not in states or pending["count"] is None:
+        return "-"
+    return str(pending["count"])
+
+
 def view(host: str, facts: dict, rows: list[dict] | None, arch: str | None) -> dict:
     """What --json prints."""
     packages = facts.get("packages")
@@ -199,7 +315,7 @@ def view(host: str, facts: dict, rows: list[dict] | None, arch: str | None) -> d
             "kioskVersion": facts.get("kioskVersion"), "uptimeSeconds": facts.get("uptimeSeconds"),
             "slots": facts.get("slots"), "generation": facts.get("generation"), "health": facts.get("health"),
             "units": facts.get("units"), "installedPackages": len(packages) if packages is not None else None,
-            "pending": None if rows is None else {"count": len(names), "suites": rows},
+            "pending": None if rows is None else {"count": None if uncounted(rows) else len(names), "suites": rows},
             "problems": facts.get("problems") or []}
 
 
@@ -238,7 +354,6 @@ def table(data: dict, *, verbose: bool = False) -> str:
 
 def cmd_status(args) -> int:
     from kiosk.core.paths import device_root
-    from kiosk.spec.hardware import board_names, load_board
 
     if args.here:
         if args.host:
@@ -258,14 +373,9 @@ def cmd_status(args) -> int:
         if not args.host:
             raise UsageError("give the kiosk: kiosk status HOST (its name, e.g. lobby.local, or address)")
         facts = ask(args)
-        board, arch, no_arch = facts.get("board"), None, "the device did not say its board"
-        if board in board_names():   # a name from the device, never a path
-            arch = load_board(board)["architecture"]
-        elif board:
-            no_arch = f"this kiosk does not know the board {one_line(str(board))[:60]!r}: update kiosk here"
-        packages = facts["packages"]
-        rows = pending(None if packages is None else [tuple(p) for p in packages], _debian(facts["debian"]), arch,
-                       no_arch=no_arch)
+        with SuiteIndexes() as indexes:
+            arch, rows = compare(facts, indexes)
+            count(rows, facts["packages"], arch, indexes)
         data = view(args.host, facts, rows, arch)
     if args.json:
         print(json.dumps(data, indent=1, ensure_ascii=False))
