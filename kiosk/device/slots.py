@@ -1,7 +1,8 @@
 """The device's root slots (A/B boards): which one runs, and keeping a new one only when the kiosk is healthy.
 
 RAUC installs a new system into the inactive slot and makes it the boot loader's first choice for one
-try (GRUB: ORDER=B A, and B_TRY is set as it is tried). Nothing commits it but `kiosk slot commit`
+try (GRUB: ORDER=B A, and B_TRY is set as it is tried; U-Boot: BOOT_ORDER=B A with BOOT_B_LEFT=1, counted
+down as it is tried). Nothing commits it but `kiosk slot commit`
 (kiosk-slot-commit.service, every boot): once the system has started and the kiosk passes the push's
 health check, `rauc status mark-good booted`; when the check fails and the other slot is known good,
 `mark-bad booted` and a reboot into the other slot. A hang, a panic or a power cut before the verdict
@@ -128,7 +129,7 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
         record(root, spare, "bad", FALLBACK_REASON, version=theirs.get("version") or "",
                installed=theirs.get("installed"))
         log(f"slot {spare} failed: {FALLBACK_REASON}; running slot {booted}")
-        mark("bad", "other")   # the boot loader never tries it again (GRUB: OK=0)
+        mark("bad", "other")   # the boot loader never tries it again (GRUB: OK=0; U-Boot: LEFT=0)
         mark("active")         # and the boot order says what runs
     elif status.get("primary") not in (None, booted):
         mark("active")

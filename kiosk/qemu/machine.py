@@ -6,7 +6,9 @@ partition: the kernel, the initramfs, the device tree and cmdline.txt. The kerne
 is the image's own; only console= is rewritten (QEMU's serial port for the board, last, so
 systemd's messages reach the terminal) and root= only when it names a device that does not
 exist under QEMU. Boards with qemu.firmware (the qemu target: OVMF) boot the disk's own boot
-loader instead (GRUB on the FAT picks root slot A or B): no -kernel, -initrd or -append.
+loader instead (GRUB on the FAT picks root slot A or B): no -kernel, -initrd or -append. A/B
+Raspberry Pis name U-Boot as config.txt's kernel: it is QEMU's -kernel, with the device tree and the
+command line QEMU hands it as the Pi's firmware would; U-Boot loads the chosen slot's kernel and initrd.
 """
 
 from __future__ import annotations
