@@ -416,6 +416,8 @@ def test_raspberry_pi_uboot_files(built_image, tmp_path):
     body = scr[64:64 + size]
     length = struct.unpack(">I", body[:4])[0]
     assert body[8:8 + length].decode() == boot_cmd(hw)
+    # U-Boot's hush: no comment lines, no single quote anywhere (each gave "syntax error" at boot, seen)
+    assert "'" not in boot_cmd(hw) and not any(line.lstrip().startswith("#") for line in boot_cmd(hw).splitlines())
     env = read_boot_file(img.image, "uboot.env")
     assert len(env) == 0x4000 and struct.unpack("<I", env[:4])[0] == zlib.crc32(env[4:])
     variables = dict(v.split("=", 1) for v in env[4:].split(b"\0\0")[0].decode().split("\0"))

@@ -47,21 +47,25 @@ def _choose(indent: str = "") -> str:
     return "".join(f"{indent}{line}\n" for line in lines)
 
 
-BOOT_CMD = """# Written by kiosk at image build: boot root slot A or B (RAUC's U-Boot convention, notes/ab-update.md).
-echo "kiosk-ab: BOOT_ORDER=${{BOOT_ORDER}} A_LEFT=${{BOOT_A_LEFT}} B_LEFT=${{BOOT_B_LEFT}}"
+# boot.scr's source. U-Boot's hush has no comments and stumbles on a single quote even inside double quotes
+# ("syntax error", seen): neither may appear in it (tests/test_image.py checks). What it does: the slot
+# order and tries from uboot.env, or from kiosk-slots.txt when uboot.env was lost; the first slot with a
+# try left, one try spent and saved; no slot with tries: the last commit's order again; no USB start in a
+# saved default environment (it breaks the USB network under QEMU); the firmware's device tree and
+# command line, the slot's root=.
+BOOT_CMD = """echo "kiosk-ab: BOOT_ORDER=${{BOOT_ORDER}} A_LEFT=${{BOOT_A_LEFT}} B_LEFT=${{BOOT_B_LEFT}}"
 if test -z "${{BOOT_ORDER}}"; then
-  echo "kiosk-ab: uboot.env has no slot order (lost or damaged): the last commit's, from {slots}"
+  echo "kiosk-ab: uboot.env has no slot order, lost or damaged: the order of the last commit from {slots}"
   if load mmc 0:1 ${{kernel_addr_r}} {slots}; then env import -t ${{kernel_addr_r}} ${{filesize}}; fi
 fi
 test -n "${{BOOT_ORDER}}" || setenv BOOT_ORDER "A B"
 test -n "${{BOOT_A_LEFT}}" || setenv BOOT_A_LEFT {tries}
 test -n "${{BOOT_B_LEFT}}" || setenv BOOT_B_LEFT 0
-# a default environment's USB start would break the USB network under QEMU; saveenv must not keep it
 setenv preboot
 setenv bootpart
 setenv raucslot
 {choose}if test -z "${{bootpart}}"; then
-  echo "kiosk-ab: no slot has tries left: the last commit's order from {slots}, with its tries"
+  echo "kiosk-ab: no slot has tries left: the order of the last commit from {slots}, with its tries"
   setenv BOOT_ORDER
   if load mmc 0:1 ${{kernel_addr_r}} {slots}; then env import -t ${{kernel_addr_r}} ${{filesize}}; fi
   test -n "${{BOOT_ORDER}}" || setenv BOOT_ORDER "A B"
@@ -76,7 +80,7 @@ if test -n "${{fdt_addr}}"; then
   fdt addr ${{fdt_addr}}
   fdt get value kiosk_args /chosen bootargs
 else
-  echo "kiosk-ab: the firmware passed no device tree: U-Boot's own, and a minimal command line"
+  echo "kiosk-ab: the firmware passed no device tree: the one of U-Boot, and a minimal command line"
 fi
 load mmc 0:${{bootpart}} ${{kernel_addr_r}} /vmlinuz
 load mmc 0:${{bootpart}} ${{ramdisk_addr_r}} /initrd.img
