@@ -412,7 +412,7 @@ def test_raspberry_pi_uboot_files(built_image, tmp_path):
     assert magic == 0x27051956 and kind == 6 and scr[32:40].rstrip(b"\0") == b"kiosk-ab"   # IH_TYPE_SCRIPT
     (tmp_path / "boot.scr").write_bytes(scr)
     listed = subprocess.run(["dumpimage", "-l", str(tmp_path / "boot.scr")], capture_output=True, text=True).stdout
-    assert "Script File" in listed and "kiosk-ab" in listed, listed
+    assert "AArch64 Linux Script" in listed and "kiosk-ab" in listed, listed
     body = scr[64:64 + size]
     length = struct.unpack(">I", body[:4])[0]
     assert body[8:8 + length].decode() == boot_cmd(hw)
