@@ -480,6 +480,33 @@ def test_firmware_settings_are_pushed_read_after_a_power_cycle_and_rolled_back(k
     vm.wait_for_program(program, timeout=600)
 
 
+def test_a_pushed_display_mode_reaches_the_kernel_after_a_power_cycle(kiosk, tmp_path):
+    """GRUB boards (the A/B qemu target): display.mode through git push rewrites cmdline.cfg on the FAT now
+    (device/bootconfig.py), and GRUB gives its arguments to the kernel at the next boot (grub.cfg sources it),
+    as cmdline.txt does on the Pis: no rebuild of the image."""
+    if _board(kiosk.board)["bootloader"] != "grub-efi":
+        pytest.skip("the Pis' kernel arguments are cmdline.txt's (test_firmware_settings_are_pushed_...)")
+    vm, program = kiosk.vm, kiosk.spec["program"]["executable"]
+
+    def mode(spec):
+        spec.setdefault("display", {})["mode"] = "1280x800@60"
+
+    result, lines, _ = _push(kiosk, tmp_path, mode, "display mode 1280x800@60")
+    assert result.returncode == 0, result.stderr
+    assert any("firmware partition: cmdline.cfg rewritten" in line for line in lines), lines
+    assert any(line.strip().startswith("at the next boot: the kernel's arguments") for line in lines), lines
+    edid = next(w for w in vm.ssh("cat /boot/firmware/cmdline.cfg").stdout.strip("'\n").split()
+                if w.startswith("drm.edid_firmware="))
+    vm.ssh("sync")
+    vm.power_cycle()
+    vm.wait_for_ssh(timeout=900)
+    vm.wait_for_program(program, timeout=900)
+    assert edid in vm.ssh("cat /proc/cmdline").stdout.split()
+    modes = vm.ssh("cat /sys/class/drm/card*-Virtual-1/modes", check=False).stdout.split()
+    print(f"\n[{kiosk.board}] after the power cycle: {edid}; the output's modes: {modes[:3]}")
+    assert modes[:1] == ["1280x800"], modes
+
+
 def test_firmware_files_survive_a_power_cut_at_every_step(kiosk):
     """kiosk's config.txt writer on a real FAT file system, killed at each step, then fsck.fat and recovery as at
     the next boot (tests/fat_crash_check.py, run in the guest: this host's kernel may have no vfat, and the

@@ -360,7 +360,7 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     img = built_image("qemu")
     hw = _board("qemu")
     version = _kernel_version(img)
-    assert set(boot_listdir(img.image)) == {"EFI", "grub"}
+    assert set(boot_listdir(img.image)) == {"EFI", "grub", "cmdline.cfg"}
     efi = read_boot_file(img.image, "EFI/BOOT/BOOTX64.EFI")
     assert efi[:2] == b"MZ" and b"PE\0\0" in efi[:512]
     env = tmp_path / "grubenv"
@@ -373,7 +373,17 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     linux = next(line.split() for line in cfg.splitlines() if line.strip().startswith("linux "))
     assert linux[1] == "(hd0,msdos$part)/vmlinuz"
     assert linux[2:6] == ["root=/dev/vda$part", "rw", "rauc.slot=$slot", "panic=10"]   # a panic reboots: GRUB falls back
-    assert linux[6:] == ["console=tty1", f"console={hw['serialConsole']}", *hw["cmdline"], "quiet", "splash"]
+    # the rest is the generation's: cmdline.cfg, rewritten by every switch (device/bootconfig.py), read here
+    assert linux[6:] == ["$kiosk_cmdline"] and "source (hd0,msdos1)/cmdline.cfg\nexport kiosk_cmdline\n" in cfg
+    arguments = ["console=tty1", f"console={hw['serialConsole']}", *hw["cmdline"], "quiet", "splash"]
+    assert f"set kiosk_cmdline='{' '.join(arguments)}'" in cfg   # (the image's own, should cmdline.cfg be lost)
+    assert read_boot_file(img.image, "cmdline.cfg").decode().splitlines()[-1] == \
+        f"set kiosk_cmdline='{' '.join(arguments)}'"
+    from kiosk.device.bootconfig import expected   # what the device writes on every switch: the same bytes
+    device = tmp_path / "device"
+    (device / "etc/default").mkdir(parents=True)
+    (device / "etc/default/kiosk-cmdline").write_bytes(read_root_file(img.image, "/etc/default/kiosk-cmdline"))
+    assert expected(device) == {"cmdline.cfg": read_boot_file(img.image, "cmdline.cfg")}
     assert "initrd (hd0,msdos$part)/initrd.img" in cfg
     assert read_root_file(img.image, "/vmlinuz", follow=False) == f"boot/vmlinuz-{version}".encode()
     assert read_root_file(img.image, "/initrd.img", follow=False) == f"boot/initrd.img-{version}".encode()

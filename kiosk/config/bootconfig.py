@@ -124,3 +124,27 @@ def slots_text(order: str, left: dict[str, int]) -> str:
     """kiosk-slots.txt (U-Boot's `env import -t` format): the boot order and tries of a known-good state,
     written at image build and by `kiosk slot commit`."""
     return f"BOOT_ORDER={order}\n" + "".join(f"BOOT_{name}_LEFT={left[name]}\n" for name in ("A", "B"))
+
+
+# --- the kernel command line of GRUB boards (the A/B qemu target, kiosk.image.grub) -----------------
+
+KIOSK_CMDLINE = "/etc/default/kiosk-cmdline"   # rendered by config.render, like raspi-extra-cmdline
+CMDLINE_CFG = "cmdline.cfg"                     # on the FAT: grub.cfg sources it at every boot
+
+
+def efi_kernel_arguments(board: dict, spec: dict) -> list[str]:
+    """The kernel's arguments beyond root= and the slot: the screen's console first, the serial console last
+    (/dev/console: systemd's messages reach the serial log `kiosk run` shows), then what every boot loader
+    gives (the board's own, display.mode's EDID, quiet splash)."""
+    return ["console=tty1", f"console={board['serialConsole']}", *kernel_arguments(board, spec)]
+
+
+def grub_cmdline_cfg(arguments: str) -> str:
+    """cmdline.cfg: the arguments as one GRUB variable, single-quoted (GRUB expands nothing in it). Written at
+    build (image.grub) and on every switch (device.bootconfig), so a pushed display.mode reaches the kernel
+    at the next boot as cmdline.txt does on the Pis."""
+    words = arguments.split()
+    if any("'" in word for word in words):   # spec values are validated: a quote here is a bug
+        raise ValueError(f"a kernel argument with a quote: {arguments!r}")
+    return ("# Written by kiosk: the kernel's arguments (grub/grub.cfg sources this file).\n"
+            f"set kiosk_cmdline='{' '.join(words)}'\n")

@@ -260,6 +260,10 @@ def _boot_settings(spec: dict, board: dict) -> Layer:
     """What config.txt and cmdline.txt are made from (config.bootconfig): by the image build, by every
     switch (device.bootconfig writes them to the firmware partition), and by raspi-firmware's own hook
     after a kernel update on the device."""
+    if board["bootloader"] == "grub-efi":   # grub.cfg reads cmdline.cfg, which the switch writes from this
+        from kiosk.config.bootconfig import KIOSK_CMDLINE, efi_kernel_arguments
+
+        return {KIOSK_CMDLINE: file(" ".join(efi_kernel_arguments(board, spec)) + "\n")}
     if board["bootloader"] != "raspi-firmware":
         return {}
     return {

@@ -58,6 +58,7 @@ FILE_ACTIONS: tuple[tuple[str, str, str], ...] = (
     ("/etc/modprobe.d/", "boot", "the Wi-Fi regulatory domain (cfg80211 module option)"),
     # the switch rewrites config.txt/cmdline.txt from these (device/bootconfig.py); the firmware reads them at boot
     ("/etc/default/raspi-", "boot", "firmware settings (config.txt/cmdline.txt rewritten now, read at the next boot)"),
+    ("/etc/default/kiosk-cmdline", "boot", "the kernel's arguments (cmdline.cfg rewritten now, read by GRUB at the next boot)"),
     ("/etc/plymouth/", "boot", "the boot splash"),
     (DEFAULT_TARGET, "boot", "the default target"),
 )

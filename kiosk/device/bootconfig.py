@@ -1,5 +1,6 @@
 """The firmware partition follows the running generation: config.txt and cmdline.txt rewritten on every
-switch, rollback and recovery, so that a power cut never leaves files the firmware cannot boot.
+switch, rollback and recovery, so that a power cut never leaves files the firmware cannot boot. (GRUB
+boards, the qemu target: cmdline.cfg, the kernel's arguments that grub.cfg sources, the same way.)
 
 The Raspberry Pi firmware reads /boot/firmware/config.txt before Linux runs; a spec's
 raspberryPi.firmwareConfig lands there. FAT has no journal and no atomic rename, so each file goes
@@ -26,7 +27,8 @@ import json
 import os
 from pathlib import Path
 
-from kiosk.config.bootconfig import raspi_cmdline_txt, raspi_config_txt, latest_boot_file, read_defaults
+from kiosk.config.bootconfig import (CMDLINE_CFG, KIOSK_CMDLINE, grub_cmdline_cfg, latest_boot_file, raspi_cmdline_txt,
+                                     raspi_config_txt, read_defaults)
 from kiosk.core.errors import KioskError
 from kiosk.core.files import crash_point, fsync_dir
 from kiosk.core.log import Log
@@ -52,6 +54,9 @@ def expected(root: Path) -> dict[str, bytes]:
     """{name on the firmware partition: bytes} for the generation linked at root; {} when the board's
     firmware reads no config.txt (the qemu target) or Debian's settings say to leave a file alone."""
     root = Path(root)
+    grub_arguments = root / KIOSK_CMDLINE.lstrip("/")
+    if grub_arguments.is_file():   # GRUB boards (the qemu target): the kernel's arguments, sourced by grub.cfg
+        return {CMDLINE_CFG: grub_cmdline_cfg(grub_arguments.read_text()).encode()}
     if not (root / CUSTOM).is_file():
         return {}
     board = _board(root)

@@ -54,25 +54,22 @@ export slot
 export part
 save_env --file {prefix}/grubenv A_TRY B_TRY
 echo "kiosk-ab: booting slot $slot from (hd0,msdos$part)"
+# the kernel's arguments: the generation's (cmdline.cfg, rewritten by every switch), else the image's
+set kiosk_cmdline='{cmdline}'
+source (hd0,msdos1)/{cmdline_cfg}
+export kiosk_cmdline
 menuentry "kiosk slot" {{
-  linux (hd0,msdos$part)/vmlinuz root={device}$part rw rauc.slot=$slot panic=10 {cmdline}
+  linux (hd0,msdos$part)/vmlinuz root={device}$part rw rauc.slot=$slot panic=10 $kiosk_cmdline
   initrd (hd0,msdos$part)/initrd.img
 }}
 """
 
 
-def kernel_arguments(board: dict, spec: dict) -> list[str]:
-    """The kernel's arguments beyond root= and the slot: the screen's console first, the serial console last
-    (/dev/console: systemd's messages reach the serial log `kiosk run` shows), then what every boot loader
-    gives (kiosk.config.bootconfig: the board's own, display.mode's EDID, quiet splash)."""
-    from kiosk.config.bootconfig import kernel_arguments as common
-
-    return ["console=tty1", f"console={board['serialConsole']}", *common(board, spec)]
-
-
 def grub_cfg(board: dict, spec: dict) -> str:
-    return GRUB_CFG.format(prefix=PREFIX, device=board["slotDevicePrefix"],
-                           cmdline=" ".join(kernel_arguments(board, spec)))
+    from kiosk.config.bootconfig import CMDLINE_CFG, efi_kernel_arguments
+
+    return GRUB_CFG.format(prefix=PREFIX, device=board["slotDevicePrefix"], cmdline_cfg=CMDLINE_CFG,
+                           cmdline=" ".join(efi_kernel_arguments(board, spec)))
 
 
 def _need_grub() -> None:
@@ -82,7 +79,9 @@ def _need_grub() -> None:
 
 
 def grub_files(board: dict, spec: dict) -> dict[str, bytes]:
-    """{path on the FAT: bytes}: the EFI boot loader, grub.cfg and the first grubenv."""
+    """{path on the FAT: bytes}: the EFI boot loader, grub.cfg, the first grubenv and the kernel's arguments."""
+    from kiosk.config.bootconfig import CMDLINE_CFG, efi_kernel_arguments, grub_cmdline_cfg
+
     _need_grub()
     with tempfile.TemporaryDirectory(prefix="kiosk-grub-") as tmp:
         efi = Path(tmp) / "BOOTX64.EFI"
@@ -93,4 +92,5 @@ def grub_files(board: dict, spec: dict) -> dict[str, bytes]:
         run(["grub-editenv", str(env), "set", *(f"{k}={v}" for k, v in FIRST_ENV.items())],
             what="boot files (grub-editenv)")
         return {"EFI/BOOT/BOOTX64.EFI": efi.read_bytes(), "grub/grub.cfg": grub_cfg(board, spec).encode(),
-                "grub/grubenv": env.read_bytes()}
+                "grub/grubenv": env.read_bytes(),
+                CMDLINE_CFG: grub_cmdline_cfg(" ".join(efi_kernel_arguments(board, spec))).encode()}
