@@ -138,3 +138,17 @@ def test_the_device_time_follows_the_zone_etc_localtime_names_now(tmp_path):
     utc = time.gmtime()
     now = screen.local_now(tmp_path)
     assert (now.tm_hour * 60 + now.tm_min - utc.tm_hour * 60 - utc.tm_min) % 1440 in (330, 331)
+
+def test_kiosk_screen_boot_stands_aside_during_a_switch(tmp_path, monkeypatch, capsys):
+    """A push that adds or changes kiosk-screen-boot.service starts it mid-switch; the switch aligns the screen
+    itself (after its health check when it switches it off), so the unit must not act before."""
+    import argparse
+    (tmp_path / "etc/kiosk").mkdir(parents=True)
+    (tmp_path / "etc/kiosk/release.json").write_text("{}")
+    (tmp_path / "etc/kiosk/screen.json").write_text(json.dumps({"schedule": {"off": "00:00", "on": "23:59"}}))
+    (tmp_path / "var/lib/kiosk").mkdir(parents=True)
+    (tmp_path / "var/lib/kiosk/switch.json").write_text("{}")
+    monkeypatch.setenv("KIOSK_ROOT", str(tmp_path))
+    monkeypatch.setattr(screen, "screen_off", lambda root, by: pytest.fail("switched off during a switch"))
+    assert screen.cmd_screen(argparse.Namespace(action="boot", by="hand")) == 0
+    assert "a switch is under way" in capsys.readouterr().out
