@@ -443,7 +443,7 @@ def test_a_push_while_the_screen_is_switched_off_does_not_check_the_stopped_kios
     restart the kiosk must not fail its health check on it; one that restarts it checks it as always."""
     state = device.root / "run/kiosk-screen/off"
     state.parent.mkdir(parents=True, exist_ok=True)
-    state.write_text("schedule\n")
+    state.write_text("idle\n")   # a schedule's off with no schedule would be undone (below)
     clone = client.clone(device.url, "clone")
     new = copy.deepcopy(spec)
     new["display"] = {"blanking": 300}
@@ -452,8 +452,93 @@ def test_a_push_while_the_screen_is_switched_off_does_not_check_the_stopped_kios
     assert r.returncode == 0, r.stderr
     lines = remote_lines(r.stderr)
     assert "==> health check: kiosk-agent.service, kiosk-screen-idle.service (up and staying up for 0s)" in lines
-    assert "    kiosk.service: not checked, the screen is switched off (schedule)" in lines
+    assert "    kiosk.service: not checked, the screen is switched off (idle)" in lines
     new["program"]["args"] = ["https://example.org/other"]
     client.commit_spec(clone, new)
     lines = remote_lines(client.push(clone).stderr)
     assert any(line.startswith("==> health check: ") and "kiosk.service" in line for line in lines), lines
+
+
+def _schedule_around_now(zone: str, inside: bool) -> dict:
+    """A display.schedule whose off window holds the present (inside) or starts two hours from now, in `zone`."""
+    from datetime import datetime, timedelta
+    from zoneinfo import ZoneInfo
+    now = datetime.now(ZoneInfo(zone))
+    start, end = (now - timedelta(hours=1), now + timedelta(hours=1)) if inside else \
+        (now + timedelta(hours=2), now + timedelta(hours=3))
+    return {"off": start.strftime("%H:%M"), "on": end.strftime("%H:%M")}
+
+
+def test_a_push_that_changes_the_off_window_makes_the_screen_follow_it_at_once(device, client, spec):
+    """display.schedule's timers act only at their times: the switch itself switches the screen off when the
+    pushed off window holds the present (after the health check, which saw the kiosk up), and on again when a
+    later push moves the window away or removes the schedule while the schedule holds the screen off (before
+    the health check, which then checks the program that came back)."""
+    state = device.root / "run/kiosk-screen/off"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    clone = client.clone(device.url, "clone")
+    zone, new = spec["locale"]["timeZone"], copy.deepcopy(spec)
+    off, on = (["run", ["kiosk", "screen", verb, "--by", "schedule"]] for verb in ("off", "on"))
+
+    def push(schedule):
+        new["display"] = {"schedule": schedule} if schedule else {}
+        client.commit_spec(clone, new)
+        before = len(device.recorded().get("calls", []))
+        r = client.push(clone)
+        assert r.returncode == 0, r.stderr
+        calls = device.recorded()["calls"][before:]
+        return remote_lines(r.stderr), [c for c in calls if c in (off, on) or c[0] == "health"]
+
+    lines, calls = push(_schedule_around_now(zone, inside=True))
+    assert calls[0][0] == "health" and "kiosk.service" in calls[0][1] and calls[1:] == [off], calls
+    assert "    display.schedule: the screen off (inside its off window)" in lines, lines
+    state.write_text("schedule\n")   # as `kiosk screen off --by schedule` leaves it (the recorder runs nothing)
+
+    away = _schedule_around_now(zone, inside=False)
+    lines, calls = push(away)   # the window moved away: on, then checked
+    assert calls[0] == on and calls[1][0] == "health" and "kiosk.service" in calls[1][1], calls
+    assert "    display.schedule: the screen on (outside its off window)" in lines, lines
+    assert not any("not checked" in line for line in lines), lines
+    state.unlink()   # what `kiosk screen on` does
+
+    new["networks"] = {"cafe": "another passphrase"}   # screen.json unchanged, the kiosk not restarted: nothing
+    lines, calls = push(away)
+    assert off not in calls and on not in calls, calls
+
+    state.write_text("schedule\n")   # as if its off timer had run since
+    lines, calls = push(None)   # the schedule removed while it holds the screen off: on, then checked
+    assert calls[0] == on and "kiosk.service" in calls[1][1], calls
+    assert "    display.schedule: the screen on (no schedule now)" in lines, lines
+
+    state.write_text("idle\n")   # blanking's: a push changing the schedule outside its window leaves it so
+    lines, calls = push(_schedule_around_now(zone, inside=False))
+    assert off not in calls and on not in calls, calls
+    assert "    kiosk.service: not checked, the screen is switched off (idle)" in lines, lines
+
+    state.write_text("hand\n")   # a person's: not even a window around the present takes it over
+    lines, calls = push(_schedule_around_now(zone, inside=True))
+    assert off not in calls and on not in calls, calls
+
+
+def test_a_push_that_restarts_the_kiosk_inside_the_off_window_checks_it_then_switches_the_screen_off(
+        device, client, spec):
+    """The restart lights the screen: the health check sees the new program start, then the switch darkens it
+    again (before, it stayed lit until the next "on")."""
+    clone = client.clone(device.url, "clone")
+    new = copy.deepcopy(spec)
+    new["display"] = {"schedule": _schedule_around_now(spec["locale"]["timeZone"], inside=True)}
+    client.commit_spec(clone, new)
+    assert client.push(clone).returncode == 0
+    state = device.root / "run/kiosk-screen/off"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text("schedule\n")
+    new["program"]["args"] = ["https://example.org/night"]
+    client.commit_spec(clone, new)
+    before = len(device.recorded()["calls"])
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    calls = device.recorded()["calls"][before:]
+    restart = next(i for i, c in enumerate(calls) if c[0] == "restart" and "kiosk.service" in c[1])
+    health = next(i for i, c in enumerate(calls) if c[0] == "health")
+    assert "kiosk.service" in calls[health][1] and restart < health, calls
+    assert calls[health + 1:] == [["run", ["kiosk", "screen", "off", "--by", "schedule"]]], calls

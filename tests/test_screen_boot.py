@@ -16,6 +16,8 @@ In file order:
 - a schedule pushed with `git push`, "off" and "on" a minute apart: QEMU's display goes dark ("Display
   output is not active.": the CRTC is off) with kiosk.service stopped, then shows the page again;
 - blanking pushed as 20 s: the output goes off without input, a key on QEMU's keyboard lights it again;
+- a schedule pushed whose off window holds the present: dark right after the push; a push that removes the
+  schedule: the program back on a lit display at once (before, it stayed dark until `kiosk screen on`);
 - the watchdog: `echo c > /proc/sysrq-trigger` hangs the kernel (panic, no panic= reboot); iTCO_wdt,
   armed by systemd's RuntimeWatchdogSec, resets the machine and it boots again by itself.
 Run: nice -n 19 pytest tests/test_screen_boot.py --basetemp=/var/tmp/screenbt (KIOSK_TEST_CACHE_DIR set).
@@ -304,6 +306,50 @@ def test_blanking_turns_the_output_off_without_input_and_a_key_turns_it_on(scree
     result, lines, _ = _push(screen_as_kiosk(screen), tmp_path / "again", never, "no blanking")
     assert result.returncode == 0, "\n".join(lines)
     wait_until("the screen on for good once blanking is never", lit, timeout=180, every=2)
+
+
+def test_a_push_makes_the_screen_follow_a_changed_schedule_at_once(screen, tmp_path):
+    """The timers act only at their times: the push's switch itself darkens the screen when the pushed off
+    window holds the present, and lights it again (program started, health-checked) when a push removes it."""
+    vm = screen.vm
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    if screen.server.httpd is None:   # run alone: the page is the lit picture to look for
+        screen.server.start()
+    now = int(vm.ssh("date +%s").stdout)
+    hhmm = lambda t: vm.ssh(f"date -d @{t} +%H:%M").stdout.strip()   # noqa: E731 (the device's time zone)
+    around_now = {"off": hhmm(now - 1800), "on": hhmm(now + 5400)}
+
+    def kiosk_state() -> str:
+        return vm.ssh("systemctl is-active kiosk.service", check=False).stdout.strip()
+
+    def lit():
+        return kiosk_state() == "active" and share(vm.screendump(ARTIFACTS / "screen-follow-on-qemu.png"), RED) > 0.6
+
+    wait_until("the page on screen", lit, timeout=240, every=2)
+
+    def schedule(spec):
+        spec["display"]["blanking"] = "never"
+        spec["display"]["schedule"] = around_now
+
+    result, lines, _ = _push(screen_as_kiosk(screen), tmp_path / "in", schedule, "an off window around now")
+    assert result.returncode == 0, "\n".join(lines)
+    assert "    display.schedule: the screen off (inside its off window)" in lines, lines
+    assert vm.ssh("cat /run/kiosk-screen/off").stdout.strip() == "schedule"
+    assert kiosk_state() == "inactive"
+    assert share(vm.screendump(ARTIFACTS / "screen-follow-off-qemu.png"), (0, 0, 0), tolerance=8) > 0.99
+    print(f"\n[screen] dark right after the push of {around_now}")
+
+    def no_schedule(spec):
+        spec["display"].pop("schedule", None)
+
+    result, lines, _ = _push(screen_as_kiosk(screen), tmp_path / "out", no_schedule, "no schedule")
+    assert result.returncode == 0, "\n".join(lines)
+    assert "    display.schedule: the screen on (no schedule now)" in lines, lines
+    assert "    kiosk.service: up" in lines, lines   # checked: the program came back
+    assert vm.ssh("test -e /run/kiosk-screen/off", check=False).returncode != 0
+    vm.wait_for_program("/usr/bin/foot", timeout=120)
+    wait_until("the page on screen again", lit, timeout=120, every=2)
+    print("[screen] lit with the page again after the push that removed the schedule")
 
 
 def test_a_hung_kernel_is_reset_by_the_watchdog(screen):

@@ -107,9 +107,48 @@ def test_the_off_window_of_a_schedule_crossing_midnight_and_not():
 def test_a_boot_inside_the_off_window_switches_the_screen_off(tmp_path, monkeypatch):
     (tmp_path / "etc/kiosk").mkdir(parents=True)
     (tmp_path / "etc/kiosk/screen.json").write_text(json.dumps({"schedule": {"off": "22:00", "on": "07:00"}}))
-    offs = []
-    monkeypatch.setattr(screen, "screen_off", lambda root, by: offs.append(by))
-    assert not screen.at_boot(tmp_path, _at(0, "12:00")) and offs == []
-    assert screen.at_boot(tmp_path, _at(0, "23:00")) and offs == ["schedule"]
+    calls = []
+    monkeypatch.setattr(screen, "screen_off", lambda root, by: calls.append(("off", by)))
+    monkeypatch.setattr(screen, "screen_on", lambda root, by: calls.append(("on", by)))
+    assert screen.align(tmp_path, _at(0, "12:00")) is None and calls == []
+    assert screen.align(tmp_path, _at(0, "23:00")) == "off" and calls == [("off", "schedule")]
     (tmp_path / "etc/kiosk/screen.json").write_text(json.dumps({"schedule": None}))
-    assert not screen.at_boot(tmp_path, _at(0, "23:00"))
+    assert screen.align(tmp_path, _at(0, "23:00")) is None and calls == [("off", "schedule")]
+
+
+def test_the_schedule_asks_for_its_state_now_and_leaves_blanking_and_a_hand_alone():
+    """What a push that changes display.schedule (or a boot) does to the screen: screen.schedule_asks."""
+    night, asks = {"off": "22:00", "on": "07:00"}, screen.schedule_asks
+    inside, outside = _at(0, "23:00"), _at(0, "12:00")
+    assert asks(night, None, inside) == "off"                 # lit inside the (new) off window: dark now
+    assert asks(night, "idle", inside) == "off"               # blanked: the schedule's now, input must not light it
+    assert asks(night, "schedule", inside) is None            # already the schedule's
+    assert asks(night, "schedule", inside, lit=True) == "off"  # a push restarted the kiosk: dark again
+    assert asks(night, "hand", inside) is None                # a person switched it off: stays so
+    assert asks(night, "schedule", outside) == "on"           # the off window moved away from now
+    assert asks(None, "schedule", inside) == "on"             # the schedule removed
+    assert asks(None, "idle", inside) is None and asks(night, "idle", outside) is None   # blanking's
+    assert asks(None, "hand", outside) is None and asks(night, None, outside) is None
+
+
+def test_the_device_time_follows_the_zone_etc_localtime_names_now(tmp_path):
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/localtime").symlink_to("/usr/share/zoneinfo/Asia/Kolkata")   # +05:30, no summer time
+    import time
+    utc = time.gmtime()
+    now = screen.local_now(tmp_path)
+    assert (now.tm_hour * 60 + now.tm_min - utc.tm_hour * 60 - utc.tm_min) % 1440 in (330, 331)
+
+def test_kiosk_screen_boot_stands_aside_during_a_switch(tmp_path, monkeypatch, capsys):
+    """A push that adds or changes kiosk-screen-boot.service starts it mid-switch; the switch aligns the screen
+    itself (after its health check when it switches it off), so the unit must not act before."""
+    import argparse
+    (tmp_path / "etc/kiosk").mkdir(parents=True)
+    (tmp_path / "etc/kiosk/release.json").write_text("{}")
+    (tmp_path / "etc/kiosk/screen.json").write_text(json.dumps({"schedule": {"off": "00:00", "on": "23:59"}}))
+    (tmp_path / "var/lib/kiosk").mkdir(parents=True)
+    (tmp_path / "var/lib/kiosk/switch.json").write_text("{}")
+    monkeypatch.setenv("KIOSK_ROOT", str(tmp_path))
+    monkeypatch.setattr(screen, "screen_off", lambda root, by: pytest.fail("switched off during a switch"))
+    assert screen.cmd_screen(argparse.Namespace(action="boot", by="hand")) == 0
+    assert "a switch is under way" in capsys.readouterr().out

@@ -11,10 +11,15 @@ which watches every input device itself (evdev, as root, not grabbing: cage stil
 and switches the screen off after the spec's seconds without input and on at the next touch or key.
 The screen that the schedule switched off is not switched on by input: /run/kiosk-screen/off says who
 switched it off. Settings come from /etc/kiosk/screen.json (config.display renders it).
+
+The timers act only at their times, so `schedule_asks` says what the schedule wants of the screen at any
+moment: kiosk-screen-boot.service asks it at boot, and a push's switch (device/switch.py) whenever it changes
+screen.json or restarts the kiosk.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import select
@@ -23,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from kiosk.config.display import DAYS
+from kiosk.config.display import DAYS, SCREEN_SETTINGS
 from kiosk.core.errors import KioskError
 from kiosk.core.paths import device_root
 from kiosk.core.run import run
@@ -34,7 +39,7 @@ CEC_DEVICE = "dev/cec0"
 
 
 def settings(root: Path) -> dict:
-    path = Path(root) / "etc/kiosk/screen.json"
+    path = Path(root) / SCREEN_SETTINGS.lstrip("/")
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -86,11 +91,15 @@ def screen_off(root: Path, by: str) -> None:
     _say(f"off ({by}): kiosk.service stopped, the output powered down")
 
 
-def screen_on(root: Path, by: str) -> None:
+def screen_on(root: Path, by: str, *, wait: bool = True) -> None:
+    """wait: until systemd has started kiosk.service (a push's health check looks at it right after). The
+    idle watcher, while systemd stops it, must not wait: a start of kiosk.service is ordered after the stop
+    of a unit ordered After= it, and that stop waits for the watcher."""
     _cec(root, on=True)
     _blank(root, FB_UNBLANK)
     (Path(root) / STATE).unlink(missing_ok=True)
-    run(["systemctl", "start", "--no-block", "kiosk.service"], timeout=60, what="systemctl start kiosk.service")
+    run(["systemctl", "start", *([] if wait else ["--no-block"]), "kiosk.service"], timeout=60,
+        what="systemctl start kiosk.service")
     _say(f"on ({by}): kiosk.service started")
 
 
@@ -133,7 +142,7 @@ def idle(root: Path) -> int:
         return _idle_loop(root)
     finally:
         if who_switched_off(root) == "idle":
-            screen_on(root, "blanking stopped")
+            screen_on(root, "blanking stopped", wait=False)
 
 
 def _idle_loop(root: Path) -> int:
@@ -168,14 +177,43 @@ def in_off_window(schedule: dict, now: time.struct_time) -> bool:
     return (today in days and minute >= off) or (yesterday in days and minute < on)
 
 
-def at_boot(root: Path, now: time.struct_time | None = None) -> bool:
-    """A kiosk started inside the schedule's off window goes dark at once (its timers only fire at the
-    times themselves). Returns whether it switched the screen off."""
-    schedule = settings(root).get("schedule")
-    if not schedule or not in_off_window(schedule, now or time.localtime()):
-        return False
-    screen_off(root, "schedule")
-    return True
+def schedule_asks(schedule: dict | None, off_by: str | None, now: time.struct_time, *,
+                  lit: bool = False) -> str | None:
+    """What display.schedule asks of the screen at `now`: "off" inside its off window (a screen the idle
+    watcher switched off becomes the schedule's, so input does not light it), "on" outside it or with no
+    schedule when the schedule was the one that switched it off, None to leave it as it is. A screen switched
+    off by hand stays off (`kiosk screen on` undoes it). off_by: /run/kiosk-screen/off; lit: the screen is on
+    whatever that says (a push restarted the kiosk)."""
+    if schedule and in_off_window(schedule, now):
+        return "off" if lit or off_by in (None, "idle") else None
+    return "on" if off_by == "schedule" else None
+
+
+def local_now(root: Path) -> time.struct_time:
+    """The device's local time, by the zone /etc/localtime names now: a push that changes locale.timeZone
+    relinks it while this process runs (the C library keeps the zone it read first)."""
+    try:
+        from zoneinfo import ZoneInfo
+        name = os.readlink(Path(root) / "etc/localtime").split("zoneinfo/", 1)[1]
+        return datetime.datetime.now(ZoneInfo(name)).timetuple()
+    except (OSError, IndexError, ValueError, KeyError):   # no link, or a zone Python cannot read
+        return time.localtime()
+
+
+def align(root: Path, now: time.struct_time | None = None) -> str | None:
+    """Bring the screen in line with display.schedule now (the timers fire only at the times themselves:
+    a kiosk started inside the off window goes dark here). Returns what it did: "off", "on" or None."""
+    asked = schedule_asks(settings(root).get("schedule"), who_switched_off(root), now or local_now(root))
+    if asked == "off":
+        screen_off(root, "schedule")
+    elif asked == "on":
+        screen_on(root, "schedule")
+    return asked
+
+
+def _switching(root: Path) -> bool:
+    from kiosk.device.switch import journal_path   # switch imports this module
+    return journal_path(root).exists()
 
 
 def cmd_screen(args) -> int:
@@ -183,8 +221,10 @@ def cmd_screen(args) -> int:
     if not (root / "etc/kiosk/release.json").is_file():
         raise KioskError("kiosk screen runs on a kiosk device", hint="ssh root@HOST kiosk screen off")
     if args.action == "boot":
-        if not at_boot(root):
-            _say("on: not inside display.schedule's off window")
+        if _switching(root):   # a push adds or changes kiosk-screen-boot.service, so it starts it mid-switch
+            _say("a switch is under way: it brings the screen in line with display.schedule itself")
+        elif not align(root):
+            _say("as display.schedule has it: nothing to do")
     elif args.action == "off":
         screen_off(root, args.by)
     elif args.action == "on":
@@ -201,7 +241,8 @@ def register(sub) -> None:
                                    "the TV to standby over HDMI-CEC with raspberryPi.cecSupport) or on again; "
                                    "'idle' switches it off after display.blanking seconds without input.")
     p.add_argument("action", choices=("off", "on", "idle", "boot"),
-                   help="boot: off if the time is inside display.schedule's off window (kiosk-screen-boot.service)")
+                   help="boot: in line with display.schedule now: off inside its off window, on outside it when "
+                        "the schedule switched it off (kiosk-screen-boot.service)")
     p.add_argument("--by", default="hand", choices=("hand", "schedule", "idle", "input"),
                    help="who asks (the schedule's 'off' is not undone by input)")
     p.set_defaults(func=cmd_screen)

@@ -6,7 +6,9 @@ changed symlink entries -> (4) remove A-only paths -> activate -> health check
 -> remove the journal (the commit point). `kiosk switch --recover` (at boot, by
 kiosk-recover.service; recover.py) returns an interrupted switch to the journal's
 `safe` generation (the one before a switch, the target of a rollback), so a power
-cut always leaves ONE complete, previously good generation linked.
+cut always leaves ONE complete, previously good generation linked. A switch that changes
+display's screen.json or restarts the kiosk also brings the screen in line with
+display.schedule (on before the health check, which then checks the program; off after it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 from pathlib import Path
 
+from kiosk.config.display import SCREEN_SETTINGS
 from kiosk.core.errors import KioskError
 from kiosk.core.files import crash_point, fsync_dir, remove_durable, write_durable
 from kiosk.core.log import Log
@@ -66,6 +69,7 @@ class Switch:
                   if p.startswith((activation.UNIT_DIR, "/etc/sysusers.d/")) or p == "/etc/hostname"]
         self.plan = activation.plan(self.om, self.nm, new_texts=new.texts(wanted),
                                     old_texts=old.texts(wanted) if old else {})
+        self.schedule, self.switched_on = None, False   # display.schedule after the switch (follow_schedule)
         self.journal = {"from": old.number if old else None, "to": new.number, "mode": mode, "purpose": purpose,
                         "safe": new.number if purpose == "rollback" else (old.number if old else new.number),
                         "defaultBefore": pointer(root, "default"), "step": "begin", "reason": reason}
@@ -148,11 +152,33 @@ class Switch:
             log("nothing to tell systemd")
         self._step("activated")
 
+    def schedule_asks(self) -> str | None:
+        """What display.schedule asks of the screen after this switch ("on", "off" or None: screen.schedule_asks);
+        asked only when the switch changes screen.json or (re)starts the kiosk: otherwise the screen stays as the
+        timers or a person left it."""
+        lit = activation.PROGRAM_UNIT in self.plan.touched_units()
+        if self.om.get(SCREEN_SETTINGS) == self.nm.get(SCREEN_SETTINGS) and not lit:
+            return None
+        self.schedule = screen.settings(self.root).get("schedule") if SCREEN_SETTINGS in self.nm else None
+        return screen.schedule_asks(self.schedule, screen.who_switched_off(self.root), screen.local_now(self.root),
+                                    lit=lit)
+
+    def follow_schedule(self, asked: str) -> None:
+        """`kiosk screen on|off --by schedule` through the activator; raises ActivationFailed."""
+        why = ("inside its off window" if asked == "off" else
+               "outside its off window" if self.schedule else "no schedule now")
+        self.log(f"display.schedule: the screen {asked} ({why})")
+        argv = ["kiosk", "screen", asked, "--by", "schedule"]
+        self.log(f"run {' '.join(argv)}")
+        self.activator.run(argv)
+        self.switched_on = asked == "on"
+
     def health(self, settle: float) -> list[str]:
         units = sorted(set(activation.HEALTH_UNITS) | set(self.plan.touched_units()))
         units = [u for u in units if u not in self.plan.stop]
         # display.schedule or display.blanking stopped the kiosk on purpose, and this push does not restart it
-        off_by = screen.who_switched_off(self.root)
+        # (nor switch the screen on for the schedule: follow_schedule)
+        off_by = None if self.switched_on else screen.who_switched_off(self.root)
         unchecked = off_by and activation.PROGRAM_UNIT not in self.plan.touched_units()
         units = [u for u in units if not (unchecked and u == activation.PROGRAM_UNIT)]
         self.log.stage(f"health check: {', '.join(units)} (up and staying up for {settle:g}s)")
@@ -185,12 +211,21 @@ class Switch:
             self.links()
             self.log.stage("activate")
             self.activate()
+            asked = self.schedule_asks()
+            if asked == "on":   # before the health check: it checks the program that comes back
+                self.follow_schedule(asked)
         except Exception as exc:  # anything at all: the caller rolls back to the journal's safe generation
             # one line: it becomes the generation's reason (a failed command says its last lines on more)
             why = reason_line(exc) if isinstance(exc, KioskError) else f"{type(exc).__name__}: {exc}"
             self.log(f"FAILED: {why}")
             return [why]
         problems = self.health(settle)
+        if not problems and asked == "off":   # after it: a kiosk this push restarted was seen starting the program
+            try:
+                self.follow_schedule(asked)
+            except KioskError as exc:
+                self.log(f"FAILED: {reason_line(exc)}")
+                problems = [reason_line(exc)]
         if not problems:
             self._step("healthy")
         return problems
