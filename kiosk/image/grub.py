@@ -63,6 +63,11 @@ menuentry "kiosk slot" {{
 
 RAUC_CERTIFICATE = "/etc/rauc/kiosk-update.cert.pem"   # the keyring: the user's update certificate (not yet written)
 
+# The casync chunk store `rauc install` reads a chunked bundle's missing chunks from: the device's loopback, which
+# kiosk update forwards (ssh -R) to the store it serves for that install (kiosk.update.chunks).
+RAUC_CHUNK_PORT = 7464
+RAUC_CHUNK_STORE = f"http://127.0.0.1:{RAUC_CHUNK_PORT}/store"
+
 RAUC_SYSTEM_CONF = """# Written by kiosk at image build: the root slots RAUC installs into (notes/ab-update.md).
 [system]
 compatible=kiosk-{board}
@@ -82,6 +87,9 @@ bootname=A
 device={prefix}3
 type=ext4
 bootname=B
+
+[casync]
+storepath={store}
 """
 
 
@@ -89,7 +97,7 @@ def rauc_system_conf(board: dict) -> str:
     """/etc/rauc/system.conf: RAUC's grub backend on the grubenv this module writes; `compatible` is what
     kiosk.update.bundle puts in a bundle's manifest for the board."""
     return RAUC_SYSTEM_CONF.format(board=board["name"], certificate=RAUC_CERTIFICATE,
-                                   prefix=board["slotDevicePrefix"])
+                                   store=RAUC_CHUNK_STORE, prefix=board["slotDevicePrefix"])
 
 
 def kernel_arguments(board: dict, spec: dict) -> list[str]:
