@@ -217,3 +217,29 @@ def test_the_chunk_server_answers_chunk_paths_of_its_store_only(tmp_path):
     assert chunks.forwarded(["ssh", "-o", "BatchMode=yes", "--", "dev"], 4242) == [
         "ssh", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:7464:127.0.0.1:4242",
         "--", "dev"]
+
+
+def test_the_devices_wait_for_the_forwarded_store_runs_in_a_shell_and_knows_its_answer(tmp_path):
+    """The fixed remote command's first half (kiosk.update.chunks.WAIT_FOR_STORE), run by bash as sshd runs it,
+    against ChunkServer's handler on the device-side port (here: this machine's loopback)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from kiosk.image.grub import RAUC_CHUNK_PORT
+    from kiosk.update import chunks
+
+    assert chunks.WAIT_FOR_STORE.count("'") == 2   # one single-quoted word: nothing inside may close it
+    with chunks.ChunkServer(tmp_path) as server:
+        try:
+            device_side = ThreadingHTTPServer(("127.0.0.1", RAUC_CHUNK_PORT), server.httpd.RequestHandlerClass)
+        except OSError:
+            pytest.skip(f"port {RAUC_CHUNK_PORT} is taken on this machine")
+        thread = threading.Thread(target=device_side.serve_forever, daemon=True)
+        thread.start()
+        try:
+            proc = subprocess.run(["bash", "-c", f"{chunks.WAIT_FOR_STORE} && echo answered"], capture_output=True,
+                                  text=True, timeout=60)
+        finally:
+            device_side.shutdown()
+            device_side.server_close()
+    assert (proc.returncode, proc.stdout) == (0, "answered\n"), proc.stderr

@@ -39,7 +39,7 @@ WAIT_FOR_STORE = (
     "for _ in range(40):\n"
     "    try:\n"
     f"        if urllib.request.urlopen(\"http://127.0.0.1:{RAUC_CHUNK_PORT}{PROBE_PATH}\", timeout=5).read() "
-    f"== {PROBE_ANSWER!r}:\n"
+    f"== b\"{PROBE_ANSWER.decode().strip()}\\n\":\n"
     "            sys.exit(0)\n"
     "    except OSError:\n"
     "        pass\n"
