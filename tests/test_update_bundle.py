@@ -133,6 +133,12 @@ def _sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _casync_extract(server, seed: Path, index: Path, out: Path) -> subprocess.CompletedProcess:
+    """casync extract as RAUC 1.8 runs it on the device (update_handler.c casync_extract)."""
+    return subprocess.run(["casync", "extract", "--seed", str(seed), f"--store=http://127.0.0.1:{server.port}/store",
+                           "--seed-output=no", str(index), str(out)], capture_output=True, text=True)
+
+
 def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to_ship(built_image, tmp_path,
                                                                                       cache):
     """kiosk update's default (kiosk.update.chunks): `rauc convert` of the signed bundle gives a signed verity
@@ -172,9 +178,7 @@ def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to
         f.write(os.urandom(1 << 20))
     out = tmp_path / "slot.ext4"
     with chunks.ChunkServer(store) as server:
-        proc = subprocess.run(["casync", "extract", "--seed", str(seed), f"--store=http://127.0.0.1:{server.port}/store",
-                               "--seed-output=no", str(unpacked / "rootfs.ext4.caibx"), str(out)],
-                              capture_output=True, text=True)
+        proc = _casync_extract(server, seed, unpacked / "rootfs.ext4.caibx", out)
         assert proc.returncode == 0, proc.stderr
         served, sent = server.figures()
     assert _sha256_of(out) == full["checksum"]
@@ -185,9 +189,7 @@ def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to
         chunk.write_bytes(b"not the chunk")
     out.unlink()
     with chunks.ChunkServer(store) as server:
-        proc = subprocess.run(["casync", "extract", "--seed", str(seed), f"--store=http://127.0.0.1:{server.port}/store",
-                               "--seed-output=no", str(unpacked / "rootfs.ext4.caibx"), str(out)],
-                              capture_output=True, text=True)
+        proc = _casync_extract(server, seed, unpacked / "rootfs.ext4.caibx", out)
     assert proc.returncode != 0
     assert not out.exists() or _sha256_of(out) != full["checksum"]
 
