@@ -11,8 +11,10 @@ waits for slot A's commit, then runs the real `kiosk update 127.0.0.1 SPEC` with
   build    plan + rootfs + base fs + configure + image + manifest (the pipeline, caches warm but the
            top layer new)
   bundle   the root partition into a signed, zstd-squashfs RAUC bundle
-  ship     over ssh into the device's data partition (bytes and MiB/s)
-  install  rauc install into the inactive slot
+  chunks   `rauc convert` of it: the casync index bundle and chunk store (kiosk.update.chunks)
+  ship     over ssh into the device's data partition (bytes and MiB/s): the index bundle (or, with
+           --whole-bundle, the whole bundle)
+  install  rauc install into the inactive slot (with chunks: the ones slot A lacks, fetched through ssh -R)
   boot     systemctl reboot until a new boot id answers
   health   until the device's verdict (kiosk-slot-commit: the push's health check, rauc mark-good)
 
@@ -38,7 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 from boottools import BootedVM, boot_spec, build_boot_image, make_key  # noqa: E402
 
 STAGES = {"build": ("plan", "rootfs", "base fs", "configure", "image", "manifest"), "bundle": ("bundle",),
-          "ship": ("ship",), "install": ("install",), "boot": ("boot",), "health": ("health",)}
+          "chunks": ("chunks",), "ship": ("ship",), "install": ("install",), "boot": ("boot",), "health": ("health",)}
 
 
 def stage_seconds(stderr: str) -> dict[str, float]:
@@ -50,6 +52,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", default=os.environ.get("KIOSK_TEST_CACHE_DIR"),
                         help="kiosk cache (bases, signing key) to reuse (default: KIOSK_TEST_CACHE_DIR or a new one)")
+    parser.add_argument("--whole-bundle", action="store_true",
+                        help="kiosk update --whole-bundle: ship the whole system (the figure before chunks)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/update.py builds images: run it as root")
@@ -66,7 +70,8 @@ def main() -> int:
         new = dict(spec, packages=[*spec.get("packages", []), "hello"])
         (work / "nixiosk.json").write_text(json.dumps(new, indent=2))
         argv = [sys.executable, "-m", "kiosk", "update", "127.0.0.1", str(work / "nixiosk.json"),
-                "-p", str(vm.port), "-i", str(key), "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}"]
+                "-p", str(vm.port), "-i", str(key), "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}",
+                *(["--whole-bundle"] if args.whole_bundle else [])]
         started = time.monotonic()
         result = subprocess.run(argv, cwd=HERE.parent, capture_output=True, text=True, timeout=3600,
                                 env={**os.environ, "KIOSK_CACHE_DIR": str(cache), "KIOSK_SSH_CONNECT_TIMEOUT": "60"})
@@ -74,7 +79,10 @@ def main() -> int:
         if result.returncode != 0:
             raise SystemExit(f"kiosk update failed:\n{result.stderr[-3000:]}{result.stdout}")
         seconds = stage_seconds(result.stderr)
-        shipped = re.search(r"shipped ([0-9.]+ \S+) in", result.stderr)
+        shipped = (re.search(r"shipped ([0-9.]+ \S+) in all", result.stderr)
+                   or re.search(r"shipped ([0-9.]+ \S+) in", result.stderr))
+        whole = re.search(r"bundle: update.raucb, (\d+) MiB", result.stderr)
+        chunk_line = re.search(r"^    (shipped .* in all, .*)$", result.stderr, re.M)
         root = re.search(r"bundle: root filesystem (\d+) MiB", result.stderr)
         rate = re.findall(r"shipping: .* ([0-9.]+ \S+)/s$", result.stderr, re.M)
         load = Path("/proc/loadavg").read_text().split()[:3]
@@ -84,6 +92,10 @@ def main() -> int:
             print(f"  {name:8} {sum(seconds.get(p, 0.0) for p in parts):6.1f} s")
         print(f"  shipped  {shipped.group(1) if shipped else '?'} (last rate {rate[-1] if rate else '?'}/s) "
               f"for a {root.group(1) if root else '?'} MiB root partition (one package added)")
+        print(f"  bytes shipped: {shipped.group(1) if shipped else '?'}, the whole bundle "
+              f"{whole.group(1) if whole else '?'} MiB ({'--whole-bundle' if args.whole_bundle else 'chunks'})")
+        if chunk_line:
+            print(f"  {chunk_line.group(1)}")
     finally:
         vm.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)

@@ -9,7 +9,8 @@ mode=${1:-build}
 build_pkgs=(mmdebstrap qemu-user-static binfmt-support arch-test dosfstools mtools fdisk
             e2fsprogs zstd xz-utils ca-certificates tzdata dpkg-dev cpio kmod python3-venv
             python3-pip git openssh-client bmap-tools util-linux python3-yaml uidmap
-            rauc squashfs-tools openssl grub-common u-boot-tools)
+            rauc casync squashfs-tools openssl grub-common u-boot-tools)
+# casync: kiosk update ships only the changed chunks of a system (rauc convert).
 # u-boot-tools: mkimage and mkenvimage for the Raspberry Pis' U-Boot boot script and environment.
 # GRUB for the qemu target's EFI boot loader (grub-mkimage; Debian builds it for x86 hosts only).
 case "$(dpkg --print-architecture)" in amd64|i386) build_pkgs+=(grub-efi-amd64-bin) ;; esac

@@ -397,6 +397,12 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
                  "statusfile=/data/rauc.status", "device=/dev/vda2", "device=/dev/vda3", "bootname=A",
                  "bootname=B"):
         assert f"\n{line}\n" in conf, conf
+    # kiosk update's chunked bundles: the store it forwards to the device's loopback, and casync to read it
+    from kiosk.update.commands import CAN_TAKE_CHUNKS
+
+    assert conf.endswith("\n[casync]\nstorepath=http://127.0.0.1:7464/store\n"), conf
+    assert "storepath=http://127.0.0.1:7464/store" in CAN_TAKE_CHUNKS
+    assert read_root_file(img.image, "/usr/bin/casync")[:4] == b"\x7fELF"
     # Its keyring: the certificate of the update key of whoever built the image (their cache), nothing else
     from imagetools import _cache_dir, _shared_dir   # the cache built_image used
 

@@ -6,8 +6,9 @@ slow suite, an emulated arm64 install and two emulated boots costing ~15 minutes
 
 One device, booted once (module fixture), then in file order:
 - its first boot commits slot A (kiosk-slot-commit.service: the health check, then rauc mark-good);
-- `kiosk update` with a package added: built with kiosk build's pipeline and the same cache, shipped,
-  installed into slot B, one reboot, kept; the package is there, the host key and generations unchanged;
+- `kiosk update` with a package added: built with kiosk build's pipeline and the same cache, shipped as
+  a casync bundle (only the chunks slot A lacks, far fewer bytes than the whole bundle), installed into
+  slot B, one reboot, kept; the package is there, the host key and generations unchanged;
 - a bundle whose system cannot run the program (foot removed from its root): tried in slot A, judged
   unhealthy, marked bad, and the device restarts into slot B by itself; `kiosk update`'s delivery says
   "rolled back" with the health check's reason;
@@ -197,9 +198,38 @@ def test_the_first_boot_commits_slot_a(device):
     assert status["generation"]["commit"] == vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout.strip()
 
 
+_UNITS = {"bytes": 1, "byte": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def _size(text: str) -> float:
+    number, unit = text.split()
+    return float(number) * _UNITS[unit]
+
+
+def _shipped(stderr: str) -> dict:
+    """The figures of kiosk update's "shipped ... in all" line (sizes as kiosk prints them, 0.1 MiB steps)."""
+    import re
+    m = re.search(r"^    (shipped ([0-9.]+ \S+) in all, [0-9.]+% of the whole bundle \(([0-9.]+ \S+)\): the index "
+                  r"bundle ([0-9.]+ \S+) and (\d+) of (\d+) chunks ([0-9.]+ \S+);.*)$", stderr, re.M)
+    assert m, stderr[-3000:]
+    return {"line": m.group(1), "all": _size(m.group(2)), "whole": _size(m.group(3)), "index": _size(m.group(4)),
+            "chunks": int(m.group(5)), "stored": int(m.group(6)), "chunk_bytes": _size(m.group(7))}
+
+
 def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
+    from kiosk.update.commands import _can_take_chunks
+
     vm = device.vm
     wait_until("slot A committed", lambda: committed(vm, "A"), timeout=600)
+    # The device says whether it takes chunked bundles (its casync and RAUC's store address): one without
+    # casync gets the whole bundle.
+    ssh = device_ssh(vm)
+    assert _can_take_chunks(ssh)
+    vm.ssh("mv /usr/bin/casync /usr/bin/casync.away")
+    try:
+        assert not _can_take_chunks(ssh)
+    finally:
+        vm.ssh("mv /usr/bin/casync.away /usr/bin/casync")
     before = json.loads(vm.ssh("kiosk generations --json").stdout)
     main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
     assert vm.ssh("dpkg -s hello", check=False).returncode != 0
@@ -216,6 +246,14 @@ def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
         assert any(line.startswith(stage) for line in result.stderr.splitlines()), stage
     assert "shipping: " in result.stderr and "/s" in result.stderr   # bytes and rate
     assert "rauc: " in result.stderr
+    # Only what changed was shipped (kiosk.update.chunks): the casync index bundle and the chunks slot A
+    # lacked, against the whole bundle of the same system that the log also names.
+    assert "shipping the whole bundle" not in result.stderr, result.stderr[-3000:]
+    assert "==> chunks" in result.stderr
+    shipped = _shipped(result.stderr)
+    print(f"[update] shipped {shipped['all']} bytes of a {shipped['whole']}-byte bundle: {shipped['line']}", flush=True)
+    assert shipped["all"] < shipped["whole"] / 5, shipped
+    assert shipped["chunks"] >= 1, shipped        # hello's files are new: some chunks had to come
     # the new system runs: slot B, its package; the same host key (kiosk update's ssh checked it), the same
     # configuration and generations (the data partition)
     assert "rauc.slot=B" in vm.ssh("cat /proc/cmdline").stdout.split()

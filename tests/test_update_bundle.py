@@ -123,3 +123,125 @@ def test_a_bundle_carries_the_images_root_byte_for_byte_and_only_its_key_opens_i
     other = signing.signing_key()
     with pytest.raises(KioskError, match="signature verification failed"):
         bundle.bundle_info(out, other.cert)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _casync_extract(server, seed: Path, index: Path, out: Path) -> subprocess.CompletedProcess:
+    """casync extract as RAUC 1.8 runs it on the device (update_handler.c casync_extract)."""
+    return subprocess.run(["casync", "extract", "--seed", str(seed), f"--store=http://127.0.0.1:{server.port}/store",
+                           "--seed-output=no", str(index), str(out)], capture_output=True, text=True)
+
+
+def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to_ship(built_image, tmp_path,
+                                                                                      cache):
+    """kiosk update's default (kiosk.update.chunks): `rauc convert` of the signed bundle gives a signed verity
+    bundle carrying the casync index, and real `casync extract` as RAUC runs it on the device (the running
+    slot as the seed, the store over HTTP from ChunkServer) rebuilds the root byte for byte while only the
+    chunks the seed lacks cross the wire; a store whose chunks were altered writes nothing whole."""
+    from kiosk.update import chunks
+
+    img = built_image("qemu")
+    pair = signing.signing_key()
+    whole = bundle.make_bundle(img.image, tmp_path / "update.raucb", board="qemu", version="3",
+                               description="kiosk test", key=pair)
+    full = bundle.bundle_info(whole, pair.cert)["images"][0]["rootfs"]
+    index, store = chunks.make_chunked(whole, pair)
+    assert (index.name, store.name) == ("update-chunks.raucb", "update-chunks.castr")
+    info = bundle.bundle_info(index, pair.cert)
+    assert info["compatible"] == "kiosk-qemu" and info["version"] == "3"
+    rootfs = info["images"][0]["rootfs"]
+    assert rootfs["filename"] == "rootfs.ext4.caibx"
+    assert (rootfs["size"], rootfs["checksum"]) == (full["size"], full["checksum"])
+    text = subprocess.run(["rauc", "info", f"--keyring={pair.cert}", str(index)], capture_output=True, text=True,
+                          check=True).stdout
+    assert "Bundle Format: \tverity" in text or "Bundle Format: verity" in " ".join(text.split()), text
+    assert index.stat().st_size < 2 << 20 < whole.stat().st_size
+    count, stored = chunks.store_size(store)
+    assert count > 1000 and stored > whole.stat().st_size // 2
+
+    # The index as the device's RAUC sees it (signature checked); the seed: this root with 1 MiB changed.
+    unpacked = tmp_path / "unpacked"
+    subprocess.run(["rauc", "extract", f"--keyring={pair.cert}", str(index), str(unpacked)], check=True,
+                   capture_output=True)
+    part = root_partition(img.image)
+    seed = tmp_path / "seed.ext4"
+    bundle._copy_sparse_range(img.image, part.start, part.size, seed)
+    with open(seed, "r+b") as f:
+        f.seek(64 << 20)
+        f.write(os.urandom(1 << 20))
+    out = tmp_path / "slot.ext4"
+    with chunks.ChunkServer(store) as server:
+        proc = _casync_extract(server, seed, unpacked / "rootfs.ext4.caibx", out)
+        assert proc.returncode == 0, proc.stderr
+        served, sent = server.figures()
+    assert _sha256_of(out) == full["checksum"]
+    assert 1 <= served <= 40 and 0 < sent < stored // 100, (served, sent, stored)   # compressed chunks
+
+    # Altered chunks in the store: casync checks each against its id in the signed index and stops.
+    for chunk in store.glob("*/*.cacnk"):
+        chunk.write_bytes(b"not the chunk")
+    out.unlink()
+    with chunks.ChunkServer(store) as server:
+        proc = _casync_extract(server, seed, unpacked / "rootfs.ext4.caibx", out)
+    assert proc.returncode != 0
+    assert not out.exists() or _sha256_of(out) != full["checksum"]
+
+
+def test_the_chunk_server_answers_chunk_paths_of_its_store_only(tmp_path):
+    """Unit (the integration is above and in test_update_boot.py): what the forwarded port gives out."""
+    import urllib.error
+    import urllib.request
+
+    from kiosk.update import chunks
+
+    store = tmp_path / "s.castr"
+    cid = "ab12" + "0" * 60
+    (store / "ab12").mkdir(parents=True)
+    (store / "ab12" / f"{cid}.cacnk").write_bytes(b"chunk")
+    (tmp_path / "secret").write_text("no")
+    with chunks.ChunkServer(store) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        assert urllib.request.urlopen(f"{base}/store/ab12/{cid}.cacnk").read() == b"chunk"
+        assert urllib.request.urlopen(f"{base}/store//ab12/{cid}.cacnk").read() == b"chunk"
+        assert urllib.request.urlopen(base + chunks.PROBE_PATH).read() == chunks.PROBE_ANSWER
+        for path in ("/store/../secret", "/secret", f"/store/cd12/{cid}.cacnk", "/store/ab12/", "/store/"):
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(base + path)
+            assert caught.value.code == 404, path
+        assert server.figures() == (2, 10)
+    assert chunks.forwarded(["ssh", "-o", "BatchMode=yes", "--", "dev"], 4242) == [
+        "ssh", "-o", "BatchMode=yes", "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:7464:127.0.0.1:4242",
+        "--", "dev"]
+
+
+def test_the_devices_wait_for_the_forwarded_store_runs_in_a_shell_and_knows_its_answer(tmp_path):
+    """The fixed remote command's first half (kiosk.update.chunks.WAIT_FOR_STORE), run by bash as sshd runs it,
+    against ChunkServer's handler on the device-side port (here: this machine's loopback)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from kiosk.image.rauc import RAUC_CHUNK_PORT
+    from kiosk.update import chunks
+
+    assert chunks.WAIT_FOR_STORE.count("'") == 2   # one single-quoted word: nothing inside may close it
+    with chunks.ChunkServer(tmp_path) as server:
+        try:
+            device_side = ThreadingHTTPServer(("127.0.0.1", RAUC_CHUNK_PORT), server.httpd.RequestHandlerClass)
+        except OSError:
+            pytest.skip(f"port {RAUC_CHUNK_PORT} is taken on this machine")
+        thread = threading.Thread(target=device_side.serve_forever, daemon=True)
+        thread.start()
+        try:
+            proc = subprocess.run(["bash", "-c", f"{chunks.WAIT_FOR_STORE} && echo answered"], capture_output=True,
+                                  text=True, timeout=60)
+        finally:
+            device_side.shutdown()
+            device_side.server_close()
+    assert (proc.returncode, proc.stdout) == (0, "answered\n"), proc.stderr

@@ -3,12 +3,18 @@
 Both boot loaders follow RAUC's own conventions (notes/ab-update.md): GRUB's grubenv (kiosk.image.grub)
 on the qemu target, U-Boot's environment file uboot.env (kiosk.image.uboot) on the Raspberry Pis.
 `compatible` is what kiosk.update.bundle puts in a bundle's manifest for the board; the keyring is the
-user's update certificate (kiosk.config.signing), written by the pipeline.
+user's update certificate (kiosk.config.signing), written by the pipeline; [casync] names the chunk store
+kiosk update forwards to the device for a chunked bundle (kiosk.update.chunks).
 """
 
 from __future__ import annotations
 
 RAUC_CERTIFICATE = "/etc/rauc/kiosk-update.cert.pem"
+
+# The casync chunk store `rauc install` reads a chunked bundle's missing chunks from: the device's loopback, which
+# kiosk update forwards (ssh -R) to the store it serves for that install (kiosk.update.chunks).
+RAUC_CHUNK_PORT = 7464
+RAUC_CHUNK_STORE = f"http://127.0.0.1:{RAUC_CHUNK_PORT}/store"
 
 # The boot loader's lines of [system]. U-Boot: a committed slot gets 3 tries (the boot script counts each
 # boot down, `kiosk slot commit` sets it back with mark-good), a newly installed one a single try.
@@ -34,6 +40,9 @@ bootname=A
 device={prefix}3
 type=ext4
 bootname=B
+
+[casync]
+storepath={store}
 """
 
 
@@ -44,4 +53,5 @@ def bootloader(board: dict) -> str:
 
 def system_conf(board: dict) -> str:
     return SYSTEM_CONF.format(board=board["name"], bootloader=BOOTLOADER_LINES[bootloader(board)],
-                              certificate=RAUC_CERTIFICATE, prefix=board["slotDevicePrefix"])
+                              certificate=RAUC_CERTIFICATE, prefix=board["slotDevicePrefix"],
+                              store=RAUC_CHUNK_STORE)

@@ -4,7 +4,9 @@ when it comes up healthy (notes/ab-update.md).
 The system is built with `kiosk build`'s pipeline and caches (the spec given, else the one the device
 runs: its configuration.git main), its root partition goes into a RAUC bundle signed with the user's
 key, ssh carries it to the device's data partition, `rauc install` checks the signature and writes the
-inactive slot, and one reboot tries it. The device judges it (kiosk slot commit: the push's health
+inactive slot, and one reboot tries it. By default only what changed is shipped (kiosk.update.chunks: RAUC's
+casync bundles, the running slot as the seed); the whole bundle goes when the device or this machine cannot
+do that (one line says why) or with --whole-bundle. The device judges it (kiosk slot commit: the push's health
 check) and falls back by itself; this command waits for the verdict and prints one line.
 
 What a slot holds is the system: packages, kernel, initramfs. The configuration stays the device's
@@ -15,6 +17,7 @@ differs from the device's is refused: push that first.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -26,7 +29,9 @@ from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.files import human_size
 from kiosk.core.log import Log
 from kiosk.core.run import run, run_lines, start
+from kiosk.image.rauc import RAUC_CHUNK_STORE
 from kiosk.net import reach
+from kiosk.update.chunks import WAIT_FOR_STORE, ChunkServer, forwarded, make_chunked, store_size
 
 INCOMING = "/data/kiosk/incoming"
 BUNDLE = f"{INCOMING}/update.raucb"
@@ -36,6 +41,11 @@ INSTALL = f"rauc install {BUNDLE} 2>&1; rc=$?; rm -f {BUNDLE}; exit $rc"
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 SLOT_STATUS = "kiosk slot status --json"
 SPEC_ON_DEVICE = "git -C /etc/kiosk/configuration.git show main:nixiosk.json"
+# Can the device take a chunked bundle: casync installed, and RAUC's chunk store where kiosk forwards it.
+CAN_TAKE_CHUNKS = f"test -x /usr/bin/casync && grep -qxF 'storepath={RAUC_CHUNK_STORE}' /etc/rauc/system.conf"
+INSTALL_CHUNKED = f"{WAIT_FOR_STORE} && {INSTALL}"
+NO_CHUNKS = ("its system has no casync chunk store set up (built before kiosk shipped chunks; "
+             "the system this update brings has it)")
 
 
 def _ssh(ssh: list[str], command: str, *, what: str, timeout: float = 120, check: bool = True):
@@ -105,7 +115,11 @@ def _ship(ssh: list[str], bundle: Path, log: Log) -> None:
     log(f"shipped {human_size(total)} in {time.monotonic() - started:.0f} s")
 
 
-def _install(ssh: list[str], log: Log) -> None:
+class BundleRefused(KioskError):
+    """RAUC on the device refused the bundle's signature: shipping it another way changes nothing."""
+
+
+def _install(ssh: list[str], log: Log, command: str = INSTALL) -> None:
     lines: list[str] = []
 
     def line(text: str) -> None:
@@ -114,11 +128,11 @@ def _install(ssh: list[str], log: Log) -> None:
             log(f"rauc: {text.strip()}")
 
     try:
-        run_lines([*ssh, INSTALL], line, what="rauc install")
+        run_lines([*ssh, command], line, what="rauc install")
     except KioskError:
         said = " ".join(lines).lower()
         if "signature" in said or "verify" in said or "certificate" in said:
-            raise KioskError("the device refused the bundle: it is not signed by the key this device trusts",
+            raise BundleRefused("the device refused the bundle: it is not signed by the key this device trusts",
                              hint=f"the device was made with another update key than {paths.cache_dir()}/"
                                   "update-signing: update it with the key it was built with, or reflash it") from None
         raise KioskError(f"rauc install on the device failed: {one_line(lines[-1] if lines else '')}",
@@ -212,6 +226,11 @@ def cmd_update(args) -> int:
     if rauc_compatible and rauc_compatible != compatible(spec.data["hardware"]):
         raise UsageError(f"{args.host} takes {rauc_compatible} bundles, not {compatible(spec.data['hardware'])}")
     log(f"slot {booted} runs; the new system goes into slot {target}")
+    chunks = not args.whole_bundle and _can_take_chunks(ssh)
+    if args.whole_bundle:
+        log("shipping the whole bundle (--whole-bundle)")
+    elif not chunks:
+        log(f"shipping the whole bundle: {NO_CHUNKS}")
 
     out_dir = paths.cache_dir() / "update" / spec.data["hostName"]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -222,20 +241,79 @@ def cmd_update(args) -> int:
         bundle = make_bundle(Path(manifest["image"]), out_dir / "update.raucb", board=spec.data["hardware"],
                              version=version, description=f"kiosk update of {spec.data['hostName']}",
                              key=key, log=log)
-    kept, status = deliver(ssh, bundle, target, log)
+    chunked = None
+    if chunks:
+        with log.timed("chunks"):
+            try:
+                chunked = make_chunked(bundle, key, log=log)
+            except KioskError as exc:
+                log(f"shipping the whole bundle: this machine could not make a chunked one ({exc.message})")
+    kept, status = deliver(ssh, bundle, target, log, chunked)
     return report(args.host, target, version, kept, status)
 
 
-def deliver(ssh: list[str], bundle: Path, target: str, log: Log) -> tuple[bool, dict]:
-    """Ship a bundle, install it into slot `target`, reboot once and wait for the device's verdict:
-    (kept, the device's slot status). The bundle file is removed afterwards."""
+def _can_take_chunks(ssh: list[str]) -> bool:
+    return _ssh(ssh, CAN_TAKE_CHUNKS, what="asking whether the device takes chunked bundles",
+                check=False).returncode == 0
+
+
+def _deliver_chunks(ssh: list[str], chunked: tuple[Path, Path], whole: int, log: Log) -> bool:
+    """The index bundle shipped, then `rauc install` on the device with the chunk store forwarded to it:
+    True when installed; False (said in one line) when the chunked install failed for a reason a whole
+    bundle does not share. A signature refusal is raised (BundleRefused), as for a whole bundle."""
+    index, store = chunked
+    index_size = index.stat().st_size
+    with log.timed("ship"):
+        _ship(ssh, index, log)
+    with log.timed("install"), ChunkServer(store) as server:
+        stop = threading.Event()
+
+        def progress() -> None:
+            said = (0, 0)
+            while not stop.wait(5):
+                count, size = server.figures()
+                if (count, size) != said:
+                    rate = size / max(time.monotonic() - server.started, 1e-3)
+                    log(f"shipping chunks: {human_size(size)} ({count} chunks), {human_size(int(rate))}/s")
+                    said = (count, size)
+
+        reporter = threading.Thread(target=progress, daemon=True)
+        reporter.start()
+        try:
+            _install(forwarded(ssh, server.port), log, INSTALL_CHUNKED)
+        except BundleRefused:
+            raise
+        except KioskError as exc:
+            log(f"the chunked install failed ({exc.message}): shipping the whole bundle instead")
+            return False
+        finally:
+            stop.set()
+            reporter.join(timeout=10)
+    count, size = server.figures()
+    total = index_size + size
+    stored, _ = store_size(store)
+    log(f"shipped {human_size(total)} in all, {100 * total / max(whole, 1):.1f}% of the whole bundle "
+        f"({human_size(whole)}): the index bundle {human_size(index_size)} and {count} of {stored} chunks "
+        f"{human_size(size)}; the rest came from the running slot")
+    return True
+
+
+def deliver(ssh: list[str], bundle: Path, target: str, log: Log,
+            chunked: tuple[Path, Path] | None = None) -> tuple[bool, dict]:
+    """Ship a bundle (only the chunks the device lacks when `chunked`, kiosk.update.chunks.make_chunked's
+    (index bundle, store) of it, is given), install it into slot `target`, reboot once and wait for the
+    device's verdict: (kept, the device's slot status). The bundle files are removed afterwards."""
     try:
-        with log.timed("ship"):
-            _ship(ssh, bundle, log)
-        with log.timed("install"):
-            _install(ssh, log)
+        if not (chunked and _deliver_chunks(ssh, chunked, bundle.stat().st_size, log)):
+            with log.timed("ship"):
+                _ship(ssh, bundle, log)
+            with log.timed("install"):
+                _install(ssh, log)
     finally:
         bundle.unlink(missing_ok=True)
+        if chunked:
+            chunked[0].unlink(missing_ok=True)
+            shutil.rmtree(chunked[1], ignore_errors=True)
     log.stage("reboot into the new system")
     old_boot = _ssh(ssh, BOOT_ID, what="reading the boot id").stdout.strip()
     _ask(ssh, "systemctl reboot", "systemctl reboot")   # the connection may drop or hang as the device goes down
@@ -273,4 +351,7 @@ def register(sub) -> None:
     p.add_argument("--upgrade", action="store_true",
                    help="the archive's current versions (Debian's security fixes and updates): build the cached "
                         "base again if the archive has changed since it was cached")
+    p.add_argument("--whole-bundle", action="store_true",
+                   help="ship the whole system (~300 MB) rather than only the chunks the device's running slot "
+                        "lacks")
     p.set_defaults(func=cmd_update)
