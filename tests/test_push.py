@@ -440,7 +440,7 @@ def test_a_spec_with_a_byte_order_mark_does_not_wedge_the_device(device, client,
 
 def test_a_push_while_the_screen_is_switched_off_does_not_check_the_stopped_kiosk(device, client, spec):
     """display.schedule/blanking stopped kiosk.service on purpose (/run/kiosk-screen/off): a push that does not
-    restart the kiosk must not fail its health check on it; one that restarts it checks it as always."""
+    restart the kiosk must not fail its health check on it."""
     state = device.root / "run/kiosk-screen/off"
     state.parent.mkdir(parents=True, exist_ok=True)
     state.write_text("schedule\n")
@@ -453,7 +453,44 @@ def test_a_push_while_the_screen_is_switched_off_does_not_check_the_stopped_kios
     lines = remote_lines(r.stderr)
     assert "==> health check: kiosk-agent.service, kiosk-screen-idle.service (up and staying up for 0s)" in lines
     assert "    kiosk.service: not checked, the screen is switched off (schedule)" in lines
-    new["program"]["args"] = ["https://example.org/other"]
+
+
+@pytest.mark.parametrize("off_by, comes_on", [("schedule", 'at display.schedule\'s "on"'),
+                                               ("idle", "at the next touch or key")])
+def test_a_push_that_restarts_the_kiosk_leaves_a_screen_switched_off_dark_and_is_kept(device, client, spec,
+                                                                                      off_by, comes_on):
+    """Issue 20's leftover: a push that changes the program inside the schedule's off window (or while blanked)
+    does not start cage (it would light the screen): kiosk.service stays stopped and runs the new generation when
+    the screen comes on. The push is kept, not rolled back for the stopped kiosk; a rollback leaves it dark too."""
+    state = device.root / "run/kiosk-screen/off"
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(off_by + "\n")
+    clone = client.clone(device.url, "clone")
+    new = copy.deepcopy(spec)
+    new["program"]["args"] = ["https://example.org/night"]
+    commit = client.commit_spec(clone, new)
+    r = client.push(clone)
+    assert r.returncode == 0, r.stderr
+    lines = remote_lines(r.stderr)
+    assert "    units to restart: kiosk.service" in lines   # what the change means ...
+    assert (f"    kiosk.service: not restarted, the screen is switched off ({off_by}); the program starts as this "
+            f"generation has it when the screen comes on ({comes_on})") in lines   # ... and what was done
+    assert "==> health check: kiosk-agent.service (up and staying up for 0s)" in lines
+    assert f"    kiosk.service: not checked, the screen is switched off ({off_by})" in lines
+    calls = device.recorded()["calls"]
+    assert not any(verb in ("start", "restart", "try-restart") and "kiosk.service" in units
+                   for verb, units in calls if isinstance(units, list)), calls
+    assert store.current(device.root).meta["commit"] == commit and store.current(device.root).meta["status"] == "active"
+    assert state.read_text() == off_by + "\n"
+
+    # a push that fails (the agent) is rolled back without starting the kiosk either
+    device.recording.write_text(json.dumps({"fail": [{"unit": "kiosk-agent.service", "when": "failing"}]}))
+    new["program"]["args"] = ["https://example.org/failing"]
     client.commit_spec(clone, new)
-    lines = remote_lines(client.push(clone).stderr)
-    assert any(line.startswith("==> health check: ") and "kiosk.service" in line for line in lines), lines
+    r = client.push(clone)
+    assert r.returncode != 0 and store.current(device.root).meta["commit"] == commit, r.stderr
+    calls = device.recorded()["calls"]
+    assert calls and not any(verb in ("start", "restart", "try-restart") and "kiosk.service" in units
+                             for verb, units in calls if isinstance(units, list)), calls
+    assert sum("kiosk.service: not restarted, the screen is switched off" in line
+               for line in remote_lines(r.stderr)) == 2   # the switch and its rollback

@@ -81,6 +81,15 @@ class Plan:
         return not (self.daemon_reload or self.stop or self.start or self.restart or self.try_restart
                     or self.reload or self.hostname or self.commands)
 
+    def hold(self, unit: str) -> bool:
+        """Neither start nor restart `unit` now (it stays as it is: stopped); whether the plan had it to."""
+        held = False
+        for units in (self.start, self.restart, self.try_restart, self.reload):
+            if unit in units:
+                units.remove(unit)
+                held = True
+        return held
+
     def touched_units(self) -> list[str]:
         """Units this activation (re)starts: each must come up healthy."""
         return sorted(u for u in {*self.start, *self.restart, *self.reload} if "*" not in u)

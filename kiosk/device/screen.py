@@ -73,6 +73,12 @@ def who_switched_off(root: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
+def comes_on(by: str) -> str:
+    """When a screen switched off by `by` comes on again (and kiosk.service starts)."""
+    return {"schedule": "at display.schedule's \"on\"", "idle": "at the next touch or key"}.get(
+        by, "with `kiosk screen on`")
+
+
 def screen_off(root: Path, by: str) -> None:
     state = Path(root) / STATE
     state.parent.mkdir(parents=True, exist_ok=True)

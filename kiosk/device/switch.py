@@ -135,6 +135,12 @@ class Switch:
         if p.hostname:
             log(f"host name -> {p.hostname}")
             a.set_hostname(p.hostname)
+        # The screen switched off on purpose (display.schedule, blanking, by hand) stays off: starting cage
+        # would light it. kiosk.service stays stopped and runs this generation when the screen comes on.
+        off_by = screen.who_switched_off(self.root)
+        if off_by and p.hold(activation.PROGRAM_UNIT):
+            log(f"{activation.PROGRAM_UNIT}: not restarted, the screen is switched off ({off_by}); the program "
+                f"starts as this generation has it when the screen comes on ({screen.comes_on(off_by)})")
         for verb, units, call in (("reload", p.reload, a.reload), ("restart", p.restart, a.restart),
                                   ("try-restart", p.try_restart, a.try_restart), ("start", p.start, a.start)):
             if units:
@@ -151,12 +157,11 @@ class Switch:
     def health(self, settle: float) -> list[str]:
         units = sorted(set(activation.HEALTH_UNITS) | set(self.plan.touched_units()))
         units = [u for u in units if u not in self.plan.stop]
-        # display.schedule or display.blanking stopped the kiosk on purpose, and this push does not restart it
+        # display.schedule, blanking or a hand stopped the kiosk on purpose (and activate() left it stopped)
         off_by = screen.who_switched_off(self.root)
-        unchecked = off_by and activation.PROGRAM_UNIT not in self.plan.touched_units()
-        units = [u for u in units if not (unchecked and u == activation.PROGRAM_UNIT)]
+        units = [u for u in units if not (off_by and u == activation.PROGRAM_UNIT)]
         self.log.stage(f"health check: {', '.join(units)} (up and staying up for {settle:g}s)")
-        if unchecked:
+        if off_by:
             self.log(f"{activation.PROGRAM_UNIT}: not checked, the screen is switched off ({off_by})")
         problems = self.activator.health(units, settle)
         for unit in units:
