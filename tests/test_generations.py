@@ -315,6 +315,39 @@ def test_a_failing_unit_rolls_back_by_itself(device, recording):
                                                "wpa_supplicant@wlan0.service"]]
 
 
+
+def test_a_kiosk_switched_off_during_the_health_check_is_not_a_failure(device, recording):
+    """The schedule's "off" (or kiosk-screen-boot.service, started by the same push inside the off window) stops
+    kiosk.service while the switch checks it: /run/kiosk-screen/off says so by then (screen_off writes it
+    first), so the stopped kiosk is not a failure and the generation is kept."""
+    root = device
+    state = root / "run/kiosk-screen/off"
+
+    class OffDuringTheCheck(activation.RecordingActivator):
+        def health(self, units, settle):
+            state.parent.mkdir(parents=True, exist_ok=True)
+            state.write_text("schedule\n")
+            return [f"{u}: inactive (dead), result success, exit status 0" for u in units if u == "kiosk.service"]
+
+    add_generation(root, SECOND)
+    log = Log()
+    switch.switch_to(root, store.generation(root, 2), mode="switch", purpose="switch",
+                     activator=OffDuringTheCheck(recording, root), log=log, settle=0)
+    assert store.pointer(root) == 2 and statuses(root) == {1: "superseded", 2: "active"}
+    assert ["restart", ["kiosk.service", "systemd-sysusers.service"]] in calls(recording)   # the screen was on
+    assert "    kiosk.service: stopped during the check, the screen was switched off (schedule)" in log.lines
+    # the same stop with the screen never switched off is a failure, as ever
+    state.unlink()
+
+    class Stopped(activation.RecordingActivator):
+        def health(self, units, settle):
+            return [f"{u}: inactive (dead)" for u in units if u == "kiosk.service"]
+
+    with pytest.raises(KioskError, match="rolled back to generation 2"):
+        switch.switch_to(root, store.generation(root, 1), mode="switch", purpose="switch",
+                         activator=Stopped(recording, root), log=Log(), settle=0)
+
+
 # ---------------------------------------------------------------- kill -9, then recovery
 
 CRASH_STEPS = ["begin", "stopped", "linked", "flipped", "symlinks", "cleaned", "activated", "healthy"]

@@ -118,6 +118,32 @@ def test_the_screen_switched_off_on_purpose_is_not_a_failure(device, monkeypatch
     assert health.asked == [["kiosk-agent.service"]]
 
 
+def test_a_kiosk_switched_off_by_the_schedule_during_the_check_is_not_a_failure(device):
+    """A new slot booted inside display.schedule's off window: kiosk-screen-boot.service stops kiosk.service;
+    should that happen while the verdict checks it, /run/kiosk-screen/off says so by then: the slot is kept,
+    not rolled back for a screen dark on purpose. The same stop without the record is a failure."""
+    slots.record(device, "A", "good", installed=None)
+    st = status("B", "B", a={"bootStatus": "good"}, b={"installed": "T2", "bootStatus": "good"})
+
+    class OffDuringTheCheck(Health):
+        def health(self, units, settle):
+            super().health(units, settle)
+            (device / "run/kiosk-screen").mkdir(parents=True, exist_ok=True)
+            (device / "run/kiosk-screen/off").write_text("schedule\n")
+            return ["kiosk.service: inactive (dead), result success, exit status 0"]
+
+    health, marks, lines = OffDuringTheCheck(), [], []
+    code = slots.commit(device, health, lines.append, cmdline="rauc.slot=B", status=st, limit=60, settle=0,
+                        mark=lambda state, which="booted": marks.append(state), startup=lambda *a: None)
+    assert (code, marks) == (0, ["good"]) and slots.read_record(device)["B"]["state"] == "good"
+    assert health.asked == [["kiosk.service", "kiosk-agent.service"]]
+    assert "kiosk.service: stopped during the check, the screen was switched off (schedule)" in lines
+    (device / "run/kiosk-screen/off").unlink()
+    code, marks, reboots, record, _ = verdict(device, "rauc.slot=B", dict(st, slots=dict(
+        st["slots"], B=dict(st["slots"]["B"], installed="T3"))), ["kiosk.service: inactive (dead)"])
+    assert (code, marks, reboots) == (1, ["bad"], [True]) and record["B"]["state"] == "bad"
+
+
 def test_rauc_status_json_is_read():
     """The shape rauc 1.8 prints (`rauc status --detailed --output-format=json`); the booted update test reads
     a kept install's bundle version through it (tests/test_update_boot.py)."""

@@ -79,6 +79,16 @@ def comes_on(by: str) -> str:
         by, "with `kiosk screen on`")
 
 
+def stopped_on_purpose(root: Path, problems: list[str], unit: str) -> tuple[list[str], str | None]:
+    """A health check's problems without those of `unit` (kiosk.service) when the screen is switched off by
+    now: the schedule's "off", blanking or kiosk-screen-boot.service stopped it during the check, on purpose
+    (screen_off records who before it stops the unit). Returns (the problems left, who switched it off or None)."""
+    off_by = who_switched_off(root)
+    if not off_by or not any(p.startswith(unit + ":") for p in problems):
+        return problems, None
+    return [p for p in problems if not p.startswith(unit + ":")], off_by
+
+
 def screen_off(root: Path, by: str) -> None:
     state = Path(root) / STATE
     state.parent.mkdir(parents=True, exist_ok=True)

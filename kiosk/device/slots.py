@@ -143,6 +143,11 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
         log(f"{activation.PROGRAM_UNIT}: not checked, the screen is switched off ({off_by})")
     log(f"health check of slot {booted}: {', '.join(units)} (up and staying up for {settle:g}s)")
     problems = activator.health(units, settle)
+    # kiosk-screen-boot.service (a boot inside display.schedule's off window) or the schedule's "off" may
+    # stop the kiosk while it is being checked: on purpose, not a failure
+    problems, off_during = screen.stopped_on_purpose(root, problems, activation.PROGRAM_UNIT)
+    if off_during:
+        log(f"{activation.PROGRAM_UNIT}: stopped during the check, the screen was switched off ({off_during})")
     if not problems:
         mark("good")
         record(root, booted, "good", version=version, installed=installed)

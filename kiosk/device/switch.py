@@ -164,9 +164,13 @@ class Switch:
         if off_by:
             self.log(f"{activation.PROGRAM_UNIT}: not checked, the screen is switched off ({off_by})")
         problems = self.activator.health(units, settle)
+        problems, off_during = screen.stopped_on_purpose(self.root, problems, activation.PROGRAM_UNIT)
         for unit in units:
             bad = [p for p in problems if p.startswith(unit + ":")]
-            self.log(f"FAILED {bad[0]}" if bad else f"{unit}: up")
+            if unit == activation.PROGRAM_UNIT and off_during:
+                self.log(f"{unit}: stopped during the check, the screen was switched off ({off_during})")
+            else:
+                self.log(f"FAILED {bad[0]}" if bad else f"{unit}: up")
         return problems
 
     def stop_units(self) -> None:
