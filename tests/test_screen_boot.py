@@ -17,7 +17,9 @@ In file order:
   output is not active.": the CRTC is off) with kiosk.service stopped, then shows the page again;
 - blanking pushed as 20 s: the output goes off without input, a key on QEMU's keyboard lights it again;
 - the watchdog: `echo c > /proc/sysrq-trigger` hangs the kernel (panic, no panic= reboot); iTCO_wdt,
-  armed by systemd's RuntimeWatchdogSec, resets the machine and it boots again by itself.
+  armed by systemd's RuntimeWatchdogSec, resets the machine and it boots again by itself;
+- a push inside the schedule's off window that restarts the kiosk (new program arguments): the screen stays
+  dark, the push is kept; the schedule's "on" shows the program with its new arguments.
 Run: nice -n 19 pytest tests/test_screen_boot.py --basetemp=/var/tmp/screenbt (KIOSK_TEST_CACHE_DIR set).
 """
 
@@ -333,6 +335,69 @@ def test_a_hung_kernel_is_reset_by_the_watchdog(screen):
     print(f"\n[screen] back {time.monotonic() - hung:.0f} s after the kernel hung")
     assert vm.alive(), "QEMU itself must not have stopped"
     vm.wait_for_program("/usr/bin/foot", timeout=600)
+
+
+def test_a_push_inside_the_off_window_that_restarts_the_kiosk_leaves_the_screen_dark(screen, tmp_path):
+    """Issue 20's leftover. A schedule whose off window holds the next hour is pushed (kiosk-screen-boot.service,
+    new with it, switches the screen off at once); then a push that changes the program's arguments, which
+    restarts kiosk.service on a lit screen: the screen stays dark (kiosk.service not started, QEMU's output off),
+    the push is kept, not rolled back. The schedule's "on" (its service, as its timer runs it) lights the screen
+    with the new arguments. Last in the file: the device is left inside the off window."""
+    vm = screen.vm
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    if screen.server.httpd is None:   # run on its own (-k): the page's server was never started
+        screen.server.start()
+
+    def kiosk_state() -> str:
+        return vm.ssh("systemctl is-active kiosk.service", check=False).stdout.strip()
+
+    def dark() -> bool:
+        return kiosk_state() == "inactive" and \
+            share(vm.screendump(ARTIFACTS / "screen-offwindow-qemu.png"), (0, 0, 0), tolerance=8) > 0.99
+
+    def lit() -> bool:
+        return kiosk_state() == "active" and \
+            share(vm.screendump(ARTIFACTS / "screen-offwindow-on-qemu.png"), RED) > 0.6
+
+    # the page on screen first (kiosk-url-watch restarts the kiosk once it answers: not during this test)
+    wait_until("the page on screen", lit, timeout=300, every=3)
+    now = int(vm.ssh("date +%s").stdout)
+    hhmm = lambda t: vm.ssh(f"date -d @{t} +%H:%M").stdout.strip()   # noqa: E731 (the device's time zone)
+    schedule = {"off": hhmm(now - 60), "on": hhmm(now + 3600)}
+
+    def night(spec):
+        spec["display"]["schedule"] = schedule
+        spec["display"]["blanking"] = "never"
+
+    result, lines, _ = _push(screen_as_kiosk(screen), tmp_path / "schedule", night, "inside the off window")
+    assert result.returncode == 0, "\n".join(lines)
+    wait_until("the screen off (kiosk-screen-boot.service inside the off window)", dark, timeout=120, every=2)
+    assert "kiosk screen: off (schedule)" in journal(screen, "kiosk-screen-boot.service")
+
+    url = screen.spec["program"]["args"][-1]
+
+    def new_args(spec):
+        spec["program"]["args"][-1] = url + "?night"
+
+    result, lines, commit = _push(screen_as_kiosk(screen), tmp_path / "args", new_args, "new program arguments")
+    print("\n".join(line for line in lines if "kiosk.service" in line))
+    assert result.returncode == 0, "\n".join(lines)
+    assert not any("rolled back" in line for line in lines), lines
+    assert any(line.strip().startswith("kiosk.service: not restarted, the screen is switched off (schedule)")
+               for line in lines), lines
+    assert "?night" in vm.ssh("cat /etc/kiosk/program.json").stdout   # the pushed generation is the running one
+    meta = json.loads(vm.ssh("cat /var/lib/kiosk/current/meta.json").stdout)
+    assert (meta["commit"], meta["status"]) == (commit, "active"), meta
+    for _ in range(6):   # and it stays dark: nothing lights it behind the push's back
+        assert dark(), (kiosk_state(), vm.ssh(f"{KIOSK_JOURNAL} | tail -20", check=False).stdout)
+        time.sleep(5)
+    print(f"\n[screen] dark for 30 s after the push at {vm.ssh('date +%T').stdout.strip()} "
+          f"(off window {schedule['off']}-{schedule['on']})")
+
+    vm.ssh("systemctl start kiosk-screen-on.service")   # what kiosk-screen-on.timer runs at "on"
+    wait_until("the screen on again with the pushed program", lit, timeout=300, every=3)
+    pid = vm.wait_for_program("/usr/bin/foot", timeout=120)
+    assert url + "?night" in vm.cmdline(pid), vm.cmdline(pid)
 
 
 def screen_as_kiosk(screen: Screen):
