@@ -1510,6 +1510,14 @@ def test_ctrl_c_with_several_cards_says_each_cards_state(image, packed, loops, r
     lock = threading.Lock()
     both_started = threading.Barrier(2, timeout=60)
 
+    from kiosk.flash import progress
+    cancels: list = []   # the Event the main thread sets when Ctrl-C reaches it
+    rows_init = progress.Rows.__init__
+
+    def rows_seen(self, count, stream=None, cancel=None):
+        cancels.append(cancel)
+        rows_init(self, count, stream, cancel)
+
     def then_ctrl_c(fd, view, offset):
         with lock:
             seen[fd] = seen.get(fd, 0) + 1
@@ -1517,9 +1525,12 @@ def test_ctrl_c_with_several_cards_says_each_cards_state(image, packed, loops, r
         if count == 2:   # this card's head is zeroed; before its body, wait for the other card, then Ctrl-C
             if both_started.wait() == 0:   # (on a loaded machine one card could otherwise finish first)
                 os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+            # until the main thread has taken the Ctrl-C (a fixed second was too short in a loaded CI check:
+            # both cards finished first)
+            assert cancels and cancels[0].wait(timeout=60)
         real(fd, view, offset)
 
+    monkeypatch.setattr(progress.Rows, "__init__", rows_seen)
     monkeypatch.setattr(writer, "_pwrite_full", then_ctrl_c)
     r = run(packed("zst"), *devs, "--yes")
     assert r.code == 130, r.err
