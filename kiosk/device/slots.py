@@ -146,8 +146,8 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
     problems = activator.health(units, settle)
     if not problems:
         mark("good")
-        record(root, booted, "good", version=version, installed=installed)
-        remember_order(root, booted, spare_good=(read_record(root).get(spare) or {}).get("state") == "good", log=log)
+        recorded = record(root, booted, "good", version=version, installed=installed)
+        remember_order(root, booted, spare_good=(recorded.get(spare) or {}).get("state") == "good", log=log)
         log(f"slot {booted} is healthy: kept")
         return 0
     reason = "; ".join(problems)

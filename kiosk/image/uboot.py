@@ -24,10 +24,10 @@ from pathlib import Path
 from kiosk.config.bootconfig import SLOTS_FILE, TRIES, slots_text
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run
+from kiosk.image.assemble import BOOT_MOUNT
 
 ENV_FILE = "uboot.env"
 ENV_SIZE = 0x4000
-FIRMWARE_MOUNT = "/boot/firmware"
 PARTITIONS = {"A": 2, "B": 3}
 # The first boot: slot A (the image's own) with its tries, slot B empty.
 FIRST_SLOTS = {"BOOT_ORDER": "A B", "BOOT_A_LEFT": str(TRIES), "BOOT_B_LEFT": "0"}
@@ -110,7 +110,7 @@ def env_text(board: dict) -> str:
 def fw_env_config() -> str:
     """/etc/fw_env.config: where libubootenv's fw_printenv/fw_setenv (and RAUC's uboot backend) find uboot.env."""
     return f"# Written by kiosk at image build: U-Boot's environment on the firmware partition.\n" \
-           f"{FIRMWARE_MOUNT}/{ENV_FILE} 0x0000 0x{ENV_SIZE:x}\n"
+           f"{BOOT_MOUNT}/{ENV_FILE} 0x0000 0x{ENV_SIZE:x}\n"
 
 
 def uboot_files(board: dict, root_dir: Path, epoch: int) -> dict[str, bytes]:
