@@ -269,7 +269,7 @@ def test_rauc_knows_the_slots_and_that_a_is_booted(kiosk):
     booted (from rauc.slot=A), slot B the other one."""
     if not _ab(kiosk.board):
         pytest.skip("the board keeps one root partition (no A/B slots yet)")
-    from kiosk.update.bundle import compatible
+    from kiosk.image.bundle import compatible
 
     out = kiosk.vm.ssh("rauc status", timeout=300).stdout
     print(f"\n[{kiosk.board}] rauc status:\n{out}")

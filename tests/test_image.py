@@ -390,7 +390,7 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     files = _cpio_list(read_root_file(img.image, "/initrd.img"), tmp_path)
     assert "etc/kiosk-data" in files     # kiosk's own initramfs: it mounts the data partition
     # RAUC's view of the same slots: its grub backend on this grubenv, what kiosk's bundles say they fit
-    from kiosk.update.bundle import compatible
+    from kiosk.image.bundle import compatible
 
     conf = read_root_file(img.image, "/etc/rauc/system.conf").decode()
     for line in (f"compatible={compatible('qemu')}", "bootloader=grub", "grubenv=/boot/firmware/grub/grubenv",

@@ -285,8 +285,8 @@ def _bundle(device: Device, tmp_path: Path, *, break_program: bool, key=None) ->
     """A bundle of the boot image's system, signed with the user's key (or `key`); break_program: foot
     removed from its root, so cage cannot start the program (a system update that breaks the kiosk)."""
     from kiosk.config.signing import signing_key
-    from kiosk.qemu.disk import root_partition
-    from kiosk.update.bundle import make_bundle
+    from kiosk.image.mbr import root_partition
+    from kiosk.image.bundle import make_bundle
 
     image = tmp_path / "broken.img"
     subprocess.run(["cp", "--sparse=always", str(device.vm.image), str(image)], check=True)

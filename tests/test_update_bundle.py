@@ -17,9 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from imagetools import built_image  # noqa: E402,F401
 
 from kiosk.core.errors import KioskError  # noqa: E402
-from kiosk.qemu.disk import root_partition  # noqa: E402
+from kiosk.image.mbr import root_partition  # noqa: E402
 from kiosk.config import signing  # noqa: E402
-from kiosk.update import bundle  # noqa: E402
+from kiosk.image import bundle  # noqa: E402
+from kiosk.device.slots import bundle_info  # noqa: E402
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_a_bundle_carries_the_images_root_byte_for_byte_and_only_its_key_opens_i
                              description="kiosk test", key=pair)
     assert out.is_file() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]   # no leftovers
 
-    info = bundle.bundle_info(out, pair.cert)
+    info = bundle_info(out, pair.cert)
     assert info["compatible"] == "kiosk-qemu" and info["version"] == "2"
     (rootfs,) = [entry["rootfs"] for entry in info["images"]]
     part = root_partition(img.image)
@@ -122,7 +123,7 @@ def test_a_bundle_carries_the_images_root_byte_for_byte_and_only_its_key_opens_i
     os.environ["KIOSK_CACHE_DIR"] = str(tmp_path / "other-cache")   # (monkeypatch restores it)
     other = signing.signing_key()
     with pytest.raises(KioskError, match="signature verification failed"):
-        bundle.bundle_info(out, other.cert)
+        bundle_info(out, other.cert)
 
 
 def _sha256_of(path: Path) -> str:
@@ -151,10 +152,10 @@ def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to
     pair = signing.signing_key()
     whole = bundle.make_bundle(img.image, tmp_path / "update.raucb", board="qemu", version="3",
                                description="kiosk test", key=pair)
-    full = bundle.bundle_info(whole, pair.cert)["images"][0]["rootfs"]
+    full = bundle_info(whole, pair.cert)["images"][0]["rootfs"]
     index, store = chunks.make_chunked(whole, pair)
     assert (index.name, store.name) == ("update-chunks.raucb", "update-chunks.castr")
-    info = bundle.bundle_info(index, pair.cert)
+    info = bundle_info(index, pair.cert)
     assert info["compatible"] == "kiosk-qemu" and info["version"] == "3"
     rootfs = info["images"][0]["rootfs"]
     assert rootfs["filename"] == "rootfs.ext4.caibx"

@@ -28,6 +28,7 @@ from kiosk.core.files import fsync_dir
 from kiosk.core.run import run
 
 DIR_NAME = "update-signing"
+RAUC_CERTIFICATE = "/etc/rauc/kiosk-update.cert.pem"   # where an A/B image keeps the certificate it trusts
 NOT_BEFORE = "19700101000000Z"
 NOT_AFTER = "99991231235959Z"
 
@@ -167,3 +168,8 @@ def certificate_fingerprint(pem: str) -> str:
     except KioskError as exc:
         raise KioskError(f"the update certificate is not readable: {exc.message}", hint=exc.hint) from None
     return out.strip().split("=", 1)[-1]
+
+
+def compatible(board: str) -> str:
+    """What a bundle and a device must both say (RAUC refuses a bundle made for another board)."""
+    return f"kiosk-{board}"

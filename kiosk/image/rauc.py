@@ -2,14 +2,14 @@
 
 Both boot loaders follow RAUC's own conventions (notes/ab-update.md): GRUB's grubenv (kiosk.image.grub)
 on the qemu target, U-Boot's environment file uboot.env (kiosk.image.uboot) on the Raspberry Pis.
-`compatible` is what kiosk.update.bundle puts in a bundle's manifest for the board; the keyring is the
+`compatible` is what kiosk.image.bundle puts in a bundle's manifest for the board; the keyring is the
 user's update certificate (kiosk.config.signing), written by the pipeline; [casync] names the chunk store
 kiosk update forwards to the device for a chunked bundle (kiosk.update.chunks).
 """
 
 from __future__ import annotations
 
-RAUC_CERTIFICATE = "/etc/rauc/kiosk-update.cert.pem"
+from kiosk.config.signing import RAUC_CERTIFICATE
 
 # The casync chunk store `rauc install` reads a chunked bundle's missing chunks from: the device's loopback, which
 # kiosk update forwards (ssh -R) to the store it serves for that install (kiosk.update.chunks).

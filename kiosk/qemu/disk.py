@@ -1,6 +1,6 @@
 """Reading a kiosk image without root or mounting, and making the copy QEMU boots.
 
-The partition table is read here (no tool needed), the FAT partition with mtools and the ext4
+The partition table is read by kiosk.image.mbr (no tool needed), the FAT partition with mtools and the ext4
 root with debugfs, both at the partition's offset inside the image file (on A/B images what the
 device binds from the data partition is read there). The user's image is
 never opened for writing: QEMU boots a sparse copy, grown to a power of two where the machine
@@ -15,61 +15,15 @@ import json
 import os
 import re
 import shutil
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from kiosk.core.errors import KioskError, UsageError
 from kiosk.core.run import run
+from kiosk.image.mbr import Partition, partitions, root_partition
 
-FAT_TYPES = {0x01, 0x04, 0x06, 0x0B, 0x0C, 0x0E}
 MiB = 1 << 20
 GiB = 1 << 30
 RUN_HEADROOM = 512 * MiB   # what a device writes in a session (journal, grow-root, a push) beyond its image
-
-
-# ------------------------------------------------------------------ the partition table
-
-@dataclass(frozen=True)
-class Partition:
-    number: int
-    type: int
-    start: int   # bytes
-    size: int    # bytes
-
-
-def partitions(image: Path) -> list[Partition]:
-    """The image's MBR primary partitions (read here: no tool needed)."""
-    try:
-        with open(image, "rb") as f:
-            mbr = f.read(512)
-    except OSError as exc:
-        raise KioskError(f"{image}: cannot read it: {exc.strerror}") from None
-    if len(mbr) < 512 or mbr[510:512] != b"\x55\xaa":
-        raise KioskError(f"{image}: not a disk image (no MBR partition table)",
-                         hint="give an image made by kiosk build")
-    parts = []
-    for i in range(4):
-        entry = mbr[446 + 16 * i: 462 + 16 * i]
-        ptype = entry[4]
-        start, count = struct.unpack("<II", entry[8:16])
-        if ptype and count:
-            parts.append(Partition(i + 1, ptype, start * 512, count * 512))
-    return parts
-
-
-def boot_partition(image: Path) -> Partition:
-    for part in partitions(image):
-        if part.type in FAT_TYPES:
-            return part
-    raise KioskError(f"{image}: no FAT boot partition (partition 1 should be FAT32 'RASPIFIRM')")
-
-
-def root_partition(image: Path) -> Partition:
-    for part in partitions(image):
-        if part.type == 0x83:
-            return part
-    raise KioskError(f"{image}: no Linux root partition")
 
 
 # ------------------------------------------------------------------ the file systems

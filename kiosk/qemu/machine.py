@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiosk.core.errors import KioskError
-from kiosk.qemu.disk import boot_partition, fat_listing, fat_read
+from kiosk.image.mbr import boot_partition
+from kiosk.qemu.disk import fat_listing, fat_read
 
 # The Debian package that ships each QEMU binary.
 QEMU_PACKAGES = {

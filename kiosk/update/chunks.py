@@ -26,7 +26,7 @@ from kiosk.core.errors import KioskError
 from kiosk.core.files import human_size
 from kiosk.core.run import run
 from kiosk.image.rauc import RAUC_CHUNK_PORT
-from kiosk.update.bundle import HINT, SQUASHFS_ARGS
+from kiosk.image.bundle import HINT, SQUASHFS_ARGS
 
 PROBE_PATH = "/kiosk-chunk-store"
 PROBE_ANSWER = b"kiosk chunk store\n"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -28,9 +27,10 @@ from kiosk.core import paths
 from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.files import human_size
 from kiosk.core.log import Log
-from kiosk.core.run import run, run_lines, start
+from kiosk.core.run import run, start
 from kiosk.image.rauc import RAUC_CHUNK_STORE
 from kiosk.net import reach
+from kiosk.device.slots import BundleRefused, rauc_install
 from kiosk.update.chunks import WAIT_FOR_STORE, ChunkServer, forwarded, make_chunked, store_size
 
 INCOMING = "/data/kiosk/incoming"
@@ -115,28 +115,8 @@ def _ship(ssh: list[str], bundle: Path, log: Log) -> None:
     log(f"shipped {human_size(total)} in {time.monotonic() - started:.0f} s")
 
 
-class BundleRefused(KioskError):
-    """RAUC on the device refused the bundle's signature: shipping it another way changes nothing."""
-
-
 def _install(ssh: list[str], log: Log, command: str = INSTALL) -> None:
-    lines: list[str] = []
-
-    def line(text: str) -> None:
-        lines.append(text)
-        if text.strip():
-            log(f"rauc: {text.strip()}")
-
-    try:
-        run_lines([*ssh, command], line, what="rauc install")
-    except KioskError:
-        said = " ".join(lines).lower()
-        if "signature" in said or "verify" in said or "certificate" in said:
-            raise BundleRefused("the device refused the bundle: it is not signed by the key this device trusts",
-                             hint=f"the device was made with another update key than {paths.cache_dir()}/"
-                                  "update-signing: update it with the key it was built with, or reflash it") from None
-        raise KioskError(f"rauc install on the device failed: {one_line(lines[-1] if lines else '')}",
-                         hint="no slot was switched: the device runs what it ran") from None
+    rauc_install([*ssh, command], log)
 
 
 def _ask(ssh: list[str], command: str, what: str):
@@ -196,7 +176,7 @@ def cmd_update(args) -> int:
     from kiosk.image.pipeline import build
     from kiosk.spec import load as specmod
     from kiosk.spec.commands import print_warnings
-    from kiosk.update.bundle import compatible, make_bundle
+    from kiosk.image.bundle import compatible, make_bundle
 
     log = Log()
     ssh = reach.from_args(args)

@@ -1,5 +1,5 @@
 """Update bundles: the root filesystem of an image kiosk's pipeline built, in a RAUC bundle signed with the
-user's key (kiosk.config.signing). The device installs it into its inactive root slot (notes/ab-update.md).
+user's key (kiosk.config.signing). The device installs it into its inactive root slot (notes/ab-update.md), checked with kiosk.device.slots.bundle_info.
 
 The bundle carries the image's root partition byte for byte (an ext4 made by `mke2fs -d`, sparse), so a
 device updated with it runs exactly what a card flashed with the image would. The format is RAUC's
@@ -11,7 +11,6 @@ same machine for 304 MB; Debian's amd64, arm64 and rpi kernels all read zstd squ
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -20,18 +19,13 @@ from pathlib import Path
 
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run
-from kiosk.qemu.disk import root_partition
-from kiosk.config.signing import SigningKey
+from kiosk.image.mbr import root_partition
+from kiosk.config.signing import SigningKey, compatible
 
 ROOT_IMAGE = "rootfs.ext4"
 SQUASHFS_ARGS = "-comp zstd -Xcompression-level 3"
 _MANIFEST_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:+@-]{0,200}")
 HINT = "kiosk makes update bundles with rauc (apt install rauc squashfs-tools)"
-
-
-def compatible(board: str) -> str:
-    """What a bundle and a device must both say (RAUC refuses a bundle made for another board)."""
-    return f"kiosk-{board}"
 
 
 def _copy_sparse_range(src: Path, start: int, length: int, dst: Path) -> None:
@@ -86,13 +80,3 @@ def make_bundle(image: Path, out: Path, *, board: str, version: str, description
         shutil.rmtree(staging, ignore_errors=True)
     log(f"bundle: {out.name}, {out.stat().st_size >> 20} MiB, signed with {key.cert}")
     return out
-
-
-def bundle_info(bundle: Path, cert: Path) -> dict:
-    """What `rauc info` says of a bundle after checking its signature against cert (KioskError if refused)."""
-    proc = run(["rauc", "info", f"--keyring={cert}", "--output-format=json", str(bundle)],
-               what=f"checking {Path(bundle).name}", hint=HINT)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        raise KioskError(f"rauc info {bundle}: not the JSON it should print") from None
