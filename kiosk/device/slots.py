@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-from kiosk.core.errors import KioskError
+from kiosk.core import paths
+from kiosk.core.errors import KioskError, one_line
 from kiosk.core.files import read_json, write_json
 from kiosk.core.log import Log
 from kiosk.core.paths import device_root, number_setting
-from kiosk.core.run import run
+from kiosk.core.run import run, run_lines
 from kiosk.device import activation, screen
 from kiosk.device.store import state_dir
 
@@ -34,6 +35,7 @@ NAMES = ("A", "B")
 FALLBACK_REASON = ("it was tried and never came up healthy before the device restarted (a hang ended by the "
                    "watchdog, a kernel panic, a power cut or an interrupted install)")
 HINT = "see journalctl -u kiosk-slot-commit.service on the device"
+BUNDLE_HINT = "kiosk makes and checks update bundles with rauc (apt install rauc squashfs-tools)"
 
 
 def booted_slot(cmdline: str) -> str | None:
@@ -77,6 +79,42 @@ def rauc_status() -> dict:
 def rauc_mark(state: str, which: str = "booted") -> None:
     """`rauc status mark-good|mark-bad|mark-active booted|other`: the boot loader's variables."""
     run(["rauc", "status", f"mark-{state}", which], timeout=120, what=f"rauc status mark-{state} {which}", hint=HINT)
+
+
+def bundle_info(bundle: Path, cert: Path) -> dict:
+    """What `rauc info` says of a bundle after checking its signature against cert (KioskError if refused)."""
+    proc = run(["rauc", "info", f"--keyring={cert}", "--output-format=json", str(bundle)],
+               what=f"checking {Path(bundle).name}", hint=BUNDLE_HINT)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise KioskError(f"rauc info {bundle}: not the JSON it should print") from None
+
+
+class BundleRefused(KioskError):
+    """RAUC on the device refused the bundle's signature: shipping it another way changes nothing."""
+
+
+def rauc_install(argv: list[str], log) -> None:
+    """`rauc install` (argv: run here, or through ssh on the device) with its progress as `rauc:` lines; a
+    signature refusal in kiosk's words (BundleRefused), any other failure one line (the slot not switched)."""
+    lines: list[str] = []
+
+    def line(text: str) -> None:
+        lines.append(text)
+        if text.strip():
+            log(f"rauc: {text.strip()}")
+
+    try:
+        run_lines(argv, line, what="rauc install")
+    except KioskError:
+        said = " ".join(lines).lower()
+        if "signature" in said or "verify" in said or "certificate" in said:
+            raise BundleRefused("the device refused the bundle: it is not signed by the key this device trusts",
+                                hint=f"the device was made with another update key than {paths.cache_dir()}/"
+                                     "update-signing: update it with the key it was built with, or reflash it") from None
+        raise KioskError(f"rauc install on the device failed: {one_line(lines[-1] if lines else '')}",
+                         hint="no slot was switched: the device runs what it ran") from None
 
 
 def read_record(root: Path) -> dict:
@@ -144,6 +182,9 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
         log(f"{activation.PROGRAM_UNIT}: not checked, the screen is switched off ({off_by})")
     log(f"health check of slot {booted}: {', '.join(units)} (up and staying up for {settle:g}s)")
     problems = activator.health(units, settle)
+    from kiosk.device import system   # (it imports this module)
+    if not problems and system.after_verdict(root, booted, True, log):
+        problems = ["it was installed for a push that did not complete (git did not record it)"]
     if not problems:
         mark("good")
         recorded = record(root, booted, "good", version=version, installed=installed)
@@ -159,6 +200,7 @@ def commit(root: Path, activator, log: Log, *, cmdline: str, status: dict, limit
         reboot()
         return 1
     record(root, booted, "unhealthy", reason, version=version, installed=installed)
+    system.after_verdict(root, booted, False, log)   # a trial stays: main keeps naming what runs
     log(f"slot {booted} is not healthy ({reason}), and slot {spare} is no better choice: staying")
     return 1
 
