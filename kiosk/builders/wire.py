@@ -116,7 +116,7 @@ def receive_payload(stream, header: dict, dest: Path) -> dict[str, Path]:
     need = sum(item["size"] for item in files.values())
     free = shutil.disk_usage(dest).free
     if need + (16 << 20) > free:
-        raise BadAnswer(f"not enough free space for {human_size(need)} of packages ({human_size(free)} free)")
+        raise BadAnswer(f"not enough free space for the {human_size(need)} it sends ({human_size(free)} free)")
     reader = _Counted(stream, total)
     written: dict[str, Path] = {}
     mode = "r|xz" if payload.get("compression") == "xz" else "r|"

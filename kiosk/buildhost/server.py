@@ -152,9 +152,8 @@ def serve_packages(req: dict, out, progress) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def serve_build(req: dict, out, progress) -> None:
-    """Build the image of the spec in the request here; answer with the image, .bmap, manifest, SBOM."""
-    from kiosk.image.pipeline import build
+def _request_spec(req: dict, progress):
+    """The spec a build request carries, read as `kiosk build` reads a file (its warnings relayed)."""
     from kiosk.spec import load as specmod
 
     text = req.get("spec")
@@ -164,6 +163,40 @@ def serve_build(req: dict, out, progress) -> None:
     spec = specmod.loads(text, source)   # drops a byte-order mark; spec.text is what the image stores
     for warning in spec.warnings:
         progress(f"{source}: warning: {warning}")
+    return spec
+
+
+def _build(spec, req: dict, cert: str | None, work: Path, progress) -> tuple[Path, dict]:
+    """kiosk build's pipeline for spec into work/out, its stages relayed: (out_dir, manifest)."""
+    from kiosk.image.pipeline import build
+
+    out_dir = work / "out"
+    out_dir.mkdir()
+    relay = _RelayText(progress)  # the build's `==> stage` lines reach the device as progress
+    manifest = build(spec, spec.text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay),
+                     update_cert=cert, upgrade=bool(req.get("upgrade")))
+    return out_dir, manifest
+
+
+def _send_files(out, out_dir: Path, names: list[str], work: Path, progress, **header) -> None:
+    """names (files of out_dir) as a sparse tar with a sha256 each; header's fields join the answer's."""
+    digests = header.pop("digests", {})
+    entries = [{"name": name, "size": (out_dir / name).stat().st_size,
+                "sha256": digests.get(name) or sha256_file(out_dir / name)} for name in names]
+    payload = work / "payload.tar"
+    run(["tar", "--sparse", "--format=posix", "--owner=0", "--group=0", "--numeric-owner",
+         "-C", out_dir, "-cf", payload, "--", *names], what="packing the answer for the device")
+    header = {"ok": True, "files": entries, **header,
+              "payload": {"bytes": payload.stat().st_size, "sha256": sha256_file(payload), "compression": "none"}}
+    if paths.setting("KIOSK_BUILDER_TEST_CORRUPT") == "payload":
+        _corrupt(payload)
+    progress(f"sending {len(entries)} files, {human_size(header['payload']['bytes'])} (sparse tar)")
+    answer(out, header, payload)
+
+
+def serve_build(req: dict, out, progress) -> None:
+    """Build the image of the spec in the request here; answer with the image, .bmap, manifest, SBOM."""
+    spec = _request_spec(req, progress)
     cert = req.get("updateCertificate")
     if ab_slots(load_board(spec.data["hardware"])):
         # An A/B image trusts one update key: the requester's. Built with this builder's own, the device
@@ -178,29 +211,50 @@ def serve_build(req: dict, out, progress) -> None:
     with _job_slot(int(req.get("maxJobs") or 1), progress):
         work = Path(tempfile.mkdtemp(prefix="build-", dir=_builder_tmp()))
         try:
-            out_dir = work / "out"
-            out_dir.mkdir()
             # An older kiosk sends "builderKey" (the key its images shared): ignored, images carry no key now.
-            relay = _RelayText(progress)  # the build's `==> stage` lines reach the device as progress
-            manifest = build(spec, spec.text, out_dir, verbose=bool(req.get("verbose")), log=Log(out=relay),
-                             update_cert=cert, upgrade=bool(req.get("upgrade")))
+            out_dir, manifest = _build(spec, req, cert, work, progress)
             names = sorted(p.name for p in out_dir.iterdir() if p.is_file() and FILE_NAME.match(p.name))
-            entries = []
             image_name = Path(manifest["image"]).name
-            for name in names:
-                path = out_dir / name
-                digest = manifest["imageSha256"] if name == image_name else sha256_file(path)
-                entries.append({"name": name, "size": path.stat().st_size, "sha256": digest})
-            payload = work / "payload.tar"
-            run(["tar", "--sparse", "--format=posix", "--owner=0", "--group=0", "--numeric-owner",
-                 "-C", out_dir, "-cf", payload, "--", *names], what="packing the image for the device")
-            header = {"ok": True, "files": entries, "image": image_name,
-                      "payload": {"bytes": payload.stat().st_size, "sha256": sha256_file(payload),
-                                  "compression": "none"}}
-            if paths.setting("KIOSK_BUILDER_TEST_CORRUPT") == "payload":
-                _corrupt(payload)
-            progress(f"sending {len(entries)} files, {human_size(header['payload']['bytes'])} (sparse tar)")
-            answer(out, header, payload)
+            _send_files(out, out_dir, names, work, progress, image=image_name,
+                        digests={image_name: manifest["imageSha256"]})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def serve_bundle(req: dict, out, progress) -> None:
+    """A device's new system (a push that changes it): the spec's image built here, its root in an update
+    bundle signed with this builder's update key, which must be the one the device trusts (the request's
+    updateCertificate): the device's RAUC would refuse any other, after the whole transfer."""
+    from kiosk.config.signing import fingerprint, signing_key
+    from kiosk.image.bundle import make_bundle
+
+    spec = _request_spec(req, progress)
+    board = load_board(spec.data["hardware"])
+    if not ab_slots(board):
+        raise UsageError(f"a {spec.data['hardware']} has no root slots to install a bundle into",
+                         hint="its packages are installed in place (the packages request)")
+    cert = req.get("updateCertificate")
+    if not isinstance(cert, str):
+        raise UsageError("the request carries no update certificate (the one the device trusts)")
+    trusted = certificate_fingerprint(cert)
+    key = signing_key(create=False)
+    if fingerprint(key.cert) != trusted:
+        raise KioskError(f"this builder signs updates with another key ({fingerprint(key.cert)[:23]}...) than the "
+                         f"device trusts ({trusted[:23]}...)",
+                         hint=f"build for the device on the machine whose kiosk made its image, or copy that "
+                              f"machine's {key.cert.parent} here (0700)")
+    with _job_slot(int(req.get("maxJobs") or 1), progress):
+        work = Path(tempfile.mkdtemp(prefix="bundle-", dir=_builder_tmp()))
+        try:
+            out_dir, manifest = _build(spec, req, cert, work, progress)
+            version = manifest["imageSha256"][:16]
+            progress(f"==> bundle (system {version})")
+            make_bundle(Path(manifest["image"]), out_dir / "update.raucb", board=spec.data["hardware"],
+                        version=version, description=f"kiosk system of {spec.data['hostName']}", key=key,
+                        log=progress)
+            names = ["update.raucb", "manifest.json"]
+            _send_files(out, out_dir, names, work, progress, version=version,
+                        packages=manifest.get("packages") or {})
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -264,8 +318,10 @@ def serve(stdin, stdout, stderr) -> int:
             serve_packages(req, stdout, progress)
         elif op == "build":
             serve_build(req, stdout, progress)
+        elif op == "bundle":
+            serve_bundle(req, stdout, progress)
         else:
-            raise BadRequest(f"unknown request {one_line(repr(op))[:60]}", hint="probe, packages or build")
+            raise BadRequest(f"unknown request {one_line(repr(op))[:60]}", hint="probe, packages, build or bundle")
     except BadRequest as exc:
         answer(stdout, {"ok": False, "error": str(exc), "exitCode": exc.exit_code})
         raise

@@ -237,6 +237,9 @@ class Activator:
     def boot_reconcile(self) -> None:
         """At boot, after the recovery changed links: reload units and re-enqueue the default target."""
 
+    def reboot_soon(self) -> None:
+        """Restart the device a few seconds from now (after git has told the pusher what happens)."""
+
     def health(self, units: list[str], settle: float) -> list[str]:
         """Problems (one line each) with `units` over `settle` seconds; [] when all came up and stayed up."""
         return []
@@ -304,6 +307,11 @@ class SystemdActivator(Activator):
     def boot_reconcile(self):
         self._run("daemon-reload")
         self._run("--no-block", "start", "default.target", check=False)
+
+    def reboot_soon(self):
+        # A transient timer: post-receive ends and git's connection closes before the restart begins.
+        self.run(["systemd-run", "--on-active=3", "--timer-property=AccuracySec=100ms", "--unit=kiosk-trial-reboot",
+                  "--description=kiosk: restart into the slot a push installed", self.systemctl, "reboot"])
 
     def _show(self, units: list[str]) -> dict[str, dict[str, str]]:
         props = ("Id,LoadState,ActiveState,SubState,Result,NRestarts,ExecMainStartTimestampMonotonic,ExecMainStatus,"
@@ -469,6 +477,9 @@ class RecordingActivator(Activator):
 
     def boot_reconcile(self):
         self.record("boot-reconcile")
+
+    def reboot_soon(self):
+        self.record("reboot-soon")
 
     def states(self, units):
         failing = self._failing()

@@ -189,8 +189,24 @@ def _candidates(data: dict, arch: str, log) -> list:
     return found
 
 
-def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log) -> list[dict] | None:
-    """Try the builders in order; the first verified answer wins. None when none could."""
+def _debs(arches: set[str]):
+    """The answer to a packages request: the .debs in install order, each checked (dpkg-deb) against the manifest."""
+    def accept(header: dict, files: dict[str, Path]) -> tuple[list[dict], str]:
+        entries = []
+        by_name = {f["name"]: f for f in header["files"]}
+        for name in header.get("install") or list(by_name):
+            if name not in files:
+                raise BadAnswer(f"the install list names {name!r}, which was not sent")
+            entries.append(dict(by_name[name], path=files[name]))
+        check_debs(entries, arches)
+        return entries, f"{len(entries)} .deb(s), {human_size(sum(e['size'] for e in entries))}, checksums verified"
+    return accept
+
+
+def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log, accept=None):
+    """Try the builders in order; the first answer `accept(header, files)` takes wins: what it returns (with a
+    description for the log), else BadAnswer and the next builder. Without accept: the .debs of a packages
+    request. None when no builder could."""
     arch = request["architecture"]
     candidates = _candidates(data, arch, log)
     if not candidates:
@@ -200,7 +216,7 @@ def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log) 
     known_hosts.write_text(known_hosts_text(candidates))
     timeout = connect_timeout()
     probes = probe_all(candidates, timeout)
-    arches = {arch, *request.get("foreignArchitectures", [])}
+    accept = accept or _debs({arch, *request.get("foreignArchitectures", [])})
     for i, b in enumerate(candidates):
         after = f"trying {candidates[i + 1].label}..." if i + 1 < len(candidates) else "no builder left"
         problem, _ = probes[i]
@@ -213,19 +229,12 @@ def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log) 
             incoming = work / f"from-{i}"
             incoming.mkdir()
             started = time.monotonic()
-            header, files = exchange(argv, request, incoming, relay=lambda line, b=b: log(f"{b.label}: {line}"),
+            header, files = exchange(argv, dict(request, maxJobs=b.maxJobs), incoming,
+                                     relay=lambda line, b=b: log(f"{b.label}: {line}"),
                                      timeout=transfer_timeout(), key=key)
-            entries = []
-            by_name = {f["name"]: f for f in header["files"]}
-            for name in header.get("install") or list(by_name):
-                if name not in files:
-                    raise BadAnswer(f"the install list names {name!r}, which was not sent")
-                entries.append(dict(by_name[name], path=files[name]))
-            check_debs(entries, arches)
-            size = sum(e["size"] for e in entries)
-            log(f"builder {b.label}: {len(entries)} .deb(s), {human_size(size)}, checksums verified, in "
-                f"{time.monotonic() - started:.1f} s")
-            return entries
+            result, said = accept(header, files)
+            log(f"builder {b.label}: {said}, in {time.monotonic() - started:.1f} s")
+            return result
         except BuilderFailure as failure:
             log(f"builder {b.label} {failure.kind} ({failure}); {after}")
             if failure.reason.startswith("it does not accept this device's key"):

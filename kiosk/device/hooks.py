@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 from kiosk.core.errors import InvalidSpec, KioskError, Problem, UsageError, one_line
 from kiosk.core.log import Log
 from kiosk.core.paths import device_root
-from kiosk.device import activation
+from kiosk.device import activation, system
 from kiosk.device.lock import device_lock, lock_timeout
 from kiosk.device.packages import default_installer, ensure_packages
 from kiosk.device.pending import clear_pending, read_pending, repo_main, write_pending
@@ -230,6 +230,9 @@ def pre_receive(stdin, log: Log) -> int:
     with device_lock(root, f"push of {new[:12]}", log, timeout):
         recover(root, activator, log)
         _wait_for_previous_push(root, activator, log, timeout)
+        waiting = system.waiting_trial(root, activator, log)
+        if waiting:
+            return _refuse(log, [waiting], "a new system is being tried")
         main_now = repo_main(root)
         if old != (main_now or ZERO):
             return _refuse(log, [f"{MAIN}: refused: main moved to {(main_now or ZERO)[:12]} while you pushed "
@@ -261,6 +264,19 @@ def pre_receive(stdin, log: Log) -> int:
         added = sorted(set(plan.packages) - set(old_packages))
         removed = sorted(set(old_packages) - set(plan.packages))
         log("packages: " + (" ".join([f"+{p}" for p in added] + [f"-{p}" for p in removed]) or "no change"))
+        changes = system.system_changes(running_spec, data, added, removed) if system.slot_here(root) else []
+        if changes:   # an A/B board: the new system is built elsewhere and tried in the other slot, never apt here
+            try:
+                sw.preflight()
+                system.start_trial(root, gen, cur, commit=new, old_commit=old, data=data, spec_text=spec_text,
+                                   running=running_spec, changes=changes, pid=os.getppid(), log=log)
+            except KioskError as exc:
+                update_meta(gen, status="failed", reason=reason_line(exc))
+                _prune(root, log)
+                return _refuse(log, [f"generation {gen.number} failed: {exc}"],
+                               "the new system could not be prepared")
+            _prune(root, log)
+            return 0
         try:
             sw.preflight()
             if added or removed:
@@ -307,6 +323,8 @@ def post_receive(stdin, log: Log) -> int:
         pending = read_pending(root)
         if pending and pending["commit"] == new and repo_main(root) == new:
             clear_pending(root)
+        if system.confirm(root, new, activation.from_env(root), log):
+            continue
         cur = current(root)
         if cur is not None and cur.meta.get("commit") == new:
             log.stage(f"main is at {new[:12]}; the device runs generation {cur.number}")

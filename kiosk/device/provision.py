@@ -124,6 +124,7 @@ def recovery_unit() -> tuple[str, str]:
         f"ConditionPathExists=|{DEVICE_STATE}/switch.json\n"
         f"ConditionPathExists=|{DEVICE_STATE}/pending.json\n"
         f"ConditionPathExists=|{DEVICE_STATE}/default-differs\n"
+        f"ConditionPathExists=|{DEVICE_STATE}/trial.json\n"   # a new system being tried (device/system.py)
         f"ConditionPathExists=|!{DEVICE_STATE}/current\n"
         # a config.txt/cmdline.txt rewrite a power cut interrupted (device/bootconfig.py)
         "ConditionPathExistsGlob=|/boot/firmware/*.kiosk-new\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 from kiosk.core.errors import KioskError
 from kiosk.core.files import remove_durable
 from kiosk.core.log import Log
-from kiosk.device import bootconfig
+from kiosk.device import bootconfig, system
 from kiosk.device.links import reconcile
 from kiosk.device.pending import clear_pending, process_start, read_pending, repo_main
 from kiosk.device.store import (GOOD, DamagedState, current, exists, generation, generations_dir, list_generations,
@@ -172,6 +172,8 @@ def recover(root: Path, activator, log: Log, *, at_boot: bool = False) -> bool:
         changed |= resolve_pending(root, activator, log) == "reverted"
     elif read_pending(root):
         changed |= _settle_pending_at_boot(root, log)
+    if at_boot:   # a new system being tried: this boot runs its generation only in its slot
+        changed |= system.settle_at_boot(root, log)
     cur, default = pointer(root, "current"), pointer(root, "default")
     if at_boot and default is not None and cur != default:
         target = generation(root, default)

@@ -1,0 +1,169 @@
+"""A push that changes the system of an A/B board (kiosk.device.system), its logic on a device root in a
+temporary directory: which generation a boot runs during a trial, what a fallback does to the generations
+and to main, what a push finds while a trial is under way. The same paths run for real on a booted qemu
+device with a builder on this host in tests/test_system_push_boot.py."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from conftest import kiosk_cli
+from test_generations import SECOND, add_generation, assert_consistent_on, install, statuses
+
+from kiosk.core.log import Log
+from kiosk.device import activation, pending, slots, store, system
+
+@pytest.fixture
+def device(tmp_path, monkeypatch_offline, monkeypatch):
+    root = tmp_path / "device"
+    root.mkdir()
+    install(root)
+    path = tmp_path / "recording.json"
+    path.write_text("{}")
+    monkeypatch.setenv("KIOSK_ACTIVATOR", f"recording:{path}")
+    monkeypatch.setenv("KIOSK_HEALTH_SECONDS", "0")
+    return root
+
+
+def booted(root, slot):
+    (root / "proc").mkdir(exist_ok=True)
+    (root / "proc/cmdline").write_text(f"BOOT_IMAGE=/vmlinuz root=/dev/vda2 rauc.slot={slot} panic=10\n")
+
+
+def git(root, *args) -> str:
+    return subprocess.run(["git", f"--git-dir={store.repo_dir(root)}", *args], check=True, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if not k.startswith("GIT_")}).stdout.strip()
+
+
+def pushed(root) -> tuple[str, str]:
+    """A second commit on main, as git records an accepted push: (old main, new main)."""
+    old = git(root, "rev-parse", "main")
+    tree = git(root, "rev-parse", "main^{tree}")
+    new = subprocess.run(["git", f"--git-dir={store.repo_dir(root)}", "commit-tree", tree, "-p", old, "-m", "push"],
+                         check=True, capture_output=True, text=True,
+                         env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                              "GIT_COMMITTER_EMAIL": "t@t", "PATH": os.environ["PATH"]}).stdout.strip()
+    git(root, "update-ref", "refs/heads/main", new, old)
+    return old, new
+
+
+def start(root, *, pid=2 ** 22 + 7, state="rebooting") -> dict:
+    """What start_trial leaves: generation 2 built and the default, trial.json for slot B."""
+    old, new = pushed(root)
+    gen = add_generation(root, SECOND, commit=new)
+    trial = {"commit": new, "previousCommit": old, "generation": gen.number, "previous": 1, "slot": "B",
+             "state": state, "installed": "2026-12-05T20:00:00Z", "pid": pid, "pidStart": pending.process_start(pid)}
+    store.write_state(store.state_dir(root) / system.TRIAL, trial)
+    store.set_pointer(root, "default", gen.number)
+    system.update_default_marker(root)
+    return trial
+
+
+def at_boot(root):
+    r = kiosk_cli("switch", "--recover", "--at-boot", "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    return r.stderr
+
+
+def quiet() -> Log:
+    return Log(open(os.devnull, "w"))
+
+
+def test_what_makes_a_push_a_new_system_and_how_its_packages_are_said():
+    running = {"debian": {"suite": "bookworm", "mirror": "http://deb.debian.org/debian"}}
+    data = {"debian": {"suite": "bookworm", "mirror": "http://deb.debian.org/debian"}}
+    assert system.system_changes(running, data, [], []) == []
+    assert system.system_changes(running, data, ["hello"], ["cowsay"]) == ["packages +hello -cowsay"]
+    assert system.system_changes(running, dict(data, debian=dict(data["debian"], upgrade="2026-12-05")), [], []) \
+        == ["/debian/upgrade"]
+    assert system.system_changes(running, dict(data, debian=dict(data["debian"], security=False)), [], []) \
+        == ["/debian/security"]
+    assert system.package_changes({"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "2.1", "d": "4"}) == \
+        ["  b 2 -> 2.1", "- c 3", "+ d 4"]
+
+
+def test_a_board_without_slots_never_starts_a_trial(device):
+    assert system.slot_here(device) is None   # no rauc.slot= on its command line: packages go in place
+    booted(device, "A")
+    assert system.slot_here(device) == "A"
+
+
+def test_the_trial_slot_boots_the_pushed_generation_and_a_healthy_verdict_keeps_it(device):
+    root = device
+    trial = start(root)
+    booted(root, "B")
+    said = at_boot(root)
+    assert "booting the default generation 2" in said
+    assert_consistent_on(root, 2)
+    assert system.read_trial(root)["state"] == "trying"
+    assert system.after_verdict(root, "B", True, quiet()) is False
+    assert system.read_trial(root) is None
+    assert statuses(root) == {1: "superseded", 2: "active"}
+    assert git(root, "rev-parse", "main") == trial["commit"]
+
+
+def test_a_fallback_to_the_old_slot_fails_the_generation_and_sets_main_back(device):
+    root = device
+    trial = start(root)
+    booted(root, "B")
+    at_boot(root)                       # the try: generation 2 linked in slot B...
+    slots.record(root, "B", "bad", "kiosk.service: restarted 3 time(s) within 4s", installed=trial["installed"])
+    booted(root, "A")                   # ...unhealthy, marked bad, restarted into slot A
+    said = at_boot(root)
+    assert f"the trial of commit {trial['commit'][:12]} in slot B failed (kiosk.service: restarted 3" in said
+    assert_consistent_on(root, 1)
+    gens = {g.number: g.meta for g in store.list_generations(root)}
+    assert gens[2]["status"] == "failed" and "kiosk.service: restarted 3" in gens[2]["reason"], gens[2]
+    assert gens[1]["status"] == "active"
+    assert git(root, "rev-parse", "main") == trial["previousCommit"]
+    assert system.read_trial(root)["state"] == "failed"
+    assert system.after_verdict(root, "A", True, quiet()) is False    # slot A's verdict ends it
+    assert system.read_trial(root) is None
+
+
+def test_a_try_that_never_reached_a_verdict_says_why(device):
+    root = device
+    trial = start(root)
+    booted(root, "A")                   # the boot loader passed over B (a hang, a panic, a power cut)
+    at_boot(root)
+    gen = store.generation(root, 2)
+    assert gen.meta["status"] == "failed" and slots.FALLBACK_REASON in gen.meta["reason"]
+    assert git(root, "rev-parse", "main") == trial["previousCommit"]
+
+
+def test_the_trial_slot_booted_before_git_recorded_the_push_is_left(device):
+    root = device
+    trial = start(root, state="installed")
+    git(root, "update-ref", "refs/heads/main", trial["previousCommit"], trial["commit"])  # git never moved main
+    booted(root, "B")
+    at_boot(root)
+    assert_consistent_on(root, 1)
+    assert store.generation(root, 2).meta["status"] == "failed"
+    assert system.after_verdict(root, "B", True, quiet()) is True    # kiosk slot commit marks B bad, restarts
+
+
+def test_a_push_during_a_trial_waits_and_one_git_never_recorded_is_undone(device, monkeypatch):
+    root = device
+    marks = []
+    monkeypatch.setattr(system, "rauc_mark", lambda state, which="booted": marks.append((state, which)))
+    act = activation.from_env(root)
+    trial = start(root, pid=os.getpid(), state="installed")
+    git(root, "update-ref", "refs/heads/main", trial["previousCommit"], trial["commit"])
+    assert "still being recorded" in system.waiting_trial(root, act, quiet())   # receive-pack still runs
+    store.write_state(store.state_dir(root) / system.TRIAL, dict(trial, pid=2 ** 22 + 7, pidStart=None))
+    assert system.waiting_trial(root, act, quiet()) is None                     # it died: undone
+    assert marks == [("bad", "other")]
+    assert system.read_trial(root) is None and store.pointer(root, "default") == 1
+    assert store.generation(root, 2).meta["status"] == "failed"
+
+
+def test_a_push_while_the_device_restarts_into_a_trial_is_refused(device, tmp_path):
+    root = device
+    trial = start(root, state="installed")
+    act = activation.from_env(root)
+    said = system.waiting_trial(root, act, quiet())   # git recorded it, post-receive never restarted the device
+    assert said.startswith(f"the device is trying commit {trial['commit'][:12]} in slot B")
+    recorded = json.loads((tmp_path / "recording.json").read_text())
+    assert ["reboot-soon", None] in recorded["calls"]
+    assert system.read_trial(root)["state"] == "rebooting"
