@@ -13,7 +13,7 @@ from conftest import kiosk_cli
 from fake_mirror import Server, dpkg_status, write_mirror, write_suite
 from sshd_harness import Device, key_set
 
-from kiosk.device import slots
+from kiosk.device import slots, store
 from kiosk.spec import archive
 from kiosk.update import status
 
@@ -207,6 +207,14 @@ def test_an_ab_device_says_which_slot_runs_and_what_the_other_holds(tmp_path, mo
     text = status.table(status.view("lobby", status._well_typed(data), None, None))
     assert ("slots       A runs: good, system as flashed; other slot B: bad, system 0123abcd (kiosk.service: "
             "restarted 3 time(s))") in text.splitlines()
+    # a push's try of that system failed (kiosk.device.system): the row says so
+    from kiosk.device import system
+    store.write_state(store.state_dir(root) / system.TRIAL,
+                      {"commit": "c" * 40, "previousCommit": "d" * 40, "generation": 3, "previous": 2, "slot": "B",
+                       "state": "failed", "reason": "kiosk.service: restarted 3 time(s)"})
+    text = status.table(status.view("lobby", status._well_typed(facts.gather(root, cmdline="rauc.slot=A")), None, None))
+    assert any(line.endswith("; the try of commit cccccccccccc in slot B failed (kiosk.service: restarted 3 time(s))")
+               for line in text.splitlines()), text
 
 
 def test_a_board_without_slots_says_so(monkeypatch):

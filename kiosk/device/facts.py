@@ -19,7 +19,7 @@ from kiosk import __version__
 from kiosk.core.errors import KioskError, one_line
 from kiosk.core.files import read_json
 from kiosk.core.run import run
-from kiosk.device import activation, screen, slots
+from kiosk.device import activation, screen, slots, system
 from kiosk.device.commands import generation_health, generations_data
 from kiosk.device.store import current, repo_dir
 
@@ -119,6 +119,10 @@ def gather(root: Path, *, cmdline: str | None = None) -> dict:
     health, units = attempt("health", lambda: _health(root, generations)) or (None, {})
     if cmdline is None:
         cmdline = attempt("/proc/cmdline", lambda: Path("/proc/cmdline").read_text()) or ""
+    root_slots = attempt("slots", lambda: slots.summary(root, cmdline))
+    trial = attempt("trial.json", lambda: system.read_trial(root))
+    if root_slots is not None and trial:   # a push's new system being tried (device/system.py)
+        root_slots["trial"] = {k: trial.get(k) for k in ("commit", "slot", "state", "reason")}
     return {
         "format": FORMAT,
         "hostName": release.get("hostName"),
@@ -128,7 +132,7 @@ def gather(root: Path, *, cmdline: str | None = None) -> dict:
         "generation": gen,
         "health": health,
         "units": units,
-        "slots": attempt("slots", lambda: slots.summary(root, cmdline)),
+        "slots": root_slots,
         "debian": attempt("nixiosk.json", lambda: debian_section(_spec_text(root))),
         "packages": attempt("installed packages", lambda: installed_packages(root)),
         "problems": problems,

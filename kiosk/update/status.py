@@ -255,6 +255,11 @@ def _slot_line(slots) -> str:
         if slot.get("reason"):
             text += f" ({slot['reason']})"
         parts.append(f"{name} runs: {text}" if name == booted else f"other slot {name}: {text}")
+    trial = slots.get("trial")
+    if isinstance(trial, dict) and isinstance(trial.get("commit"), str):
+        commit, where = trial["commit"][:12], f"slot {trial.get('slot')}"
+        parts.append(f"the try of commit {commit} in {where} failed ({trial.get('reason') or 'no reason'})"
+                     if trial.get("state") == "failed" else f"trying commit {commit} in {where} ({trial.get('state')})")
     return "; ".join(parts)
 
 
