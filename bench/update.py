@@ -18,7 +18,13 @@ waits for slot A's commit, then runs the real `kiosk update 127.0.0.1 SPEC` with
   boot     systemctl reboot until a new boot id answers
   health   until the device's verdict (kiosk-slot-commit: the push's health check, rauc mark-good)
 
-Only the qemu target has root slots today (the Raspberry Pis' U-Boot slots are not built yet).
+With --push: the same one-package change as a `git push` of the device's configuration (issue 17), built
+by a builder on this host (an OpenSSH server whose forced command is `kiosk builder-serve`, which the VM
+reaches at 10.0.2.2), shipped to the device as a whole bundle, installed, tried, kept; seconds from `git
+push` to the push's end (build on the builder, transfer, signature check, rauc install) and from there to
+the new slot's verdict (restart, health).
+
+The qemu target (GRUB); raspberryPi3's U-Boot slots cost ~1 h per update under emulation (notes/boot.md).
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ def main() -> int:
                         help="kiosk cache (bases, signing key) to reuse (default: KIOSK_TEST_CACHE_DIR or a new one)")
     parser.add_argument("--whole-bundle", action="store_true",
                         help="kiosk update --whole-bundle: ship the whole system (the figure before chunks)")
+    parser.add_argument("--push", action="store_true",
+                        help="the change as a git push, built by a builder on this host (issue 17)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/update.py builds images: run it as root")
@@ -61,6 +69,8 @@ def main() -> int:
     cache = Path(args.cache) if args.cache else work / "cache"
     key, public = make_key(work / "key")
     spec = boot_spec("qemu", public, host="bench-update")
+    if args.push:
+        return push(work, cache, key, public, spec)
     image, _ = build_boot_image(spec, work / "image", cache, log=lambda m: None)
     vm = BootedVM(image, key, work / "vm", board="qemu")
     vm.start()
@@ -98,6 +108,62 @@ def main() -> int:
             print(f"  {chunk_line.group(1)}")
     finally:
         vm.stop()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
+def push(work: Path, cache: Path, key: Path, public: str, spec: dict) -> int:
+    """git push of the one-package change through a builder on this host, to the device's verdict."""
+    from sshd_harness import Device as SshServer, free_port, keygen, remote_lines
+
+    host_pub = keygen(work / "builder_host", "builder@bench")
+    port = free_port()
+    spec["builders"] = [{"hostName": "10.0.2.2", "port": port, "systems": ["amd64"],
+                         "publicHostKey": " ".join(host_pub.split()[:2])}]
+    image, _ = build_boot_image(spec, work / "image", cache, log=lambda m: None)
+    (work / "builder").mkdir()
+    builder = SshServer(work / "builder", spec, public, work / "builder_host", port=port,
+                        env={"KIOSK_CACHE_DIR": str(cache)})
+    vm = BootedVM(image, key, work / "vm", board="qemu")
+    vm.start()
+    try:
+        vm.wait_for_ssh(timeout=900)
+        vm.wait_for("kiosk slot status --json | grep -q '\"state\": \"good\"' && echo ok", timeout=600)
+        device_key = vm.ssh("kiosk builders key").stdout
+        subprocess.run([sys.executable, "-m", "kiosk", "builders", "authorize", "--key", "-", "--authorized-keys",
+                        str(work / "builder" / "authorized_keys")], input=device_key, text=True, check=True,
+                       cwd=HERE.parent, capture_output=True)
+        client = vm.git_client(work / "client")
+        clone = client.clone(vm.repo_url, "configuration")
+        data = json.loads((clone / "nixiosk.json").read_text())
+        data["packages"] = [*data.get("packages", []), "hello"]
+        client.commit_spec(clone, data, message="hello")
+        old_boot = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+        started = time.monotonic()
+        result = client.push(clone)
+        pushed = time.monotonic() - started
+        lines = remote_lines(result.stderr)
+        if result.returncode != 0:
+            raise SystemExit("git push failed:\n" + "\n".join(lines[-40:]))
+        vm.wait_for("test \"$(cat /proc/sys/kernel/random/boot_id)\" != " + old_boot + " && echo new", timeout=1200)
+        back = time.monotonic() - started
+        vm.wait_for("test ! -e /var/lib/kiosk/trial.json && kiosk slot status --json | grep -q '\"booted\": \"B\"'"
+                    " && echo kept", timeout=900)
+        kept = time.monotonic() - started
+        text = "\n".join(lines)
+        build = sum(float(x) for x in re.findall(r": +\S.* done in ([0-9.]+)s$", text, re.M))
+        got = re.search(r"builder \S+: bundle ([0-9.]+ \S+), signature checked, in ([0-9.]+) s", text)
+        load = Path("/proc/loadavg").read_text().split()[:3]
+        print(f"git push of a package change on the qemu target through a builder on this host "
+              f"({os.cpu_count()} cores, load {' '.join(load)}): {kept:.0f} s to kept")
+        print(f"  push     {pushed:6.1f} s  (git push until it returned: build on the builder {build:.1f} s of "
+              f"stages, the bundle received and checked {float(got.group(2)) if got else 0:.1f} s in all, rauc install)")
+        print(f"  restart  {back - pushed:6.1f} s  (until the new boot answered)")
+        print(f"  health   {kept - back:6.1f} s  (until kiosk slot commit kept slot B)")
+        print(f"  shipped  {got.group(1) if got else '?'} (the whole bundle; one package added)")
+    finally:
+        vm.stop()
+        builder.close()
         subprocess.run(["rm", "-rf", str(work)], check=False)
     return 0
 

@@ -10,9 +10,9 @@ In file order, one device:
 - with the builder down, a push that adds a package is refused, the device untouched;
 - a push that adds `hello`: built, shipped, installed into slot B, one restart, kept: main at the commit,
   generation 2 current, hello runs, the push output lists hello's version;
-- (slow) a push that removes it again with a program that exits at once: tried in slot A, unhealthy, the
+- a push that removes it again with a program that exits at once: tried in slot A, unhealthy, the
   device is back on slot B by itself, generation 3 failed, main back at generation 2's commit;
-- (slow) the same removal with a program that runs: kept in slot A, hello gone.
+- the same removal with a program that runs: kept in slot A, hello gone.
 Run: pytest tests/test_system_push_boot.py --basetemp=/var/tmp/syspushbt (KIOSK_TEST_CACHE_DIR set).
 """
 
@@ -34,7 +34,9 @@ from sshd_harness import Device as SshServer, free_port, keygen, remote_lines
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
 from test_update_boot import HungRebootReset, committed, first_slot, ready, slot_status
 
-pytestmark = [pytest.mark.root]
+# Slow: each try builds a system and restarts the device (~10 min here at load 5); the default suite runs the
+# same builder request over real OpenSSH (tests/test_system_trial.py) and the trial's logic on a device root.
+pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 HOST_FROM_GUEST = "10.0.2.2"   # QEMU's user network: the host's loopback
 
@@ -187,7 +189,6 @@ def test_a_push_that_adds_a_package_is_built_tried_in_slot_b_and_kept(lab):
     vm.wait_for_program(lab.spec["program"]["executable"], timeout=300)
 
 
-@pytest.mark.slow
 def test_a_system_push_that_cannot_run_the_program_falls_back_and_main_goes_back(lab):
     vm = lab.vm
     old_boot = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
@@ -214,7 +215,6 @@ def test_a_system_push_that_cannot_run_the_program_falls_back_and_main_goes_back
     lab.client.git("reset", "--hard", "origin/main", cwd=lab.clone)
 
 
-@pytest.mark.slow
 def test_a_push_that_removes_a_package_is_kept_without_it(lab):
     vm = lab.vm
     old_boot = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()

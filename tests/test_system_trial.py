@@ -167,3 +167,69 @@ def test_a_push_while_the_device_restarts_into_a_trial_is_refused(device, tmp_pa
     recorded = json.loads((tmp_path / "recording.json").read_text())
     assert ["reboot-soon", None] in recorded["calls"]
     assert system.read_trial(root)["state"] == "rebooting"
+
+
+# ---------------------------------------------------------------- the builder's side, for real
+
+@pytest.mark.root
+def test_a_builder_builds_the_system_as_a_bundle_signed_with_the_key_the_device_trusts(tmp_path, tmp_path_factory,
+                                                                                      monkeypatch):
+    """builder-serve's `bundle` request over real OpenSSH, as a device's push makes it: kiosk build's pipeline
+    on the builder (the test cache), the bundle received, its signature checked against the device's
+    certificate; a device trusting another key gets the builder's refusal and nothing."""
+    import shutil
+
+    from boottools import boot_spec
+    from imagetools import _cache_dir, _shared_dir
+    from sshd_harness import Device as SshServer, free_port, key_set
+
+    from kiosk.builders.keys import device_public_key, ensure_device_key
+    from kiosk.config.signing import RAUC_CERTIFICATE, signing_key
+    from kiosk.core.errors import KioskError
+    from kiosk.core.paths import BUILDER_KEY
+    from kiosk.spec.load import loads
+
+    if os.geteuid() != 0:
+        pytest.skip("building an image needs root (the CI runs as root)")
+    cache = _cache_dir(_shared_dir(tmp_path_factory))
+    monkeypatch.setenv("KIOSK_CACHE_DIR", str(cache))
+    keys = key_set(tmp_path, ["host", "client"])
+    port = free_port()
+    spec = boot_spec("qemu", keys["client_pub"], host="bundle-builder")
+    spec["builders"] = [{"hostName": "127.0.0.1", "port": port, "systems": ["amd64"],
+                         "publicHostKey": " ".join(keys["host_pub"].split()[:2])}]
+    text = json.dumps(spec, indent=2) + "\n"
+    data = loads(text, "nixiosk.json").data
+    (tmp_path / "builder").mkdir()
+    builder = SshServer(tmp_path / "builder", spec, keys["client_pub"], keys["host"], port=port,
+                        env={"KIOSK_CACHE_DIR": str(cache)})
+    try:
+        root = tmp_path / "device"
+        cert = root / RAUC_CERTIFICATE.lstrip("/")
+        cert.parent.mkdir(parents=True)
+        shutil.copyfile(signing_key().cert, cert)
+        lines: list[str] = []
+        key = ensure_device_key(root, BUILDER_KEY, lines.append)
+        r = kiosk_cli("builders", "authorize", "--key", "-", "--authorized-keys",
+                      str(tmp_path / "builder" / "authorized_keys"), input=device_public_key(key))
+        assert r.returncode == 0, r.stderr
+        (tmp_path / "work").mkdir()
+        bundle, header = system.fetch_bundle(root, data, text, upgrade=False, work=tmp_path / "work",
+                                             log=lines.append)
+        said = "\n".join(lines)
+        assert "127.0.0.1:%d: ==> rootfs" % port in said and "127.0.0.1:%d: ==> bundle" % port in said, said
+        assert f"builder 127.0.0.1:{port}: bundle " in said and "signature checked" in said, said
+        info = slots.bundle_info(bundle, cert)
+        assert info["compatible"] == "kiosk-qemu"
+        assert {"foot", "rauc"} <= {p["name"] for p in header["packages"]}
+        # a device that trusts another key: the builder refuses before building, nothing comes
+        monkeypatch.setenv("KIOSK_CACHE_DIR", str(tmp_path / "other-user"))
+        shutil.copyfile(signing_key().cert, cert)
+        lines.clear()
+        (tmp_path / "work2").mkdir()
+        with pytest.raises(KioskError, match="no builder could build this system"):
+            system.fetch_bundle(root, data, text, upgrade=False, work=tmp_path / "work2", log=lines.append)
+        assert any("this builder signs updates with another key" in line for line in lines), lines
+        assert not any(p.is_file() and p.name == "update.raucb" for p in (tmp_path / "work2").rglob("*"))
+    finally:
+        builder.close()
