@@ -261,7 +261,8 @@ def cmd_slot(args) -> int:
     root = device_root(args.root)
     if args.action == "status":
         cmdline = Path("/proc/cmdline").read_text()
-        out = {"booted": booted_slot(cmdline), "record": read_record(root)}
+        from kiosk.device.system import read_trial   # (it imports this module)
+        out = {"booted": booted_slot(cmdline), "record": read_record(root), "trial": read_trial(root)}
         if out["booted"]:
             out["rauc"] = rauc_status()
         if args.json:

@@ -187,6 +187,10 @@ def cmd_update(args) -> int:
         raise UsageError(f"{args.host} has no root slots A and B (its board boots one root partition)",
                          hint="change its configuration with git push; a whole new system needs a newly flashed card")
     target = other(booted)
+    trial = status.get("trial")
+    if isinstance(trial, dict) and trial.get("state") not in (None, "failed"):
+        raise UsageError(f"{args.host} is trying commit {str(trial.get('commit'))[:12]} from a git push in slot "
+                         f"{trial.get('slot')}", hint="update it once that try has its verdict (kiosk status HOST)")
     device_text = _device_spec(ssh)
     device_spec = specmod.loads(device_text, f"{args.host}:nixiosk.json")
     if args.spec:
