@@ -182,7 +182,7 @@ def test_effective_builders_defaults_order_and_local_system():
         (2222, "kiosk", ("arm64",), 4.0, "fast.example:2222")
     slow = found[1]
     assert (slow.port, slow.sshUser, slow.sshKey, slow.systems, slow.maxJobs, slow.publicHostKey) == \
-        (22, "root", "/etc/kiosk/builder_ed25519", ("amd64", "arm64", "armel", "armhf"), 1, None)
+        (22, "root", "/var/lib/kiosk/builder_ed25519", ("amd64", "arm64", "armel", "armhf"), 1, None)
     # Nixiosk's localSystem: its own system and the device it was named for (it cross-built for it)
     laptop = found[3]
     assert (laptop.sshUser, laptop.port, laptop.systems, laptop.origin) == \
@@ -319,10 +319,10 @@ def test_the_image_carries_no_builder_key_and_each_device_makes_its_own(tmp_path
         assert r.returncode == 0, r.stderr
         lines = r.stdout.splitlines()
         assert len(lines) == 2 and all(line.endswith(" kiosk-builder@lobby") for line in lines)  # one per sshKey
-        assert "made this device's builder key /etc/kiosk/builder_ed25519 (SHA256:" in r.stderr
+        assert "made this device's builder key /var/lib/kiosk/builder_ed25519 (SHA256:" in r.stderr
         assert "ssh root@DEVICE kiosk builders key | ssh USER@BUILDER kiosk builders authorize --key -" in r.stderr
         publics.append(lines[0])
-        for key_path in ("etc/kiosk/builder_ed25519", "etc/kiosk/other_key"):
+        for key_path in ("var/lib/kiosk/builder_ed25519", "etc/kiosk/other_key"):
             st = (tmp_path / f"root{n}" / key_path).stat()
             assert (oct(st.st_mode & 0o777), st.st_uid) == ("0o600", 0)
         again = kiosk_cli("builders", "key", str(spec_file), "--root", str(tmp_path / f"root{n}"))
@@ -334,12 +334,29 @@ def test_a_device_without_a_builder_key_makes_one_and_says_so(tmp_path):
     # the first push that needs a builder makes the key if nobody asked for it before
     logs = []
     key = ensure_device_key(tmp_path, BUILDER_KEY, logs.append, comment="kiosk-builder@lobby")
-    assert key == tmp_path / "etc/kiosk/builder_ed25519"
+    assert key == tmp_path / "var/lib/kiosk/builder_ed25519"
     assert oct(key.stat().st_mode & 0o777) == "0o600"
     public = Path(str(key) + ".pub").read_text().strip()
     assert public.endswith(" kiosk-builder@lobby")
     assert len(logs) == 1 and logs[0].endswith(f"echo '{public}' | kiosk builders authorize --key -")
     assert ensure_device_key(tmp_path, BUILDER_KEY, logs.append) == key and len(logs) == 1
+
+
+def test_a_key_at_the_old_default_moves_to_the_data_partition_and_stays_the_same_key(tmp_path):
+    """The default used to be /etc/kiosk/builder_ed25519, in the root: on an A/B board a new slot has none,
+    and the device made a new key its builders refused (seen in a booted system push). It moves to
+    /var/lib/kiosk (the data partition on A/B boards), the same key, so its builders still accept it."""
+    from kiosk.core.paths import LEGACY_BUILDER_KEY
+
+    old = ensure_device_key(tmp_path, LEGACY_BUILDER_KEY, lambda line: None)
+    private, public = old.read_bytes(), Path(str(old) + ".pub").read_text()
+    logs = []
+    key = ensure_device_key(tmp_path, BUILDER_KEY, logs.append)
+    assert key == tmp_path / "var/lib/kiosk/builder_ed25519"
+    assert key.read_bytes() == private and Path(str(key) + ".pub").read_text() == public
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and not old.exists()
+    assert logs == ["moved this device's builder key from /etc/kiosk/builder_ed25519 to "
+                    "/var/lib/kiosk/builder_ed25519 (kept across system updates)"]
 
 
 def test_builder_key_paths_stay_inside_the_tree(tmp_path, archive, keys):
@@ -350,7 +367,7 @@ def test_builder_key_paths_stay_inside_the_tree(tmp_path, archive, keys):
     (root / "etc").mkdir()
     outside.mkdir()
     (root / "var/run").symlink_to(outside)  # as in Debian (var/run -> /run), but to a stand-in for outside
-    (root / "etc/kiosk").symlink_to(outside)  # planted at the default key's parent
+    (root / "etc/kiosk").symlink_to(outside)  # planted at the old default key's parent
     spec_file = tmp_path / "nixiosk.json"
 
     def refused(key_path: str) -> list[str]:
@@ -639,7 +656,7 @@ def test_builders_check_reports_up_and_down(lab):
     assert (ok["reachable"], ok["ok"], ok["buildsForDevice"], ok["key"]) == (True, True, True, BUILDER_KEY)
     assert ok["freeBytes"] > 0 and ok["rttMs"] > 0 and ok["connectMs"] >= 0 and "armel" in ok["architectures"]
     # from a laptop, with a key given (here the device's own)
-    r = kiosk_cli("builders", "check", str(lab.spec_file), "-i", str(lab.root / "etc/kiosk/builder_ed25519"), "--json")
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "-i", str(lab.root / "var/lib/kiosk/builder_ed25519"), "--json")
     assert json.loads(r.stdout)["builders"][1]["ok"] is True
 
 
@@ -689,7 +706,7 @@ def test_authorize_limits_the_device_key_to_builder_serve(lab, tmp_path):
     (lab.servers[0].tmp / "authorized_keys").write_text(entry[0] + "\n")
     known = tmp_path / "known"
     known.write_text(f"[127.0.0.1]:{lab.servers[0].port} {lab.keys['b1_pub']}\n")
-    r = subprocess.run(["ssh", "-F", "/dev/null", "-i", str(lab.root / "etc/kiosk/builder_ed25519"),
+    r = subprocess.run(["ssh", "-F", "/dev/null", "-i", str(lab.root / "var/lib/kiosk/builder_ed25519"),
                         "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={known}", "-o", "BatchMode=yes",
                         "-p", str(lab.servers[0].port), "root@127.0.0.1", "cat /etc/shadow"],
                        input="", capture_output=True, text=True, timeout=60)
@@ -738,7 +755,7 @@ def test_rotating_a_device_key_with_the_readme_commands(lab, tmp_path):
     (the way off a key that images built by earlier kiosk versions shared), through real ssh both ways."""
     lab = lab([{"host": "127.0.0.1"}])
     old_key = tmp_path / "old_key"
-    shutil.copy(lab.root / "etc/kiosk/builder_ed25519", old_key)
+    shutil.copy(lab.root / "var/lib/kiosk/builder_ed25519", old_key)
     (tmp_path / "old.pub").write_text(lab.public + "\n")
     known = tmp_path / "known_hosts"
     known.write_text(f"[127.0.0.1]:{lab.device.port} {lab.keys['device_host_pub']}\n"
@@ -746,14 +763,15 @@ def test_rotating_a_device_key_with_the_readme_commands(lab, tmp_path):
     ssh = f"ssh -F /dev/null -i {lab.keys['client']} -o IdentitiesOnly=yes -o UserKnownHostsFile={known} -o BatchMode=yes"
     device, builder = f"{ssh} -p {lab.device.port} root@127.0.0.1", f"{ssh} -p {lab.servers[0].port} root@127.0.0.1"
     # the README's commands; the test's device is a directory (--root) and its builder's file is elsewhere
-    key, auth = f"{lab.root}/etc/kiosk/builder_ed25519", f"--authorized-keys {lab.servers[0].tmp / 'authorized_keys'}"
-    script = (f"{device} 'rm -f {key} {key}.pub && kiosk builders key --root {lab.root}' | "
+    key, auth = f"{lab.root}/var/lib/kiosk/builder_ed25519", f"--authorized-keys {lab.servers[0].tmp / 'authorized_keys'}"
+    legacy = f"{lab.root}/etc/kiosk/builder_ed25519"   # where images before 2026-12 kept it: removed too
+    script = (f"{device} 'rm -f {legacy} {legacy}.pub {key} {key}.pub && kiosk builders key --root {lab.root}' | "
               f"{builder} kiosk builders authorize --key - {auth} && "
               f"{builder} kiosk builders authorize --revoke --key - {auth} < old.pub")
     done = subprocess.run(script, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "authorized kiosk-builder@lobby" in done.stdout and "removed kiosk-builder@lobby" in done.stdout
-    new_public = (lab.root / "etc/kiosk/builder_ed25519.pub").read_text().strip()
+    new_public = (lab.root / "var/lib/kiosk/builder_ed25519.pub").read_text().strip()
     assert new_public != lab.public
     r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))
     assert r.returncode == 0, r.stdout + r.stderr

@@ -289,7 +289,7 @@ CASES = [
       'armel) or Nix systems (aarch64-linux, ...)']),
     ("builder-sshkey-relative", [("/builders", [{"hostName": "b", "sshKey": "id_ed25519"}])],
      ['/builders/0/sshKey: "id_ed25519" is not in the right form; use an absolute path on the device without \'..\' '
-      'parts, e.g. "/etc/kiosk/builder_ed25519"']),
+      'parts, e.g. "/var/lib/kiosk/builder_ed25519"']),
     ("builder-hostkey-bad", [("/builders", [{"hostName": "b", "publicHostKey": "ssh-ed25519 nope!"}])],
      ["/builders/0/publicHostKey: this host key has a key body that is not valid base64 (truncated or mangled "
       "paste?); paste the builder's host key line, e.g. from: ssh-keyscan -t ed25519 HOST"]),
@@ -310,7 +310,10 @@ CASES = [
       'e.g. "http://deb.debian.org/debian"']),
     ("debian-unknown", [("/debian/components", ["main"])],
      ['/debian/components: unknown field "components"; remove it; fields here are: mirror, security, '
-      'securityMirror, suite, updates']),
+      'securityMirror, suite, updates, upgrade']),
+    ("debian-upgrade", [("/debian/upgrade", "after lunch")],
+     ['/debian/upgrade: "after lunch" is not in the right form; use a short label such as "2026-12-05" (letters, '
+      'digits, . _ : + -)']),
     ("debian-security", [("/debian/security", "yes")],
      ['/debian/security: must be true or false, not a string; use true (Debian\'s security fixes) or false '
       '(no security suite)']),
@@ -431,7 +434,7 @@ def test_nixiosk_defaults(base):
     assert data["locale"] == {"lang": "en_US.UTF-8", "regDom": "US", "timeZone": "America/New_York"}
     assert data["program"] == {"package": "cog", "executable": "/usr/bin/cog", "args": []}
     builder = specmod.check(apply(base, [("/builders", [{"hostName": "big"}])])).data["builders"][0]
-    assert builder == {"hostName": "big", "sshUser": "root", "port": 22, "sshKey": "/etc/kiosk/builder_ed25519",
+    assert builder == {"hostName": "big", "sshUser": "root", "port": 22, "sshKey": "/var/lib/kiosk/builder_ed25519",
                        "systems": ["amd64", "arm64", "armhf", "armel"], "maxJobs": 1, "speedFactor": 1}
 
 

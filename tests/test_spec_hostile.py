@@ -262,7 +262,7 @@ def test_time_zones_outside_the_name_grammar_are_refused_whatever_the_database(b
 def test_builder_ssh_key_may_not_climb_out(base, key):
     assert problem_lines(dict(base, builders=[{"hostName": "b", "sshKey": key}])) == [
         f"/builders/0/sshKey: {json.dumps(key)} is not in the right form; use an absolute path on the device without "
-        "'..' parts, e.g. \"/etc/kiosk/builder_ed25519\""]
+        "'..' parts, e.g. \"/var/lib/kiosk/builder_ed25519\""]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from kiosk.builders.select import Builder, board_of, effective_builders, known_h
 from kiosk.builders.ssh import ssh_options
 from kiosk.core.errors import Refused, one_line
 from kiosk.core.files import check_in_root, write_in_root
-from kiosk.core.paths import BUILDER_KEY, BUILDERS_KNOWN_HOSTS, BUILDERS_SSH_CONFIG
+from kiosk.core.paths import BUILDER_KEY, BUILDERS_KNOWN_HOSTS, BUILDERS_SSH_CONFIG, LEGACY_BUILDER_KEY
 from kiosk.core.run import run
 
 # Characters a key path may not hold: ssh reads `-o IdentityFile=...` and ssh_config lines word by
@@ -78,6 +78,8 @@ def ensure_device_key(root: Path, key_path: str, log, *, comment: str | None = N
             return key
         raise Refused(f"{key_path}: something other than a regular file is there (a link?); not used as a key",
                       hint="remove it; kiosk then makes this device's key there")
+    if key_path == BUILDER_KEY and _move_legacy_key(root, log):
+        return key
     comment = comment or "kiosk-builder"
     with tempfile.TemporaryDirectory(prefix="kiosk-key-") as tmp:
         made = Path(tmp) / "key"
@@ -91,6 +93,25 @@ def ensure_device_key(root: Path, key_path: str, log, *, comment: str | None = N
     log(f"made this device's builder key {key_path} ({key_fingerprint(public)}); authorize it on each builder, "
         f"there: echo '{public}' | kiosk builders authorize --key -")
     return key
+
+
+def _move_legacy_key(root: Path, log) -> bool:
+    """A key made where the default used to be (in the root, lost with a slot switch) moves to BUILDER_KEY, so a
+    device keeps the key its builders authorized. True when moved."""
+    old = Path(root) / LEGACY_BUILDER_KEY.lstrip("/")
+    try:
+        if not (stat.S_ISREG(os.lstat(old).st_mode) and stat.S_ISREG(os.lstat(str(old) + ".pub").st_mode)):
+            return False
+        check_in_root(root, LEGACY_BUILDER_KEY)
+    except (FileNotFoundError, Refused):
+        return False
+    owner = (0, 0) if os.geteuid() == 0 else None
+    write_in_root(root, BUILDER_KEY + ".pub", Path(str(old) + ".pub").read_bytes(), 0o644, owner=owner, durable=True)
+    write_in_root(root, BUILDER_KEY, old.read_bytes(), 0o600, owner=owner, durable=True)
+    old.unlink()
+    Path(str(old) + ".pub").unlink()
+    log(f"moved this device's builder key from {LEGACY_BUILDER_KEY} to {BUILDER_KEY} (kept across system updates)")
+    return True
 
 
 def device_public_key(key: Path) -> str:

@@ -24,7 +24,11 @@ STATE = "var/lib/kiosk"                              # generations, pointers, jo
 REPO = "etc/kiosk/configuration.git"                 # what `git push` reaches
 DEVICE_PYTHON_DIR = "usr/lib/python3/dist-packages/kiosk"
 DEVICE_DATA_DIR = "usr/share/kiosk"
-BUILDER_KEY = "/etc/kiosk/builder_ed25519"           # the device's key for its builders (absolute)
+# The device's key for its builders (absolute): kiosk's state, which on A/B boards is the data partition's, so
+# the key survives a switch of root slot. Until 2026-12 it was LEGACY_BUILDER_KEY, in the root, which a new slot
+# replaced (its builders then refused the new key it made); keys.ensure_device_key moves it.
+BUILDER_KEY = "/var/lib/kiosk/builder_ed25519"
+LEGACY_BUILDER_KEY = "/etc/kiosk/builder_ed25519"
 BUILDERS_KNOWN_HOSTS = "/etc/kiosk/builders_known_hosts"
 BUILDERS_SSH_CONFIG = "/etc/kiosk/builders_ssh_config"
 
