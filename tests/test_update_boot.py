@@ -103,9 +103,12 @@ def slot_status(vm: BootedVM) -> dict:
     return json.loads(vm.ssh("kiosk slot status --json").stdout)
 
 
-def kiosk_update(device: Device, *args: str, timeout: float = 2400) -> subprocess.CompletedProcess:
-    """`kiosk update` as a user runs it: ssh with the key, the device's host key checked (known_hosts)."""
+def kiosk_update(device: Device, *args: str, timeout: float | None = None) -> subprocess.CompletedProcess:
+    """`kiosk update` as a user runs it: ssh with the key, the device's host key checked (known_hosts). A raspi
+    machine gets 90 minutes: its arm64 top layer builds under qemu-user, and its chunked install hashes the
+    1.4 GB seed slot emulated (~30 min); 40 minutes ran out at load 6-8 (2026-12-05)."""
     vm = device.vm
+    timeout = timeout or (2400 if device.board == "qemu" else 5400)
     argv = [sys.executable, "-m", "kiosk", "update", "127.0.0.1", *args, "-p", str(vm.port), "-i", str(vm.key),
             "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}"]
     env = {**os.environ, "KIOSK_CACHE_DIR": str(device.cache), "KIOSK_SSH_CONNECT_TIMEOUT": "60"}
