@@ -163,6 +163,7 @@ def test_a_push_that_adds_a_package_is_built_tried_in_slot_b_and_kept(lab):
     vm = lab.vm
     assert vm.ssh("dpkg -s hello", check=False).returncode != 0
     old_boot = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    machine_id = vm.ssh("cat /etc/machine-id").stdout.strip()
     previous = _main(vm)
     pushed = _spec(lab)
     pushed["packages"] = [*pushed.get("packages", []), "hello"]
@@ -178,6 +179,7 @@ def test_a_push_that_adds_a_package_is_built_tried_in_slot_b_and_kept(lab):
     _booted_again(lab, "B", old_boot)
     assert "rauc.slot=B" in vm.ssh("cat /proc/cmdline").stdout.split()
     assert vm.ssh("hello").stdout.strip() == "Hello, world!"
+    assert vm.ssh("cat /etc/machine-id").stdout.strip() == machine_id   # the same device to systemd and DHCP
     assert _main(vm) == commit and commit != previous
     state = _generations(vm)
     number = _number(lines)

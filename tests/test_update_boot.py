@@ -247,6 +247,7 @@ def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
     before = json.loads(vm.ssh("kiosk generations --json").stdout)
     main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
     assert vm.ssh("dpkg -s hello", check=False).returncode != 0
+    machine_id = vm.ssh("cat /etc/machine-id").stdout.strip()
     spec = dict(device.spec, packages=[*device.spec.get("packages", []), "hello"])
     path = tmp_path / "nixiosk.json"
     path.write_text(json.dumps(spec, indent=2))
@@ -273,6 +274,7 @@ def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
     assert "rauc.slot=B" in vm.ssh("cat /proc/cmdline").stdout.split()
     assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == f"{device.disk}3"
     assert vm.ssh("hello").stdout.strip() == "Hello, world!"
+    assert vm.ssh("cat /etc/machine-id").stdout.strip() == machine_id   # the bundle's hook carried it over
     assert json.loads(vm.ssh("kiosk generations --json").stdout) == before
     assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
     env = boot_env(vm, device.board)

@@ -5,6 +5,7 @@ in notes/ab-update.md until the A/B image layout lands."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import stat
 import subprocess
@@ -114,6 +115,7 @@ def test_a_bundle_carries_the_images_root_byte_for_byte_and_only_its_key_opens_i
             digest.update(block)
             left -= len(block)
     assert rootfs["filename"] == "rootfs.ext4"
+    assert "post-install" in rootfs["hooks"]   # kiosk's hook keeps the machine id (below)
     assert rootfs["size"] == part.size
     assert rootfs["checksum"] == digest.hexdigest()
     # Compressed: a bundle is shipped over the network.
@@ -124,6 +126,29 @@ def test_a_bundle_carries_the_images_root_byte_for_byte_and_only_its_key_opens_i
     other = signing.signing_key()
     with pytest.raises(KioskError, match="signature verification failed"):
         bundle_info(out, other.cert)
+
+
+def test_the_bundles_hook_gives_the_new_slot_the_running_machine_id(tmp_path):
+    """What RAUC runs after writing the slot (`hook slot-post-install`, the slot mounted; the booted update test
+    sees the same id after the switch): the id copied whole, and only for the root slot's post-install."""
+    hook = tmp_path / "hook"
+    hook.write_text(bundle.HOOK_SCRIPT.replace("/etc/machine-id ", f"{tmp_path}/running-id "))
+    hook.chmod(0o755)
+    (tmp_path / "running-id").write_text("0123456789abcdef0123456789abcdef\n")
+    slot = tmp_path / "slot"
+    (slot / "etc").mkdir(parents=True)
+    (slot / "etc/machine-id").write_text("uninitialized\n")
+
+    def run_hook(*args, cls="rootfs"):
+        env = {"PATH": os.environ["PATH"], "RAUC_SLOT_CLASS": cls, "RAUC_SLOT_MOUNT_POINT": str(slot)}
+        return subprocess.run([str(hook), *args], env=env, capture_output=True, text=True)
+
+    assert run_hook("slot-pre-install").returncode == 0
+    assert run_hook("slot-post-install", cls="appfs").returncode == 0
+    assert (slot / "etc/machine-id").read_text() == "uninitialized\n"
+    assert run_hook("slot-post-install").returncode == 0
+    assert (slot / "etc/machine-id").read_text() == "0123456789abcdef0123456789abcdef\n"
+    assert sorted(p.name for p in (slot / "etc").iterdir()) == ["machine-id"]
 
 
 def _sha256_of(path: Path) -> str:

@@ -57,7 +57,22 @@ def _manifest(board: str, version: str, description: str) -> str:
             raise KioskError(f"bundle {name} {value[:40]!r} has characters a RAUC manifest cannot hold",
                              hint="letters, digits, spaces and . _ : + @ - only")
     return (f"[update]\ncompatible={compatible(board)}\nversion={version}\ndescription={description}\n\n"
-            f"[bundle]\nformat=verity\n\n[image.rootfs]\nfilename={ROOT_IMAGE}\n")
+            f"[bundle]\nformat=verity\n\n[hooks]\nfilename={HOOK}\n\n"
+            f"[image.rootfs]\nfilename={ROOT_IMAGE}\nhooks=post-install\n")
+
+
+# RAUC runs this (from the signed bundle) as `hook slot-post-install` with the new slot mounted: the device keeps
+# its identity across systems. systemd reads /etc/machine-id in PID 1 before any mount, so it cannot come from the
+# data partition (notes/ab-update.md): a slot built with "uninitialized" would make a new id at its first boot,
+# and with it a new DHCP client id and journal directory.
+HOOK = "kiosk-hook"
+HOOK_SCRIPT = """#!/bin/sh
+set -e
+if [ "$1" = slot-post-install ] && [ "$RAUC_SLOT_CLASS" = rootfs ] && [ -s /etc/machine-id ]; then
+    cp /etc/machine-id "$RAUC_SLOT_MOUNT_POINT/etc/machine-id.kiosk-new"
+    mv "$RAUC_SLOT_MOUNT_POINT/etc/machine-id.kiosk-new" "$RAUC_SLOT_MOUNT_POINT/etc/machine-id"
+fi
+"""
 
 
 def make_bundle(image: Path, out: Path, *, board: str, version: str, description: str, key: SigningKey,
@@ -69,6 +84,8 @@ def make_bundle(image: Path, out: Path, *, board: str, version: str, description
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         (staging / "manifest.raucm").write_text(_manifest(board, version, description))
+        (staging / HOOK).write_text(HOOK_SCRIPT)
+        (staging / HOOK).chmod(0o755)
         _copy_sparse_range(image, part.start, part.size, staging / ROOT_IMAGE)
         log(f"bundle: root filesystem {part.size >> 20} MiB from {image.name} (partition {part.number})")
         tmp.unlink(missing_ok=True)
