@@ -873,6 +873,10 @@ def test_kiosk_run_command_line(board_name, tmp_path):
         fields = dict(line.split("=", 1) for line in text.splitlines())
         assert set(fields) == {"kiosk_args", "kiosk_fdtfile"} and fields["kiosk_fdtfile"] == q["dtb"], text
         _check_append(fields["kiosk_args"].split(), q)
+        odd = kiosk_cli("run", str(image), "--print-command", "--keep", "--append", "a\nkiosk_fdtfile=x.dtb",
+                        env={"KIOSK_CACHE_DIR": str(tmp_path / "odd")})
+        (text,) = [p.read_text() for p in (tmp_path / "odd" / "run").glob("*/kiosk-qemu.txt")]
+        assert odd.returncode == 0 and text.splitlines()[1:] == [f"kiosk_fdtfile={q['dtb']}"], text
         # U-Boot writes to the mini UART (the second port), Linux to the PL011: both on the one terminal
         assert argv[argv.index("-chardev") + 1].startswith("stdio,id=console,mux=on")
         assert [argv[i + 1] for i, a in enumerate(argv) if a == "-serial"] == ["chardev:console"] * 2

@@ -183,7 +183,8 @@ class Machine:
         tree QEMU cannot hand it (boot.scr imports only these two variables); None otherwise."""
         if self.boot is None or not self.boot.elf:
             return None
-        return f"kiosk_args={self.kernel_args()}\nkiosk_fdtfile={self.boot.dtb.name}\n"
+        one_line = " ".join(self.kernel_args().split())   # (a newline in an --append would start another line)
+        return f"kiosk_args={one_line}\nkiosk_fdtfile={self.boot.dtb.name}\n"
 
     def argv(self) -> list[str]:
         q = self.board["qemu"]
