@@ -441,8 +441,10 @@ def png_colours(path: Path) -> int:
     return len(colours)
 
 
-def make_fake_image(path: Path, *, files: dict[str, bytes], root_bytes: int = 32 << 20) -> Path:
-    """A small MBR image with a FAT partition holding `files` and an empty Linux partition (argv tests)."""
+def make_fake_image(path: Path, *, files: dict[str, bytes], root_bytes: int = 32 << 20,
+                    root_files: dict[str, bytes] | None = None) -> Path:
+    """A small MBR image with a FAT partition holding `files` and a Linux partition (argv tests): empty, or an
+    ext4 holding root_files (paths inside it)."""
     fat_start, fat_size = 1 << 20, 40 << 20
     with open(path, "wb") as f:
         f.truncate(fat_start + fat_size + root_bytes)
@@ -459,4 +461,11 @@ def make_fake_image(path: Path, *, files: dict[str, bytes], root_bytes: int = 32
         names.append(str(staging / name))
     env = dict(os.environ, MTOOLS_SKIP_CHECK="1")
     subprocess.run(["mcopy", "-i", f"{path}@@{fat_start}", *names, "::"], check=True, env=env, capture_output=True)
+    if root_files is not None:
+        tree = path.with_name(path.name + ".root")
+        for name, data in root_files.items():
+            (tree / name.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+            (tree / name.lstrip("/")).write_bytes(data)
+        subprocess.run(["mke2fs", "-F", "-q", "-t", "ext4", "-E", f"offset={fat_start + fat_size}", "-d", str(tree),
+                        str(path), f"{root_bytes >> 10}k"], check=True, capture_output=True)
     return path

@@ -260,6 +260,12 @@ def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
     else:                # U-Boot
         assert env["BOOT_ORDER"] == "A B" and env["BOOT_B_LEFT"] == "0", env
         assert env["BOOT_A_LEFT"] == "2" or (env["BOOT_A_LEFT"] == "3" and kept), (kept, env)
+        # U-Boot's own console is in the serial log (raspi0: its mini UART, muxed with Linux's PL011)
+        console = vm.serial.read_text(errors="replace")
+        assert "kiosk-ab: booting slot A (mmc 0:2), A_LEFT=2 B_LEFT=0" in console, vm.tail()
+        if _board(kiosk.board)["qemu"].get("ubootElf"):   # no firmware tree: kiosk run's file on its copy's FAT
+            dtb = _board(kiosk.board)["qemu"]["dtb"]
+            assert f"kiosk-qemu.txt (kiosk run) gives the command line and {dtb}" in console, vm.tail()
     assert vm.ssh("systemctl is-active data.mount var-lib-kiosk.mount etc-kiosk-configuration.git.mount",
                   check=False).stdout.split() == ["active"] * 3
 
@@ -804,7 +810,9 @@ def fake_image(tmp_path: Path, board_name: str) -> Path:
                      "cmdline.txt": cmdline.encode()}
         for dtb in board["deviceTrees"]:
             files[Path(dtb).name] = b"\xd0\x0d\xfe\xed"
-    return make_fake_image(tmp_path / f"demo-{board_name}.img", files=files)
+    elf = board["qemu"].get("ubootElf")   # QEMU's raspi0 runs U-Boot's ELF, read from the root slot
+    return make_fake_image(tmp_path / f"demo-{board_name}.img", files=files,
+                           root_files={f"/usr/lib/u-boot/{elf}": b"kernel"} if elf else None)
 
 
 def _qemu_argv(out: str) -> list[str]:
@@ -812,15 +820,19 @@ def _qemu_argv(out: str) -> list[str]:
     return shlex.split(out.strip().splitlines()[-1])
 
 
-def _check_kernel_arguments(argv: list[str], q: dict) -> None:
-    """-kernel/-initrd/-append (and -dtb) as kiosk run gives them from the FAT partition."""
-    append = argv[argv.index("-append") + 1].split()
+def _check_append(append: list[str], q: dict) -> None:
+    """The kernel's command line kiosk run gives: the image's cmdline.txt, QEMU's console, the board's append."""
     consoles = [a for a in append if a.startswith("console=")]
     # The serial console last: /dev/console, where systemd writes; tty1 first where QEMU shows a screen.
     assert consoles[-1] == f"console={q['console']}"
     assert consoles[:-1] == (["console=tty1"] if q.get("display") else [])
     assert "root=UUID=0b0e53b3-1c1e-4d5a-8f3e-5e1d1a2b3c4d" in append
     assert all(a in append for a in q["append"])
+
+
+def _check_kernel_arguments(argv: list[str], q: dict) -> None:
+    """-kernel/-initrd/-append (and -dtb) as kiosk run gives them from the FAT partition."""
+    _check_append(argv[argv.index("-append") + 1].split(), q)
     assert Path(argv[argv.index("-kernel") + 1]).read_bytes() == b"kernel"
     if "-initrd" in argv or not any(a.endswith("u-boot.bin") for a in argv):   # U-Boot loads the slot's own
         assert Path(argv[argv.index("-initrd") + 1]).read_bytes() == b"initrd"
@@ -851,6 +863,23 @@ def test_kiosk_run_command_line(board_name, tmp_path):
         refused = kiosk_cli("run", str(image), "--print-command", "--append", "quiet",
                             env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
         assert refused.returncode == 2 and "grub/grub.cfg" in refused.stderr and refused.stderr.count("\n") == 1
+    elif q.get("ubootElf"):
+        # QEMU's raspi0 runs U-Boot's ELF from the root slot and hands it neither -dtb nor -append: kiosk run's
+        # disk copy gets them in kiosk-qemu.txt on its FAT (kept here with --keep; boot.scr imports both names)
+        assert not {"-initrd", "-append", "-dtb"} & set(argv)
+        kernel = Path(argv[argv.index("-kernel") + 1])
+        assert kernel.name == Path(q["ubootElf"]).name and kernel.read_bytes() == b"kernel"
+        (text,) = [p.read_text() for p in (tmp_path / "cache" / "run").glob("*/kiosk-qemu.txt")]
+        fields = dict(line.split("=", 1) for line in text.splitlines())
+        assert set(fields) == {"kiosk_args", "kiosk_fdtfile"} and fields["kiosk_fdtfile"] == q["dtb"], text
+        _check_append(fields["kiosk_args"].split(), q)
+        odd = kiosk_cli("run", str(image), "--print-command", "--keep", "--append", "a\nkiosk_fdtfile=x.dtb",
+                        env={"KIOSK_CACHE_DIR": str(tmp_path / "odd")})
+        (text,) = [p.read_text() for p in (tmp_path / "odd" / "run").glob("*/kiosk-qemu.txt")]
+        assert odd.returncode == 0 and text.splitlines()[1:] == [f"kiosk_fdtfile={q['dtb']}"], text
+        # U-Boot writes to the mini UART (the second port), Linux to the PL011: both on the one terminal
+        assert argv[argv.index("-chardev") + 1].startswith("stdio,id=console,mux=on")
+        assert [argv[i + 1] for i, a in enumerate(argv) if a == "-serial"] == ["chardev:console"] * 2
     else:
         _check_kernel_arguments(argv, q)
     drive = " ".join(argv)

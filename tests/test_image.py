@@ -412,28 +412,35 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     assert trusted.count(b"-----BEGIN CERTIFICATE-----") == 1 and b"PRIVATE" not in trusted
 
 
-def test_raspberry_pi_uboot_files(built_image, tmp_path):
+@pytest.mark.parametrize("board", RASPI)
+def test_raspberry_pi_uboot_files(built_image, board, tmp_path):
     """A/B Pis: boot.scr is kiosk's script as a U-Boot script image, uboot.env kiosk's minimal environment (valid
     CRC, slot A first with its tries, B empty, no USB start), kiosk-slots.txt the same order, and RAUC drives
     U-Boot's variables through libubootenv on that file."""
     import struct
     import zlib
 
-    from kiosk.image.uboot import boot_cmd
+    from kiosk.image.uboot import QEMU_FILE, boot_cmd
 
-    img = built_image("raspberryPi3")
-    hw = _board("raspberryPi3")
+    img = built_image(board)
+    hw = _board(board)
     scr = read_boot_file(img.image, "boot.scr")
     magic, _, _, size, _, _, _, _, _, kind, _ = struct.unpack(">IIIIIIIBBBB", scr[:32])
     assert magic == 0x27051956 and kind == 6 and scr[32:40].rstrip(b"\0") == b"kiosk-ab"   # IH_TYPE_SCRIPT
     (tmp_path / "boot.scr").write_bytes(scr)
     listed = subprocess.run(["dumpimage", "-l", str(tmp_path / "boot.scr")], capture_output=True, text=True).stdout
-    assert "AArch64 Linux Script" in listed and "kiosk-ab" in listed, listed
+    arch = {"arm64": "AArch64", "arm": "ARM"}[hw["uboot"]["mkimageArch"]]
+    assert f"{arch} Linux Script" in listed and "kiosk-ab" in listed, listed
     body = scr[64:64 + size]
     length = struct.unpack(">I", body[:4])[0]
     assert body[8:8 + length].decode() == boot_cmd(hw)
     # U-Boot's hush: no comment lines, no single quote anywhere (each gave "syntax error" at boot, seen)
     assert "'" not in boot_cmd(hw) and not any(line.lstrip().startswith("#") for line in boot_cmd(hw).splitlines())
+    # without a firmware device tree (QEMU's raspi0 runs U-Boot's ELF) only these two names come from kiosk run's file
+    assert f"env import -t ${{kernel_addr_r}} ${{filesize}} kiosk_args kiosk_fdtfile\n" in boot_cmd(hw)
+    assert f"{hw['uboot']['bootCommand']} ${{kernel_addr_r}} ${{ramdisk_addr_r}}:${{filesize}} ${{kiosk_fdt}}\n" in \
+        boot_cmd(hw)
+    assert QEMU_FILE not in boot_listdir(img.image)   # kiosk run writes it on its copy, never in an image
     env = read_boot_file(img.image, "uboot.env")
     assert len(env) == 0x4000 and struct.unpack("<I", env[:4])[0] == zlib.crc32(env[4:])
     variables = dict(v.split("=", 1) for v in env[4:].split(b"\0\0")[0].decode().split("\0"))
@@ -444,7 +451,7 @@ def test_raspberry_pi_uboot_files(built_image, tmp_path):
     assert read_root_file(img.image, "/etc/fw_env.config").decode().splitlines()[-1] == \
         "/boot/firmware/uboot.env 0x0000 0x4000"
     conf = read_root_file(img.image, "/etc/rauc/system.conf").decode()
-    for line in ("compatible=kiosk-raspberryPi3", "bootloader=uboot", "boot-attempts=3", "boot-attempts-primary=1",
+    for line in (f"compatible=kiosk-{board}", "bootloader=uboot", "boot-attempts=3", "boot-attempts-primary=1",
                  "device=/dev/mmcblk0p2", "device=/dev/mmcblk0p3", "statusfile=/data/rauc.status"):
         assert f"\n{line}\n" in conf, conf
     defaults = read_root_file(img.image, "/etc/default/raspi-firmware").decode()

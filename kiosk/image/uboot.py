@@ -9,7 +9,8 @@ convention: BOOT_ORDER and BOOT_<slot>_LEFT, counted down and saved before each 
 commits is passed over once its tries are spent; `rauc status mark-good` (kiosk slot commit) sets them back.
 
 The kernel's command line is the firmware's (cmdline.txt, which kiosk's pushes keep up to date, read from the
-device tree U-Boot was given: `kiosk run` passes the same through QEMU's -dtb/-append) plus the chosen
+device tree U-Boot was given: `kiosk run` passes the same through QEMU's -dtb/-append, or on raspi0, whose U-Boot
+ELF QEMU hands neither, in kiosk-qemu.txt on the FAT of its own disk copy) plus the chosen
 slot's root=, rauc.slot= and panic=10; the kernel and initramfs are the slot's own /vmlinuz and /initrd.img.
 Debian's U-Boot has no redundant environment (trap 3): when uboot.env is lost, the boot script takes the
 order of the last commit from kiosk-slots.txt, which `kiosk slot commit` writes on the FAT.
@@ -27,6 +28,10 @@ from kiosk.core.run import run
 from kiosk.image.assemble import BOOT_MOUNT
 
 ENV_FILE = "uboot.env"
+# Written by `kiosk run` on its own disk copy's FAT, never in an image: under QEMU machines that run U-Boot's ELF
+# (raspi0), which QEMU hands neither a device tree nor -append, it carries what the Pi's firmware would (the
+# kernel's command line, the FAT's device tree to load): `kiosk_args=...` and `kiosk_fdtfile=...`.
+QEMU_FILE = "kiosk-qemu.txt"
 ENV_SIZE = 0x4000
 PARTITIONS = {"A": 2, "B": 3}
 # The first boot: slot A (the image's own) with its tries, slot B empty.
@@ -52,7 +57,8 @@ def _choose(indent: str = "") -> str:
 # order and tries from uboot.env, or from kiosk-slots.txt when uboot.env was lost; the first slot with a
 # try left, one try spent and saved; no slot with tries: the last commit's order again; no USB start in a
 # saved default environment (it breaks the USB network under QEMU); the firmware's device tree and
-# command line, the slot's root=.
+# command line, the slot's root=; without a firmware tree (QEMU's raspi0 runs U-Boot's ELF) those of kiosk run's
+# kiosk-qemu.txt, its tree loaded from the FAT as the Pi's firmware would.
 BOOT_CMD = """echo "kiosk-ab: BOOT_ORDER=${{BOOT_ORDER}} A_LEFT=${{BOOT_A_LEFT}} B_LEFT=${{BOOT_B_LEFT}}"
 if test -z "${{BOOT_ORDER}}"; then
   echo "kiosk-ab: uboot.env has no slot order, lost or damaged: the order of the last commit from {slots}"
@@ -80,7 +86,13 @@ if test -n "${{fdt_addr}}"; then
   fdt addr ${{fdt_addr}}
   fdt get value kiosk_args /chosen bootargs
 else
-  echo "kiosk-ab: the firmware passed no device tree: the one of U-Boot, and a minimal command line"
+  if load mmc 0:1 ${{kernel_addr_r}} {qemu_file}; then
+    env import -t ${{kernel_addr_r}} ${{filesize}} kiosk_args kiosk_fdtfile
+    echo "kiosk-ab: no firmware device tree: {qemu_file} (kiosk run) gives the command line and ${{kiosk_fdtfile}}"
+    if load mmc 0:1 ${{fdt_addr_r}} ${{kiosk_fdtfile}}; then setenv kiosk_fdt ${{fdt_addr_r}}; fi
+  else
+    echo "kiosk-ab: the firmware passed no device tree: the one of U-Boot, and a minimal command line"
+  fi
 fi
 load mmc 0:${{bootpart}} ${{kernel_addr_r}} /vmlinuz
 load mmc 0:${{bootpart}} ${{ramdisk_addr_r}} /initrd.img
@@ -95,7 +107,7 @@ def boot_cmd(board: dict) -> str:
     serial console and root wait."""
     u = board["uboot"]
     return BOOT_CMD.format(slots=SLOTS_FILE, tries=TRIES, choose=_choose(), choose_again=_choose("  "),
-                           device=board["slotDevicePrefix"], boot=u["bootCommand"],
+                           device=board["slotDevicePrefix"], boot=u["bootCommand"], qemu_file=QEMU_FILE,
                            fallback_args=f"console={board['serialConsole']} rootwait")
 
 

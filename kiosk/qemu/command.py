@@ -27,7 +27,8 @@ from kiosk.core import paths
 from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.inputs import file_kind, open_regular
 from kiosk.core.run import DEVNULL, PIPE, TimeoutExpired, start
-from kiosk.qemu.disk import GiB, board_of_image, check_free_space, disk_size, make_disk
+from kiosk.image.uboot import QEMU_FILE
+from kiosk.qemu.disk import GiB, board_of_image, boot_partition, check_free_space, disk_size, fat_write, make_disk
 from kiosk.qemu.machine import FIXED_MEMORY, Machine, check_qemu, extract_boot_files, free_port
 from kiosk.qemu.qmp import screendump
 from kiosk.qemu.watch import DiskWatch, StderrRelay
@@ -179,10 +180,14 @@ def _run(args) -> int:
                           extra_append=list(args.append or []), host_name=host, accel=args.accel,
                           watch_qmp=None if args.print_command else sockets / "watch.sock")
         argv = machine.argv()
+        if machine.qemu_file is not None:   # raspi0's U-Boot ELF: what -dtb/-append would carry, for the copy's FAT
+            (work / QEMU_FILE).write_text(machine.qemu_file)
         if args.print_command:
             print(shlex.join(argv))
             printed = True
             return 0
+        if machine.qemu_file is not None:
+            fat_write(disk, boot_partition(disk), QEMU_FILE, work / QEMU_FILE)
         out = sys.stderr
         print(f"kiosk: booting {image.name} ({board['name']}) on QEMU {q['machine']}; "
               + (f"disk: {disk} (kept)" if args.disk else

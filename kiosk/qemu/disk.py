@@ -57,6 +57,13 @@ def fat_read(image: Path, part: Partition, name: str) -> bytes:
                what=f"{image}: cannot read {name} from the FAT partition").stdout
 
 
+def fat_write(image: Path, part: Partition, name: str, source: Path) -> None:
+    """source's bytes as NAME on the FAT partition (replacing it): only ever on kiosk run's own disk copy."""
+    _need_tool("mcopy", "mtools")
+    run(["mcopy", "-o", "-i", f"{image}@@{part.start}", str(source), f"::{name}"], env=_MTOOLS_ENV,
+        what=f"{image}: cannot write {name} on the FAT partition")
+
+
 def _file_system_of(image: Path, path: str) -> tuple[str, str]:
     """(debugfs's image spec, path inside that file system) for a path as the device sees it: the root, or on
     A/B images (four partitions) the data partition for what the device binds from there (paths.DATA_BINDS)."""

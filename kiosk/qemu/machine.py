@@ -9,6 +9,9 @@ exist under QEMU. Boards with qemu.firmware (the qemu target: OVMF) boot the dis
 loader instead (GRUB on the FAT picks root slot A or B): no -kernel, -initrd or -append. A/B
 Raspberry Pis name U-Boot as config.txt's kernel: it is QEMU's -kernel, with the device tree and the
 command line QEMU hands it as the Pi's firmware would; U-Boot loads the chosen slot's kernel and initrd.
+QEMU's raspi0 runs only U-Boot's ELF (qemu.ubootElf, read from the image's root slot), and hands an ELF neither
+-dtb nor -append: kiosk run writes the same into kiosk-qemu.txt on its disk copy's FAT (qemu_file), which
+boot.scr reads when no firmware device tree came (kiosk.image.uboot).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from kiosk.core.errors import KioskError
 from kiosk.image.mbr import boot_partition
-from kiosk.qemu.disk import fat_listing, fat_read
+from kiosk.qemu.disk import fat_listing, fat_read, root_read
 
 # The Debian package that ships each QEMU binary.
 QEMU_PACKAGES = {
@@ -58,6 +61,7 @@ class BootFiles:
     initrd: Path | None
     dtb: Path | None
     cmdline: str
+    elf: bool = False   # U-Boot's ELF (qemu.ubootElf): no -initrd/-dtb/-append, Machine.qemu_file instead
 
 
 def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None:
@@ -92,6 +96,15 @@ def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None
         out.write_bytes(fat_read(image, part, lower[name.lower()]))
         return out
 
+    elf = board["qemu"].get("ubootElf")
+    if elf:   # the firmware's U-Boot (config.txt's kernel) as QEMU's raspi0 runs it: the ELF from the same package
+        data = root_read(image, f"/usr/lib/u-boot/{elf}")
+        if data is None:
+            raise KioskError(f"{image}: /usr/lib/u-boot/{elf} is not in its root file system (QEMU's "
+                             f"{board['qemu']['machine']} runs U-Boot's ELF)",
+                             hint="rebuild the image with this kiosk (u-boot-rpi is in every A/B Pi image)")
+        kernel = Path(elf).name
+        (dest / kernel).write_bytes(data)
     dtb = None
     wanted = board["qemu"].get("dtb")
     if wanted:
@@ -100,8 +113,11 @@ def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None
             raise KioskError(f"{image}: device tree {name} (hardware/{board['name']}.json qemu.dtb) is not on the "
                              "FAT partition")
         dtb = copy(name)
+    cmdline = fat_read(image, part, lower["cmdline.txt"]).decode(errors="replace").strip()
+    if elf:
+        return BootFiles(kernel=dest / kernel, initrd=None, dtb=dtb, cmdline=cmdline, elf=True)
     return BootFiles(kernel=copy(kernel), initrd=copy(initrd) if initrd and initrd.lower() in lower else None,
-                     dtb=dtb, cmdline=fat_read(image, part, lower["cmdline.txt"]).decode(errors="replace").strip())
+                     dtb=dtb, cmdline=cmdline)
 
 
 def free_port() -> int:
@@ -159,6 +175,18 @@ class Machine:
     def has_display(self) -> bool:
         return bool(self.board["qemu"].get("display"))
 
+    def kernel_args(self) -> str:
+        return qemu_cmdline(self.boot.cmdline, self.board, display=self.has_display, extra=self.extra_append)
+
+    @property
+    def qemu_file(self) -> str | None:
+        """kiosk-qemu.txt for the disk copy's FAT when QEMU runs U-Boot's ELF: the command line and the device
+        tree QEMU cannot hand it (boot.scr imports only these two variables); None otherwise."""
+        if self.boot is None or not self.boot.elf:
+            return None
+        one_line = " ".join(self.kernel_args().split())   # (a newline in an --append would start another line)
+        return f"kiosk_args={one_line}\nkiosk_fdtfile={self.boot.dtb.name}\n"
+
     def argv(self) -> list[str]:
         q = self.board["qemu"]
         binary = shutil.which(q["binary"]) or q["binary"]
@@ -178,14 +206,23 @@ class Machine:
             args += list(q["firmware"])
         else:
             args += ["-kernel", str(self.boot.kernel)]
-            if self.boot.initrd:
-                args += ["-initrd", str(self.boot.initrd)]
-            if self.boot.dtb:
-                args += ["-dtb", str(self.boot.dtb)]
-            args += ["-append", qemu_cmdline(self.boot.cmdline, self.board, display=self.has_display,
-                                             extra=self.extra_append)]
+            if not self.boot.elf:   # (an ELF gets neither from QEMU: qemu_file)
+                if self.boot.initrd:
+                    args += ["-initrd", str(self.boot.initrd)]
+                if self.boot.dtb:
+                    args += ["-dtb", str(self.boot.dtb)]
+                args += ["-append", self.kernel_args()]
         args += [a.replace("{image}", str(self.disk)) for a in q["disk"]]
-        for serial in q["serial"]:
+        serials = list(q["serial"])
+        if serials.count("mon:stdio") > 1:
+            # Two ports on the terminal (or the log), through one mux: raspi0's U-Boot writes to the mini UART,
+            # Linux to the PL011. (mon:stdio twice would open stdio twice, which QEMU refuses.)
+            if self.serial_log is None:
+                args += ["-chardev", "stdio,id=console,mux=on,signal=off", "-mon", "chardev=console"]
+            else:
+                args += ["-chardev", f"file,id=console,mux=on,path={str(self.serial_log).replace(',', ',,')}"]
+            serials = ["chardev:console" if s == "mon:stdio" else s for s in serials]
+        for serial in serials:
             if serial == "mon:stdio" and self.serial_log is not None:
                 serial = f"file:{self.serial_log}"
             args += ["-serial", serial]
