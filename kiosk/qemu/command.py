@@ -28,7 +28,8 @@ from kiosk.core.errors import KioskError, UsageError, one_line
 from kiosk.core.inputs import file_kind, open_regular
 from kiosk.core.run import DEVNULL, PIPE, TimeoutExpired, start
 from kiosk.image.uboot import QEMU_FILE
-from kiosk.qemu.disk import GiB, board_of_image, boot_partition, check_free_space, disk_size, fat_write, make_disk
+from kiosk.image.mbr import boot_partition
+from kiosk.qemu.disk import GiB, board_of_image, check_free_space, disk_size, fat_write, make_disk
 from kiosk.qemu.machine import FIXED_MEMORY, Machine, check_qemu, extract_boot_files, free_port
 from kiosk.qemu.qmp import screendump
 from kiosk.qemu.watch import DiskWatch, StderrRelay
