@@ -178,9 +178,10 @@ def _build(spec, req: dict, cert: str | None, work: Path, progress) -> tuple[Pat
     return out_dir, manifest
 
 
-def _send_files(out, out_dir: Path, names: list[str], work: Path, progress, **header) -> None:
-    """names (files of out_dir) as a sparse tar with a sha256 each; header's fields join the answer's."""
-    digests = header.pop("digests", {})
+def _send_files(out, out_dir: Path, names: list[str], work: Path, progress, *, digests=None, **header) -> None:
+    """names (files of out_dir) as a sparse tar with a sha256 each (from digests when known); header's fields join
+    the answer's."""
+    digests = digests or {}
     entries = [{"name": name, "size": (out_dir / name).stat().st_size,
                 "sha256": digests.get(name) or sha256_file(out_dir / name)} for name in names]
     payload = work / "payload.tar"
@@ -238,8 +239,9 @@ def serve_bundle(req: dict, out, progress) -> None:
         raise UsageError("the request carries no update certificate (the one the device trusts)")
     trusted = certificate_fingerprint(cert)
     key = signing_key(create=False)
-    if fingerprint(key.cert) != trusted:
-        raise KioskError(f"this builder signs updates with another key ({fingerprint(key.cert)[:23]}...) than the "
+    own = fingerprint(key.cert)
+    if own != trusted:
+        raise KioskError(f"this builder signs updates with another key ({own[:23]}...) than the "
                          f"device trusts ({trusted[:23]}...)",
                          hint=f"build for the device on the machine whose kiosk made its image, or copy that "
                               f"machine's {key.cert.parent} here (0700)")
@@ -254,7 +256,7 @@ def serve_bundle(req: dict, out, progress) -> None:
                         log=progress)
             names = ["update.raucb", "manifest.json"]
             _send_files(out, out_dir, names, work, progress, version=version,
-                        packages=manifest.get("packages") or {})
+                        packages=manifest.get("packages") or [])
         finally:
             shutil.rmtree(work, ignore_errors=True)
 

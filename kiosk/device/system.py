@@ -34,8 +34,8 @@ from kiosk.core.run import run
 from kiosk.device.pending import process_start, repo_main
 from kiosk.device.slots import (FALLBACK_REASON, booted_slot, bundle_info, other, rauc_install, rauc_mark, rauc_status,
                                 read_record)
-from kiosk.device.store import (DamagedState, generation, read_state, set_pointer, state_dir, update_meta,
-                                write_state)
+from kiosk.device.store import (DamagedState, generation, read_state, repo_dir, set_pointer, state_dir,
+                                update_meta, write_state)
 from kiosk.device.switch import update_default_marker
 
 TRIAL = "trial.json"
@@ -201,7 +201,8 @@ def waiting_trial(root: Path, activator, log: Log) -> str | None:
     if not trial or trial["state"] == "failed":
         return None
     pid = trial.get("pid") if isinstance(trial.get("pid"), int) else 0
-    recording = bool(pid) and process_start(pid) is not None and process_start(pid) == trial.get("pidStart")
+    started = process_start(pid) if pid else None
+    recording = started is not None and started == trial.get("pidStart")
     if repo_main(root) == trial["commit"]:
         if trial["state"] == "installed" and not recording:
             confirm(root, trial["commit"], activator, log)
@@ -228,7 +229,6 @@ def _fail(root: Path, trial: dict, reason: str, log: Log) -> None:
     set_pointer(root, "default", trial["previous"])
     update_default_marker(root)
     if repo_main(root) == trial["commit"]:
-        from kiosk.device.store import repo_dir
         run(["git", f"--git-dir={repo_dir(root)}", "update-ref", "-m", f"kiosk: trial of {trial['commit'][:12]} failed",
              "refs/heads/main", trial["previousCommit"], trial["commit"]], drop_env=("GIT_",),
             what="setting main back")
