@@ -143,6 +143,58 @@ def test_the_trial_slot_booted_before_git_recorded_the_push_is_left(device):
     assert system.after_verdict(root, "B", True, quiet()) is True    # kiosk slot commit marks B bad, restarts
 
 
+def installing(root) -> dict:
+    """What a power cut during `rauc install` leaves: the try recorded, main and default not yet moved."""
+    trial = start(root, state="installing")
+    git(root, "update-ref", "refs/heads/main", trial["previousCommit"], trial["commit"])
+    store.set_pointer(root, "default", 1)
+    system.update_default_marker(root)
+    return trial
+
+
+def test_a_power_cut_during_the_install_is_a_failed_try_never_a_new_system_kept(device):
+    root = device
+    trial = installing(root)
+    booted(root, "A")                   # the install never finished: the old slot boots
+    said = at_boot(root)
+    assert "restarted before its install into slot B was recorded" in said
+    assert_consistent_on(root, 1)
+    assert store.generation(root, 2).meta["status"] == "failed"
+    assert git(root, "rev-parse", "main") == trial["previousCommit"]
+    assert system.after_verdict(root, "A", True, quiet()) is False and system.read_trial(root) is None
+
+
+def test_a_power_cut_after_the_install_leaves_the_new_slot_for_the_old_one(device):
+    root = device
+    installing(root)
+    booted(root, "B")                   # RAUC had finished and made B first: it boots, on generation 1
+    at_boot(root)
+    assert_consistent_on(root, 1)
+    assert store.generation(root, 2).meta["status"] == "failed"
+    assert system.after_verdict(root, "B", True, quiet()) is True    # kiosk slot commit marks B bad, restarts
+
+
+def test_a_failed_install_leaves_no_try_behind(device, monkeypatch):
+    root = device
+    booted(root, "A")
+    old, new = pushed(root)
+    gen = add_generation(root, SECOND, commit=new)
+    seen = []
+    monkeypatch.setattr(system, "fetch_bundle", lambda *a, **k: (root / "none.raucb", {"packages": []}))
+
+    def refused(argv, log):
+        seen.append(system.read_trial(root)["state"])   # the try is on disk before RAUC touches the slot
+        raise system.KioskError("rauc install on the device failed: no space left")
+
+    monkeypatch.setattr(system, "rauc_install", refused)
+    with pytest.raises(system.KioskError):
+        system.start_trial(root, gen, store.generation(root, 1), commit=new, old_commit=old, data={
+            "debian": {}, "hardware": "qemu"}, spec_text="{}", running={"debian": {}}, changes=["packages +hello"],
+            pid=os.getpid(), log=quiet())
+    assert seen == ["installing"]
+    assert system.read_trial(root) is None and store.pointer(root, "default") == 1
+
+
 def test_a_push_during_a_trial_waits_and_one_git_never_recorded_is_undone(device, monkeypatch):
     root = device
     marks = []

@@ -165,13 +165,21 @@ def start_trial(root: Path, gen, cur, *, commit: str, old_commit: str, data: dic
         log.stage(f"packages that change: {len(lines) or 'none'}")
         for line in lines:
             log(line)
+        # recorded before the slot is touched: a power cut during or just after the install is then a
+        # try the next boot undoes (settle_at_boot), never a new system kept on the old generation
+        trial = {"commit": commit, "previousCommit": old_commit, "generation": gen.number, "previous": cur.number,
+                 "slot": target, "state": "installing", "installed": None, "version": header.get("version") or "",
+                 "pid": pid, "pidStart": process_start(pid), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        _write_trial(root, trial)
         log.stage(f"install into slot {target}")
-        rauc_install(["rauc", "install", str(bundle)], log)
-    installed = (rauc_status()["slots"].get(target) or {}).get("installed")
-    _write_trial(root, {"commit": commit, "previousCommit": old_commit, "generation": gen.number,
-                        "previous": cur.number, "slot": target, "state": "installed", "installed": installed,
-                        "version": header.get("version") or "", "pid": pid, "pidStart": process_start(pid),
-                        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        try:
+            rauc_install(["rauc", "install", str(bundle)], log)
+        except BaseException:
+            clear_trial(root)   # RAUC leaves a slot it could not finish out of the boot order
+            raise
+    trial["installed"] = (rauc_status()["slots"].get(target) or {}).get("installed")
+    trial["state"] = "installed"
+    _write_trial(root, trial)
     set_pointer(root, "default", gen.number)
     update_default_marker(root)
     log.stage(f"slot {target} holds commit {commit[:12]}'s system; the device restarts into it once git has "
@@ -252,6 +260,8 @@ def settle_at_boot(root: Path, log: Log) -> bool:
         return False
     if booted == trial["slot"]:
         reason = "its push did not complete (git did not record it)"
+    elif trial["state"] == "installing":
+        reason = f"the device restarted before its install into slot {trial['slot']} was recorded (a power cut?)"
     else:
         rec = read_record(root).get(trial["slot"]) or {}
         same = rec.get("installed") == trial.get("installed") and rec.get("state") in ("bad", "unhealthy")
