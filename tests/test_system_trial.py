@@ -180,7 +180,7 @@ def test_a_failed_install_leaves_no_try_behind(device, monkeypatch):
     old, new = pushed(root)
     gen = add_generation(root, SECOND, commit=new)
     seen = []
-    monkeypatch.setattr(system, "fetch_bundle", lambda *a, **k: (root / "none.raucb", {"packages": []}))
+    monkeypatch.setattr(system, "fetch_bundle", lambda *a, **k: (root / "none.raucb", {"packages": []}, []))
 
     def refused(argv, log):
         seen.append(system.read_trial(root)["state"])   # the try is on disk before RAUC touches the slot
@@ -235,8 +235,11 @@ def test_a_builder_builds_the_system_as_a_bundle_signed_with_the_key_the_device_
     from imagetools import _cache_dir, _shared_dir
     from sshd_harness import Device as SshServer, free_port, key_set
 
+    from kiosk.builders.client import ChunkSession
     from kiosk.builders.keys import device_public_key, ensure_device_key
     from kiosk.config.signing import RAUC_CERTIFICATE, signing_key
+    from kiosk.image.rauc import RAUC_CHUNK_STORE
+    from kiosk.update.chunks import ChunkServer
     from kiosk.core.errors import KioskError
     from kiosk.core.paths import BUILDER_KEY
     from kiosk.spec.load import loads
@@ -265,15 +268,38 @@ def test_a_builder_builds_the_system_as_a_bundle_signed_with_the_key_the_device_
         r = kiosk_cli("builders", "authorize", "--key", "-", "--authorized-keys",
                       str(tmp_path / "builder" / "authorized_keys"), input=device_public_key(key))
         assert r.returncode == 0, r.stderr
+        # a device whose system takes casync index bundles (as every image kiosk makes now)
+        (root / "usr/bin").mkdir(parents=True)
+        (root / "usr/bin/casync").symlink_to(shutil.which("casync"))
+        (root / "etc/rauc/system.conf").write_text(f"[system]\nstorepath={RAUC_CHUNK_STORE}\n")
+        assert system.takes_chunks(root)
         (tmp_path / "work").mkdir()
-        bundle, header = system.fetch_bundle(root, data, text, upgrade=False, work=tmp_path / "work",
-                                             log=lines.append)
+        bundle, header, argv = system.fetch_bundle(root, data, text, upgrade=False, work=tmp_path / "work",
+                                                   log=lines.append)
         said = "\n".join(lines)
         assert "127.0.0.1:%d: ==> rootfs" % port in said and "127.0.0.1:%d: ==> bundle" % port in said, said
         assert f"builder 127.0.0.1:{port}: bundle " in said and "signature checked" in said, said
         info = slots.bundle_info(bundle, cert)
         assert info["compatible"] == "kiosk-qemu"
         assert {"foot", "rauc"} <= {p["name"] for p in header["packages"]}
+        # the index bundle came, its chunks stay on the builder: casync takes them through the device's relay
+        # (the same ChunkSession and ChunkServer the install uses), each checked against the signed index
+        assert bundle.stat().st_size < 4 << 20 < header["chunks"]["wholeBundle"], header["chunks"]
+        index = tmp_path / "index"
+        subprocess.run(["unsquashfs", "-q", "-d", str(index), str(bundle)], check=True, capture_output=True)
+        caibx = next(index.glob("*.caibx"))
+        with ChunkSession(argv, header["chunkStore"], relay=lines.append) as session, \
+                ChunkServer(source=session.get) as relay:
+            assert session.get("0000/" + "0" * 64) is None and session.get("abcd/" + "e" * 64) is None
+            slot = tmp_path / "slot.ext4"
+            subprocess.run(["casync", "extract", f"--store=http://127.0.0.1:{relay.port}/store", str(caibx),
+                            str(slot)], check=True, capture_output=True, timeout=1200)
+        count, size = relay.figures()
+        assert count == header["chunks"]["count"] and size == header["chunks"]["bytes"], (count, size)
+        conf = subprocess.run(["debugfs", "-R", "cat /etc/rauc/system.conf", str(slot)], check=True,
+                              capture_output=True, text=True).stdout
+        assert "compatible=kiosk-qemu" in conf and f"storepath={RAUC_CHUNK_STORE}" in conf, conf
+        assert subprocess.run(["e2fsck", "-fn", str(slot)], capture_output=True).returncode == 0
         # a device that trusts another key: the builder refuses before building, nothing comes
         monkeypatch.setenv("KIOSK_CACHE_DIR", str(tmp_path / "other-user"))
         shutil.copyfile(signing_key().cert, cert)

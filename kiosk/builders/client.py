@@ -84,3 +84,80 @@ def exchange(argv: list[str], request: dict, dest: Path, *, relay, timeout: floa
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             with contextlib.suppress(Exception):
                 stream.close()
+
+
+MAX_CHUNK = 16 << 20   # casync's chunks are at most 256 KiB before compression
+
+
+class ChunkSession:
+    """A device's `chunks` session with the builder that made its index bundle: get(name) asks for one
+    chunk and waits for it (one at a time; casync checks each against the signed index, not this)."""
+
+    def __init__(self, argv: list[str], store: str, *, relay, key: str | Path | None = None):
+        self.key = key
+        self.broken = False   # after one failed answer the stream is out of step: every later get is None
+        self.lock = threading.Lock()
+        self.other: list[str] = []
+        self.proc = start(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, what="reaching the builder for chunks")
+
+        def pump() -> None:
+            for raw in self.proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith(MARK):
+                    relay(line[len(MARK):])
+                elif line.strip():
+                    self.other.append(line)
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            self.proc.stdin.write(json.dumps({"kiosk": PROTOCOL, "op": "chunks", "store": store}).encode() + b"\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline(MAX_HEADER)
+            header = json.loads(line) if line.endswith(b"\n") else None
+        except (OSError, ValueError):
+            header = None
+        if not isinstance(header, dict) or not header.get("ok"):
+            self.close()
+            if isinstance(header, dict):
+                raise RemoteError(str(header.get("error") or "the builder refused the chunks session"))
+            raise ssh_problem("\n".join(self.other), self.proc.returncode or 1, key)
+
+    def get(self, name: str) -> bytes | None:
+        """The chunk's bytes, None when the builder lacks it or the session broke (casync then fails the install)."""
+        with self.lock:
+            if self.broken:
+                return None
+            self.broken = True
+            try:
+                self.proc.stdin.write(name.encode() + b"\n")
+                self.proc.stdin.flush()
+                line = self.proc.stdout.readline(32)
+                if line == b"-\n":
+                    self.broken = False
+                    return None
+                size = int(line) if line.endswith(b"\n") else -1
+                if not 0 <= size <= MAX_CHUNK:
+                    return None
+                data = self.proc.stdout.read(size)
+                self.broken = len(data) != size
+                return None if self.broken else data
+            except (OSError, ValueError):
+                return None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            with contextlib.suppress(Exception):
+                stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -254,13 +255,70 @@ def serve_bundle(req: dict, out, progress) -> None:
             make_bundle(Path(manifest["image"]), out_dir / "update.raucb", board=spec.data["hardware"],
                         version=version, description=f"kiosk system of {spec.data['hostName']}", key=key,
                         log=progress)
+            extra = {}
+            if req.get("chunks") is True:   # the device has casync: the index bundle, its chunks kept here
+                extra = _keep_chunks(out_dir / "update.raucb", key, version, progress)
             names = ["update.raucb", "manifest.json"]
             _send_files(out, out_dir, names, work, progress, version=version,
-                        packages=manifest.get("packages") or [])
+                        packages=manifest.get("packages") or [], **extra)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
 
+KEEP_STORES = 2   # chunk stores kept for devices still installing (each about the size of a whole bundle)
+
+
+def _stores() -> Path:
+    path = paths.cache_dir() / "builder" / "chunk-stores"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _keep_chunks(bundle: Path, key, version: str, progress) -> dict:
+    """bundle becomes its casync index bundle (same name, same signer); the chunks move to this builder's
+    chunk-stores/<version> for the device's `chunks` session: the answer's fields that name them."""
+    from kiosk.update.chunks import make_chunked, store_size
+
+    whole = bundle.stat().st_size
+    index, store = make_chunked(bundle, key, log=progress)
+    index.replace(bundle)
+    kept = _stores() / version
+    shutil.rmtree(kept, ignore_errors=True)
+    store.rename(kept)
+    os.utime(kept)
+    for old in sorted(_stores().iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_STORES:]:
+        shutil.rmtree(old, ignore_errors=True)
+    count, size = store_size(kept)
+    return {"chunkStore": version, "chunks": {"count": count, "bytes": size, "wholeBundle": whole}}
+
+
+def serve_chunks(req: dict, stdin, out, progress) -> None:
+    """A device installing an index bundle from serve_bundle: each line it sends names a chunk ("abcd/<id>"),
+    each answer is "<size>\n" and the chunk's bytes, or "-\n" when this store lacks it; until its stdin ends.
+    casync on the device checks every chunk against the signed index, so nothing here is trusted there."""
+    from kiosk.update.chunks import chunk_name, store_reader
+
+    version = req.get("store")
+    store = _stores() / version if isinstance(version, str) and HEX16.match(version) else None
+    if store is None or not store.is_dir():
+        raise KioskError(f"this builder holds no chunks of system {one_line(str(version))[:40]} (it keeps the "
+                         f"{KEEP_STORES} newest)", hint="push again: the builder builds it again")
+    read = store_reader(store)
+    answer(out, {"ok": True})
+    served = sent = 0
+    while line := stdin.readline(256):
+        name = chunk_name(line.decode("ascii", "replace").strip())
+        data = read(name) if name else None
+        if data is None:
+            out.write(b"-\n")
+        else:
+            out.write(b"%d\n" % len(data) + data)
+            served, sent = served + 1, sent + len(data)
+        out.flush()
+    progress(f"chunks: {served} sent, {human_size(sent)}")
+
+
+HEX16 = re.compile(r"^[0-9a-f]{16}$")
 _EXPECTED = "builder-serve takes one JSON request line, as kiosk on a device or `kiosk build --builder` sends it"
 
 
@@ -322,8 +380,11 @@ def serve(stdin, stdout, stderr) -> int:
             serve_build(req, stdout, progress)
         elif op == "bundle":
             serve_bundle(req, stdout, progress)
+        elif op == "chunks":
+            serve_chunks(req, stdin, stdout, progress)
         else:
-            raise BadRequest(f"unknown request {one_line(repr(op))[:60]}", hint="probe, packages, build or bundle")
+            raise BadRequest(f"unknown request {one_line(repr(op))[:60]}",
+                             hint="probe, packages, build, bundle or chunks")
     except BadRequest as exc:
         answer(stdout, {"ok": False, "error": str(exc), "exitCode": exc.exit_code})
         raise

@@ -191,7 +191,7 @@ def _candidates(data: dict, arch: str, log) -> list:
 
 def _debs(arches: set[str]):
     """The answer to a packages request: the .debs in install order, each checked (dpkg-deb) against the manifest."""
-    def accept(header: dict, files: dict[str, Path]) -> tuple[list[dict], str]:
+    def accept(header: dict, files: dict[str, Path], argv: list[str]) -> tuple[list[dict], str]:
         entries = []
         by_name = {f["name"]: f for f in header["files"]}
         for name in header.get("install") or list(by_name):
@@ -204,9 +204,9 @@ def _debs(arches: set[str]):
 
 
 def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log, accept=None):
-    """Try the builders in order; the first answer `accept(header, files)` takes wins: what it returns (with a
-    description for the log), else BadAnswer and the next builder. Without accept: the .debs of a packages
-    request. None when no builder could."""
+    """Try the builders in order; the first answer `accept(header, files, argv)` takes wins: what it returns
+    (with a description for the log), else BadAnswer and the next builder (argv reaches the same builder again,
+    while work lasts). Without accept: the .debs of a packages request. None when no builder could."""
     arch = request["architecture"]
     candidates = _candidates(data, arch, log)
     if not candidates:
@@ -232,7 +232,7 @@ def fetch_from_builders(root: Path, data: dict, request: dict, work: Path, log, 
             header, files = exchange(argv, dict(request, maxJobs=b.maxJobs), incoming,
                                      relay=lambda line, b=b: log(f"{b.label}: {line}"),
                                      timeout=transfer_timeout(), key=key)
-            result, said = accept(header, files)
+            result, said = accept(header, files, argv)
             log(f"builder {b.label}: {said}, in {time.monotonic() - started:.1f} s")
             return result
         except BuilderFailure as failure:

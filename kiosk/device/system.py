@@ -27,6 +27,7 @@ from pathlib import Path
 
 from kiosk.builders.wire import PROTOCOL, BadAnswer
 from kiosk.config.signing import RAUC_CERTIFICATE, compatible
+from kiosk.image.rauc import RAUC_CHUNK_PORT, RAUC_CHUNK_STORE
 from kiosk.core.errors import KioskError, one_line
 from kiosk.core.files import human_size, remove_durable
 from kiosk.core.log import Log
@@ -107,8 +108,9 @@ def _installed(root: Path) -> dict[str, str]:
         return {}
 
 
-def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work: Path, log: Log) -> tuple[Path, dict]:
-    """(bundle, the builder's answer) from the first builder that builds this spec's system; KioskError when none
+def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work: Path,
+                 log: Log) -> tuple[Path, dict, list[str]]:
+    """(bundle, the builder's answer, the ssh argv that reaches that builder again) from the first builder that builds this spec's system; KioskError when none
     could. Its signature is checked here against the certificate this device trusts before anything is written."""
     from kiosk.builders.select import device_architecture
     from kiosk.device.fetch import fetch_from_builders
@@ -120,9 +122,9 @@ def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work:
         raise KioskError(f"{cert}: {exc.strerror}: this device cannot check an update bundle",
                          hint="reflash it with an image kiosk built (it carries the update certificate)") from None
     request = {"kiosk": PROTOCOL, "op": "bundle", "architecture": device_architecture(data), "spec": spec_text,
-               "updateCertificate": cert_text, "upgrade": upgrade}
+               "updateCertificate": cert_text, "upgrade": upgrade, "chunks": takes_chunks(root)}
 
-    def accept(header: dict, files: dict[str, Path]) -> tuple[tuple[Path, dict], str]:
+    def accept(header: dict, files: dict[str, Path], argv: list[str]) -> tuple[tuple[Path, dict, list[str]], str]:
         bundle = files.get("update.raucb")
         if bundle is None:
             raise BadAnswer("the answer holds no update.raucb")
@@ -133,13 +135,49 @@ def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work:
                 from None
         if info.get("compatible") != compatible(data["hardware"]):
             raise BadAnswer(f"the bundle is for {info.get('compatible')}, this device takes {compatible(data['hardware'])}")
-        return (bundle, header), f"bundle {human_size(bundle.stat().st_size)}, signature checked"
+        said = f"bundle {human_size(bundle.stat().st_size)}, signature checked"
+        chunks = header.get("chunks") if isinstance(header.get("chunks"), dict) else {}
+        if header.get("chunkStore"):
+            said += (f" (the casync index of the system: the slot takes what it lacks of {chunks.get('count', '?')} "
+                     f"chunks, {human_size(int(chunks.get('bytes') or 0))}, from the builder during the install)")
+        return (bundle, header, argv), said
 
     found = fetch_from_builders(root, data, request, work, log, accept=accept)
     if found is None:
         raise KioskError(f"no builder could build this system ({data['hardware']}); nothing on the device was changed",
                          hint=NO_BUILDER)
     return found
+
+
+def takes_chunks(root: Path) -> bool:
+    """Whether this system installs casync index bundles: casync there, RAUC's store where the relay serves."""
+    root = Path(root)
+    try:
+        conf = (root / "etc/rauc/system.conf").read_text()
+    except OSError:
+        return False
+    return (root / "usr/bin/casync").exists() and f"storepath={RAUC_CHUNK_STORE}" in conf.splitlines()
+
+
+def _install(root: Path, bundle: Path, header: dict, argv: list[str], log: Log) -> None:
+    """`rauc install`; for an index bundle with the chunks it lacks (what the running slot does not hold)
+    fetched from the builder that made it, through RAUC's chunk store address on this device."""
+    store = header.get("chunkStore")
+    if not isinstance(store, str):
+        rauc_install(["rauc", "install", str(bundle)], log)
+        return
+    from kiosk.builders.client import ChunkSession
+    from kiosk.update.chunks import ChunkServer
+
+    with ChunkSession(argv, store, relay=lambda line: log(f"builder: {line}")) as session, \
+            ChunkServer(source=session.get, port=RAUC_CHUNK_PORT) as relay, relay.reporting(log):
+        rauc_install(["rauc", "install", str(bundle)], log)
+    count, size = relay.figures()
+    whole = int((header.get("chunks") or {}).get("wholeBundle") or 0)
+    log(f"shipped {human_size(bundle.stat().st_size + size)} in all: the index bundle "
+        f"{human_size(bundle.stat().st_size)} and {count} chunks {human_size(size)}"
+        + (f", against {human_size(whole)} for the whole bundle" if whole else "")
+        + "; the rest came from the running slot")
 
 
 def _incoming(root: Path):
@@ -158,7 +196,7 @@ def start_trial(root: Path, gen, cur, *, commit: str, old_commit: str, data: dic
     log.stage(f"a new system for slot {target} (slot {booted} runs): {'; '.join(changes)}")
     upgrade = (running.get("debian") or {}).get("upgrade") != data["debian"].get("upgrade")
     with _incoming(root) as tmp:
-        bundle, header = fetch_bundle(root, data, spec_text, upgrade=upgrade, work=Path(tmp), log=log)
+        bundle, header, argv = fetch_bundle(root, data, spec_text, upgrade=upgrade, work=Path(tmp), log=log)
         after = {p["name"]: p["version"] for p in header.get("packages") or []
                  if isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("version"), str)}
         lines = package_changes(_installed(root), after) if after else []
@@ -173,7 +211,7 @@ def start_trial(root: Path, gen, cur, *, commit: str, old_commit: str, data: dic
         _write_trial(root, trial)
         log.stage(f"install into slot {target}")
         try:
-            rauc_install(["rauc", "install", str(bundle)], log)
+            _install(root, bundle, header, argv, log)
         except BaseException:
             clear_trial(root)   # RAUC leaves a slot it could not finish out of the boot order
             raise

@@ -14,6 +14,7 @@ the install: a small read-only HTTP server bound to this machine's loopback, ans
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import threading
@@ -78,11 +79,29 @@ def make_chunked(bundle: Path, key: SigningKey, log=lambda message: None) -> tup
     return out, store
 
 
-class ChunkServer:
-    """The chunk store over HTTP on 127.0.0.1 (an ephemeral port), read only, counting what it serves."""
+def chunk_name(path: str) -> str | None:
+    """"abcd/<id>" for a chunk path casync asks a store for (or a relay passes on), None for anything else."""
+    m = _CHUNK_PATH.match(path if path.startswith("/") else f"/store/{path}.cacnk")
+    return f"{m.group(1)}/{m.group(2)}" if m and m.group(2)[:4] == m.group(1) else None
 
-    def __init__(self, store: Path):
-        self.store = Path(store)
+
+def store_reader(store: Path):
+    """A chunk's bytes from a store directory by chunk_name, None when it has none."""
+    def read(name: str) -> bytes | None:
+        try:
+            return (Path(store) / f"{name}.cacnk").read_bytes()
+        except OSError:
+            return None
+    return read
+
+
+class ChunkServer:
+    """A chunk store over HTTP on 127.0.0.1, read only, counting what it serves: the chunks come from
+    `source(chunk_name) -> bytes | None` (a store directory here, or a builder's through a relay on the
+    device). port 0 picks a free one (kiosk update forwards it); a device's relay takes RAUC's fixed one."""
+
+    def __init__(self, store: Path | None = None, *, source=None, port: int = 0):
+        self.source = source or store_reader(Path(store))
         self.sent = 0
         self.served = 0
         self.lock = threading.Lock()
@@ -100,18 +119,11 @@ class ChunkServer:
                     if body:
                         self.wfile.write(data)
                     return
-                m = _CHUNK_PATH.match(self.path)
-                if not m or m.group(2)[:4] != m.group(1):
+                name = chunk_name(self.path)
+                data = owner.source(name) if name else None
+                if data is None:
                     self._send(404, 0)
                     return
-                path = owner.store / m.group(1) / f"{m.group(2)}.cacnk"
-                try:
-                    f = open(path, "rb")
-                except OSError:
-                    self._send(404, 0)
-                    return
-                with f:
-                    data = f.read()
                 self._send(200, len(data))
                 if body:
                     self.wfile.write(data)
@@ -134,7 +146,11 @@ class ChunkServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        try:
+            self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        except OSError as exc:
+            raise KioskError(f"cannot serve chunks on 127.0.0.1:{port}: {exc.strerror}",
+                             hint="another update is under way on this machine; try again once it is over") from None
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -146,6 +162,28 @@ class ChunkServer:
         """(chunks, bytes) served so far."""
         with self.lock:
             return self.served, self.sent
+
+    @contextlib.contextmanager
+    def reporting(self, log, every: float = 5):
+        """A progress line (bytes, chunks, rate) every `every` seconds while something changed."""
+        stop = threading.Event()
+
+        def progress() -> None:
+            said = (0, 0)
+            while not stop.wait(every):
+                count, size = self.figures()
+                if (count, size) != said:
+                    rate = size / max(time.monotonic() - self.started, 1e-3)
+                    log(f"shipping chunks: {human_size(size)} ({count} chunks), {human_size(int(rate))}/s")
+                    said = (count, size)
+
+        reporter = threading.Thread(target=progress, daemon=True)
+        reporter.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            reporter.join(timeout=10)
 
     def __enter__(self):
         self.started = time.monotonic()

@@ -249,20 +249,7 @@ def _deliver_chunks(ssh: list[str], chunked: tuple[Path, Path], whole: int, log:
     index_size = index.stat().st_size
     with log.timed("ship"):
         _ship(ssh, index, log)
-    with log.timed("install"), ChunkServer(store) as server:
-        stop = threading.Event()
-
-        def progress() -> None:
-            said = (0, 0)
-            while not stop.wait(5):
-                count, size = server.figures()
-                if (count, size) != said:
-                    rate = size / max(time.monotonic() - server.started, 1e-3)
-                    log(f"shipping chunks: {human_size(size)} ({count} chunks), {human_size(int(rate))}/s")
-                    said = (count, size)
-
-        reporter = threading.Thread(target=progress, daemon=True)
-        reporter.start()
+    with log.timed("install"), ChunkServer(store) as server, server.reporting(log):
         try:
             _install(forwarded(ssh, server.port), log, INSTALL_CHUNKED)
         except BundleRefused:
@@ -270,9 +257,6 @@ def _deliver_chunks(ssh: list[str], chunked: tuple[Path, Path], whole: int, log:
         except KioskError as exc:
             log(f"the chunked install failed ({exc.message}): shipping the whole bundle instead")
             return False
-        finally:
-            stop.set()
-            reporter.join(timeout=10)
     count, size = server.figures()
     total = index_size + size
     stored, _ = store_size(store)
