@@ -3,6 +3,8 @@
 stdin is one JSON request line; stdout is one JSON header line and then exactly `payload.bytes`
 bytes (a tar of the announced files); stderr lines that start with MARK are progress. The
 receiving side trusts nothing: names, sizes and sha256s are checked while the stream is written.
+One request is a conversation: `chunks` (a device fetching what its slot lacks, kiosk.builders.client
+ChunkSession), whose lines after the header are chunk names one way and sized chunks the other.
 """
 
 from __future__ import annotations

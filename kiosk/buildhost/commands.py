@@ -18,7 +18,7 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("builder-serve", help="on a builder: answer one request from a device (run over ssh)",
-                       description="Reads one JSON request on stdin (probe, packages, build) and answers on "
-                                   "stdout; devices run it over ssh.")
+                       description="Reads one JSON request on stdin (probe, packages, build, bundle, chunks) "
+                                   "and answers on stdout; devices run it over ssh.")
     s.add_argument("--probe", action="store_true", help="print what this machine can do as a builder")
     s.set_defaults(func=cmd_serve)

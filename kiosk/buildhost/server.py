@@ -364,7 +364,8 @@ def _first_problem(problems, fallback: str) -> str:
 
 
 def serve(stdin, stdout, stderr) -> int:
-    """One request on stdin, one answer on stdout; the answer says whether it worked (exit status 0).
+    """One request on stdin, one answer on stdout; the answer says whether it worked (exit status 0). A
+    `chunks` request then goes on answering chunk names until stdin ends.
 
     A request that is not one (not JSON, too long, too deep, another protocol) is answered the same
     way and then raised (one line on stderr, exit status 2): nothing was attempted."""
