@@ -805,6 +805,23 @@ def test_the_base_key_follows_the_sources():
                             "deb http://deb.debian.org/debian bookworm-updates main non-free-firmware"]
 
 
+def test_only_a_test_archive_on_this_machine_is_taken_unsigned(monkeypatch):
+    """KIOSK_TEST_UNSIGNED_MIRROR (tests only) marks a loopback mirror [trusted=yes] for mmdebstrap, never
+    Debian's: a cached base of the real archive is always built with its signatures checked."""
+    from kiosk.image import rootfs
+    from kiosk.spec.plan import make_plan
+
+    spec = full_spec("qemu")
+    spec["debian"] = {**spec["debian"], "securityMirror": "http://127.0.0.1:8123/debian"}
+    stage = rootfs.stages(make_plan(spec))[0]
+    assert not any("trusted" in line for line in rootfs.mmdebstrap_command(stage, Path("/tmp/x.tar"))[-3:])
+    monkeypatch.setenv("KIOSK_TEST_UNSIGNED_MIRROR", "1")
+    assert rootfs.mmdebstrap_command(stage, Path("/tmp/x.tar"))[-3:] == [
+        "deb http://deb.debian.org/debian bookworm main non-free-firmware",
+        "deb [trusted=yes] http://127.0.0.1:8123/debian bookworm-security main non-free-firmware",
+        "deb http://deb.debian.org/debian bookworm-updates main non-free-firmware"]
+
+
 def test_identity_is_stable_and_per_device():
     from kiosk.image.assemble import identity
     from kiosk.spec.plan import make_plan

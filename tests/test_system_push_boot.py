@@ -10,11 +10,14 @@ In file order, one device:
 - with the builder down, a push that adds a package is refused, the device untouched;
 - a push that adds `hello`: built, shipped, installed into slot B, one restart, kept: main at the commit,
   generation 2 current, hello runs, the push output lists hello's version;
-- a push that removes it again with a program that exits at once: tried in slot A, unhealthy, the
-  device is back on slot B by itself, generation 3 failed, main back at generation 2's commit;
-- the same removal with a program that runs: kept in slot A, hello gone.
+- an upgrade (/debian/upgrade changed) once this host's security archive (the qemu lab's securityMirror)
+  publishes a newer hello: kiosk status counts it pending, the builder builds from the archive's new
+  state, the device runs the new version in the other slot, nothing pending after;
+- a push that removes hello with a program that exits at once: tried in the other slot, unhealthy, the
+  device is back by itself, that generation failed, main back at the previous commit;
+- the same removal with a program that runs: kept in the other slot, hello gone.
 The first two run on the raspberryPi0 VM too (builder for armel on this host, only the chunks the device
-lacks shipped over its emulated USB network); the last two on the qemu target only.
+lacks shipped over its emulated USB network); the others on the qemu target only.
 Run: pytest tests/test_system_push_boot.py --basetemp=/var/tmp/syspushbt (KIOSK_TEST_CACHE_DIR set);
 -k raspberryPi0 or -k qemu for one board.
 """
@@ -53,6 +56,7 @@ class Lab:
     client: object
     board: str = "qemu"
     cache: Path = Path()
+    mirror: Path | None = None   # the qemu lab's security archive (publish_security)
 
 
 ARCHITECTURE = {"qemu": "amd64", "raspberryPi0": "armel"}
@@ -80,12 +84,25 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     spec = boot_spec(board, public, host=f"syspush-{board.lower()}")
     spec["builders"] = [{"hostName": HOST_FROM_GUEST, "port": port, "sshUser": "root",
                          "systems": [ARCHITECTURE[board]], "publicHostKey": " ".join(host_pub.split()[:2])}]
-    image, _ = build_boot_image(spec, shared / f"boot-syspush-{board}", cache, log=lambda m: print(m, flush=True))
+    mirror = server = None
+    env = {"KIOSK_CACHE_DIR": str(cache)}
+    if board == "qemu":   # Debian's security suite from this host (the upgrade test publishes a fix there)
+        from fake_mirror import Server
+
+        mirror = work / "security"
+        publish_security(mirror, [], 1686300000)   # older than bookworm's Release: the base's epoch stays
+        server = Server(mirror)
+        spec["debian"] = dict(spec.get("debian", {}), securityMirror=server.url)
+        env["KIOSK_TEST_UNSIGNED_MIRROR"] = os.environ["KIOSK_TEST_UNSIGNED_MIRROR"] = "1"
+    try:
+        image, _ = build_boot_image(spec, shared / f"boot-syspush-{board}", cache,
+                                    log=lambda m: print(m, flush=True))
+    finally:
+        os.environ.pop("KIOSK_TEST_UNSIGNED_MIRROR", None)
     # The builder: this host's sshd on the port the spec names, kiosk builder-serve with the test cache (its
     # update key is the one the image trusts; its pipeline caches are warm).
     (work / "builder").mkdir()
-    builder = SshServer(work / "builder", spec, public, host_key, port=port,
-                        env={"KIOSK_CACHE_DIR": str(cache)})
+    builder = SshServer(work / "builder", spec, public, host_key, port=port, env=env)
     vm = BootedVM(image, key, work / "vm", board=board)
     vm.start()
     try:
@@ -97,10 +114,12 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
         assert r.returncode == 0, r.stderr
         client = vm.git_client(work / "client")
         clone = client.clone(vm.repo_url, "configuration")
-        yield Lab(vm, spec, builder, clone, client, board, cache)
+        yield Lab(vm, spec, builder, clone, client, board, cache, mirror)
     finally:
         vm.stop()
         builder.close()
+        if server:
+            server.close()
 
 
 def _main(vm: BootedVM) -> str:
@@ -212,6 +231,101 @@ def test_a_push_that_adds_a_package_is_built_tried_in_slot_b_and_kept(lab):
     assert status["generation"]["number"] == number and status["generation"]["commit"] == commit, status
 
 
+def _slot(vm: BootedVM) -> str:
+    return next(w.split("=", 1)[1] for w in vm.ssh("cat /proc/cmdline").stdout.split() if w.startswith("rauc.slot="))
+
+
+def other(slot: str) -> str:
+    return "B" if slot == "A" else "A"
+
+
+def _status(lab: Lab) -> dict:
+    return kiosk_status(Device(lab.board, lab.vm, lab.spec, lab.cache, lab.clone.parent))
+
+
+SECURITY_SUITE = "bookworm-security"
+
+
+def _security_row(status: dict) -> dict:
+    return next(row for row in status["pending"]["suites"] if row["kind"] == "security")
+
+
+def publish_security(root: Path, debs: list[Path], date: int) -> None:
+    """root as a Debian security archive (unsigned: KIOSK_TEST_UNSIGNED_MIRROR) of bookworm-security for amd64
+    holding `debs`, its Release dated `date` (the archive's state: kiosk's --upgrade compares it)."""
+    import email.utils
+    import hashlib
+    import lzma
+    import shutil
+    import subprocess
+
+    from kiosk.spec.sources import COMPONENTS
+
+    pool = root / "pool/updates/main"
+    shutil.rmtree(root / "dists", ignore_errors=True)
+    pool.mkdir(parents=True, exist_ok=True)
+    for deb in debs:
+        shutil.copyfile(deb, pool / deb.name)
+    sums = []
+    for component in COMPONENTS:
+        rel = f"{component}/binary-amd64"
+        (root / "dists" / SECURITY_SUITE / rel).mkdir(parents=True)
+        text = subprocess.run(["dpkg-scanpackages", "-m", "pool"], cwd=root, check=True, capture_output=True,
+                              text=True).stdout if component == "main" and debs else ""
+        for name, data in (("Packages", text.encode()), ("Packages.xz", lzma.compress(text.encode()))):
+            (root / "dists" / SECURITY_SUITE / rel / name).write_bytes(data)
+            sums.append(f" {hashlib.sha256(data).hexdigest()} {len(data):8d} {rel}/{name}")
+    (root / "dists" / SECURITY_SUITE / "Release").write_text(
+        f"Origin: kiosk-tests\nLabel: kiosk-tests\nSuite: stable-security\nCodename: {SECURITY_SUITE}\n"
+        f"Date: {email.utils.formatdate(date, usegmt=True)}\nArchitectures: amd64\n"
+        f"Components: {' '.join(COMPONENTS)}\nSHA256:\n" + "\n".join(sums) + "\n")
+
+
+def newer_hello(cache: Path, work: Path) -> tuple[Path, str]:
+    """The hello the device runs, repacked with a higher version: a security fix as the archive would publish
+    it (the same files, so the new slot's hello still says Hello, world!)."""
+    import subprocess
+
+    deb = next(iter(sorted(cache.rglob("hello_2.10-*_amd64.deb"))))
+    tree = work / "hello-src"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    control = (tree / "DEBIAN/control").read_text()
+    old = next(line.split(": ", 1)[1] for line in control.splitlines() if line.startswith("Version: "))
+    version = f"{old}+kiosktest1"
+    (tree / "DEBIAN/control").write_text(control.replace(f"Version: {old}\n", f"Version: {version}\n"))
+    out = work / f"hello_{version}_amd64.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(out)], check=True, capture_output=True)
+    return out, version
+
+
+def test_an_upgrade_brings_the_security_fix_kiosk_status_counted(lab):
+    """/debian/upgrade changed: the builder builds the system from the archive's current state; the device
+    runs the new version of the package kiosk status counted as pending before, and none is pending after."""
+    qemu_only(lab)
+    vm = lab.vm
+    installed = vm.ssh("dpkg-query -W -f '${Version}' hello").stdout.strip()
+    deb, version = newer_hello(lab.cache, lab.mirror.parent)
+    publish_security(lab.mirror, [deb], int(time.time()))
+    before = _security_row(_status(lab))   # (the updates row is the real archive's: not asserted)
+    assert before["state"] == "checked" and [p["name"] for p in before["packages"]] == ["hello"], before
+    old_boot = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
+    target = other(_slot(vm))
+    pushed = _spec(lab)
+    pushed["debian"] = dict(pushed["debian"], upgrade="security fix of hello")
+    commit, result, lines = _push(lab, pushed, "upgrade")
+    assert result.returncode == 0, result.stderr[-4000:]
+    text = "\n".join(lines)
+    assert f"==> a new system for slot {target}" in text and "/debian/upgrade" in text, text[-3000:]
+    assert "the archive has changed since the cached base" in text, text[-3000:]
+    assert f"    {'hello'} {installed} -> {version}" in lines, lines
+    _booted_again(lab, target, old_boot)
+    assert _slot(vm) == target and _main(vm) == commit
+    assert vm.ssh("dpkg-query -W -f '${Version}' hello").stdout.strip() == version
+    assert vm.ssh("hello").stdout.strip() == "Hello, world!"
+    after = _security_row(_status(lab))
+    assert after["state"] == "checked" and after["packages"] == [], after
+
+
 def test_a_system_push_that_cannot_run_the_program_falls_back_and_main_goes_back(lab):
     qemu_only(lab)
     vm = lab.vm
@@ -225,15 +339,16 @@ def test_a_system_push_that_cannot_run_the_program_falls_back_and_main_goes_back
     assert result.returncode == 0, result.stderr[-4000:]   # accepted for a try: main names the trial
     assert any(line.startswith("    - hello ") for line in lines), lines
     running = _generations(vm)["current"]
-    _booted_again(lab, "B", old_boot, timeout=1800)   # A tried, unhealthy, marked bad, back to B
-    assert "rauc.slot=B" in vm.ssh("cat /proc/cmdline").stdout.split()
+    here = _slot(vm)
+    _booted_again(lab, here, old_boot, timeout=1800)   # the other slot tried, unhealthy, marked bad, back here
+    assert f"rauc.slot={here}" in vm.ssh("cat /proc/cmdline").stdout.split()
     assert _main(vm) == previous != commit
     state = _generations(vm)
     assert state["current"] == state["default"] == running, state
     failed = state["generations"][-1]
     assert failed["number"] == _number(lines) and failed["status"] == "failed", failed
     assert "kiosk.service" in failed["reason"], failed
-    assert (slot_status(vm)["record"].get("A") or {}).get("state") == "bad"
+    assert (slot_status(vm)["record"].get(other(here)) or {}).get("state") == "bad"
     assert vm.ssh("hello").stdout.strip() == "Hello, world!"
     lab.client.git("fetch", "origin", cwd=lab.clone)
     lab.client.git("reset", "--hard", "origin/main", cwd=lab.clone)
@@ -245,9 +360,10 @@ def test_a_push_that_removes_a_package_is_kept_without_it(lab):
     old_boot = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     pushed = _spec(lab)
     pushed["packages"] = [p for p in pushed.get("packages", []) if p != "hello"]
+    target = other(_slot(vm))
     commit, result, lines = _push(lab, pushed, "no hello")
     assert result.returncode == 0, result.stderr[-4000:]
-    _booted_again(lab, "A", old_boot)
-    assert "rauc.slot=A" in vm.ssh("cat /proc/cmdline").stdout.split()
+    _booted_again(lab, target, old_boot)
+    assert f"rauc.slot={target}" in vm.ssh("cat /proc/cmdline").stdout.split()
     assert vm.ssh("dpkg -s hello", check=False).returncode != 0
     assert _main(vm) == commit

@@ -52,7 +52,7 @@ from typing import Callable
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run, run_lines
-from kiosk.spec.sources import COMPONENTS, sources_list
+from kiosk.spec.sources import COMPONENTS, sources_list, unsigned_allowed
 
 # Bump when the recipe below changes what ends up in the tarball.
 RECIPE_VERSION = "5"
@@ -342,7 +342,8 @@ def mmdebstrap_command(stage: Stage, out: Path, *, verbose: bool = False, meta_d
     if verbose:
         cmd.append("--verbose")
     # Each source as a one-line sources.list entry: the suite, its security fixes, its updates.
-    cmd += [stage.suite, str(out), *sources_list(stage.sources).splitlines()]
+    cmd += [stage.suite, str(out), *[sources_list([source], options="[trusted=yes] " if unsigned_allowed(source[0])
+                                                  else "").rstrip("\n") for source in stage.sources]]
     return cmd
 
 

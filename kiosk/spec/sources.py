@@ -11,6 +11,8 @@ the suite alone carries none of them. A frozen appliance may turn either off in 
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 COMPONENTS = ("main", "non-free-firmware")
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 # Suites Debian publishes no security or updates suite for.
@@ -38,3 +40,15 @@ def apt_sources(debian: dict) -> list[tuple[str, str]]:
 def sources_list(sources, *, options: str = "", components=COMPONENTS) -> str:
     """sources.list lines for (mirror, suite) pairs; options e.g. "[arch=armel signed-by=...] "."""
     return "".join(f"deb {options}{mirror} {suite} {' '.join(components)}\n" for mirror, suite in sources)
+
+
+def unsigned_allowed(mirror: str) -> bool:
+    """Tests only (KIOSK_TEST_UNSIGNED_MIRROR=1): a mirror on this machine's loopback may be an unsigned test
+    archive ([trusted=yes]); never another mirror, so no cached base of a real archive is built unchecked."""
+    from kiosk.core.paths import setting
+
+    try:
+        host = urlsplit(mirror).hostname
+    except ValueError:
+        return False
+    return setting("KIOSK_TEST_UNSIGNED_MIRROR") == "1" and host in ("127.0.0.1", "localhost", "::1")
