@@ -20,9 +20,10 @@ waits for slot A's commit, then runs the real `kiosk update 127.0.0.1 SPEC` with
 
 With --push: the same one-package change as a `git push` of the device's configuration (issue 17), built
 by a builder on this host (an OpenSSH server whose forced command is `kiosk builder-serve`, which the VM
-reaches at 10.0.2.2), shipped to the device as a whole bundle, installed, tried, kept; seconds from `git
-push` to the push's end (build on the builder, transfer, signature check, rauc install) and from there to
-the new slot's verdict (restart, health).
+reaches at 10.0.2.2), shipped to the device as the casync index bundle and the chunks its running slot
+lacks, installed, tried, kept; seconds from `git push` to the push's end (build on the builder, transfer,
+signature check, rauc install) and from there to the new slot's verdict (restart, health). --board
+raspberryPi0 does the same on the raspi0 VM with an armel builder.
 
 The qemu target (GRUB); raspberryPi3's U-Boot slots cost ~1 h per update under emulation (notes/boot.md).
 """
@@ -62,15 +63,19 @@ def main() -> int:
                         help="kiosk update --whole-bundle: ship the whole system (the figure before chunks)")
     parser.add_argument("--push", action="store_true",
                         help="the change as a git push, built by a builder on this host (issue 17)")
+    parser.add_argument("--board", choices=("qemu", "raspberryPi0"), default="qemu",
+                        help="with --push: the VM (raspberryPi0: an armel system, about an hour here)")
     args = parser.parse_args()
+    if args.board != "qemu" and not args.push:
+        raise SystemExit("--board raspberryPi0 is measured with --push (kiosk update's figures are the qemu target's)")
     if os.geteuid() != 0:
         raise SystemExit("bench/update.py builds images: run it as root")
     work = Path(tempfile.mkdtemp(prefix="kiosk-bench-update-", dir="/var/tmp"))
     cache = Path(args.cache) if args.cache else work / "cache"
     key, public = make_key(work / "key")
-    spec = boot_spec("qemu", public, host="bench-update")
+    spec = boot_spec(args.board, public, host="bench-update")
     if args.push:
-        return push(work, cache, key, public, spec)
+        return push(work, cache, key, public, spec, args.board)
     image, _ = build_boot_image(spec, work / "image", cache, log=lambda m: None)
     vm = BootedVM(image, key, work / "vm", board="qemu")
     vm.start()
@@ -112,19 +117,19 @@ def main() -> int:
     return 0
 
 
-def push(work: Path, cache: Path, key: Path, public: str, spec: dict) -> int:
+def push(work: Path, cache: Path, key: Path, public: str, spec: dict, board: str) -> int:
     """git push of the one-package change through a builder on this host, to the device's verdict."""
     from sshd_harness import Device as SshServer, free_port, keygen, remote_lines
 
     host_pub = keygen(work / "builder_host", "builder@bench")
     port = free_port()
-    spec["builders"] = [{"hostName": "10.0.2.2", "port": port, "systems": ["amd64"],
+    spec["builders"] = [{"hostName": "10.0.2.2", "port": port, "systems": ["armel" if board == "raspberryPi0" else "amd64"],
                          "publicHostKey": " ".join(host_pub.split()[:2])}]
     image, _ = build_boot_image(spec, work / "image", cache, log=lambda m: None)
     (work / "builder").mkdir()
     builder = SshServer(work / "builder", spec, public, work / "builder_host", port=port,
                         env={"KIOSK_CACHE_DIR": str(cache)})
-    vm = BootedVM(image, key, work / "vm", board="qemu")
+    vm = BootedVM(image, key, work / "vm", board=board)
     vm.start()
     try:
         vm.wait_for_ssh(timeout=900)
@@ -145,22 +150,24 @@ def push(work: Path, cache: Path, key: Path, public: str, spec: dict) -> int:
         lines = remote_lines(result.stderr)
         if result.returncode != 0:
             raise SystemExit("git push failed:\n" + "\n".join(lines[-40:]))
-        vm.wait_for("test \"$(cat /proc/sys/kernel/random/boot_id)\" != " + old_boot + " && echo new", timeout=1200)
+        vm.wait_for("test \"$(cat /proc/sys/kernel/random/boot_id)\" != " + old_boot + " && echo new", timeout=2400)
         back = time.monotonic() - started
         vm.wait_for("test ! -e /var/lib/kiosk/trial.json && kiosk slot status --json | grep -q '\"booted\": \"B\"'"
                     " && echo kept", timeout=900)
         kept = time.monotonic() - started
         text = "\n".join(lines)
         build = sum(float(x) for x in re.findall(r": +\S.* done in ([0-9.]+)s$", text, re.M))
-        got = re.search(r"builder \S+: bundle ([0-9.]+ \S+), signature checked, in ([0-9.]+) s", text)
+        got = re.search(r"builder \S+: bundle ([0-9.]+ \S+), signature checked.*, in ([0-9.]+) s$", text, re.M)
+        shipped = re.search(r"shipped (.+) in all: .*", text)
         load = Path("/proc/loadavg").read_text().split()[:3]
-        print(f"git push of a package change on the qemu target through a builder on this host "
+        print(f"git push of a package change on the {board} VM through a builder on this host "
               f"({os.cpu_count()} cores, load {' '.join(load)}): {kept:.0f} s to kept")
         print(f"  push     {pushed:6.1f} s  (git push until it returned: build on the builder {build:.1f} s of "
               f"stages, the bundle received and checked {float(got.group(2)) if got else 0:.1f} s in all, rauc install)")
         print(f"  restart  {back - pushed:6.1f} s  (until the new boot answered)")
         print(f"  health   {kept - back:6.1f} s  (until kiosk slot commit kept slot B)")
-        print(f"  shipped  {got.group(1) if got else '?'} (the whole bundle; one package added)")
+        print(f"  shipped  {shipped.group(0) if shipped else (got.group(1) if got else '?') + ' (the whole bundle)'}"
+              " (one package added)")
     finally:
         vm.stop()
         builder.close()
