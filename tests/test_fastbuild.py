@@ -255,10 +255,15 @@ def test_image_files_are_the_whole_tree_configured_the_slow_way(name, tmp_path_f
         img = build(SPECS[name], out, keep_root=True, log=lambda m: None)
         offset, size = _root_partition(img.image)
         e2fsck_clean(f"{img.image}?offset={offset}")
-        epoch = json.loads((out / "manifest.json").read_text())["sourceDateEpoch"]
+        manifest = json.loads((out / "manifest.json").read_text())
+        epoch = manifest["sourceDateEpoch"]
         with mounted_ext4(img.image, out / "mnt", offset, size) as mnt:
             diffs = differences(img.root, mnt, epoch)
             assert not diffs, "\n".join(diffs)
+            # the slot says what it holds: the SBOM beside the image, and the manifest's packages
+            system = mnt / "usr/share/kiosk"
+            assert (system / "system.spdx.json").read_bytes() == Path(manifest["sbom"]).read_bytes()
+            assert json.loads((system / "system.json").read_text())["packages"] == manifest["packages"]
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

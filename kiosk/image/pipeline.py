@@ -22,7 +22,7 @@ from kiosk.core.errors import KioskError
 from kiosk.core.files import write_json
 from kiosk.core.log import Log
 from kiosk.core.run import run
-from kiosk.image.sbom import spdx_sbom
+from kiosk.image.sbom import created_at, package_dicts, spdx_sbom, write_system_files
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent   # kiosk/, with its subpackages
 
@@ -135,9 +135,10 @@ def configure_inputs(plan, sparse) -> None:
 
 
 def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir: Path, *, epoch: int, ident,
-                   log, data: Path, update_cert: str | None = None) -> tuple[dict, str]:
+                   log, data: Path, packages: list[dict], update_cert: str | None = None) -> tuple[dict, str]:
     """Make a base tree this spec's system: the configuration layer, boot files, the kiosk package,
-    generation 1, users, builders' files, fstab. Returns (FAT files, configuration.git commit).
+    generation 1, users, builders' files, fstab, the system's manifest and SBOM (`packages`: what the base
+    holds). Returns (FAT files, configuration.git commit).
     A/B boards: what goes on the data partition (generation 1, configuration.git) is moved out of the
     tree into the new directory `data` (kiosk.image.datafs), and the slot trusts update_cert (PEM): RAUC
     installs only bundles signed with the key of that certificate.
@@ -159,6 +160,7 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
             from kiosk.builders.keys import prepare_device_for_builders  # builders known_hosts, ssh config
             prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
         assemble.write_root_files(root, ident, ab_slots(plan.board))
+        write_system_files(root, plan, Path(assemble.image_name(plan)).stem, packages, epoch=epoch, seed=spec.digest)
         if ab_slots(plan.board):
             from kiosk.image.rauc import RAUC_CERTIFICATE
 
@@ -229,8 +231,10 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
                     f"{signing.certificate_fingerprint(update_cert)[:23]}...")
             sparse = overlay.Sparse(index, work / "root")
             configure_inputs(plan, sparse)
+            pkg_dicts = package_dicts(rootfs.installed_packages(tar))
             boot, commit = configure_tree(sparse.root, spec, spec_text, layer, plan, out_dir, epoch=epoch,
-                                          ident=ident, log=log, data=work / "data", update_cert=update_cert)
+                                          ident=ident, log=log, data=work / "data", packages=pkg_dicts,
+                                          update_cert=update_cert)
             changes = sparse.changes(epoch)
             log(f"configure: {len(changes)} paths differ from the base")
         with log.timed("image"):
@@ -244,7 +248,6 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             log(f"image: root file system: base copied (waited {copied - started:.1f} s), changes written "
                 f"in {time.monotonic() - copied:.1f} s")
             image_sha = assemble.assemble(layout, image, boot, out_image, epoch=epoch, ident=ident, log=log)
-        packages = rootfs.installed_packages(tar)
         if keep_root is not None:
             whole_tree(tar, keep_root, spec, spec_text, layer, plan, work / "reference-out", epoch=epoch,
                        ident=ident, update_cert=update_cert)
@@ -262,10 +265,8 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     else:
         compressed = compress_image(out_image, None)   # (only drops a stale .zst/.xz: it would not match)
     with log.timed("manifest"):
-        pkg_dicts = [{"name": n, "version": v, "architecture": a, "source": s} for n, v, a, s in packages]
-        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-        sbom_path = out_dir / f"{out_image.stem}.spdx.json"
-        write_json(sbom_path, spdx_sbom(out_image.stem, pkg_dicts, created, spec.digest))
+        sbom_path = out_dir / f"{out_image.stem}.spdx.json"   # the same SBOM as the slot's own
+        write_json(sbom_path, spdx_sbom(out_image.stem, pkg_dicts, created_at(epoch), spec.digest))
         manifest = {
             "kioskVersion": __version__,
             "hostName": spec.data["hostName"], "hardware": spec.data["hardware"],
@@ -319,4 +320,4 @@ def whole_tree(tar: Path, dest: Path, spec, spec_text: str, layer: dict, plan, o
     dest.mkdir(parents=True)
     rootfs.extract(tar, dest)
     configure_tree(dest, spec, spec_text, layer, plan, out_dir, epoch=epoch, ident=ident, log=lambda m: None,
-                   data=data, update_cert=update_cert)
+                   data=data, packages=package_dicts(rootfs.installed_packages(tar)), update_cert=update_cert)
