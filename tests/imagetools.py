@@ -95,7 +95,8 @@ def _offsets(image: Path | str) -> tuple[int, int]:
 
 # A/B images: the device binds these directories of the data partition (partition 4) over the slot's
 # (hardware/qemu.json: grub-efi; kiosk.core.paths.DATA_BINDS, written out here to stay independent of it).
-DATA_BINDS = {"/var/lib/kiosk": "/kiosk/state", "/etc/kiosk/configuration.git": "/kiosk/configuration.git"}
+DATA_BINDS = {"/var/lib/kiosk": "/kiosk/state", "/etc/kiosk/configuration.git": "/kiosk/configuration.git",
+              "/var/log/journal": "/log/journal"}
 
 
 def _where(image: Path | str, path: str) -> tuple[int, str]:

@@ -237,8 +237,12 @@ def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
     assert vm.ssh("findmnt -n -o SOURCE /").stdout.strip() == f"{disk}2"
     assert vm.ssh("findmnt -n -o SOURCE,FSTYPE /data").stdout.split() == [f"{disk}4", "ext4"]
     for target, source in (("/var/lib/kiosk", f"{disk}4[/kiosk/state]"),
-                           ("/etc/kiosk/configuration.git", f"{disk}4[/kiosk/configuration.git]")):
+                           ("/etc/kiosk/configuration.git", f"{disk}4[/kiosk/configuration.git]"),
+                           ("/var/log/journal", f"{disk}4[/log/journal]")):
         assert vm.ssh(f"findmnt -n -o SOURCE {target}").stdout.strip() == source
+    # the journal is persistent there (journald flushed into it), in the machine id's directory
+    machine = vm.ssh("cat /etc/machine-id").stdout.strip()
+    assert vm.ssh(f"ls /data/log/journal/{machine}/").stdout.count("system") >= 1
     assert vm.ssh("readlink /var/lib/kiosk/current").stdout.strip().startswith("generations/")
     assert vm.ssh("test -s /data/kiosk/state/current/nixiosk.json && git -C /data/kiosk/configuration.git "
                   "rev-parse main", check=False).returncode == 0

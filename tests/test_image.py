@@ -177,6 +177,9 @@ def test_generation_1_is_on_the_data_partition(built_image, tmp_path):
         return sorted(n for n in names if n not in (".", ".."))
 
     assert ls(r0, "/data") == [] and ls(r0, "/var/lib/kiosk") == [] and ls(r0, "/etc/kiosk/configuration.git") == []
+    assert ls(r0, "/var/log/journal") == [] and ls(d0, "/log") == ["journal"]   # every slot's logs on /data
+    journal = root_stat(img.image, "/var/log/journal")   # (through the bind) the base's mode: setgid, group-readable
+    assert journal["type"] == "directory" and journal["mode"] & 0o7777 == 0o2755, journal
     assert {"current", "default", "generations", "lock"} <= set(ls(d0, "/kiosk/state"))
     assert "HEAD" in ls(d0, "/kiosk/configuration.git")
     assert ls(d0, "/ssh/etc/ssh") == []      # the host keys: made there at first start
@@ -222,6 +225,7 @@ def test_fstab_matches_the_filesystems(built_image, board):
         assert by_mount["/var/lib/kiosk"][:4] == ["/data/kiosk/state", "/var/lib/kiosk", "none", "bind"]
         assert by_mount["/etc/kiosk/configuration.git"][:4] == ["/data/kiosk/configuration.git",
                                                                 "/etc/kiosk/configuration.git", "none", "bind"]
+        assert by_mount["/var/log/journal"][:4] == ["/data/log/journal", "/var/log/journal", "none", "bind"]
     else:
         assert "/data" not in by_mount
     assert by_mount["/boot/firmware"][0] == f"UUID={boot['UUID']}" and by_mount["/boot/firmware"][2] == "vfat"

@@ -275,6 +275,9 @@ def test_kiosk_update_with_a_package_added_is_kept(device, tmp_path):
     assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == f"{device.disk}3"
     assert vm.ssh("hello").stdout.strip() == "Hello, world!"
     assert vm.ssh("cat /etc/machine-id").stdout.strip() == machine_id   # the bundle's hook carried it over
+    # the journal is on the data partition: slot A's boots are still there to read from slot B
+    boots = vm.ssh("journalctl --list-boots --no-pager -q").stdout.strip().splitlines()
+    assert len(boots) >= 2, boots
     assert json.loads(vm.ssh("kiosk generations --json").stdout) == before
     assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
     env = boot_env(vm, device.board)

@@ -38,7 +38,8 @@ BUILDERS_SSH_CONFIG = "/etc/kiosk/builders_ssh_config"
 DATA_MOUNT = "/data"
 DATA_LABEL = "KIOSKDATA"
 DATA_BINDS = (("kiosk/state", "/var/lib/kiosk"),                              # (on the data fs, bound at)
-              ("kiosk/configuration.git", "/etc/kiosk/configuration.git"))
+              ("kiosk/configuration.git", "/etc/kiosk/configuration.git"),
+              ("log/journal", "/var/log/journal"))   # the logs of every slot's boots, kept across switches
 DATA_HOST_KEYS = "/data/ssh"     # `ssh-keygen -A -f` prefix: the host keys are /data/ssh/etc/ssh/ssh_host_*
 
 # ---------------------------------------------------------------- the settings

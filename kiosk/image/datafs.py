@@ -25,16 +25,19 @@ from kiosk.image.overlay import KIND, Change, commands
 
 def split(root: Path, data: Path, *, epoch: int) -> None:
     """Move the bound directories out of the root tree into the data tree `data`; empty mount points (same
-    mode) stay in the tree. Also the host keys' directory (made empty: every card makes its own keys)."""
+    mode and owner) stay in the tree. Also the host keys' directory (made empty: every card makes its own keys)."""
     data.mkdir(mode=0o755)
     for source, target in DATA_BINDS:
         live = root / target.lstrip("/")
         moved = data / source
         moved.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        mode = stat.S_IMODE(live.lstat().st_mode)
+        st = live.lstat()
         os.rename(live, moved)
         live.mkdir()
-        os.chmod(live, mode)
+        os.chmod(live, stat.S_IMODE(st.st_mode))
+        if os.geteuid() == 0:   # the mount point keeps the base's owner (/var/log/journal: root:systemd-journal);
+            os.chown(live, st.st_uid, st.st_gid)   # on /data everything is root's (tmpfiles sets the journal's
+            os.chown(moved, 0, 0)                   # group at boot: z /var/log/journal in systemd.conf)
         for path in (live, live.parent):
             os.utime(path, (epoch, epoch))
     keys = data / DATA_HOST_KEYS.removeprefix(DATA_MOUNT + "/") / "etc/ssh"
