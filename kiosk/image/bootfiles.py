@@ -233,6 +233,8 @@ if [ -n "$data_dev" ]; then
     mount -t ext4 -o rw,noatime "$data_dev" "/root$data_mount" || fail "cannot mount $data_dev on $data_mount"
     sed 1d /etc/kiosk-data > /tmp/kiosk-binds
     while read -r source target; do
+        # a directory a newer system binds that this card's data partition (made when it was flashed) lacks
+        [ -d "/root$source" ] || mkdir -p "/root$source" || fail "cannot make $source"
         mount -o bind "/root$source" "/root$target" || fail "cannot bind $source on $target"
     done < /tmp/kiosk-binds
 fi
