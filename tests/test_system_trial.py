@@ -221,6 +221,21 @@ def test_a_push_while_the_device_restarts_into_a_trial_is_refused(device, tmp_pa
     assert system.read_trial(root)["state"] == "rebooting"
 
 
+def test_a_builder_keeps_the_chunk_stores_devices_may_still_install_from(tmp_path, monkeypatch):
+    import time
+
+    from kiosk.buildhost import server
+
+    monkeypatch.setenv("KIOSK_CACHE_DIR", str(tmp_path / "cache"))
+    now = time.time()
+    ages = {"newest": 0, "second": 60, "in-use": 3600, "old": 7 * 3600, "older": 8 * 3600}
+    for name, age in ages.items():
+        (server._stores() / name).mkdir()
+        os.utime(server._stores() / name, (now - age, now - age))
+    server.prune_stores()
+    assert sorted(p.name for p in server._stores().iterdir()) == ["in-use", "newest", "second"]
+
+
 # ---------------------------------------------------------------- the builder's side, for real
 
 @pytest.mark.root

@@ -14,6 +14,7 @@ import re
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from kiosk import __version__
@@ -265,7 +266,8 @@ def serve_bundle(req: dict, out, progress) -> None:
             shutil.rmtree(work, ignore_errors=True)
 
 
-KEEP_STORES = 2   # chunk stores kept for devices still installing (each about the size of a whole bundle)
+KEEP_STORES = 2   # chunk stores always kept (each about the size of a whole bundle)...
+KEEP_STORE_SECONDS = 6 * 3600   # ...and any other used this recently (a device may still be installing from it)
 
 
 def _stores() -> Path:
@@ -286,10 +288,17 @@ def _keep_chunks(bundle: Path, key, version: str, progress) -> dict:
     shutil.rmtree(kept, ignore_errors=True)
     store.rename(kept)
     os.utime(kept)
-    for old in sorted(_stores().iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_STORES:]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_stores()
     count, size = store_size(kept)
     return {"chunkStore": version, "chunks": {"count": count, "bytes": size, "wholeBundle": whole}}
+
+
+def prune_stores() -> None:
+    """Chunk stores beyond the KEEP_STORES newest that no device has used for KEEP_STORE_SECONDS."""
+    now = time.time()
+    for old in sorted(_stores().iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)[KEEP_STORES:]:
+        if now - old.stat().st_mtime > KEEP_STORE_SECONDS:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def serve_chunks(req: dict, stdin, out, progress) -> None:
@@ -302,7 +311,9 @@ def serve_chunks(req: dict, stdin, out, progress) -> None:
     store = _stores() / version if isinstance(version, str) and HEX16.match(version) else None
     if store is None or not store.is_dir():
         raise KioskError(f"this builder holds no chunks of system {one_line(str(version))[:40]} (it keeps the "
-                         f"{KEEP_STORES} newest)", hint="push again: the builder builds it again")
+                         f"{KEEP_STORES} newest and those used in the last {KEEP_STORE_SECONDS // 3600} h)",
+                         hint="push again: the builder builds it again")
+    os.utime(store)   # in use: not pruned by the next bundles for KEEP_STORE_SECONDS
     read = store_reader(store)
     answer(out, {"ok": True})
     served = sent = 0
