@@ -104,6 +104,7 @@ class ChunkServer:
         self.source = source or store_reader(Path(store))
         self.sent = 0
         self.served = 0
+        self.first = 0.0   # when the first chunk went (casync reads its seed before it asks for any)
         self.lock = threading.Lock()
         self.started = time.monotonic()
         owner = self
@@ -128,6 +129,7 @@ class ChunkServer:
                 if body:
                     self.wfile.write(data)
                     with owner.lock:
+                        owner.first = owner.first or time.monotonic()
                         owner.sent += len(data)
                         owner.served += 1
 
@@ -173,7 +175,7 @@ class ChunkServer:
             while not stop.wait(every):
                 count, size = self.figures()
                 if (count, size) != said:
-                    rate = size / max(time.monotonic() - self.started, 1e-3)
+                    rate = size / max(time.monotonic() - (self.first or self.started), 1e-3)
                     log(f"shipping chunks: {human_size(size)} ({count} chunks), {human_size(int(rate))}/s")
                     said = (count, size)
 
