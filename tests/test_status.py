@@ -85,6 +85,33 @@ def test_suite_versions_are_cached_and_used_offline(mirror, cache, monkeypatch, 
         archive.suite_versions(mirror.url, "bookworm-updates", "arm64")
 
 
+def test_a_kept_suite_index_is_fetched_again_once_the_suite_is_published_anew(cache, tmp_path):
+    """A fix published an hour after the last look is pending now, not a day later: the suite's Release
+    date is compared (one small request) before the kept index is used."""
+    import email.utils
+
+    root = tmp_path / "m"
+
+    def publish(versions: dict, date: int) -> None:
+        write_suite(root, "bookworm-security", "arm64", versions)
+        (root / "dists/bookworm-security/Release").write_text(
+            f"Suite: stable-security\nDate: {email.utils.formatdate(date, usegmt=True)}\n")
+
+    publish({"foot": "2.0-1"}, 1764900000)
+    server = Server(root)
+    try:
+        assert archive.suite_versions(server.url, "bookworm-security", "arm64").versions == {"foot": "2.0-1"}
+        archive._READ.clear()
+        asked = len(server.requests)
+        assert archive.suite_versions(server.url, "bookworm-security", "arm64").versions == {"foot": "2.0-1"}
+        assert server.requests[asked:] == ["/dists/bookworm-security/InRelease", "/dists/bookworm-security/Release"]
+        publish({"foot": "2.0-1+deb12u1"}, 1764903600)
+        archive._READ.clear()
+        assert archive.suite_versions(server.url, "bookworm-security", "arm64").versions == {"foot": "2.0-1+deb12u1"}
+    finally:
+        server.close()
+
+
 # ---------------------------------------------------------------- pending
 
 def debian(url: str, **more) -> dict:

@@ -34,17 +34,14 @@ Things this recipe takes care of:
 from __future__ import annotations
 
 import contextlib
-import email.utils
 import fcntl
 import hashlib
 import json
 import os
-import re
 import shlex
 import shutil
 import tarfile
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -52,6 +49,7 @@ from typing import Callable
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run, run_lines
+from kiosk.spec.archive import release_date
 from kiosk.spec.sources import COMPONENTS, sources_list, unsigned_allowed
 
 # Bump when the recipe below changes what ends up in the tarball.
@@ -143,22 +141,8 @@ def release_epoch(sources, timeout: float = 20) -> int:
     """
     if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit():
         return int(os.environ["SOURCE_DATE_EPOCH"])
-    dates = [_release_date(mirror, suite, timeout) for mirror, suite in sources]
+    dates = [release_date(mirror, suite, timeout) for mirror, suite in sources]
     return max((d for d in dates if d is not None), default=FALLBACK_EPOCH)
-
-
-def _release_date(mirror: str, suite: str, timeout: float) -> int | None:
-    for name in ("InRelease", "Release"):
-        url = f"{mirror.rstrip('/')}/dists/{suite}/{name}"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                head = response.read(4096).decode("utf-8", "replace")
-        except OSError:
-            continue
-        match = re.search(r"^Date: (.+)$", head, re.M)
-        if match:
-            return int(email.utils.parsedate_to_datetime(match.group(1).strip()).timestamp())
-    return None
 
 
 def check_foreign_arch(arch: str) -> None:
@@ -403,7 +387,7 @@ def base_rootfs(plan, *, log: Log = _noop_log, verbose: bool = False, upgrade: b
 def archive_moved(cached_epoch: int, sources, *, timeout: float = 20) -> int | None:
     """The archive's state (its suites' newest Release date) when it is newer than cached_epoch, else None
     (also when no Release file can be read: offline, the cache stands)."""
-    dates = [d for d in (_release_date(mirror, suite, timeout) for mirror, suite in sources) if d is not None]
+    dates = [d for d in (release_date(mirror, suite, timeout) for mirror, suite in sources) if d is not None]
     newest = max(dates, default=None)
     return newest if newest is not None and newest > cached_epoch else None
 

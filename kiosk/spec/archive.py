@@ -17,6 +17,7 @@ streams so memory stays small), and so has the number of names kept.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import lzma
 import os
@@ -25,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -273,9 +275,11 @@ def _fetch(mirror: str, suite: str, arch: str, deadline: float,
 _READ: dict[Path, tuple[float, object]] = {}   # cache file -> (fetched, index), as read by this process
 
 
-def _cached(cache: Path, fetch: Callable[[], dict], decode: Callable[[dict], T | None]) -> T:
-    """The index in `cache` when fresh (a day), else fetch() it and keep it there. fetch returns the JSON
-    record to keep, decode turns a record (with "fetched") back into the index (None: a damaged file).
+def _cached(cache: Path, fetch: Callable[[], dict], decode: Callable[[dict], T | None],
+            outdated: Callable[[dict], bool] | None = None) -> T:
+    """The index in `cache` when fresh (a day, and not `outdated(record)`), else fetch() it and keep it there.
+    fetch returns the JSON record to keep, decode turns a record (with "fetched") back into the index (None:
+    a damaged file).
 
     KIOSK_OFFLINE=1 never touches the network: a stale cache is used, none raises; a failed fetch falls
     back to a stale cache too."""
@@ -284,6 +288,7 @@ def _cached(cache: Path, fetch: Callable[[], dict], decode: Callable[[dict], T |
         return memo[1]
     offline = paths.setting("KIOSK_OFFLINE") == "1"
     cached = None
+    data = None
     if cache.is_file():
         try:
             data = json.loads(cache.read_text())
@@ -293,6 +298,8 @@ def _cached(cache: Path, fetch: Callable[[], dict], decode: Callable[[dict], T |
         except (OSError, ValueError):
             cached = None
     fresh = cached and time.time() - cached[0] < CACHE_SECONDS
+    if fresh and not offline and outdated is not None and outdated(data):
+        fresh = False
     if cached and (fresh or offline):
         if fresh:
             _READ[cache] = cached
@@ -344,13 +351,42 @@ def package_index(mirror: str, suite: str, arch: str, *, deadline: float | None 
     return _cached(_cache_file(mirror, suite, arch), fetch, _names)
 
 
+def release_date(mirror: str, suite: str, timeout: float) -> int | None:
+    """The suite's Release Date: (the archive's state, changed by every publication), None when unreadable."""
+    for name in ("InRelease", "Release"):
+        url = f"{mirror.rstrip('/')}/dists/{suite}/{name}"
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                head = response.read(4096).decode("utf-8", "replace")
+        except (OSError, ValueError):
+            continue
+        match = re.search(r"^Date: (.+)$", head, re.M)
+        if match:
+            try:
+                return int(email.utils.parsedate_to_datetime(match.group(1).strip()).timestamp())
+            except (TypeError, ValueError):
+                return None
+    return None
+
+
 def suite_versions(mirror: str, suite: str, arch: str, *, deadline: float | None = None) -> SuiteVersions:
     """Every package of (mirror, suite, arch) with its newest version: meant for the small suites
-    (`<suite>-security`, `<suite>-updates`). Same limits and cache as package_index; NotPublished when the
-    mirror has no such index."""
+    (`<suite>-security`, `<suite>-updates`). Same limits and cache as package_index, but a kept index is
+    fetched again as soon as the suite's Release says it was published anew (one small request); NotPublished
+    when the mirror has no such index."""
+    def release() -> int | None:
+        return release_date(mirror, suite, min(_timeout(deadline), 20))
+
     def fetch() -> dict:
         versions: dict[str, str] = {}
+        published = release()
         _fetch(mirror, suite, arch, _timeout(deadline), versions)
-        return {"versions": dict(sorted(versions.items()))}
+        return {"versions": dict(sorted(versions.items())), "release": published}
 
-    return _cached(_cache_file(mirror, suite, arch, "-versions"), fetch, _versions)
+    def outdated(record: dict) -> bool:
+        """A fix published since the index was kept (the security suite publishes several times a day):
+        its Release is newer. Unreadable now: the kept index stands."""
+        now = release()
+        return now is not None and now != record.get("release")
+
+    return _cached(_cache_file(mirror, suite, arch, "-versions"), fetch, _versions, outdated)
