@@ -311,7 +311,7 @@ def test_an_upgrade_brings_the_security_fix_kiosk_status_counted(lab):
     old_boot = vm.ssh("cat /proc/sys/kernel/random/boot_id").stdout.strip()
     target = other(_slot(vm))
     pushed = _spec(lab)
-    pushed["debian"] = dict(pushed["debian"], upgrade="security fix of hello")
+    pushed["debian"] = dict(pushed["debian"], upgrade="2026-12-05.hello-fix")
     commit, result, lines = _push(lab, pushed, "upgrade")
     assert result.returncode == 0, result.stderr[-4000:]
     text = "\n".join(lines)
