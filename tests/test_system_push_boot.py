@@ -120,6 +120,21 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
         builder.close()
         if server:
             server.close()
+            forget(cache, server.url)
+
+
+def forget(cache: Path, mirror_url: str) -> None:
+    """The cache's bases and layers built from this run's own archive (its port is new every run): ~4 GB a
+    run that no later run can use."""
+    for meta in (cache / "rootfs").glob("*.json"):
+        try:
+            if mirror_url not in meta.read_text():
+                continue
+        except OSError:
+            continue
+        stem = meta.name.split(".fs-")[0].removesuffix(".json")
+        for path in (cache / "rootfs").glob(f"{stem}.*"):
+            path.unlink(missing_ok=True)
 
 
 def _main(vm: BootedVM) -> str:
