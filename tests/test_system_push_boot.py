@@ -296,12 +296,13 @@ def publish_security(root: Path, debs: list[Path], date: int) -> None:
         f"Components: {' '.join(COMPONENTS)}\nSHA256:\n" + "\n".join(sums) + "\n")
 
 
-def newer_hello(cache: Path, work: Path) -> tuple[Path, str]:
-    """The hello the device runs, repacked with a higher version: a security fix as the archive would publish
-    it (the same files, so the new slot's hello still says Hello, world!)."""
+def newer_hello(cache: Path, work: Path, installed: str) -> tuple[Path, str]:
+    """The hello the device runs (its .deb in the cache, by version: an earlier run's repacked one may be there
+    too), repacked with a higher version: a security fix as the archive would publish it (the same files, so
+    the new slot's hello still says Hello, world!)."""
     import subprocess
 
-    deb = next(iter(sorted(cache.rglob("hello_2.10-*_amd64.deb"))))
+    deb = next(iter(sorted(cache.rglob(f"hello_{installed.replace(':', '%3a')}_amd64.deb"))))
     tree = work / "hello-src"
     subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
     control = (tree / "DEBIAN/control").read_text()
@@ -319,7 +320,7 @@ def test_an_upgrade_brings_the_security_fix_kiosk_status_counted(lab):
     qemu_only(lab)
     vm = lab.vm
     installed = vm.ssh("dpkg-query -W -f '${Version}' hello").stdout.strip()
-    deb, version = newer_hello(lab.cache, lab.mirror.parent)
+    deb, version = newer_hello(lab.cache, lab.mirror.parent, installed)
     publish_security(lab.mirror, [deb], int(time.time()))
     before = _security_row(_status(lab))   # (the updates row is the real archive's: not asserted)
     assert before["state"] == "checked" and [p["name"] for p in before["packages"]] == ["hello"], before
