@@ -253,8 +253,8 @@ def test_a_builder_builds_the_system_as_a_bundle_signed_with_the_key_the_device_
     from kiosk.builders.client import ChunkSession
     from kiosk.builders.keys import device_public_key, ensure_device_key
     from kiosk.config.signing import RAUC_CERTIFICATE, signing_key
-    from kiosk.image.rauc import RAUC_CHUNK_STORE
-    from kiosk.update.chunks import ChunkServer
+    from kiosk.core.paths import RAUC_CHUNK_STORE
+    from kiosk.builders.chunkstore import ChunkServer
     from kiosk.core.errors import KioskError
     from kiosk.core.paths import BUILDER_KEY
     from kiosk.spec.load import loads

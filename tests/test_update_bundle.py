@@ -171,14 +171,14 @@ def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to
     bundle carrying the casync index, and real `casync extract` as RAUC runs it on the device (the running
     slot as the seed, the store over HTTP from ChunkServer) rebuilds the root byte for byte while only the
     chunks the seed lacks cross the wire; a store whose chunks were altered writes nothing whole."""
-    from kiosk.update import chunks
+    from kiosk.builders import chunkstore
 
     img = built_image("qemu")
     pair = signing.signing_key()
     whole = bundle.make_bundle(img.image, tmp_path / "update.raucb", board="qemu", version="3",
                                description="kiosk test", key=pair)
     full = bundle_info(whole, pair.cert)["images"][0]["rootfs"]
-    index, store = chunks.make_chunked(whole, pair)
+    index, store = bundle.make_chunked(whole, pair)
     assert (index.name, store.name) == ("update-chunks.raucb", "update-chunks.castr")
     info = bundle_info(index, pair.cert)
     assert info["compatible"] == "kiosk-qemu" and info["version"] == "3"
@@ -189,7 +189,7 @@ def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to
                           check=True).stdout
     assert "Bundle Format: \tverity" in text or "Bundle Format: verity" in " ".join(text.split()), text
     assert index.stat().st_size < 2 << 20 < whole.stat().st_size
-    count, stored = chunks.store_size(store)
+    count, stored = bundle.store_size(store)
     assert count > 1000 and stored > whole.stat().st_size // 2
 
     # The index as the device's RAUC sees it (signature checked); the seed: this root with 1 MiB changed.
@@ -203,7 +203,7 @@ def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to
         f.seek(64 << 20)
         f.write(os.urandom(1 << 20))
     out = tmp_path / "slot.ext4"
-    with chunks.ChunkServer(store) as server:
+    with chunkstore.ChunkServer(store) as server:
         proc = _casync_extract(server, seed, unpacked / "rootfs.ext4.caibx", out)
         assert proc.returncode == 0, proc.stderr
         served, sent = server.figures()
@@ -214,7 +214,7 @@ def test_a_chunked_bundle_is_signed_and_a_seed_leaves_only_the_changed_chunks_to
     for chunk in store.glob("*/*.cacnk"):
         chunk.write_bytes(b"not the chunk")
     out.unlink()
-    with chunks.ChunkServer(store) as server:
+    with chunkstore.ChunkServer(store) as server:
         proc = _casync_extract(server, seed, unpacked / "rootfs.ext4.caibx", out)
     assert proc.returncode != 0
     assert not out.exists() or _sha256_of(out) != full["checksum"]
@@ -225,6 +225,7 @@ def test_the_chunk_server_answers_chunk_paths_of_its_store_only(tmp_path):
     import urllib.error
     import urllib.request
 
+    from kiosk.builders import chunkstore
     from kiosk.update import chunks
 
     store = tmp_path / "s.castr"
@@ -232,11 +233,11 @@ def test_the_chunk_server_answers_chunk_paths_of_its_store_only(tmp_path):
     (store / "ab12").mkdir(parents=True)
     (store / "ab12" / f"{cid}.cacnk").write_bytes(b"chunk")
     (tmp_path / "secret").write_text("no")
-    with chunks.ChunkServer(store) as server:
+    with chunkstore.ChunkServer(store) as server:
         base = f"http://127.0.0.1:{server.port}"
         assert urllib.request.urlopen(f"{base}/store/ab12/{cid}.cacnk").read() == b"chunk"
         assert urllib.request.urlopen(f"{base}/store//ab12/{cid}.cacnk").read() == b"chunk"
-        assert urllib.request.urlopen(base + chunks.PROBE_PATH).read() == chunks.PROBE_ANSWER
+        assert urllib.request.urlopen(base + chunkstore.PROBE_PATH).read() == chunkstore.PROBE_ANSWER
         for path in ("/store/../secret", "/secret", f"/store/cd12/{cid}.cacnk", "/store/ab12/", "/store/"):
             with pytest.raises(urllib.error.HTTPError) as caught:
                 urllib.request.urlopen(base + path)
@@ -254,10 +255,11 @@ def test_the_devices_wait_for_the_forwarded_store_runs_in_a_shell_and_knows_its_
     from http.server import ThreadingHTTPServer
 
     from kiosk.image.rauc import RAUC_CHUNK_PORT
+    from kiosk.builders import chunkstore
     from kiosk.update import chunks
 
     assert chunks.WAIT_FOR_STORE.count("'") == 2   # one single-quoted word: nothing inside may close it
-    with chunks.ChunkServer(tmp_path) as server:
+    with chunkstore.ChunkServer(tmp_path) as server:
         try:
             device_side = ThreadingHTTPServer(("127.0.0.1", RAUC_CHUNK_PORT), server.httpd.RequestHandlerClass)
         except OSError:

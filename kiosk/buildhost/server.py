@@ -279,7 +279,7 @@ def _stores() -> Path:
 def _keep_chunks(bundle: Path, key, version: str, progress) -> dict:
     """bundle becomes its casync index bundle (same name, same signer); the chunks move to this builder's
     chunk-stores/<version> for the device's `chunks` session: the answer's fields that name them."""
-    from kiosk.update.chunks import make_chunked, store_size
+    from kiosk.image.bundle import make_chunked, store_size
 
     whole = bundle.stat().st_size
     index, store = make_chunked(bundle, key, log=progress)
@@ -305,7 +305,7 @@ def serve_chunks(req: dict, stdin, out, progress) -> None:
     """A device installing an index bundle from serve_bundle: each line it sends names a chunk ("abcd/<id>"),
     each answer is "<size>\n" and the chunk's bytes, or "-\n" when this store lacks it; until its stdin ends.
     casync on the device checks every chunk against the signed index, so nothing here is trusted there."""
-    from kiosk.update.chunks import chunk_name, store_reader
+    from kiosk.builders.chunkstore import chunk_name, store_reader
 
     version = req.get("store")
     store = _stores() / version if isinstance(version, str) and HEX16.match(version) else None

@@ -40,6 +40,10 @@ DATA_LABEL = "KIOSKDATA"
 DATA_BINDS = (("kiosk/state", "/var/lib/kiosk"),                              # (on the data fs, bound at)
               ("kiosk/configuration.git", "/etc/kiosk/configuration.git"),
               ("log/journal", "/var/log/journal"))   # the logs of every slot's boots, kept across switches
+# RAUC's casync chunk store on a device: the address its system.conf names, where `kiosk update` forwards its
+# store (ssh -R) and a push's relay serves the builder's (kiosk.builders.chunkstore).
+RAUC_CHUNK_PORT = 7464
+RAUC_CHUNK_STORE = f"http://127.0.0.1:{RAUC_CHUNK_PORT}/store"
 DATA_HOST_KEYS = "/data/ssh"     # `ssh-keygen -A -f` prefix: the host keys are /data/ssh/etc/ssh/ssh_host_*
 
 # ---------------------------------------------------------------- the settings

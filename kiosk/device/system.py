@@ -27,10 +27,10 @@ from pathlib import Path
 
 from kiosk.builders.wire import PROTOCOL, BadAnswer
 from kiosk.config.signing import RAUC_CERTIFICATE, compatible
-from kiosk.image.rauc import RAUC_CHUNK_PORT, RAUC_CHUNK_STORE
 from kiosk.core.errors import KioskError, one_line
 from kiosk.core.files import human_size, remove_durable
 from kiosk.core.log import Log
+from kiosk.core.paths import RAUC_CHUNK_PORT, RAUC_CHUNK_STORE
 from kiosk.core.run import run
 from kiosk.device.pending import process_start, repo_main
 from kiosk.device.slots import (FALLBACK_REASON, booted_slot, bundle_info, other, rauc_install, rauc_mark, rauc_status,
@@ -167,7 +167,7 @@ def _install(root: Path, bundle: Path, header: dict, argv: list[str], log: Log) 
         rauc_install(["rauc", "install", str(bundle)], log)
         return
     from kiosk.builders.client import ChunkSession
-    from kiosk.update.chunks import ChunkServer
+    from kiosk.builders.chunkstore import ChunkServer
 
     with ChunkSession(argv, store, relay=lambda line: log(f"builder: {line}")) as session, \
             ChunkServer(source=session.get, port=RAUC_CHUNK_PORT) as relay, relay.reporting(log):

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from kiosk.core.errors import KioskError
+from kiosk.core.files import human_size
 from kiosk.core.run import run
 from kiosk.image.mbr import root_partition
 from kiosk.config.signing import SigningKey, compatible
@@ -97,3 +98,34 @@ def make_bundle(image: Path, out: Path, *, board: str, version: str, description
         shutil.rmtree(staging, ignore_errors=True)
     log(f"bundle: {out.name}, {out.stat().st_size >> 20} MiB, signed with {key.cert}")
     return out
+
+
+def store_size(store: Path) -> tuple[int, int]:
+    """(chunks, bytes) in a casync store directory."""
+    count = size = 0
+    for path in store.glob("*/*.cacnk"):
+        count += 1
+        size += path.stat().st_size
+    return count, size
+
+
+def make_chunked(bundle: Path, key: SigningKey, log=lambda message: None) -> tuple[Path, Path]:
+    """(index bundle, chunk store) made by `rauc convert` from a signed bundle, beside it; the bundle's
+    signature is checked against key's certificate first, and the new bundle signed with key."""
+    bundle = Path(bundle)
+    out = bundle.with_name(f"{bundle.stem}-chunks.raucb")
+    store = out.with_suffix(".castr")
+    out.unlink(missing_ok=True)
+    shutil.rmtree(store, ignore_errors=True)   # rauc convert would add to an old store, never prune it
+    try:
+        run(["rauc", "convert", f"--keyring={key.cert}", f"--cert={key.cert}", f"--key={key.key}",
+             f"--mksquashfs-args={SQUASHFS_ARGS}", str(bundle), str(out)],
+            what="making the chunked bundle (rauc convert)", hint=f"{HINT} casync")
+    except BaseException:
+        out.unlink(missing_ok=True)
+        shutil.rmtree(store, ignore_errors=True)
+        raise
+    count, size = store_size(store)
+    log(f"chunks: {out.name} {human_size(out.stat().st_size)} (the casync index, signed), "
+        f"{count} chunks {human_size(size)} in {store.name}")
+    return out, store

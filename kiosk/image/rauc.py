@@ -10,11 +10,8 @@ kiosk update forwards to the device for a chunked bundle (kiosk.update.chunks).
 from __future__ import annotations
 
 from kiosk.config.signing import RAUC_CERTIFICATE
-
-# The casync chunk store `rauc install` reads a chunked bundle's missing chunks from: the device's loopback, which
-# kiosk update forwards (ssh -R) to the store it serves for that install (kiosk.update.chunks).
-RAUC_CHUNK_PORT = 7464
-RAUC_CHUNK_STORE = f"http://127.0.0.1:{RAUC_CHUNK_PORT}/store"
+# The casync chunk store `rauc install` reads a chunked bundle's missing chunks from (kiosk.core.paths).
+from kiosk.core.paths import RAUC_CHUNK_PORT, RAUC_CHUNK_STORE  # noqa: F401 (system.conf's storepath)
 
 # The boot loader's lines of [system]. U-Boot: a committed slot gets 3 tries (the boot script counts each
 # boot down, `kiosk slot commit` sets it back with mark-good), a newly installed one a single try.

@@ -31,7 +31,9 @@ from kiosk.core.run import run, start
 from kiosk.image.rauc import RAUC_CHUNK_STORE
 from kiosk.net import reach
 from kiosk.device.slots import BundleRefused, rauc_install
-from kiosk.update.chunks import WAIT_FOR_STORE, ChunkServer, forwarded, make_chunked, store_size
+from kiosk.builders.chunkstore import ChunkServer
+from kiosk.image.bundle import make_chunked, store_size
+from kiosk.update.chunks import WAIT_FOR_STORE, forwarded
 
 INCOMING = "/data/kiosk/incoming"
 BUNDLE = f"{INCOMING}/update.raucb"
