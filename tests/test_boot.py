@@ -101,18 +101,22 @@ BOARD_PARAMS = [*(pytest.param(b, marks=[pytest.mark.root, pytest.mark.xdist_gro
                   for b in SLOW_BOARDS)]
 
 
-def _as_an_older_kiosk_made_it(image: Path) -> None:
-    """The card's data partition without /log/journal, as kiosk made it before the journal moved there: a
-    system that binds more of /data than the card was flashed with must make what is missing, not stop
-    (seen: a pushed system with the journal bind fell back to the old slot, "cannot bind /data/log/journal").
+def _as_an_older_kiosk_made_it(image: Path, directory: Path) -> Path:
+    """A copy of the image (the user's stays untouched: test_the_users_image_is_untouched) whose data
+    partition lacks /log/journal, as kiosk made it before the journal moved there: a system that binds more
+    of /data than the card was flashed with must make what is missing, not stop (seen: a pushed system with
+    the journal bind fell back to the old slot, "cannot bind /data/log/journal").
     test_ab_boots_slot_a_with_the_data_partition_under_it then finds the journal bound and persistent."""
     from imagetools import partition_offsets
 
-    data = f"{image}?offset={partition_offsets(image)[3][0]}"
+    card = directory / image.name   # the board's name stays in the file name (kiosk run reads it)
+    subprocess.run(["cp", "--sparse=always", "--reflink=auto", str(image), str(card)], check=True)
+    data = f"{card}?offset={partition_offsets(card)[3][0]}"
     for directory in ("/log/journal", "/log"):
         subprocess.run(["debugfs", "-w", "-R", f"rmdir {directory}", data], check=True, capture_output=True)
     listed = subprocess.run(["debugfs", "-R", "ls -p /", data], check=True, capture_output=True, text=True).stdout
     assert "/log/" not in listed, listed
+    return card
 
 
 @pytest.fixture(scope="module", params=BOARD_PARAMS)
@@ -128,9 +132,8 @@ def kiosk(request, tmp_path_factory, boot_key):
     image, manifest = build_boot_image(spec, shared / f"boot-{board}", _cache_dir(shared),
                                        log=lambda m: print(m, flush=True))
     print(f"[{board}] image {image} in {time.monotonic() - started:.0f} s", flush=True)
-    if _ab(board):
-        _as_an_older_kiosk_made_it(image)
-    vm = BootedVM(image, key, tmp_path_factory.mktemp(f"vm-{board}"), board=board)
+    card = _as_an_older_kiosk_made_it(image, tmp_path_factory.mktemp(f"card-{board}")) if _ab(board) else image
+    vm = BootedVM(card, key, tmp_path_factory.mktemp(f"vm-{board}"), board=board)
     vm.start()
     try:
         try:
@@ -142,7 +145,7 @@ def kiosk(request, tmp_path_factory, boot_key):
             # failure fails the test. The first attempt's error is printed.
             print(f"[{board}] no SSH on the first boot, booting a fresh copy once more: {first}", flush=True)
             vm.stop()
-            vm = BootedVM(image, key, tmp_path_factory.mktemp(f"vm-{board}-again"), board=board)
+            vm = BootedVM(card, key, tmp_path_factory.mktemp(f"vm-{board}-again"), board=board)
             vm.start()
             ssh_seconds = vm.wait_for_ssh(timeout=600)
         print(f"[{board}] ssh after {ssh_seconds:.0f} s", flush=True)
