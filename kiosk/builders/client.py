@@ -23,6 +23,22 @@ class RemoteError(KioskError):
         self.exit_code = exit_code
 
 
+def _relay_stderr(proc, relay, other: list[str]) -> threading.Thread:
+    """A thread reading the builder's stderr: its progress lines (MARK) to relay, anything else kept in other
+    (ssh's own words, for the failure's sentence)."""
+    def pump() -> None:
+        for raw in proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line.startswith(MARK):
+                relay(line[len(MARK):])
+            elif line.strip():
+                other.append(line)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    return thread
+
+
 def exchange(argv: list[str], request: dict, dest: Path, *, relay, timeout: float,
              key: str | Path | None = None) -> tuple[dict, dict[str, Path]]:
     """Send `request` to the `kiosk builder-serve` that argv starts; receive and check its answer.
@@ -32,17 +48,7 @@ def exchange(argv: list[str], request: dict, dest: Path, *, relay, timeout: floa
     RemoteError (the builder answered with an error: the same request fails everywhere)."""
     proc = start(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, what="reaching the builder")
     other: list[str] = []
-
-    def pump() -> None:
-        for raw in proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if line.startswith(MARK):
-                relay(line[len(MARK):])
-            elif line.strip():
-                other.append(line)
-
-    errors = threading.Thread(target=pump, daemon=True)
-    errors.start()
+    errors = _relay_stderr(proc, relay, other)
     timer = threading.Timer(timeout, proc.kill)
     timer.daemon = True
     timer.start()
@@ -99,16 +105,7 @@ class ChunkSession:
         self.lock = threading.Lock()
         self.other: list[str] = []
         self.proc = start(argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, what="reaching the builder for chunks")
-
-        def pump() -> None:
-            for raw in self.proc.stderr:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if line.startswith(MARK):
-                    relay(line[len(MARK):])
-                elif line.strip():
-                    self.other.append(line)
-
-        threading.Thread(target=pump, daemon=True).start()
+        _relay_stderr(self.proc, relay, self.other)
         try:
             self.proc.stdin.write(json.dumps({"kiosk": PROTOCOL, "op": "chunks", "store": store}).encode() + b"\n")
             self.proc.stdin.flush()

@@ -110,8 +110,9 @@ def _installed(root: Path) -> dict[str, str]:
 
 def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work: Path,
                  log: Log) -> tuple[Path, dict, list[str]]:
-    """(bundle, the builder's answer, the ssh argv that reaches that builder again) from the first builder that builds this spec's system; KioskError when none
-    could. Its signature is checked here against the certificate this device trusts before anything is written."""
+    """(bundle, the builder's answer, the ssh argv that reaches that builder again) from the first builder that
+    builds this spec's system; KioskError when none could. Its signature is checked here against the
+    certificate this device trusts before anything is written."""
     from kiosk.builders.select import device_architecture
     from kiosk.device.fetch import fetch_from_builders
 
