@@ -24,6 +24,7 @@ PROBE_ANSWER = b"kiosk chunk store\n"
 # casync asks for <store>/<first 4 hex digits>/<chunk id>.cacnk (and may double the slash after the store)
 _CHUNK_PATH = re.compile(r"^/+store/+([0-9a-f]{4})/+([0-9a-f]{64})\.cacnk$")
 
+
 def chunk_name(path: str) -> str | None:
     """"abcd/<id>" for a chunk path casync asks a store for (or a relay passes on), None for anything else."""
     m = _CHUNK_PATH.match(path if path.startswith("/") else f"/store/{path}.cacnk")
