@@ -46,9 +46,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# Boards booted by the default test suite, and the slow (-m slow) rest.
-DEFAULT_BOARDS = ("qemu", "raspberryPi3", "raspberryPi0")
-SLOW_BOARDS = ("raspberryPi4", "raspberryPi2", "raspberryPi1")
+# Boards booted by the default test suite, and the slow (-m slow) rest. raspberryPi0 is slow since 2026-12-06:
+# its TCG ARM1176 boot and pushes cost ~15 min of a CI worker, which pushed the suite past its 45 min; the
+# raspberryPi3 runs the same A/B, U-Boot and push code in CI (notes/boot.md).
+DEFAULT_BOARDS = ("qemu", "raspberryPi3")
+SLOW_BOARDS = ("raspberryPi0", "raspberryPi4", "raspberryPi2", "raspberryPi1")
 
 # foot's argv after its executable: awkward arguments for systemd's ExecStart= quoting, then a shell that
 # prints its own (also awkward) arguments on the screen and keeps the terminal open.

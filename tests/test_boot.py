@@ -15,12 +15,11 @@ fixture); every assertion for that board looks at that one boot:
 - `kiosk screenshot` (grim through cage's screencopy, over ssh) of every board, kept in test-artifacts/;
 - git push end to end on every board: a good push, a refused spec, a rollback by the device itself;
 - raspberryPi.firmwareConfig and the regulatory domain pushed, read back after a reboot, rolled back;
-- a push that adds a Debian package, installed by apt on the device from the mirror (qemu in the
-  default suite; raspberryPi3's case, 5 minutes of emulated apt, in the slow suite: slow_on).
+- a push that adds a Debian package with no builder: refused on a board with root slots, the device
+  untouched (a builder's system push is tests/test_system_push_boot.py).
 
-Default suite: qemu (x86-64, the display path), raspberryPi3 (raspi3b), raspberryPi0
-(raspi0). Slow suite (-m slow): raspberryPi4 (arm64 virt), raspberryPi2 (raspi2b),
-raspberryPi1 (raspi1ap). QEMU's raspi machines give Debian's kernels no display
+Default suite: qemu (x86-64, the display path), raspberryPi3 (raspi3b). Slow suite (-m slow):
+raspberryPi0 (raspi0), raspberryPi4 (arm64 virt), raspberryPi2 (raspi2b), raspberryPi1 (raspi1ap). QEMU's raspi machines give Debian's kernels no display
 device: `kiosk run` starts them with wlroots' headless backend on the kernel command
 line, so cage runs the program there from the first boot (notes/boot.md).
 
@@ -94,7 +93,7 @@ def boot_key(tmp_path_factory):
     return make_key(_shared_dir(tmp_path_factory) / "boot-key")
 
 
-# qemu, raspberryPi3 and raspberryPi0 boot in the default suite (CI); the other three are slow-marked.
+# qemu and raspberryPi3 boot in the default suite (CI); the other four are slow-marked.
 BOARD_PARAMS = [*(pytest.param(b, marks=[pytest.mark.root, pytest.mark.xdist_group(f"boot-{b}")])
                   for b in DEFAULT_BOARDS),
                 *(pytest.param(b, marks=[pytest.mark.slow, pytest.mark.xdist_group(f"boot-{b}")])

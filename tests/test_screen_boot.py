@@ -375,8 +375,24 @@ def test_a_hung_kernel_is_reset_by_the_watchdog(screen):
         value = result.stdout.strip()
         return value if result.returncode == 0 and value and value != boot_id else None
 
-    wait_until("the device back after the watchdog reset", new_boot, timeout=900, every=10)
-    print(f"\n[screen] back {time.monotonic() - hung:.0f} s after the kernel hung")
+    # the watchdog's part: QEMU's WATCHDOG event, which kiosk run tells (iTCO resets at its second expiry)
+    wait_until("the watchdog's reset (kiosk run's line)",
+               lambda: "the device's watchdog fired (reset)" in vm.run_log.read_text(errors="replace"),
+               timeout=300, every=2)
+    print(f"\n[screen] the watchdog reset the hung guest {time.monotonic() - hung:.0f} s after the panic")
+    # the firmware's part: q35 + OVMF under TCG sometimes never comes back from a reset (notes/ab-update.md,
+    # trap 6; the CI saw it here: nothing for 900 s). A real machine's reset line works, so past 240 s
+    # without the boot loader's first line the harness power-cycles, and says so.
+    seen = len(vm.serial.read_text(errors="replace"))
+    try:
+        wait_until("the boot loader after the watchdog's reset",
+                   lambda: "kiosk-ab:" in vm.serial.read_text(errors="replace")[seen:], timeout=240, every=5)
+    except AssertionError:
+        print("[screen] no boot loader 240 s after the watchdog's reset (QEMU's q35 + OVMF reset hang): "
+              "power cycle", flush=True)
+        vm.power_cycle()
+    wait_until("the device back after the watchdog reset", new_boot, timeout=600, every=10)
+    print(f"[screen] back {time.monotonic() - hung:.0f} s after the kernel hung")
     assert vm.alive(), "QEMU itself must not have stopped"
     vm.wait_for_program("/usr/bin/foot", timeout=600)
 

@@ -32,7 +32,7 @@ from kiosk.image.mbr import boot_partition
 from kiosk.qemu.disk import GiB, board_of_image, check_free_space, disk_size, fat_write, make_disk
 from kiosk.qemu.machine import FIXED_MEMORY, Machine, check_qemu, extract_boot_files, free_port
 from kiosk.qemu.qmp import screendump
-from kiosk.qemu.watch import DiskWatch, StderrRelay
+from kiosk.qemu.watch import MonitorWatch, StderrRelay
 
 
 def parse_size(text: str, option: str = "size") -> int:
@@ -211,7 +211,7 @@ def _run(args) -> int:
         proc = start(argv, stdin=DEVNULL if machine.serial_log else None, stderr=PIPE, what="kiosk run")
         relay = StderrRelay(proc.stderr, sys.stderr)
         relay.start()
-        DiskWatch(machine.watch_qmp, disk.parent, sys.stderr).start()
+        MonitorWatch(machine.watch_qmp, disk.parent, sys.stderr).start()
         code = proc.wait()
         relay.join(timeout=5)
         if code not in (0, -signal.SIGTERM):

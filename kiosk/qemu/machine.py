@@ -169,7 +169,7 @@ class Machine:
     extra_append: list[str] = field(default_factory=list)
     host_name: str | None = None
     accel: str = "auto"
-    watch_qmp: Path | None = None   # a second monitor, kiosk run's own (DiskWatch)
+    watch_qmp: Path | None = None   # a second monitor, kiosk run's own (MonitorWatch)
 
     @property
     def has_display(self) -> bool:

@@ -1,7 +1,8 @@
-"""What a running QEMU says, told to the user once and plainly: its stderr, and a paused disk.
+"""What a running QEMU says, told to the user once and plainly: its stderr, a paused disk, a watchdog reset.
 
-QEMU repeats some messages endlessly and says nothing at all when it pauses a virtio VM whose
-disk copy cannot be written (it looked like a hung device); these two threads fix both.
+QEMU repeats some messages endlessly, says nothing at all when it pauses a virtio VM whose disk
+copy cannot be written (it looked like a hung device), and nothing when the guest's watchdog
+resets it (a device that hung looked like one that rebooted); these two threads fix all three.
 """
 
 from __future__ import annotations
@@ -52,17 +53,18 @@ class StderrRelay:
                 self.dest.flush()
 
 
-class DiskWatch:
-    """Says why a VM stopped when its disk copy cannot be written (virtio: QEMU pauses it silently).
+class MonitorWatch:
+    """Says why a VM stopped when its disk copy cannot be written (virtio: QEMU pauses it silently), and
+    when the guest's hardware watchdog reset it (the system hung for the watchdog's whole timeout).
 
-    Listens on a QMP socket of its own (QEMU serves one client per socket; the user's
-    --qmp stays free for screenshots) for BLOCK_IO_ERROR, and prints one line.
+    Listens on a QMP socket of its own (QEMU serves one client per socket; the user's --qmp stays
+    free for screenshots) for BLOCK_IO_ERROR (said once) and WATCHDOG (said each time), one line each.
     """
 
     def __init__(self, path: Path, where: Path, out):
         self.path, self.where, self.out = path, where, out
         self.said = False
-        self.thread = threading.Thread(target=self._run, name="kiosk-run-diskwatch", daemon=True)
+        self.thread = threading.Thread(target=self._run, name="kiosk-run-monitorwatch", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -74,6 +76,12 @@ class DiskWatch:
         return (f"kiosk: {action}: its disk copy could not be written ({why}; the copy is in {self.where}); "
                 f"free some space and type `cont` on the monitor to go on, or stop it with Ctrl-C")
 
+    @staticmethod
+    def watchdog_message(event: dict) -> str:
+        action = event.get("data", {}).get("action", "reset")
+        return (f"kiosk: the device's watchdog fired ({action}): the guest hung for its whole timeout "
+                f"(its serial console and journal say what it was doing)")
+
     def _run(self) -> None:
         try:
             with QMP(self.path, timeout=60) as qmp:
@@ -83,5 +91,7 @@ class DiskWatch:
                     if event.get("event") == "BLOCK_IO_ERROR" and not self.said:
                         self.said = True
                         print(self.message(event), file=self.out, flush=True)
+                    elif event.get("event") == "WATCHDOG":
+                        print(self.watchdog_message(event), file=self.out, flush=True)
         except (OSError, ValueError, KioskError):
             return   # QEMU went away: nothing more to watch
