@@ -195,6 +195,69 @@ def test_a_failed_install_leaves_no_try_behind(device, monkeypatch):
     assert system.read_trial(root) is None and store.pointer(root, "default") == 1
 
 
+def _chunked_then(root, monkeypatch, second_install_error=None):
+    """start_trial with a builder whose index bundle's install fails (its chunks never came), then whatever
+    the whole bundle's install does: ([chunks asked per request], [bundles installed], the log, the push)."""
+    asked, installed = [], []
+
+    def fetch(root_, data, spec_text, *, upgrade, work, log, chunks=True):
+        asked.append(chunks)
+        bundle = work / "update.raucb"
+        bundle.write_bytes(b"index" if chunks else b"whole")
+        return bundle, ({"packages": [], "chunkStore": "v1"} if chunks else {"packages": []}), ["ssh", "b"]
+
+    def install(root_, bundle, header, argv, log):
+        installed.append(bundle.read_bytes())
+        if header.get("chunkStore"):
+            raise system.KioskError("rauc install on the device failed: casync: chunk 3f2a/3f2a... not found")
+        if second_install_error:
+            raise second_install_error
+
+    monkeypatch.setattr(system, "fetch_bundle", fetch)
+    monkeypatch.setattr(system, "_install", install)
+    monkeypatch.setattr(system, "rauc_status", lambda: {"slots": {"B": {"installed": "2026-12-06T03:00:00Z"}}})
+    booted(root, "A")
+    old, new = pushed(root)
+    gen = add_generation(root, SECOND, commit=new)
+    log = quiet()
+
+    def push():
+        system.start_trial(root, gen, store.generation(root, 1), commit=new, old_commit=old, data={
+            "debian": {}, "hardware": "qemu"}, spec_text="{}", running={"debian": {}}, changes=["packages +hello"],
+            pid=os.getpid(), log=log)
+    return asked, installed, log, push
+
+
+def test_a_chunked_install_that_fails_is_done_again_from_the_whole_bundle(device, monkeypatch):
+    asked, installed, log, push = _chunked_then(device, monkeypatch)
+    push()
+    assert asked == [True, False] and installed == [b"index", b"whole"]
+    assert any("the chunked install failed (rauc install on the device failed: casync: chunk" in line
+               and "asking for the whole bundle instead" in line for line in log.lines), log.lines
+    assert system.read_trial(device)["state"] == "installed" and store.pointer(device, "default") == 2
+
+
+def test_a_whole_bundle_that_fails_too_leaves_no_try_and_a_refused_signature_is_final(device, monkeypatch):
+    asked, installed, _, push = _chunked_then(
+        device, monkeypatch, system.KioskError("rauc install on the device failed: no space left"))
+    with pytest.raises(system.KioskError, match="no space left"):
+        push()
+    assert asked == [True, False] and installed == [b"index", b"whole"]
+    assert system.read_trial(device) is None and store.pointer(device, "default") == 1
+
+    asked = []
+
+    def refused(root_, bundle, header, argv, log):
+        raise slots.BundleRefused("the device refused the bundle: it is not signed by the key this device trusts")
+
+    monkeypatch.setattr(system, "_install", refused)
+    monkeypatch.setattr(system, "fetch_bundle", lambda *a, **k: asked.append(k.get("chunks", True)) or (
+        k["work"] / "update.raucb", {"packages": [], "chunkStore": "v1"}, []))
+    with pytest.raises(slots.BundleRefused):
+        system._install_or_whole(device, device / "x.raucb", {"chunkStore": "v1"}, [], {}, "{}", False, device, quiet())
+    assert asked == []   # no second request: the whole bundle has the same signer
+
+
 def test_a_push_during_a_trial_waits_and_one_git_never_recorded_is_undone(device, monkeypatch):
     root = device
     marks = []

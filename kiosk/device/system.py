@@ -33,8 +33,8 @@ from kiosk.core.log import Log
 from kiosk.core.paths import RAUC_CHUNK_PORT, RAUC_CHUNK_STORE
 from kiosk.core.run import run
 from kiosk.device.pending import process_start, repo_main
-from kiosk.device.slots import (FALLBACK_REASON, booted_slot, bundle_info, other, rauc_install, rauc_mark, rauc_status,
-                                read_record)
+from kiosk.device.slots import (FALLBACK_REASON, BundleRefused, booted_slot, bundle_info, other, rauc_install,
+                                rauc_mark, rauc_status, read_record)
 from kiosk.device.store import (DamagedState, generation, read_state, repo_dir, set_pointer, state_dir,
                                 update_meta, write_state)
 from kiosk.device.switch import update_default_marker
@@ -109,10 +109,11 @@ def _installed(root: Path) -> dict[str, str]:
 
 
 def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work: Path,
-                 log: Log) -> tuple[Path, dict, list[str]]:
+                 log: Log, chunks: bool = True) -> tuple[Path, dict, list[str]]:
     """(bundle, the builder's answer, the ssh argv that reaches that builder again) from the first builder that
     builds this spec's system; KioskError when none could. Its signature is checked here against the
-    certificate this device trusts before anything is written."""
+    certificate this device trusts before anything is written. chunks=False asks for the whole bundle even
+    where casync could take an index bundle."""
     from kiosk.builders.select import device_architecture
     from kiosk.device.fetch import fetch_from_builders
 
@@ -123,7 +124,7 @@ def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work:
         raise KioskError(f"{cert}: {exc.strerror}: this device cannot check an update bundle",
                          hint="reflash it with an image kiosk built (it carries the update certificate)") from None
     request = {"kiosk": PROTOCOL, "op": "bundle", "architecture": device_architecture(data), "spec": spec_text,
-               "updateCertificate": cert_text, "upgrade": upgrade, "chunks": takes_chunks(root)}
+               "updateCertificate": cert_text, "upgrade": upgrade, "chunks": chunks and takes_chunks(root)}
 
     def accept(header: dict, files: dict[str, Path], argv: list[str]) -> tuple[tuple[Path, dict, list[str]], str]:
         bundle = files.get("update.raucb")
@@ -181,6 +182,27 @@ def _install(root: Path, bundle: Path, header: dict, argv: list[str], log: Log) 
         + "; the rest came from the running slot")
 
 
+def _install_or_whole(root: Path, bundle: Path, header: dict, argv: list[str], data: dict, spec_text: str,
+                      upgrade: bool, work: Path, log: Log) -> None:
+    """_install; when an index bundle's install fails for a reason the whole bundle does not share (its
+    chunks did not come: the builder pruned its store, the second session broke), the whole bundle from a
+    builder, installed once more. A signature refusal is final: the whole bundle carries the same signer."""
+    try:
+        _install(root, bundle, header, argv, log)
+        return
+    except BundleRefused:
+        raise
+    except KioskError as exc:
+        if not header.get("chunkStore"):
+            raise
+        log(f"the chunked install failed ({one_line(exc.message)[:200]}): asking for the whole bundle instead")
+    bundle.unlink(missing_ok=True)   # the index bundle: the data partition's room goes to the whole one
+    whole = work / "whole"
+    whole.mkdir()
+    bundle, header, argv = fetch_bundle(root, data, spec_text, upgrade=upgrade, work=whole, log=log, chunks=False)
+    _install(root, bundle, header, argv, log)
+
+
 def _incoming(root: Path):
     """On the data partition (/var/lib/kiosk is there on A/B boards), not the slot or /tmp (RAM)."""
     base = state_dir(root) / "incoming"
@@ -212,7 +234,7 @@ def start_trial(root: Path, gen, cur, *, commit: str, old_commit: str, data: dic
         _write_trial(root, trial)
         log.stage(f"install into slot {target}")
         try:
-            _install(root, bundle, header, argv, log)
+            _install_or_whole(root, bundle, header, argv, data, spec_text, upgrade, Path(tmp), log)
         except BaseException:
             clear_trial(root)   # RAUC leaves a slot it could not finish out of the boot order
             raise
