@@ -882,3 +882,42 @@ def test_copy_sparse_works_across_file_systems(tmp_path):
             b.seek(4096)
             assert a.read() == b.read(64 << 20)
         assert dst.stat().st_blocks * 512 < 16 << 20, "the holes were filled"
+
+
+def test_the_build_machines_python_stands_in_for_a_foreign_ones_only_when_their_upstream_versions_match(tmp_path):
+    """kiosk.image.hostpython: the copy its first hook makes runs from the tree through the copied loader and
+    libraries and writes the .pyc this machine's python3.11 writes; the wrapper picks it only for the same
+    upstream version. (The whole path, in a chroot of an arm64 build, against an emulated build of the same
+    packages: notes/image.md.)"""
+    import py_compile
+    from kiosk.image import hostpython, rootfs
+
+    version = hostpython.host_version()
+    if version is None:
+        pytest.skip("no Debian python3.11 on this machine")
+    assert hostpython.upstream("3.11.2-6+deb12u8") == "3.11.2" == hostpython.upstream("3.11.2")
+    put, take = hostpython.hooks(version)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    subprocess.run(["sh", "-c", put[0], "hook", str(tree)], check=True)
+    build = tree / hostpython.BUILD_DIR.lstrip("/")
+    source = tmp_path / "mod.py"
+    source.write_text("def f(x):\n    return {k: x * k for k in range(3)}\n")
+    env = dict(os.environ, SOURCE_DATE_EPOCH="1700000000", PYTHONHASHSEED="0")
+    subprocess.run([str(build / "ld.so"), "--library-path", str(build / "lib"), str(build / "python3.11"), "-E", "-S",
+                    "-c", f"import py_compile; py_compile.compile({str(source)!r}, cfile={str(tmp_path / 'a.pyc')!r}, "
+                    "dfile='/usr/lib/python3/dist-packages/mod.py', doraise=True)"], check=True, env=env)
+    subprocess.run(["/usr/bin/python3.11", "-E", "-S", "-c",
+                    f"import py_compile; py_compile.compile({str(source)!r}, cfile={str(tmp_path / 'b.pyc')!r}, "
+                    "dfile='/usr/lib/python3/dist-packages/mod.py', doraise=True)"], check=True, env=env)
+    assert (tmp_path / "a.pyc").read_bytes() == (tmp_path / "b.pyc").read_bytes()
+    # the wrapper (the second and third hooks need a chroot): native for the same upstream version only
+    wrapper = put[2].split("'", 1)[1]
+    assert f"= {hostpython.upstream(version)} ]; then v=native" in wrapper.replace("'\"'\"'", "'")
+    assert any("--remove /usr/bin/python3.11" in h and f"rm -rf \"$1\"{hostpython.BUILD_DIR}" in h for h in take)
+    # only a foreign architecture's build diverts it
+    stage = rootfs.Stage("bookworm", rootfs.host_arch(), "http://deb.debian.org/debian", ("python3",), ("python3",),
+                         sources=(("http://deb.debian.org/debian", "bookworm"),))
+    assert not any("kiosk-build" in c for c in rootfs.mmdebstrap_command(stage, tmp_path / "x.tar"))
+    foreign = rootfs.Stage("bookworm", "arm64", stage.mirror, stage.packages, stage.install, sources=stage.sources)
+    assert sum("kiosk-build" in c for c in rootfs.mmdebstrap_command(foreign, tmp_path / "x.tar")) >= 3
