@@ -20,6 +20,7 @@ import os
 import shlex
 from pathlib import Path
 
+from kiosk.core.errors import KioskError
 from kiosk.core.run import run
 
 PYTHON = "/usr/bin/python3.11"
@@ -47,7 +48,10 @@ def host_version() -> str | None:
     """This machine's Debian version of python3.11-minimal when its /usr/bin/python3.11 can stand in."""
     if not os.access(PYTHON, os.X_OK):
         return None
-    result = run(["dpkg-query", "-W", "-f=${Version}", PACKAGE], check=False, what="asking dpkg for python3.11")
+    try:
+        result = run(["dpkg-query", "-W", "-f=${Version}", PACKAGE], check=False, what="asking dpkg for python3.11")
+    except KioskError:   # no dpkg here: the target's own interpreter does it, emulated
+        return None
     version = result.stdout.strip()
     return version if result.returncode == 0 and version else None
 
