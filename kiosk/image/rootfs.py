@@ -27,7 +27,7 @@ Things this recipe takes care of:
   removed from the tree (the FAT partition is mounted there).
 - For a foreign architecture, python3.11 is diverted too while packages are
   installed: this machine's own python3.11 byte-compiles natively when it is
-  the same Debian version (kiosk.image.hostpython), the same bytes in less time.
+  the same upstream version (kiosk.image.hostpython), the same bytes in less time.
 - Reproducible: SOURCE_DATE_EPOCH is the suite's Release date (or the
   caller's SOURCE_DATE_EPOCH), ssh host keys are removed (the device makes its
   own on first start), /etc/hostname and /etc/resolv.conf get fixed contents,
