@@ -297,7 +297,7 @@ def test_rauc_knows_the_slots_and_that_a_is_booted(kiosk):
     booted (from rauc.slot=A), slot B the other one."""
     if not _ab(kiosk.board):
         pytest.skip("the board keeps one root partition (no A/B slots yet)")
-    from kiosk.image.bundle import compatible
+    from kiosk.config.signing import compatible
 
     out = kiosk.vm.ssh("rauc status", timeout=300).stdout
     print(f"\n[{kiosk.board}] rauc status:\n{out}")
@@ -567,19 +567,23 @@ def test_firmware_files_survive_a_power_cut_at_every_step(kiosk):
 def test_a_package_push_with_no_builder_is_refused_on_an_ab_board(kiosk, tmp_path):
     """Issue 17: a board with root slots never installs packages in place (apt on the device, as before). A push
     that changes the system is built by a builder and tried in the other slot (tests/test_system_push_boot.py,
-    slow); a spec that names no builder gets a one-line refusal, the device untouched."""
+    slow), or by the device itself when its board and spec allow it (tests/test_selfbuild_boot.py, slow); a spec
+    that names no builder and forbids the device's own build gets a one-line refusal, the device untouched."""
     if kiosk.board != "qemu":
         pytest.skip("one A/B board shows the rule (it is the same code on raspberryPi0 and raspberryPi3)")
     vm = kiosk.vm
     assert vm.ssh("dpkg -s hello", check=False).returncode != 0
     state = json.loads(vm.ssh("kiosk generations --json").stdout)
     main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
-    result, lines, _ = _push(kiosk, tmp_path, lambda spec: spec.setdefault("packages", []).append("hello"),
-                             "add the hello package, no builder")
+    def change(spec):
+        spec.setdefault("packages", []).append("hello")
+        spec["allowLocalBuild"] = False
+
+    result, lines, _ = _push(kiosk, tmp_path, change, "add the hello package, no builder, no build on the device")
     assert result.returncode != 0
     assert any(line.startswith("==> a new system for slot ") and "packages +hello" in line for line in lines), lines
-    assert any("no builder could build this system (qemu); nothing on the device was changed" in line
-               for line in lines), lines
+    assert any("no builder could build this system (qemu); nothing on the device was changed (the spec's "
+               "/allowLocalBuild is false, so the device does not build it itself)" in line for line in lines), lines
     assert not any(line.strip().startswith("apt: ") for line in lines), lines
     assert vm.ssh("dpkg -s hello", check=False).returncode != 0
     after = json.loads(vm.ssh("kiosk generations --json").stdout)

@@ -394,7 +394,7 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     files = _cpio_list(read_root_file(img.image, "/initrd.img"), tmp_path)
     assert "etc/kiosk-data" in files     # kiosk's own initramfs: it mounts the data partition
     # RAUC's view of the same slots: its grub backend on this grubenv, what kiosk's bundles say they fit
-    from kiosk.image.bundle import compatible
+    from kiosk.config.signing import compatible
 
     conf = read_root_file(img.image, "/etc/rauc/system.conf").decode()
     for line in (f"compatible={compatible('qemu')}", "bootloader=grub", "grubenv=/boot/firmware/grub/grubenv",
@@ -411,6 +411,9 @@ def test_qemu_boot_partition(built_image, tmp_path, tmp_path_factory):
     from imagetools import _cache_dir, _shared_dir   # the cache built_image used
 
     assert "\npath=/etc/rauc/kiosk-update.cert.pem\n" in conf
+    # and the directory of the device's own certificate, on the data partition (filled when it first builds a
+    # system itself: kiosk.device.selfbuild); the image holds none
+    assert "\ndirectory=/data/rauc/keyring\n" in conf
     trusted = read_root_file(img.image, "/etc/rauc/kiosk-update.cert.pem")
     assert trusted == (_cache_dir(_shared_dir(tmp_path_factory)) / "update-signing" / "cert.pem").read_bytes()
     assert trusted.count(b"-----BEGIN CERTIFICATE-----") == 1 and b"PRIVATE" not in trusted

@@ -82,6 +82,7 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     host_pub = keygen(host_key, "builder@test")
     port = free_port()
     spec = boot_spec(board, public, host=f"syspush-{board.lower()}")
+    spec["allowLocalBuild"] = False   # a builder's system, or none (the device's own build: test_selfbuild_boot.py)
     spec["builders"] = [{"hostName": HOST_FROM_GUEST, "port": port, "sshUser": "root",
                          "systems": [ARCHITECTURE[board]], "publicHostKey": " ".join(host_pub.split()[:2])}]
     mirror = server = None

@@ -91,8 +91,8 @@ def test_a_missing_half_is_said_and_not_replaced(cache):
 
 def test_manifest_values_that_rauc_cannot_hold_are_refused():
     with pytest.raises(KioskError, match="version"):
-        bundle._manifest("qemu", "1\n[evil]", "x")
-    assert "compatible=kiosk-qemu\nversion=7 abc\n" in bundle._manifest("qemu", "7 abc", "d")
+        signing._manifest("qemu", "1\n[evil]", "x")
+    assert "compatible=kiosk-qemu\nversion=7 abc\n" in signing._manifest("qemu", "7 abc", "d")
 
 
 def test_a_bundle_carries_the_images_root_byte_for_byte_and_only_its_key_opens_it(built_image, tmp_path, cache):
@@ -132,7 +132,7 @@ def test_the_bundles_hook_gives_the_new_slot_the_running_machine_id(tmp_path):
     """What RAUC runs after writing the slot (`hook slot-post-install`, the slot mounted; the booted update test
     sees the same id after the switch): the id copied whole, and only for the root slot's post-install."""
     hook = tmp_path / "hook"
-    hook.write_text(bundle.HOOK_SCRIPT.replace("/etc/machine-id ", f"{tmp_path}/running-id "))
+    hook.write_text(signing.HOOK_SCRIPT.replace("/etc/machine-id ", f"{tmp_path}/running-id "))
     hook.chmod(0o755)
     (tmp_path / "running-id").write_text("0123456789abcdef0123456789abcdef\n")
     slot = tmp_path / "slot"

@@ -14,6 +14,7 @@ every update of such a device fail. `openssl req -x509` (OpenSSL 3.0) cannot set
 from __future__ import annotations
 
 import getpass
+import re
 import os
 import shutil
 import socket
@@ -29,6 +30,10 @@ from kiosk.core.run import run
 
 DIR_NAME = "update-signing"
 RAUC_CERTIFICATE = "/etc/rauc/kiosk-update.cert.pem"   # where an A/B image keeps the certificate it trusts
+ROOT_IMAGE = "rootfs.ext4"
+SQUASHFS_ARGS = "-comp zstd -Xcompression-level 3"
+_MANIFEST_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:+@-]{0,200}")
+HINT = "kiosk makes update bundles with rauc (apt install rauc squashfs-tools)"
 NOT_BEFORE = "19700101000000Z"
 NOT_AFTER = "99991231235959Z"
 
@@ -81,7 +86,7 @@ def _subject() -> str:
     return f"/O=kiosk/CN=kiosk update signing key {clean}"
 
 
-def _make(directory: Path) -> None:
+def _make(directory: Path, subject: str) -> None:
     """Key and certificate into directory (empty, 0700)."""
     (directory / "ca.cnf").write_text(_CA_CONFIG)
     (directory / "index.txt").write_text("")
@@ -89,7 +94,7 @@ def _make(directory: Path) -> None:
     old = os.umask(0o077)
     try:
         _openssl(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                  "-keyout", "key.pem", "-out", "req.pem", "-subj", _subject()], directory,
+                  "-keyout", "key.pem", "-out", "req.pem", "-subj", subject], directory,
                  "making the update signing key")
         _openssl(["ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", "key.pem", "-in", "req.pem",
                   "-out", "cert.pem", "-startdate", NOT_BEFORE, "-enddate", NOT_AFTER, "-notext"], directory,
@@ -124,9 +129,11 @@ def check_private(directory: Path) -> SigningKey:
     return pair
 
 
-def signing_key(*, create: bool = True, log=lambda message: None) -> SigningKey:
-    """The user's signing pair, made on first use (two kiosk processes at once end up with one pair)."""
-    directory = signing_dir()
+def signing_key(*, create: bool = True, log=lambda message: None, directory: Path | None = None,
+                subject: str | None = None) -> SigningKey:
+    """The user's signing pair, made on first use (two kiosk processes at once end up with one pair);
+    with directory and subject, another pair made the same way (a device's own: kiosk.device.selfbuild)."""
+    directory = Path(directory) if directory is not None else signing_dir()
     if not directory.exists():
         if not create:
             raise KioskError(f"no update signing key in {directory}",
@@ -134,12 +141,12 @@ def signing_key(*, create: bool = True, log=lambda message: None) -> SigningKey:
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{DIR_NAME}-", dir=directory.parent))   # 0700
         try:
-            _make(tmp)
+            _make(tmp, subject or _subject())
             fsync_dir(tmp)
             os.rename(tmp, directory)   # fails if another process made its pair first: theirs is kept
             fsync_dir(directory.parent)
-            log(f"made the update signing key {directory / 'key.pem'} (keep a copy: devices trust only its "
-                "certificate)")
+            log(f"made the update signing key {directory / 'key.pem'}" + (" (keep a copy: devices trust only its "
+                "certificate)" if subject is None else ""))
         except OSError:
             if not directory.exists():
                 raise
@@ -173,3 +180,39 @@ def certificate_fingerprint(pem: str) -> str:
 def compatible(board: str) -> str:
     """What a bundle and a device must both say (RAUC refuses a bundle made for another board)."""
     return f"kiosk-{board}"
+
+
+def _manifest(board: str, version: str, description: str) -> str:
+    for name, value in (("version", version), ("description", description)):
+        if not _MANIFEST_VALUE.fullmatch(value):
+            raise KioskError(f"bundle {name} {value[:40]!r} has characters a RAUC manifest cannot hold",
+                             hint="letters, digits, spaces and . _ : + @ - only")
+    return (f"[update]\ncompatible={compatible(board)}\nversion={version}\ndescription={description}\n\n"
+            f"[bundle]\nformat=verity\n\n[hooks]\nfilename={HOOK}\n\n"
+            f"[image.rootfs]\nfilename={ROOT_IMAGE}\nhooks=post-install\n")
+
+
+# RAUC runs this (from the signed bundle) as `hook slot-post-install` with the new slot mounted: the device keeps
+# its identity across systems. systemd reads /etc/machine-id in PID 1 before any mount, so it cannot come from the
+# data partition (notes/ab-update.md): a slot built with "uninitialized" would make a new id at its first boot,
+# and with it a new DHCP client id and journal directory.
+HOOK = "kiosk-hook"
+HOOK_SCRIPT = """#!/bin/sh
+set -e
+if [ "$1" = slot-post-install ] && [ "$RAUC_SLOT_CLASS" = rootfs ] && [ -s /etc/machine-id ]; then
+    cp /etc/machine-id "$RAUC_SLOT_MOUNT_POINT/etc/machine-id.kiosk-new"
+    mv "$RAUC_SLOT_MOUNT_POINT/etc/machine-id.kiosk-new" "$RAUC_SLOT_MOUNT_POINT/etc/machine-id"
+fi
+"""
+
+
+def sign_bundle(staging: Path, out: Path, *, board: str, version: str, description: str, key: SigningKey) -> None:
+    """`rauc bundle` of staging (which holds ROOT_IMAGE) into out, with kiosk's manifest and hook: a bundle
+    from an image's root (kiosk.image.bundle) and one a device made of its own (kiosk.device.selfbuild) are one
+    format."""
+    staging = Path(staging)
+    (staging / "manifest.raucm").write_text(_manifest(board, version, description))
+    (staging / HOOK).write_text(HOOK_SCRIPT)
+    (staging / HOOK).chmod(0o755)
+    run(["rauc", "bundle", f"--cert={key.cert}", f"--key={key.key}", f"--mksquashfs-args={SQUASHFS_ARGS}",
+         str(staging), str(out)], what="making the update bundle", hint=HINT)

@@ -44,6 +44,11 @@ DATA_BINDS = (("kiosk/state", "/var/lib/kiosk"),                              # 
 # store (ssh -R) and a push's relay serves the builder's (kiosk.builders.chunkstore).
 RAUC_CHUNK_PORT = 7464
 RAUC_CHUNK_STORE = f"http://127.0.0.1:{RAUC_CHUNK_PORT}/store"
+# A board that builds its own new system (kiosk.device.selfbuild) signs it with a key of its own, kept in kiosk's
+# state (0700; the key 0600); its certificate is the one file of RAUC's keyring directory on the data partition,
+# which every slot's system.conf names beside the user's certificate, so the device trusts it whatever slot runs.
+DEVICE_BUILD_KEY = "/var/lib/kiosk/build-key"
+DEVICE_KEYRING = "/data/rauc/keyring"
 DATA_HOST_KEYS = "/data/ssh"     # `ssh-keygen -A -f` prefix: the host keys are /data/ssh/etc/ssh/ssh_host_*
 
 # ---------------------------------------------------------------- the settings

@@ -265,11 +265,12 @@ def pre_receive(stdin, log: Log) -> int:
         removed = sorted(set(old_packages) - set(plan.packages))
         log("packages: " + (" ".join([f"+{p}" for p in added] + [f"-{p}" for p in removed]) or "no change"))
         changes = system.system_changes(running_spec, data, added, removed) if system.slot_here(root) else []
-        if changes:   # an A/B board: the new system is built elsewhere and tried in the other slot, never apt here
+        if changes:   # an A/B board: the new system is built whole (by a builder, or by the device in a copy of its root) and tried in the other slot, never apt in place
             try:
                 sw.preflight()
                 system.start_trial(root, gen, cur, commit=new, old_commit=old, data=data, spec_text=spec_text,
-                                   running=running_spec, changes=changes, pid=os.getppid(), log=log)
+                                   running=running_spec, changes=changes, pid=os.getppid(), log=log,
+                                   added=added, removed=removed)
             except KioskError as exc:
                 update_meta(gen, status="failed", reason=reason_line(exc))
                 _prune(root, log)

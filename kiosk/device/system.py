@@ -146,9 +146,13 @@ def fetch_bundle(root: Path, data: dict, spec_text: str, *, upgrade: bool, work:
 
     found = fetch_from_builders(root, data, request, work, log, accept=accept)
     if found is None:
-        raise KioskError(f"no builder could build this system ({data['hardware']}); nothing on the device was changed",
+        raise NoBuilder(f"no builder could build this system ({data['hardware']}); nothing on the device was changed",
                          hint=NO_BUILDER)
     return found
+
+
+class NoBuilder(KioskError):
+    """No builder built the system: the device may build it itself (kiosk.device.selfbuild), or refuse."""
 
 
 def takes_chunks(root: Path) -> bool:
@@ -210,16 +214,36 @@ def _incoming(root: Path):
     return tempfile.TemporaryDirectory(prefix="system-", dir=base)
 
 
+def _build_here(root: Path, data: dict, no_builder: NoBuilder, *, added: list[str], removed: list[str],
+                upgrade: bool, commit: str, work: Path, log: Log) -> tuple[Path, dict, list[str]]:
+    """No builder answered: the system built on this device when its board and spec allow it, else the refusal."""
+    from kiosk.device import selfbuild
+
+    why_not = selfbuild.why_not_here(data)
+    if why_not:
+        raise KioskError(f"{no_builder.message} ({why_not})", hint=no_builder.hint)
+    log(f"no builder built it: this {data['hardware']} builds its new system itself (allowLocalBuild)")
+    bundle, header = selfbuild.build_here(root, data, added=added, removed=removed, upgrade=upgrade, commit=commit,
+                                          work=work, log=log)
+    return bundle, header, []
+
+
 def start_trial(root: Path, gen, cur, *, commit: str, old_commit: str, data: dict, spec_text: str,
-                running: dict, changes: list[str], pid: int, log: Log) -> None:
-    """Build (on a builder), receive and install the pushed system into the other slot; generation `gen` boots
-    next. KioskError when any of it fails: then nothing but the inactive slot was written."""
+                running: dict, changes: list[str], pid: int, log: Log, added: list[str] = (),
+                removed: list[str] = ()) -> None:
+    """Build (on a builder, or on the device itself), receive and install the pushed system into the other slot;
+    generation `gen` boots next. KioskError when any of it fails: then nothing but the inactive slot was written."""
     booted = slot_here(root)
     target = other(booted)
     log.stage(f"a new system for slot {target} (slot {booted} runs): {'; '.join(changes)}")
     upgrade = (running.get("debian") or {}).get("upgrade") != data["debian"].get("upgrade")
     with _incoming(root) as tmp:
-        bundle, header, argv = fetch_bundle(root, data, spec_text, upgrade=upgrade, work=Path(tmp), log=log)
+        try:
+            bundle, header, argv = fetch_bundle(root, data, spec_text, upgrade=upgrade, work=Path(tmp), log=log)
+        except NoBuilder as exc:
+            suites = any(c.startswith("/debian/") for c in changes)
+            bundle, header, argv = _build_here(root, data, exc, added=list(added), removed=list(removed),
+                                               upgrade=upgrade or suites, commit=commit, work=Path(tmp), log=log)
         after = {p["name"]: p["version"] for p in header.get("packages") or []
                  if isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("version"), str)}
         lines = package_changes(_installed(root), after) if after else []

@@ -12,7 +12,6 @@ same machine for 304 MB; Debian's amd64, arm64 and rpi kernels all read zstd squ
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,12 +20,8 @@ from kiosk.core.errors import KioskError
 from kiosk.core.files import human_size
 from kiosk.core.run import run
 from kiosk.image.mbr import root_partition
-from kiosk.config.signing import SigningKey, compatible
+from kiosk.config.signing import HINT, ROOT_IMAGE, SQUASHFS_ARGS, SigningKey, sign_bundle
 
-ROOT_IMAGE = "rootfs.ext4"
-SQUASHFS_ARGS = "-comp zstd -Xcompression-level 3"
-_MANIFEST_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:+@-]{0,200}")
-HINT = "kiosk makes update bundles with rauc (apt install rauc squashfs-tools)"
 
 
 def _copy_sparse_range(src: Path, start: int, length: int, dst: Path) -> None:
@@ -52,30 +47,6 @@ def _copy_sparse_range(src: Path, start: int, length: int, dst: Path) -> None:
             pos = hole
 
 
-def _manifest(board: str, version: str, description: str) -> str:
-    for name, value in (("version", version), ("description", description)):
-        if not _MANIFEST_VALUE.fullmatch(value):
-            raise KioskError(f"bundle {name} {value[:40]!r} has characters a RAUC manifest cannot hold",
-                             hint="letters, digits, spaces and . _ : + @ - only")
-    return (f"[update]\ncompatible={compatible(board)}\nversion={version}\ndescription={description}\n\n"
-            f"[bundle]\nformat=verity\n\n[hooks]\nfilename={HOOK}\n\n"
-            f"[image.rootfs]\nfilename={ROOT_IMAGE}\nhooks=post-install\n")
-
-
-# RAUC runs this (from the signed bundle) as `hook slot-post-install` with the new slot mounted: the device keeps
-# its identity across systems. systemd reads /etc/machine-id in PID 1 before any mount, so it cannot come from the
-# data partition (notes/ab-update.md): a slot built with "uninitialized" would make a new id at its first boot,
-# and with it a new DHCP client id and journal directory.
-HOOK = "kiosk-hook"
-HOOK_SCRIPT = """#!/bin/sh
-set -e
-if [ "$1" = slot-post-install ] && [ "$RAUC_SLOT_CLASS" = rootfs ] && [ -s /etc/machine-id ]; then
-    cp /etc/machine-id "$RAUC_SLOT_MOUNT_POINT/etc/machine-id.kiosk-new"
-    mv "$RAUC_SLOT_MOUNT_POINT/etc/machine-id.kiosk-new" "$RAUC_SLOT_MOUNT_POINT/etc/machine-id"
-fi
-"""
-
-
 def make_bundle(image: Path, out: Path, *, board: str, version: str, description: str, key: SigningKey,
                 log=lambda message: None) -> Path:
     """A signed bundle at out (written under a temporary name, renamed when whole) from image's root."""
@@ -84,14 +55,10 @@ def make_bundle(image: Path, out: Path, *, board: str, version: str, description
     staging = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out.parent))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        (staging / "manifest.raucm").write_text(_manifest(board, version, description))
-        (staging / HOOK).write_text(HOOK_SCRIPT)
-        (staging / HOOK).chmod(0o755)
         _copy_sparse_range(image, part.start, part.size, staging / ROOT_IMAGE)
         log(f"bundle: root filesystem {part.size >> 20} MiB from {image.name} (partition {part.number})")
         tmp.unlink(missing_ok=True)
-        run(["rauc", "bundle", f"--cert={key.cert}", f"--key={key.key}", f"--mksquashfs-args={SQUASHFS_ARGS}",
-             str(staging), str(tmp)], what="making the update bundle", hint=HINT)
+        sign_bundle(staging, tmp, board=board, version=version, description=description, key=key)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

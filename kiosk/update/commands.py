@@ -178,7 +178,8 @@ def cmd_update(args) -> int:
     from kiosk.image.pipeline import build
     from kiosk.spec import load as specmod
     from kiosk.spec.commands import print_warnings
-    from kiosk.image.bundle import compatible, make_bundle
+    from kiosk.config.signing import compatible
+    from kiosk.image.bundle import make_bundle
 
     log = Log()
     ssh = reach.from_args(args)

@@ -1,0 +1,224 @@
+"""A new system built on the device itself, when no builder answers a push that changes an A/B board's system
+and the board may build for itself (hardware canBuildItself, the spec's allowLocalBuild, true by default).
+
+The new slot is the running one with the push's package changes: the running root file system, seen through a
+bind mount of / (so nothing mounted on it comes along: the data partition, the firmware partition, /proc), is
+copied into a new ext4 the size of the running one; the added packages are resolved and fetched by apt with a
+private state, as a builder does (kiosk.builders.apt), and installed there with dpkg --root; the removed ones are
+purged; an upgrade (/debian/upgrade, a changed suite) fetches newer versions of every installed package the
+same way. The file goes into a bundle of the format a builder makes (kiosk.config.signing.sign_bundle), signed
+with the device's own key: made on first use in kiosk's state on the data partition (0600), its certificate the
+one file of RAUC's keyring directory there, which every slot's system.conf names beside the user's certificate
+(kiosk.image.rauc). So `rauc install` checks its signature, and the try and the verdict are a builder's
+system's (kiosk.device.system): tried once in the other slot, kept only when healthy.
+
+Unlike a builder's, such a system starts from the running slot rather than a fresh build of the spec: what a
+removed package pulled in stays, and files the running system wrote into its root come along.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+from kiosk.builders.apt import fetch_packages
+from kiosk.config.signing import ROOT_IMAGE, SigningKey, sign_bundle, signing_key
+from kiosk.core.errors import KioskError, one_line
+from kiosk.core.files import human_size, write_atomic
+from kiosk.core.paths import DEVICE_BUILD_KEY, DEVICE_KEYRING
+from kiosk.core.run import run
+from kiosk.device.fetch import install_debs, package_request
+from kiosk.spec.hardware import load_board
+from kiosk.spec.sources import apt_sources, sources_list, unsigned_allowed
+
+SOURCES_LIST = "etc/apt/sources.list"
+SYSTEM_CONF = "etc/rauc/system.conf"
+HINT = "start a builder for it, or give the device a larger card"
+
+
+def why_not_here(data: dict) -> str | None:
+    """Why this device may not build its own system (a sentence), or None when it may."""
+    board = load_board(data["hardware"])
+    if not board.get("canBuildItself"):
+        return f"a {board['name']} does not build its own system (too small: it needs a builder)"
+    if data.get("allowLocalBuild", True) is False:
+        return "the spec's /allowLocalBuild is false, so the device does not build it itself"
+    return None
+
+
+def trusts_own_builds(root: Path) -> bool:
+    """Whether the running slot's RAUC takes bundles signed by the device's key (system.conf names the keyring
+    directory; slots from images older than that do not)."""
+    try:
+        lines = (Path(root) / SYSTEM_CONF).read_text().splitlines()
+    except OSError:
+        return False
+    return f"directory={DEVICE_KEYRING}" in lines
+
+
+def _subject(root: Path, host: str) -> str:
+    """The device's name in its certificate, distinct from the user's (OpenSSL's keyring directory finds a
+    signer by subject: two certificates with one subject would hide each other)."""
+    try:
+        machine = (Path(root) / "etc/machine-id").read_text().strip()[:12]
+    except OSError:
+        machine = "unknown"
+    clean = "".join(c for c in host if c.isalnum() or c in ".-")[:48] or "device"
+    return f"/O=kiosk/CN=kiosk device build key {clean} {machine}"
+
+
+def device_key(root: Path, host: str, log) -> SigningKey:
+    """The device's signing pair (made on first use), its certificate in RAUC's keyring directory."""
+    root = Path(root)
+    key = signing_key(directory=root / DEVICE_BUILD_KEY.lstrip("/"), subject=_subject(root, host), log=log)
+    keyring = root / DEVICE_KEYRING.lstrip("/")
+    keyring.mkdir(parents=True, exist_ok=True)
+    name = run(["openssl", "x509", "-noout", "-hash", "-in", str(key.cert)], what="hashing the device's certificate",
+               hint="openssl comes with ca-certificates").stdout.strip() + ".0"
+    text = key.cert.read_text()
+    target = keyring / name
+    if not target.is_file() or target.read_text() != text:
+        write_atomic(target, text, mode=0o644)
+        log(f"RAUC trusts the device's own certificate: {target}")
+    for stale in keyring.iterdir():   # only the device's current certificate
+        if stale.name != name:
+            stale.unlink()
+    return key
+
+
+def _filesystem(device: str) -> tuple[int, str]:
+    """(bytes, label) of the ext4 on device, from its superblock."""
+    out = run(["dumpe2fs", "-h", device], what=f"reading {device}'s file system").stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    try:
+        size = int(fields["Block count"]) * int(fields["Block size"])
+    except (KeyError, ValueError):
+        raise KioskError(f"dumpe2fs -h {device} gave no block count and size") from None
+    label = fields.get("Filesystem volume name", "").strip()
+    return size, "" if label == "<none>" else label
+
+
+@contextlib.contextmanager
+def _mounted(log):
+    """mount(argv..., target) for the block's length; everything mounted is unmounted again, last first."""
+    targets: list[Path] = []
+
+    def mount(*args: str, target: Path) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        run(["mount", *args, str(target)], what=f"mounting {target}")
+        targets.append(target)
+
+    try:
+        yield mount
+    finally:
+        for target in reversed(targets):
+            proc = run(["umount", str(target)], check=False)
+            if proc.returncode != 0:
+                log(f"umount {target} failed ({one_line(proc.stderr)[:160]}): detaching it lazily")
+                run(["umount", "-l", str(target)], check=False)
+
+
+def _sources(data: dict) -> str:
+    """/etc/apt/sources.list as the image build leaves it for this spec (kiosk.image.rootfs)."""
+    return "".join(sources_list([s], options="[trusted=yes] " if unsigned_allowed(s[0]) else "")
+                   for s in apt_sources(data["debian"]))
+
+
+def _installed(tree: Path) -> dict[str, str]:
+    out = run(["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n"],
+              what="dpkg-query").stdout
+    return {name: version for name, version, abbrev in (line.split("\t") for line in out.splitlines())
+            if abbrev.strip() == "ii"}
+
+
+@contextlib.contextmanager
+def _cache_in(directory: Path):
+    """kiosk's cache (apt's lists, the .debs) in directory for the block's length: on the data partition, not in
+    the running slot, and gone afterwards."""
+    before = os.environ.get("KIOSK_CACHE_DIR")
+    os.environ["KIOSK_CACHE_DIR"] = str(directory)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("KIOSK_CACHE_DIR", None)
+        else:
+            os.environ["KIOSK_CACHE_DIR"] = before
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _apply(tree: Path, data: dict, added: list[str], removed: list[str], upgrade: bool, work: Path, log) -> None:
+    """The push's package changes, in the copy: installs and upgrades through apt's private resolution and
+    dpkg --root, removals by dpkg --purge (one the rest still needs stays, said so)."""
+    sources = _sources(data)
+    try:
+        same = (tree / SOURCES_LIST).read_text() == sources
+    except OSError:
+        same = False
+    if not same:
+        write_atomic(tree / SOURCES_LIST, sources, mode=0o644)
+        log("apt sources: " + " | ".join(sources.splitlines()))
+    wanted = sorted(set(added) | (set(_installed(tree)) - set(removed) if upgrade else set()))
+    if wanted:
+        with _cache_in(work / "cache"):
+            entries = fetch_packages(package_request(tree, data, wanted), work, log)
+            install_debs(tree, entries, wanted, log)
+    for name in removed:
+        proc = run(["dpkg", f"--root={tree}", "--purge", name], check=False, env={"DEBIAN_FRONTEND": "noninteractive"})
+        if proc.returncode != 0:
+            lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+            log(f"kept {name}: dpkg would not purge it ({one_line(' '.join(lines[-3:]))[:200]})")
+        else:
+            log(f"purged {name}")
+
+
+def build_here(root: Path, data: dict, *, added: list[str], removed: list[str], upgrade: bool, commit: str,
+               work: Path, log) -> tuple[Path, dict]:
+    """(bundle, what a builder's answer would say of it: version, packages) for the pushed spec, made on this
+    device in work (on the data partition). KioskError when it cannot be: nothing but work was written."""
+    if Path(root).resolve() != Path("/"):
+        raise KioskError("a device builds its own system only on itself (root /)")
+    if not trusts_own_builds(root):
+        raise KioskError("this device's slot predates systems built on the device (its RAUC system.conf names no "
+                         f"keyring directory {DEVICE_KEYRING})",
+                         hint="give it one new system through a builder or kiosk update; then it can build its own")
+    started = time.monotonic()
+    key = device_key(root, data["hostName"], log)
+    source = run(["findmnt", "-n", "-o", "SOURCE", "/"], what="finding the root file system").stdout.strip()
+    size, label = _filesystem(source)
+    usage = shutil.disk_usage("/")
+    free = shutil.disk_usage(work).free
+    needed = usage.used * 3 // 2 + (256 << 20)   # the copy, the bundle (compressed), apt's downloads
+    if free < needed:
+        raise KioskError(f"the data partition has {human_size(free)} free; building the new system here needs about "
+                         f"{human_size(needed)}", hint=HINT)
+    staging = work / "bundle"
+    staging.mkdir()
+    image = staging / ROOT_IMAGE
+    log.stage(f"build the new system on the device: a copy of the running root ({human_size(usage.used)} of "
+              f"{source}) with the push's changes")
+    with open(image, "wb") as f:
+        f.truncate(size)
+    run(["mkfs.ext4", "-q", "-F", *(["-L", label] if label else []), str(image)], what="making the new root file system")
+    tree = work / "new"
+    with _mounted(log) as mount:
+        mount("--bind", "-o", "ro", "/", target=work / "running")   # / alone: not what is mounted on it
+        mount("-o", "loop", str(image), target=tree)
+        run(["cp", "-a", "--one-file-system", f"{work / 'running'}/.", f"{tree}/"], what="copying the running root")
+        log(f"copied the running root in {time.monotonic() - started:.0f} s")
+        for name in ("dev", "proc", "sys"):   # what maintainer scripts may need, in dpkg's chroot
+            mount("--bind", f"/{name}", target=tree / name)
+        _apply(tree, data, added, removed, upgrade, work, log)
+        packages = _installed(tree)
+    log.stage("sign the new system with the device's key")
+    version = f"device {commit[:12]}"
+    bundle = work / "update.raucb"
+    sign_bundle(staging, bundle, board=data["hardware"], version=version,
+                description=f"kiosk system of {data['hostName']} built on the device", key=key)
+    image.unlink()
+    log(f"built on the device in {time.monotonic() - started:.0f} s: bundle {human_size(bundle.stat().st_size)}")
+    return bundle, {"version": version, "packages": [{"name": n, "version": v} for n, v in sorted(packages.items())]}
+
