@@ -89,16 +89,21 @@ def device_key(root: Path, host: str, log) -> SigningKey:
     return key
 
 
-def _filesystem(device: str) -> tuple[int, str]:
-    """(bytes, label) of the ext4 on device, from its superblock."""
+def _filesystem(device: str) -> list[str]:
+    """mkfs.ext4 options that make a file system like the ext4 on device: its size, block size, inode count,
+    label and UUID (both slots carry one UUID: kiosk.image.assemble)."""
     out = run(["dumpe2fs", "-h", device], what=f"reading {device}'s file system").stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in out.splitlines() if ":" in line)}
     try:
-        size = int(fields["Block count"]) * int(fields["Block size"])
+        block, blocks, inodes = int(fields["Block size"]), int(fields["Block count"]), int(fields["Inode count"])
     except (KeyError, ValueError):
-        raise KioskError(f"dumpe2fs -h {device} gave no block count and size") from None
-    label = fields.get("Filesystem volume name", "").strip()
-    return size, "" if label == "<none>" else label
+        raise KioskError(f"dumpe2fs -h {device} gave no block size, block count and inode count") from None
+    options = ["-b", str(block), "-N", str(inodes)]
+    if fields.get("Filesystem volume name", "<none>") != "<none>":
+        options += ["-L", fields["Filesystem volume name"]]
+    if fields.get("Filesystem UUID"):
+        options += ["-U", fields["Filesystem UUID"]]
+    return options + [str(blocks)]
 
 
 @contextlib.contextmanager
@@ -121,10 +126,10 @@ def _mounted(log):
                 run(["umount", "-l", str(target)], check=False)
 
 
-def _sources(data: dict) -> str:
-    """/etc/apt/sources.list as the image build leaves it for this spec (kiosk.image.rootfs)."""
-    return "".join(sources_list([s], options="[trusted=yes] " if unsigned_allowed(s[0]) else "")
-                   for s in apt_sources(data["debian"]))
+def _sources(data: dict) -> list[str]:
+    """The lines of /etc/apt/sources.list the image build leaves for this spec (kiosk.image.rootfs)."""
+    return [sources_list([s], options="[trusted=yes] " if unsigned_allowed(s[0]) else "").strip()
+            for s in apt_sources(data["debian"])]
 
 
 def _installed(tree: Path) -> dict[str, str]:
@@ -155,12 +160,12 @@ def _apply(tree: Path, data: dict, added: list[str], removed: list[str], upgrade
     dpkg --root, removals by dpkg --purge (one the rest still needs stays, said so)."""
     sources = _sources(data)
     try:
-        same = (tree / SOURCES_LIST).read_text() == sources
+        same = [line.strip() for line in (tree / SOURCES_LIST).read_text().splitlines() if line.strip()] == sources
     except OSError:
         same = False
-    if not same:
-        write_atomic(tree / SOURCES_LIST, sources, mode=0o644)
-        log("apt sources: " + " | ".join(sources.splitlines()))
+    if not same:   # mmdebstrap's layout: one source a paragraph
+        write_atomic(tree / SOURCES_LIST, "\n\n".join(sources) + "\n", mode=0o644)
+        log("apt sources: " + " | ".join(sources))
     wanted = sorted(set(added) | (set(_installed(tree)) - set(removed) if upgrade else set()))
     if wanted:
         with _cache_in(work / "cache"):
@@ -188,7 +193,7 @@ def build_here(root: Path, data: dict, *, added: list[str], removed: list[str], 
     started = time.monotonic()
     key = device_key(root, data["hostName"], log)
     source = run(["findmnt", "-n", "-o", "SOURCE", "/"], what="finding the root file system").stdout.strip()
-    size, label = _filesystem(source)
+    mkfs = _filesystem(source)
     usage = shutil.disk_usage("/")
     free = shutil.disk_usage(work).free
     needed = usage.used * 3 // 2 + (256 << 20)   # the copy, the bundle (compressed), apt's downloads
@@ -200,9 +205,7 @@ def build_here(root: Path, data: dict, *, added: list[str], removed: list[str], 
     image = staging / ROOT_IMAGE
     log.stage(f"build the new system on the device: a copy of the running root ({human_size(usage.used)} of "
               f"{source}) with the push's changes")
-    with open(image, "wb") as f:
-        f.truncate(size)
-    run(["mkfs.ext4", "-q", "-F", *(["-L", label] if label else []), str(image)], what="making the new root file system")
+    run(["mkfs.ext4", "-q", "-F", *mkfs[:-1], str(image), mkfs[-1]], what="making the new root file system")
     tree = work / "new"
     with _mounted(log) as mount:
         mount("--bind", "-o", "ro", "/", target=work / "running")   # / alone: not what is mounted on it
