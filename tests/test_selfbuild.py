@@ -105,3 +105,28 @@ def test_a_board_that_may_not_build_itself_refuses_the_push_untouched(device, mo
                            running={"debian": {}}, changes=["packages +hello"], pid=os.getpid(), log=quiet(),
                            added=["hello"])
     assert system.read_trial(root) is None and store.pointer(root, "default") == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root (the CI runs as root)")
+def test_the_chroots_dev_is_its_own_and_a_stale_work_directory_goes_with_its_mounts(tmp_path):
+    """dpkg's chroot gets new proc/sysfs/tmpfs instances, never a bind of the device's /dev; what a killed push
+    left in incoming/ (a build's mounts included) is detached and removed by the next one, nothing else."""
+    base = tmp_path / "incoming"
+    tree = base / "system-stale" / "new"
+    for name in ("dev", "proc", "sys"):
+        (tree / name).mkdir(parents=True)
+    keep = base / "other"
+    keep.mkdir()
+    with selfbuild._mounted(print) as mount:
+        selfbuild._chroot_mounts(tree, mount)
+        null = (tree / "dev/null").stat()
+        assert stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
+        assert (tree / "proc/self").is_symlink() and os.readlink(tree / "dev/fd") == "/proc/self/fd"
+        assert os.stat(tree / "dev").st_dev != os.stat("/dev").st_dev
+    assert selfbuild._mounts_under(base) == []   # all unmounted again
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tree / "dev")], check=True)   # as a killed push leaves it
+    (tree / "dev/null").write_text("x")
+    said = []
+    selfbuild.clear_stale(base, said.append)
+    assert not (base / "system-stale").exists() and keep.is_dir(), said
+    assert selfbuild._mounts_under(base) == [] and said == ["removed system-stale, left by a push that never finished"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -126,6 +127,52 @@ def _mounted(log):
                 run(["umount", "-l", str(target)], check=False)
 
 
+# The chroot's /dev: a tmpfs of its own with the character devices maintainer scripts use, never a bind of the
+# device's /dev (a cleanup that ran into a bind would delete the running system's device nodes).
+DEVICE_NODES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+
+
+def _chroot_mounts(tree: Path, mount) -> None:
+    """/proc, /sys (read-only) and /dev for dpkg's maintainer scripts in tree: new instances, not binds."""
+    mount("-t", "proc", "proc", target=tree / "proc")
+    mount("-t", "sysfs", "-o", "ro", "sysfs", target=tree / "sys")
+    mount("-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", target=tree / "dev")
+    for name, (major, minor) in DEVICE_NODES.items():
+        os.mknod(tree / "dev" / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(tree / "dev" / name, 0o666)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, tree / "dev" / name)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points below path (from /proc/self/mountinfo), deepest first."""
+    prefix = f"{str(path).rstrip('/')}/"
+    points = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            point = line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+            if point.startswith(prefix):
+                points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def clear_stale(base: Path, log) -> None:
+    """The work directories in base (system-*) of pushes that never finished (their process killed, a power
+    cut during a build): their mounts detached, then removed. The caller holds the device's lock, so none is
+    in use."""
+    for old in Path(base).glob("system-*"):
+        if not old.is_dir():
+            continue
+        for point in _mounts_under(old):
+            run(["umount", "-l", point], check=False)
+        if _mounts_under(old):
+            log(f"left {old}: something is still mounted below it (restart the device to free it)")
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+        log(f"removed {old.name}, left by a push that never finished")
+
+
 def _sources(data: dict) -> list[str]:
     """The lines of /etc/apt/sources.list the image build leaves for this spec (kiosk.image.rootfs)."""
     return [sources_list([s], options="[trusted=yes] " if unsigned_allowed(s[0]) else "").strip()
@@ -212,8 +259,7 @@ def build_here(root: Path, data: dict, *, added: list[str], removed: list[str], 
         mount("-o", "loop", str(image), target=tree)
         run(["cp", "-a", "--one-file-system", f"{work / 'running'}/.", f"{tree}/"], what="copying the running root")
         log(f"copied the running root in {time.monotonic() - started:.0f} s")
-        for name in ("dev", "proc", "sys"):   # what maintainer scripts may need, in dpkg's chroot
-            mount("--bind", f"/{name}", target=tree / name)
+        _chroot_mounts(tree, mount)
         _apply(tree, data, added, removed, upgrade, work, log)
         packages = _installed(tree)
     log.stage("sign the new system with the device's key")

@@ -207,10 +207,14 @@ def _install_or_whole(root: Path, bundle: Path, header: dict, argv: list[str], d
     _install(root, bundle, header, argv, log)
 
 
-def _incoming(root: Path):
-    """On the data partition (/var/lib/kiosk is there on A/B boards), not the slot or /tmp (RAM)."""
+def _incoming(root: Path, log: Log):
+    """On the data partition (/var/lib/kiosk is there on A/B boards), not the slot or /tmp (RAM); what a push
+    that never finished left there is removed first."""
+    from kiosk.device.selfbuild import clear_stale
+
     base = state_dir(root) / "incoming"
     base.mkdir(parents=True, exist_ok=True)
+    clear_stale(base, log)
     return tempfile.TemporaryDirectory(prefix="system-", dir=base)
 
 
@@ -237,7 +241,7 @@ def start_trial(root: Path, gen, cur, *, commit: str, old_commit: str, data: dic
     target = other(booted)
     log.stage(f"a new system for slot {target} (slot {booted} runs): {'; '.join(changes)}")
     upgrade = (running.get("debian") or {}).get("upgrade") != data["debian"].get("upgrade")
-    with _incoming(root) as tmp:
+    with _incoming(root, log) as tmp:
         try:
             bundle, header, argv = fetch_bundle(root, data, spec_text, upgrade=upgrade, work=Path(tmp), log=log)
         except NoBuilder as exc:
