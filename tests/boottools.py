@@ -190,9 +190,10 @@ class BootedVM:
         self.cache = self.work / "cache"   # kiosk run's KIOSK_CACHE_DIR: its disk copy lives in cache/run
 
     # -- lifecycle
-    def start(self) -> "BootedVM":
+    def start(self, port: int | None = None) -> "BootedVM":
+        """Boot; on `port` (a power cycle keeps the device's address, as a real one does) or a free one."""
         self._close_shared()
-        self.port = _free_port()
+        self.port = port or _free_port()
         for path in (self.qmp, self.serial):
             path.unlink(missing_ok=True)
         argv = [sys.executable, "-m", "kiosk", "run", str(self.image), "--headless", "--ssh-port", str(self.port),
@@ -402,7 +403,7 @@ class BootedVM:
             self.extra_args = [*self.extra_args, "--disk", str(disk)]
         self.stop()
         self.stopped = False
-        self.start()
+        self.start(port=self.port)   # whoever was reaching the device (kiosk update, a git client) reaches it again
 
     def screendump(self, dest: Path) -> Path:
         from kiosk.qemu.qmp import screendump
