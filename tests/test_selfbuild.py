@@ -130,3 +130,17 @@ def test_the_chroots_dev_is_its_own_and_a_stale_work_directory_goes_with_its_mou
     selfbuild.clear_stale(base, said.append)
     assert not (base / "system-stale").exists() and keep.is_dir(), said
     assert selfbuild._mounts_under(base) == [] and said == ["removed system-stale, left by a push that never finished"]
+
+
+def test_an_archive_dated_after_the_devices_clock_is_said_with_what_to_do(monkeypatch):
+    """apt's refusal (a Pi with no network time: no clock of its own) comes before the copy, with a hint."""
+    def refused(request, work, log):
+        raise KioskError("apt-get update -q ... exited with status 100:\n  E: Release file for http://deb.debian.org"
+                         "/debian/dists/bookworm/InRelease is not valid yet (invalid for another 74d 14h 11min 37s).")
+
+    monkeypatch.setattr(selfbuild, "fetch_packages", refused)
+    monkeypatch.setattr(selfbuild, "package_request", lambda root, data, wanted: {"packages": wanted})
+    with pytest.raises(KioskError, match="not valid yet") as caught:
+        selfbuild._fetch("/", {}, ["hello"], None, print)
+    assert "clock" in caught.value.hint and "builder" in caught.value.hint
+    assert selfbuild._fetch("/", {}, [], None, print) == []   # nothing to fetch: no apt at all

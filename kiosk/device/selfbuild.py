@@ -202,9 +202,25 @@ def _cache_in(directory: Path):
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def _apply(tree: Path, data: dict, added: list[str], removed: list[str], upgrade: bool, work: Path, log) -> None:
-    """The push's package changes, in the copy: installs and upgrades through apt's private resolution and
-    dpkg --root, removals by dpkg --purge (one the rest still needs stays, said so)."""
+def _fetch(root: Path, data: dict, wanted: list[str], work: Path, log) -> list[dict]:
+    """The .debs for wanted, resolved by apt with a private state against the pushed spec's sources and the
+    running system's dpkg status (the copy's, before it is made): a refusal (the archive unreachable, its
+    Release not valid by this device's clock, a package unknown) comes before the long copy."""
+    if not wanted:
+        return []
+    try:
+        return fetch_packages(package_request(root, data, wanted), work, log)
+    except KioskError as exc:
+        if "not valid yet" in exc.message:
+            raise KioskError(exc.message, hint="the device's clock is behind the archive's (a Pi has no clock of its "
+                                               "own: it needs network time, see timedatectl on it), or give the "
+                                               "spec a builder") from None
+        raise
+
+
+def _apply(tree: Path, data: dict, entries: list[dict], wanted: list[str], removed: list[str], log) -> None:
+    """The push's package changes, in the copy: the fetched .debs installed with dpkg --root, removals by dpkg
+    --purge (one the rest still needs stays, said so), sources.list as the spec's."""
     sources = _sources(data)
     try:
         same = [line.strip() for line in (tree / SOURCES_LIST).read_text().splitlines() if line.strip()] == sources
@@ -213,11 +229,8 @@ def _apply(tree: Path, data: dict, added: list[str], removed: list[str], upgrade
     if not same:   # mmdebstrap's layout: one source a paragraph
         write_atomic(tree / SOURCES_LIST, "\n\n".join(sources) + "\n", mode=0o644)
         log("apt sources: " + " | ".join(sources))
-    wanted = sorted(set(added) | (set(_installed(tree)) - set(removed) if upgrade else set()))
     if wanted:
-        with _cache_in(work / "cache"):
-            entries = fetch_packages(package_request(tree, data, wanted), work, log)
-            install_debs(tree, entries, wanted, log)
+        install_debs(tree, entries, wanted, log)
     for name in removed:
         proc = run(["dpkg", f"--root={tree}", "--purge", name], check=False, env={"DEBIAN_FRONTEND": "noninteractive"})
         if proc.returncode != 0:
@@ -252,16 +265,20 @@ def build_here(root: Path, data: dict, *, added: list[str], removed: list[str], 
     image = staging / ROOT_IMAGE
     log.stage(f"build the new system on the device: a copy of the running root ({human_size(usage.used)} of "
               f"{source}) with the push's changes")
-    run(["mkfs.ext4", "-q", "-F", *mkfs[:-1], str(image), mkfs[-1]], what="making the new root file system")
-    tree = work / "new"
-    with _mounted(log) as mount:
-        mount("--bind", "-o", "ro", "/", target=work / "running")   # / alone: not what is mounted on it
-        mount("-o", "loop", str(image), target=tree)
-        run(["cp", "-a", "--one-file-system", f"{work / 'running'}/.", f"{tree}/"], what="copying the running root")
-        log(f"copied the running root in {time.monotonic() - started:.0f} s")
-        _chroot_mounts(tree, mount)
-        _apply(tree, data, added, removed, upgrade, work, log)
-        packages = _installed(tree)
+    wanted = sorted(set(added) | (set(_installed(Path(root))) - set(removed) if upgrade else set()))
+    with _cache_in(work / "cache"):
+        entries = _fetch(Path(root), data, wanted, work, log)
+        run(["mkfs.ext4", "-q", "-F", *mkfs[:-1], str(image), mkfs[-1]], what="making the new root file system")
+        tree = work / "new"
+        copied = time.monotonic()
+        with _mounted(log) as mount:
+            mount("--bind", "-o", "ro", "/", target=work / "running")   # / alone: not what is mounted on it
+            mount("-o", "loop", str(image), target=tree)
+            run(["cp", "-a", "--one-file-system", f"{work / 'running'}/.", f"{tree}/"], what="copying the running root")
+            log(f"copied the running root in {time.monotonic() - copied:.0f} s")
+            _chroot_mounts(tree, mount)
+            _apply(tree, data, entries, wanted, removed, log)
+            packages = _installed(tree)
     log.stage("sign the new system with the device's key")
     version = f"device {commit[:12]}"
     bundle = work / "update.raucb"
