@@ -139,7 +139,16 @@ def push(work: Path, cache: Path, key: Path, public: str, spec: dict, board: str
                         str(work / "builder" / "authorized_keys")], input=device_key, text=True, check=True,
                        cwd=HERE.parent, capture_output=True)
         client = vm.git_client(work / "client")
-        clone = client.clone(vm.repo_url, "configuration")
+        for attempt in (1, 2, 3):   # the emulated ARM1176 under load drops a connection now and then
+            try:
+                clone = client.clone(vm.repo_url, "configuration")
+                break
+            except AssertionError as exc:
+                if attempt == 3:
+                    raise
+                print(f"  git clone failed ({str(exc).splitlines()[1:2]}); again in 30 s", flush=True)
+                subprocess.run(["rm", "-rf", str(work / "client" / "configuration")], check=False)
+                time.sleep(30)
         data = json.loads((clone / "nixiosk.json").read_text())
         data["packages"] = [*data.get("packages", []), "hello"]
         client.commit_spec(clone, data, message="hello")
