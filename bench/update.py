@@ -158,7 +158,7 @@ def push(work: Path, cache: Path, key: Path, public: str, spec: dict, board: str
         pushed = time.monotonic() - started
         lines = remote_lines(result.stderr)
         if result.returncode != 0:
-            raise SystemExit("git push failed:\n" + "\n".join(lines[-40:]))
+            raise SystemExit("git push failed:\n" + ("\n".join(lines[-40:]) or result.stderr[-2000:]))
         vm.wait_for("test \"$(cat /proc/sys/kernel/random/boot_id)\" != " + old_boot + " && echo new", timeout=2400)
         back = time.monotonic() - started
         vm.wait_for("test ! -e /var/lib/kiosk/trial.json && kiosk slot status --json | grep -q '\"booted\": \"B\"'"
