@@ -14,8 +14,8 @@ every update of such a device fail. `openssl req -x509` (OpenSSL 3.0) cannot set
 from __future__ import annotations
 
 import getpass
-import re
 import os
+import re
 import shutil
 import socket
 import stat

@@ -1,6 +1,6 @@
 """Small files written so that a crash leaves the old or the new content, never half; files placed
-inside a tree without ever leaving it; hashing; sizes. Reading a file the user names safely is
-kiosk.core.inputs."""
+inside a tree without ever leaving it; hashing; sizes; the kernel's mount table. Reading a file the user
+names safely is kiosk.core.inputs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import secrets
 import signal
 import stat
@@ -246,3 +247,23 @@ def human_size(size: int) -> str:
         if value < 1024:
             return f"{value:.1f} {unit}"
     return f"{value / 1024.0:.1f} PiB"
+
+
+def unescape_octal(text: str) -> str:
+    """Mount points and swap file names escape spaces etc. as octal (\\040)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
+
+
+def mount_table(mountinfo: Path = Path("/proc/self/mountinfo")) -> list[tuple[str, str, str]]:
+    """(major:minor, mount point, source) for every mount in mountinfo ([] when it cannot be read)."""
+    out = []
+    try:
+        lines = Path(mountinfo).read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, tail = left.split(), right.split()
+        if len(fields) >= 5:
+            out.append((fields[2], unescape_octal(fields[4]), unescape_octal(tail[1]) if len(tail) >= 2 else ""))
+    return out

@@ -28,9 +28,10 @@ from pathlib import Path
 from kiosk.builders.apt import fetch_packages
 from kiosk.config.signing import ROOT_IMAGE, SigningKey, sign_bundle, signing_key
 from kiosk.core.errors import KioskError, one_line
-from kiosk.core.files import human_size, write_atomic
+from kiosk.core.files import human_size, mount_table, write_atomic
 from kiosk.core.paths import DEVICE_BUILD_KEY, DEVICE_KEYRING
 from kiosk.core.run import run
+from kiosk.device.facts import installed_packages
 from kiosk.device.fetch import install_debs, package_request
 from kiosk.spec.hardware import load_board
 from kiosk.spec.sources import apt_sources, sources_list, unsigned_allowed
@@ -146,15 +147,9 @@ def _chroot_mounts(tree: Path, mount) -> None:
 
 
 def _mounts_under(path: Path) -> list[str]:
-    """Mount points below path (from /proc/self/mountinfo), deepest first."""
+    """Mount points below path, deepest first."""
     prefix = f"{str(path).rstrip('/')}/"
-    points = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            point = line.split()[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-            if point.startswith(prefix):
-                points.append(point)
-    return sorted(points, key=len, reverse=True)
+    return sorted((point for _, point, _ in mount_table() if point.startswith(prefix)), key=len, reverse=True)
 
 
 def clear_stale(base: Path, log) -> None:
@@ -180,10 +175,7 @@ def _sources(data: dict) -> list[str]:
 
 
 def _installed(tree: Path) -> dict[str, str]:
-    out = run(["dpkg-query", f"--admindir={tree}/var/lib/dpkg", "-W", "-f", "${Package}\t${Version}\t${db:Status-Abbrev}\n"],
-              what="dpkg-query").stdout
-    return {name: version for name, version, abbrev in (line.split("\t") for line in out.splitlines())
-            if abbrev.strip() == "ii"}
+    return {name: version for name, version, _ in installed_packages(tree)}
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiosk.core.errors import KioskError, Refused, one_line
-from kiosk.core.files import human_size
+from kiosk.core.files import human_size, mount_table, unescape_octal
 from kiosk.core.run import run
 
 SYSTEM_MOUNTS = ("/", "/boot", "/boot/efi", "/boot/firmware", "/home", "/usr", "/var")
@@ -123,24 +123,9 @@ def _dev_name(path: str, roots: Roots) -> str | None:
     return Path(os.path.realpath(roots.dev / path[len("/dev/"):])).name
 
 
-def _unescape(text: str) -> str:
-    """Mount points and swap file names escape spaces etc. as octal (\\040)."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), text)
-
-
 def mounts(roots: Roots) -> list[tuple[str, str, str]]:
-    """(major:minor, mount point, source) for every mount in mountinfo."""
-    out = []
-    try:
-        lines = roots.mountinfo.read_text(errors="replace").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) >= 5:
-            out.append((fields[2], _unescape(fields[4]), _unescape(tail[1]) if len(tail) >= 2 else ""))
-    return out
+    """(major:minor, mount point, source) for every mount in roots' mountinfo."""
+    return mount_table(roots.mountinfo)
 
 
 def _mounted(name: str, roots: Roots) -> list[tuple[str, str]]:
@@ -214,7 +199,7 @@ def check_not_swap(name: str, roots: Roots = Roots()) -> None:
     for line in lines:
         if not line.split():
             continue
-        path = _unescape(line.split()[0])
+        path = unescape_octal(line.split()[0])
         dev = _dev_name(path, roots)
         if dev in rel:
             base = rel[dev]
