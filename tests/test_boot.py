@@ -876,7 +876,7 @@ def test_kiosk_run_command_line(board_name, tmp_path):
                             env={"KIOSK_CACHE_DIR": str(tmp_path / "cache")})
         assert refused.returncode == 2 and "grub/grub.cfg" in refused.stderr and refused.stderr.count("\n") == 1
     elif q.get("ubootElf"):
-        # QEMU's raspi0 runs U-Boot's ELF from the root slot and hands it neither -dtb nor -append: kiosk run's
+        # QEMU's raspi0/raspi1ap run U-Boot's ELF from the root slot and hand it neither -dtb nor -append: kiosk run's
         # disk copy gets them in kiosk-qemu.txt on its FAT (kept here with --keep; boot.scr imports both names)
         assert not {"-initrd", "-append", "-dtb"} & set(argv)
         kernel = Path(argv[argv.index("-kernel") + 1])
@@ -889,9 +889,19 @@ def test_kiosk_run_command_line(board_name, tmp_path):
                         env={"KIOSK_CACHE_DIR": str(tmp_path / "odd")})
         (text,) = [p.read_text() for p in (tmp_path / "odd" / "run").glob("*/kiosk-qemu.txt")]
         assert odd.returncode == 0 and text.splitlines()[1:] == [f"kiosk_fdtfile={q['dtb']}"], text
-        # U-Boot writes to the mini UART (the second port), Linux to the PL011: both on the one terminal
-        assert argv[argv.index("-chardev") + 1].startswith("stdio,id=console,mux=on")
-        assert [argv[i + 1] for i, a in enumerate(argv) if a == "-serial"] == ["chardev:console"] * 2
+        if len(q["serial"]) == 2:
+            # raspi0: U-Boot writes to the mini UART (the second port), Linux to the PL011: one terminal for both
+            assert argv[argv.index("-chardev") + 1].startswith("stdio,id=console,mux=on")
+            assert [argv[i + 1] for i, a in enumerate(argv) if a == "-serial"] == ["chardev:console"] * 2
+    elif q.get("ubootLoadAddress"):
+        # raspi2b: the FAT's U-Boot as a uImage loaded where the Pi's firmware puts it, with -dtb and -append
+        _check_append(argv[argv.index("-append") + 1].split(), q)
+        kernel = Path(argv[argv.index("-kernel") + 1])
+        listed = subprocess.run(["mkimage", "-l", str(kernel)], capture_output=True, text=True, check=True).stdout
+        address = f"{int(q['ubootLoadAddress'], 16):08x}"
+        assert f"Load Address: {address}" in listed and f"Entry Point:  {address}" in listed, listed
+        assert kernel.read_bytes()[-len(b"kernel"):] == b"kernel" and "-initrd" not in argv
+        assert Path(argv[argv.index("-dtb") + 1]).name == q["dtb"]
     else:
         _check_kernel_arguments(argv, q)
     drive = " ".join(argv)

@@ -9,8 +9,8 @@ convention: BOOT_ORDER and BOOT_<slot>_LEFT, counted down and saved before each 
 commits is passed over once its tries are spent; `rauc status mark-good` (kiosk slot commit) sets them back.
 
 The kernel's command line is the firmware's (cmdline.txt, which kiosk's pushes keep up to date, read from the
-device tree U-Boot was given: `kiosk run` passes the same through QEMU's -dtb/-append, or on raspi0, whose U-Boot
-ELF QEMU hands neither, in kiosk-qemu.txt on the FAT of its own disk copy) plus the chosen
+device tree U-Boot was given: `kiosk run` passes the same through QEMU's -dtb/-append, or on raspi0 and raspi1ap,
+whose U-Boot ELF QEMU hands neither, in kiosk-qemu.txt on the FAT of its own disk copy) plus the chosen
 slot's root=, rauc.slot= and panic=10; the kernel and initramfs are the slot's own /vmlinuz and /initrd.img.
 Debian's U-Boot has no redundant environment (trap 3): when uboot.env is lost, the boot script takes the
 order of the last commit from kiosk-slots.txt, which `kiosk slot commit` writes on the FAT.

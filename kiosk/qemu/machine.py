@@ -9,8 +9,9 @@ exist under QEMU. Boards with qemu.firmware (the qemu target: OVMF) boot the dis
 loader instead (GRUB on the FAT picks root slot A or B): no -kernel, -initrd or -append. A/B
 Raspberry Pis name U-Boot as config.txt's kernel: it is QEMU's -kernel, with the device tree and the
 command line QEMU hands it as the Pi's firmware would; U-Boot loads the chosen slot's kernel and initrd.
-QEMU's raspi0 runs only U-Boot's ELF (qemu.ubootElf, read from the image's root slot), and hands an ELF neither
--dtb nor -append: kiosk run writes the same into kiosk-qemu.txt on its disk copy's FAT (qemu_file), which
+QEMU's raspi2b starts U-Boot as a uImage (qemu.ubootLoadAddress, made from the FAT's u-boot.bin).
+QEMU's raspi0 and raspi1ap run only U-Boot's ELF (qemu.ubootElf, read from the image's root slot), and hand
+an ELF neither -dtb nor -append: kiosk run writes the same into kiosk-qemu.txt on its disk copy's FAT (qemu_file), which
 boot.scr reads when no firmware device tree came (kiosk.image.uboot).
 """
 
@@ -116,8 +117,25 @@ def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None
     cmdline = fat_read(image, part, lower["cmdline.txt"]).decode(errors="replace").strip()
     if elf:
         return BootFiles(kernel=dest / kernel, initrd=None, dtb=dtb, cmdline=cmdline, elf=True)
-    return BootFiles(kernel=copy(kernel), initrd=copy(initrd) if initrd and initrd.lower() in lower else None,
+    kernel_file = copy(kernel)
+    load = board["qemu"].get("ubootLoadAddress")
+    if load and board.get("uboot"):
+        kernel_file = uboot_uimage(kernel_file, load)
+    return BootFiles(kernel=kernel_file, initrd=copy(initrd) if initrd and initrd.lower() in lower else None,
                      dtb=dtb, cmdline=cmdline)
+
+
+def uboot_uimage(binary: Path, load: str) -> Path:
+    """U-Boot's u-boot.bin as a uImage that loads and starts at `load` (qemu.ubootLoadAddress). QEMU's raspi2b
+    starts a raw -kernel at 0x10000 (U-Boot runs from 0x8000, where the Pi's firmware puts it) and an ELF on all
+    four cores at once; a uImage it loads where it says, as Linux: one core starts it, with -dtb and -append."""
+    from kiosk.core.run import run
+
+    out = binary.with_suffix(".uimg")
+    run(["mkimage", "-A", "arm", "-O", "linux", "-T", "kernel", "-C", "none", "-a", load, "-e", load,
+         "-n", "u-boot", "-d", str(binary), str(out)], what=f"kiosk run: mkimage of {binary.name}",
+        hint="apt install u-boot-tools (scripts/install-deps.sh)")
+    return out
 
 
 def free_port() -> int:
