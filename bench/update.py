@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
-from boottools import BootedVM, boot_spec, build_boot_image, make_key  # noqa: E402
+from boottools import BootedVM, HungRebootReset, boot_spec, build_boot_image, make_key  # noqa: E402
 
 STAGES = {"build": ("plan", "rootfs", "base fs", "configure", "image", "manifest"), "bundle": ("bundle",),
           "chunks": ("chunks",), "ship": ("ship",), "install": ("install",), "boot": ("boot",), "health": ("health",)}
@@ -159,7 +159,10 @@ def push(work: Path, cache: Path, key: Path, public: str, spec: dict, board: str
         lines = remote_lines(result.stderr)
         if result.returncode != 0:
             raise SystemExit("git push failed:\n" + ("\n".join(lines[-40:]) or result.stderr[-2000:]))
-        vm.wait_for("test \"$(cat /proc/sys/kernel/random/boot_id)\" != " + old_boot + " && echo new", timeout=2400)
+        # a raspi VM halts where a Pi resets (QEMU 7.2): power-cycled 10 s after its "reboot: Restarting system"
+        with HungRebootReset(vm) as watch:
+            vm.wait_for("test \"$(cat /proc/sys/kernel/random/boot_id)\" != " + old_boot + " && echo new",
+                        timeout=2400)
         back = time.monotonic() - started
         vm.wait_for("test ! -e /var/lib/kiosk/trial.json && kiosk slot status --json | grep -q '\"booted\": \"B\"'"
                     " && echo kept", timeout=900)
@@ -173,7 +176,8 @@ def push(work: Path, cache: Path, key: Path, public: str, spec: dict, board: str
               f"({os.cpu_count()} cores, load {' '.join(load)}): {kept:.0f} s to kept")
         print(f"  push     {pushed:6.1f} s  (git push until it returned: build on the builder {build:.1f} s of "
               f"stages, the bundle received and checked {float(got.group(2)) if got else 0:.1f} s in all, rauc install)")
-        print(f"  restart  {back - pushed:6.1f} s  (until the new boot answered)")
+        print(f"  restart  {back - pushed:6.1f} s  (until the new boot answered"
+              f"{f'; {watch.pressed} reset(s) pressed where the VM hung' if watch.pressed else ''})")
         print(f"  health   {kept - back:6.1f} s  (until kiosk slot commit kept slot B)")
         print(f"  shipped  {shipped.group(0) if shipped else (got.group(1) if got else '?') + ' (the whole bundle)'}"
               " (one package added)")

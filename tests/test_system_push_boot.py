@@ -33,12 +33,12 @@ from pathlib import Path
 
 import pytest
 
-from boottools import BootedVM, boot_env, boot_spec, build_boot_image, wait_until
+from boottools import BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image, wait_until
 from conftest import kiosk_cli
 from imagetools import _cache_dir, _shared_dir
 from sshd_harness import Device as SshServer, free_port, keygen, remote_lines
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
-from test_update_boot import Device, HungRebootReset, committed, first_slot, kiosk_status, ready, slot_status
+from test_update_boot import Device, committed, first_slot, kiosk_status, ready, slot_status
 
 # Slow: each try builds a system and restarts the device (~10 min here at load 5); the default suite runs the
 # same builder request over real OpenSSH (tests/test_system_trial.py) and the trial's logic on a device root.

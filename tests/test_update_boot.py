@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from boottools import ROOT, BootedVM, boot_env, boot_spec, build_boot_image, wait_until
+from boottools import ROOT, BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image, reset, wait_until
 from imagetools import _cache_dir, _shared_dir
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
 
@@ -128,68 +128,6 @@ def kiosk_status(device: Device) -> dict:
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode in (0, 1), result.stderr
     return json.loads(result.stdout)
-
-
-def reset(vm: BootedVM) -> None:
-    """What a machine's reset line does: QMP system_reset on the qemu target; on a raspi machine a power cycle
-    on the same card, since after system_reset its emulated USB network never answers again (seen in a
-    raspberryPi3 update: slot B booted, sshd started, ssh timed out at the banner; notes/boot.md)."""
-    from kiosk.qemu.qmp import QMP
-
-    if vm.board == "qemu":
-        with QMP(vm.qmp) as qmp:
-            qmp.execute("system_reset")
-    else:
-        vm.power_cycle()
-
-
-class HungRebootReset:
-    """QEMU's q35 + OVMF sometimes hangs after the guest's "reboot: Restarting system" (notes/ab-update.md,
-    trap 6; seen again 2026-12-05: no reset in 15 min), and QEMU's raspi machines never reset by themselves
-    (notes/boot.md). A real machine resets there, so while an update reboots the device this presses QMP
-    system_reset when a restart has shown no new boot (the boot loader's "kiosk-ab:" line) within `grace`
-    seconds: 180 on the qemu target, 10 on a raspi machine."""
-
-    def __init__(self, vm: BootedVM, grace: float | None = None):
-        if grace is None:
-            grace = 180 if vm.board == "qemu" else 10
-        import threading
-        self.vm, self.grace, self.pressed = vm, grace, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _hung_since(self, text: str, since: dict) -> float | None:
-        restart = text.rfind("reboot: Restarting system")
-        if restart < 0 or text.find("kiosk-ab:", restart) >= 0:
-            return None
-        return since.setdefault(restart, time.monotonic())
-
-    def _watch(self) -> None:
-        since: dict = {}
-        again = 0   # presses since the last boot that came
-        while not self.stop.wait(5):
-            hung = self._hung_since(self.vm.serial.read_text(errors="replace"), since)
-            if hung is None:   # no restart, or a boot came after it
-                again = 0
-            elif time.monotonic() - hung > self.grace:
-                # seen 2026-12-05: a q35 guest whose reboot hung came back from no system_reset (three in
-                # 9 min); a real machine's power button is the next thing a person presses
-                cycle = again > 0 and self.vm.board == "qemu"
-                print(f"\n[update] the guest's reboot hung {self.grace:.0f} s: "
-                      f"{'power cycle' if cycle else 'reset'}", flush=True)
-                self.vm.power_cycle() if cycle else reset(self.vm)
-                self.pressed += 1
-                again += 1
-                since.clear()
-                self.stop.wait(30)   # the new boot writes its own lines
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.thread.join(timeout=30)
 
 
 def device_ssh(vm: BootedVM) -> list[str]:
