@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kiosk.core.errors import KioskError
+from kiosk.core.run import run
 from kiosk.image.mbr import boot_partition
 from kiosk.qemu.disk import fat_listing, fat_read, root_read
 
@@ -129,7 +130,6 @@ def uboot_uimage(binary: Path, load: str) -> Path:
     """U-Boot's u-boot.bin as a uImage that loads and starts at `load` (qemu.ubootLoadAddress). QEMU's raspi2b
     starts a raw -kernel at 0x10000 (U-Boot runs from 0x8000, where the Pi's firmware puts it) and an ELF on all
     four cores at once; a uImage it loads where it says, as Linux: one core starts it, with -dtb and -append."""
-    from kiosk.core.run import run
 
     out = binary.with_suffix(".uimg")
     run(["mkimage", "-A", "arm", "-O", "linux", "-T", "kernel", "-C", "none", "-a", load, "-e", load,
