@@ -821,15 +821,39 @@ def fake_image(tmp_path: Path, board_name: str) -> Path:
                      "config.txt": f"enable_uart=1\nkernel=vmlinuz-{version}\ninitramfs initrd.img-{version}\n".encode(),
                      "cmdline.txt": cmdline.encode()}
         for dtb in board["deviceTrees"]:
-            files[Path(dtb).name] = b"\xd0\x0d\xfe\xed"
+            files[Path(dtb).name] = fake_device_tree(tmp_path, board["qemu"].get("dtbEdits", []))
     elf = board["qemu"].get("ubootElf")   # QEMU's raspi0 runs U-Boot's ELF, read from the root slot
     return make_fake_image(tmp_path / f"demo-{board_name}.img", files=files,
                            root_files={f"/usr/lib/u-boot/{elf}": b"kernel"} if elf else None)
 
 
+def fake_device_tree(tmp_path: Path, edits: list[dict]) -> bytes:
+    """A real (tiny) device tree, compiled with dtc, holding every node and property qemu.dtbEdits names."""
+    tree: dict = {}
+    for edit in edits:
+        node = tree
+        for name in edit["node"].strip("/").split("/"):
+            node = node.setdefault(name, {})
+        for prop in [*edit.get("delete", []), *edit.get("set", {})]:
+            node[f"={prop}"] = "okay"
+
+    def dts(node: dict, indent: str) -> str:
+        props = "".join(f'{indent}{k[1:]} = "{v}";\n' for k, v in node.items() if k.startswith("="))
+        kids = "".join(f"{indent}{k} {{\n{dts(v, indent + '  ')}{indent}}};\n" for k, v in node.items()
+                       if not k.startswith("="))
+        return props + kids
+    source = tmp_path / "fake.dts"
+    source.write_text(f"/dts-v1/;\n/ {{\n{dts(tree, '  ')}}};\n")
+    return subprocess.run(["dtc", "-I", "dts", "-O", "dtb", str(source)], capture_output=True, check=True).stdout
+
+
 def _qemu_argv(out: str) -> list[str]:
+    """kiosk run --print-command's QEMU argv, without the environment it puts in front (QEMU_MODULE_DIR=...)."""
     import shlex
-    return shlex.split(out.strip().splitlines()[-1])
+    words = shlex.split(out.strip().splitlines()[-1])
+    while "=" in words[0] and not words[0].startswith("/"):
+        words.pop(0)
+    return words
 
 
 def _check_append(append: list[str], q: dict) -> None:
@@ -865,6 +889,30 @@ def test_kiosk_run_command_line(board_name, tmp_path):
     assert result.returncode == 0, result.stderr
     argv = _qemu_argv(result.stdout)
     assert Path(argv[0]).name == q["binary"]
+    if q.get("release"):
+        # raspi4b: bookworm-backports' QEMU unpacked by install-deps beside the system's, with its own modules
+        # and data files (never the system QEMU's: "Only modules from the same build can be loaded")
+        unpacked = f"/opt/kiosk/qemu/{q['release']}"
+        assert argv[0] == f"{unpacked}/usr/bin/{q['binary']}" and Path(argv[0]).is_file()
+        assert result.stdout.split()[0] == f"QEMU_MODULE_DIR={unpacked}/usr/lib/x86_64-linux-gnu/qemu"
+        assert argv[argv.index("-L") + 1] == f"{unpacked}/usr/share/qemu"
+        version = subprocess.run([argv[0], "--version"], capture_output=True, text=True, check=True).stdout
+        assert version.startswith("QEMU emulator version 10."), version
+    else:
+        assert "-L" not in argv and "QEMU_MODULE_DIR" not in result.stdout
+    if q.get("dtbEdits"):
+        # kiosk run's copy of the FAT's tree, with what raspi4b lacks disabled or removed
+        dtb = argv[argv.index("-dtb") + 1]
+        for edit in q["dtbEdits"]:
+            found = subprocess.run(["fdtget", "-p", dtb, edit["node"]], capture_output=True, text=True)
+            if edit.get("remove"):
+                assert found.returncode != 0, edit
+                continue
+            for prop in edit.get("delete", []):
+                assert prop not in found.stdout.split(), (edit, found.stdout)
+            for prop, value in edit.get("set", {}).items():
+                got = subprocess.run(["fdtget", "-t", "s", dtb, edit["node"], prop], capture_output=True, text=True)
+                assert got.stdout.strip() == value, (edit, got)
     assert argv[argv.index("-M") + 1] == q["machine"]
     assert argv[argv.index("-m") + 1] == q["memory"]
     if q.get("firmware"):

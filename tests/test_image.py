@@ -699,6 +699,9 @@ def test_sample_image_for_every_board(board, tmp_path_factory, monkeypatch):
     """The sample (cog showing a web page) for every board: builds, and its boot files are right."""
     from imagetools import SAMPLE_PROGRAM, _cache_dir, _shared_dir
 
+    from kiosk.image.mbr import boot_partition
+    from kiosk.qemu.disk import fat_read
+
     if os.geteuid() != 0:
         pytest.skip("building an image needs root")
     shared = _shared_dir(tmp_path_factory)
@@ -714,6 +717,12 @@ def test_sample_image_for_every_board(board, tmp_path_factory, monkeypatch):
     if hw["bootloader"] == "raspi-firmware":
         for dtb in hw["deviceTrees"]:
             assert Path(dtb).name in names
+        for dtb in hw["deviceTrees"] if hw.get("deviceTreeAliases") else []:   # the Pi 4: EMMC2 is mmc0
+            copy = tmp_path_factory.mktemp(f"dtb-{board}") / Path(dtb).name
+            copy.write_bytes(fat_read(img.image, boot_partition(img.image), Path(dtb).name))
+            for name, node in hw["deviceTreeAliases"].items():
+                got = subprocess.run(["fdtget", "-t", "s", str(copy), "/aliases", name], capture_output=True, text=True)
+                assert got.stdout.strip() == node, (dtb, name, got)
         assert {"bootcode.bin", "start.elf", "config.txt", "cmdline.txt"} <= set(names)
         _check_hook_regenerates(img, tmp_path_factory.mktemp(f"hook-{board}"))
     else:
@@ -742,6 +751,35 @@ def test_cpio_is_newc_sorted_and_timeless(tmp_path):
                    check=True)
     assert (tmp_path / "out/init").read_bytes() == b"abc"
     assert _cpio_newc(entries, 1234567890) == data
+
+
+def test_the_pi4s_device_trees_get_the_mmc_aliases(tmp_path):
+    """hardware/raspberryPi4.json deviceTreeAliases on a tree shaped like Debian's bcm2711 ones (no mmc aliases):
+    EMMC2 becomes mmc0, what U-Boot's environment (mmc 0:1) and the slots (/dev/mmcblk0pN) rely on. The source
+    file is not changed; a node the kernel's tree lacks is a one-line error naming the alias."""
+    from kiosk.core.errors import KioskError
+    from kiosk.image.bootfiles import device_tree
+
+    aliases = _board("raspberryPi4")["deviceTreeAliases"]
+    source = tmp_path / "bcm2711-rpi-4-b.dts"
+    source.write_text('/dts-v1/;\n/ { aliases { serial0 = "/soc/serial@7e201000"; };\n'
+                      '  soc { mmc@7e300000 { compatible = "brcm,bcm2835-sdhci"; }; };\n'
+                      '  emmc2bus { mmc@7e340000 { compatible = "brcm,bcm2711-emmc2"; }; }; };\n')
+    dtb = tmp_path / "bcm2711-rpi-4-b.dtb"
+    subprocess.run(["dtc", "-I", "dts", "-O", "dtb", "-o", str(dtb), str(source)], check=True)
+    before = dtb.read_bytes()
+    assert device_tree(dtb, {}) == dtb
+    edited = tmp_path / "edited.dtb"
+    edited.write_bytes(device_tree(dtb, aliases))
+    assert dtb.read_bytes() == before
+
+    def alias(name):
+        return subprocess.run(["fdtget", "-t", "s", str(edited), "/aliases", name], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    assert alias("mmc0") == "/emmc2bus/mmc@7e340000" and alias("mmc1") == "/soc/mmc@7e300000"
+    assert alias("serial0") == "/soc/serial@7e201000"
+    with pytest.raises(KioskError, match="has no node /soc/mmc@7e999999 for the alias mmc2"):
+        device_tree(dtb, {"mmc2": "/soc/mmc@7e999999"})
 
 
 def test_module_order_puts_dependencies_first(tmp_path):

@@ -33,6 +33,7 @@ import gzip
 import os
 import re
 import stat
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -380,6 +381,25 @@ def _dtb_dir(root_dir: Path, version: str) -> Path:
     raise KioskError(f"boot files: no device trees for kernel {version} (/usr/lib/linux-image-{version})")
 
 
+def device_tree(src: Path, aliases: dict[str, str]) -> bytes | Path:
+    """The board's device tree for the FAT: Debian's file, or a copy with `aliases` (hardware deviceTreeAliases)
+    added. The Pi 4's tree from Debian has no mmc aliases, so U-Boot and Linux number its two SD controllers in
+    probe order and the card is mmc 0 or 1, mmcblk0 or mmcblk1; the Pi firmware's own trees say mmc0 = EMMC2,
+    which kiosk's uboot.env, boot.scr and RAUC's slot devices rely on (notes/ab-update.md)."""
+    if not aliases:
+        return src
+    with tempfile.TemporaryDirectory(prefix="kiosk-dtb-") as tmp:
+        dtb = Path(tmp) / src.name
+        dtb.write_bytes(src.read_bytes())
+        for name, node in sorted(aliases.items()):
+            if run(["fdtget", "-p", str(dtb), node], what="boot files (fdtget)", check=False).returncode != 0:
+                raise KioskError(f"boot files: {src.name} has no node {node} for the alias {name}",
+                                 hint="correct deviceTreeAliases in the board's hardware file for this kernel's tree")
+            run(["fdtput", "-t", "s", str(dtb), "/aliases", name, node], what=f"boot files (fdtput {name})",
+                hint="apt install device-tree-compiler (scripts/install-deps.sh)")
+        return dtb.read_bytes()
+
+
 # --- the stage ------------------------------------------------------------------------------
 
 def boot_inputs(plan, root_dir: Path, fetch: Callable[..., None]) -> None:
@@ -454,7 +474,7 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
         src = dtbs / dtb
         if not src.is_file():
             raise KioskError(f"boot files: device tree {dtb} is not in kernel {version} (hardware/{board['name']}.json)")
-        files[Path(dtb).name] = src
+        files[Path(dtb).name] = device_tree(src, board.get("deviceTreeAliases", {}))
     uboot = board.get("uboot")
     if uboot:   # A/B: the firmware starts U-Boot, which boots a slot's kernel (kiosk.image.uboot)
         from kiosk.image.uboot import fw_env_config, uboot_files

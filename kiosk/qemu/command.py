@@ -30,7 +30,7 @@ from kiosk.core.run import DEVNULL, PIPE, TimeoutExpired, start
 from kiosk.image.uboot import QEMU_FILE
 from kiosk.image.mbr import boot_partition
 from kiosk.qemu.disk import GiB, board_of_image, check_free_space, disk_size, fat_write, make_disk
-from kiosk.qemu.machine import FIXED_MEMORY, Machine, check_qemu, extract_boot_files, free_port
+from kiosk.qemu.machine import FIXED_MEMORY, Machine, check_qemu, extract_boot_files, free_port, qemu_env
 from kiosk.qemu.qmp import screendump
 from kiosk.qemu.watch import MonitorWatch, StderrRelay
 
@@ -183,8 +183,9 @@ def _run(args) -> int:
         argv = machine.argv()
         if machine.qemu_file is not None:   # raspi0's U-Boot ELF: what -dtb/-append would carry, for the copy's FAT
             (work / QEMU_FILE).write_text(machine.qemu_file)
+        env = qemu_env(board)
         if args.print_command:
-            print(shlex.join(argv))
+            print(shlex.join([*(f"{k}={v}" for k, v in env.items()), *argv]))
             printed = True
             return 0
         if machine.qemu_file is not None:
@@ -208,7 +209,7 @@ def _run(args) -> int:
             print(f"  serial console: {machine.serial_log}", file=out)
         out.flush()
         # start(), not run(): QEMU is long-lived and owns the terminal (serial console, Ctrl-A), we relay its stderr.
-        proc = start(argv, stdin=DEVNULL if machine.serial_log else None, stderr=PIPE, what="kiosk run")
+        proc = start(argv, env=env, stdin=DEVNULL if machine.serial_log else None, stderr=PIPE, what="kiosk run")
         relay = StderrRelay(proc.stderr, sys.stderr)
         relay.start()
         MonitorWatch(machine.watch_qmp, disk.parent, sys.stderr).start()

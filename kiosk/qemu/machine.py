@@ -37,7 +37,13 @@ QEMU_PACKAGES = {
     "qemu-system-arm": "qemu-system-arm",
 }
 # raspi machines have a fixed amount of memory (QEMU refuses any other -m).
-FIXED_MEMORY = {"raspi0": "512M", "raspi1ap": "512M", "raspi2b": "1G", "raspi3ap": "512M", "raspi3b": "1G"}
+FIXED_MEMORY = {"raspi0": "512M", "raspi1ap": "512M", "raspi2b": "1G", "raspi3ap": "512M", "raspi3b": "1G",
+                "raspi4b": "2G"}
+# A newer QEMU than the system's, for machines bookworm's 7.2 lacks (qemu.release: raspi4b is QEMU 9.0+):
+# scripts/install-deps.sh test unpacks that suite's qemu-system-arm and its modules here, beside the system's
+# QEMU (which every other board keeps). Its modules are found through QEMU_MODULE_DIR: without it the binary
+# loads the system QEMU's modules ("Only modules from the same build can be loaded").
+UNPACKED_QEMU = Path("/opt/kiosk/qemu")
 
 
 def qemu_cmdline(cmdline: str, board: dict, *, display: bool, extra: list[str] = ()) -> str:
@@ -115,6 +121,7 @@ def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None
             raise KioskError(f"{image}: device tree {name} (hardware/{board['name']}.json qemu.dtb) is not on the "
                              "FAT partition")
         dtb = copy(name)
+        edit_device_tree(dtb, board["qemu"].get("dtbEdits", []))
     cmdline = fat_read(image, part, lower["cmdline.txt"]).decode(errors="replace").strip()
     if elf:
         return BootFiles(kernel=dest / kernel, initrd=None, dtb=dtb, cmdline=cmdline, elf=True)
@@ -124,6 +131,41 @@ def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None
         kernel_file = uboot_uimage(kernel_file, load)
     return BootFiles(kernel=kernel_file, initrd=copy(initrd) if initrd and initrd.lower() in lower else None,
                      dtb=dtb, cmdline=cmdline)
+
+
+def unpacked_qemu(board: dict) -> Path | None:
+    """The directory of the board's unpacked QEMU (qemu.release), None for the system's."""
+    release = board["qemu"].get("release")
+    return UNPACKED_QEMU / release if release else None
+
+
+def qemu_binary(board: dict) -> str:
+    q = board["qemu"]
+    unpacked = unpacked_qemu(board)
+    if unpacked is not None:
+        return str(unpacked / "usr/bin" / q["binary"])
+    return shutil.which(q["binary"]) or q["binary"]
+
+
+def qemu_env(board: dict) -> dict[str, str]:
+    """The environment QEMU needs beyond kiosk's own: an unpacked QEMU's module directory."""
+    unpacked = unpacked_qemu(board)
+    return {} if unpacked is None else {"QEMU_MODULE_DIR": str(unpacked / "usr/lib/x86_64-linux-gnu/qemu")}
+
+
+def edit_device_tree(dtb: Path, edits: list[dict]) -> None:
+    """qemu.dtbEdits on kiosk run's copy of the FAT's device tree: what the emulated machine lacks (raspi4b: the
+    HDMI block, the firmware's GPIO expander) disabled or removed, so that Debian's kernel does not stop at it.
+    Each edit names a node and what to set (string properties), delete (properties) or whether to remove it.
+    The image's own tree is never changed."""
+    for edit in edits:
+        node = edit["node"]
+        steps = [["-r", str(dtb), node]] if edit.get("remove") else []
+        steps += [["-d", str(dtb), node, prop] for prop in edit.get("delete", [])]
+        steps += [["-t", "s", str(dtb), node, prop, value] for prop, value in edit.get("set", {}).items()]
+        for step in steps:
+            run(["fdtput", *step], what=f"kiosk run: the device tree for QEMU ({node})",
+                hint="apt install device-tree-compiler (scripts/install-deps.sh)")
 
 
 def uboot_uimage(binary: Path, load: str) -> Path:
@@ -207,8 +249,10 @@ class Machine:
 
     def argv(self) -> list[str]:
         q = self.board["qemu"]
-        binary = shutil.which(q["binary"]) or q["binary"]
-        args = [binary, "-M", q["machine"]]
+        args = [qemu_binary(self.board), "-M", q["machine"]]
+        unpacked = unpacked_qemu(self.board)
+        if unpacked is not None:   # its own firmware and data files, not the system QEMU's
+            args += ["-L", str(unpacked / "usr/share/qemu")]
         kvm = q["machine"] in ("q35", "pc", "virt") and (
             self.accel == "kvm" or (self.accel == "auto" and kvm_usable(q["binary"])))
         if kvm:
@@ -265,6 +309,14 @@ FIRMWARE_PACKAGES = {"/usr/share/ovmf/OVMF.fd": "ovmf"}
 
 def check_qemu(board: dict) -> str:
     binary = board["qemu"]["binary"]
+    unpacked = unpacked_qemu(board)
+    if unpacked is not None:
+        path = qemu_binary(board)
+        if not os.access(path, os.X_OK):
+            raise KioskError(f"{path} is not there: {board['name']} boots on QEMU's {board['qemu']['machine']}, "
+                             f"which needs the QEMU of {board['qemu']['release']}",
+                             hint="scripts/install-deps.sh test unpacks it there (the system's QEMU stays)")
+        return path
     path = shutil.which(binary)
     if not path:
         package = QEMU_PACKAGES.get(binary, "qemu-system")
