@@ -19,9 +19,9 @@ fixture); every assertion for that board looks at that one boot:
   untouched (a builder's system push is tests/test_system_push_boot.py).
 
 Default suite: qemu (x86-64, the display path), raspberryPi3 (raspi3b). Slow suite (-m slow):
-raspberryPi0 (raspi0), raspberryPi4 (arm64 virt), raspberryPi2 (raspi2b), raspberryPi1 (raspi1ap). QEMU's raspi machines give Debian's kernels no display
-device: `kiosk run` starts them with wlroots' headless backend on the kernel command
-line, so cage runs the program there from the first boot (notes/boot.md).
+raspberryPi0 (raspi0), raspberryPi4 (raspi4b, QEMU 10), raspberryPi2 (raspi2b), raspberryPi1 (raspi1ap).
+QEMU's raspi machines give Debian's kernels no display device: `kiosk run` starts them with wlroots'
+headless backend on the kernel command line, so cage runs the program there from the first boot (notes/boot.md).
 
 Plus fast tests of `kiosk run`'s QEMU command line for every board and of its
 errors, on small fake images (no build, no boot).

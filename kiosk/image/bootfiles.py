@@ -122,7 +122,7 @@ def module_load_order(moddir: Path, wanted: list[str]) -> list[str]:
 
 def initramfs_modules(board: dict) -> list[str]:
     if board["bootloader"] == "raspi-firmware":
-        return [*RASPI_MODULES, *VIRTIO_MODULES, *FS_MODULES]   # virtio: raspberryPi4 runs on QEMU's virt
+        return [*RASPI_MODULES, *FS_MODULES]
     return [*VIRTIO_MODULES, *FS_MODULES]
 
 

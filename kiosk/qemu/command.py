@@ -266,8 +266,8 @@ def register(sub) -> None:
     p.add_argument("--disk", metavar="FILE", help="keep the disk QEMU writes here (made from the image if "
                                                   "missing, reused if present: the device's state survives)")
     p.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
-                   help="KVM for the qemu target (and raspberryPi4 on an arm64 machine) when this machine has "
-                        "it, else TCG emulation (default: auto)")
+                   help="KVM for the qemu target when this machine has it, else TCG emulation (default: auto; "
+                        "QEMU's raspi machines always emulate)")
     p.add_argument("--board", metavar="NAME", help="the board, when the image cannot say")
     p.add_argument("--qmp", metavar="SOCKET", help="path of the QMP monitor socket (default: in the work directory)")
     p.add_argument("--serial-log", metavar="FILE", help="write the serial console to FILE instead of the terminal")

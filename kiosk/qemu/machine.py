@@ -9,7 +9,9 @@ exist under QEMU. Boards with qemu.firmware (the qemu target: OVMF) boot the dis
 loader instead (GRUB on the FAT picks root slot A or B): no -kernel, -initrd or -append. A/B
 Raspberry Pis name U-Boot as config.txt's kernel: it is QEMU's -kernel, with the device tree and the
 command line QEMU hands it as the Pi's firmware would; U-Boot loads the chosen slot's kernel and initrd.
-QEMU's raspi2b starts U-Boot as a uImage (qemu.ubootLoadAddress, made from the FAT's u-boot.bin).
+QEMU's raspi2b starts U-Boot as a uImage (qemu.ubootLoadAddress, made from the FAT's u-boot.bin). The
+Pi 4's raspi4b is QEMU 9.0+: its board names an unpacked newer QEMU (qemu.release), and the FAT's tree gets
+edits for what that machine lacks (qemu.dtbEdits) on kiosk run's copy.
 QEMU's raspi0 and raspi1ap run only U-Boot's ELF (qemu.ubootElf, read from the image's root slot), and hand
 an ELF neither -dtb nor -append: kiosk run writes the same into kiosk-qemu.txt on its disk copy's FAT (qemu_file), which
 boot.scr reads when no firmware device tree came (kiosk.image.uboot).
@@ -54,7 +56,7 @@ def qemu_cmdline(cmdline: str, board: dict, *, display: bool, extra: list[str] =
     root_device = q.get("rootDevice")
     for i, word in enumerate(words):
         if word.startswith("root=/dev/") and root_device and word != f"root={root_device}":
-            # e.g. /dev/mmcblk0p2 on the arm64 virt machine (raspberryPi4): the disk is virtio there
+            # a machine that attaches the card under another name than the board's (qemu.rootDevice)
             words[i] = f"root={root_device}"
     consoles = (["console=tty1"] if display else []) + [f"console={q['console']}"]
     for arg in [*q.get("append", []), *extra]:
