@@ -1,7 +1,8 @@
 """Whole-system updates on booted A/B devices (issue 16): real RAUC, GRUB or U-Boot, systemd, OpenSSH.
 
-The qemu target (GRUB under OVMF) in the default suite; raspberryPi3, raspberryPi0, raspberryPi1 and
-raspberryPi2 (Debian's U-Boot on QEMU's raspi3b, raspi0, raspi1ap and raspi2b, whose machines never reset by
+The qemu target (GRUB under OVMF) in the default suite; raspberryPi3, raspberryPi0, raspberryPi1,
+raspberryPi2 and raspberryPi4 (Debian's U-Boot on QEMU's raspi3b, raspi0, raspi1ap, raspi2b and QEMU 10's
+raspi4b, whose machines never reset by
 themselves: the test presses QMP system_reset where a Pi would restart) in the slow suite, each an hour or
 more of emulated ARM (installs hash and write a whole slot on the emulated CPU).
 
@@ -59,7 +60,7 @@ class Device:
 @pytest.fixture(scope="module", params=[
     pytest.param("qemu", marks=pytest.mark.xdist_group("boot-update")),
     *(pytest.param(board, marks=[pytest.mark.slow, pytest.mark.xdist_group(f"boot-update-{board}")])
-      for board in ("raspberryPi3", "raspberryPi0", "raspberryPi1", "raspberryPi2"))])
+      for board in ("raspberryPi3", "raspberryPi0", "raspberryPi1", "raspberryPi2", "raspberryPi4"))])
 def device(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixture)
     if os.geteuid() != 0:
         pytest.skip("building images needs root (the CI runs as root)")
