@@ -381,6 +381,20 @@ def _dtb_dir(root_dir: Path, version: str) -> Path:
     raise KioskError(f"boot files: no device trees for kernel {version} (/usr/lib/linux-image-{version})")
 
 
+def edit_device_tree(dtb: Path, edits: list[dict]) -> None:
+    """Edits of a device tree file in place, with fdtput: each names a node and what to set (string
+    properties), delete (properties) or whether to remove it. For the FAT's trees (device_tree) and for
+    kiosk run's copy of one (qemu.dtbEdits, kiosk.qemu.machine)."""
+    for edit in edits:
+        node = edit["node"]
+        steps = [["-r", str(dtb), node]] if edit.get("remove") else []
+        steps += [["-d", str(dtb), node, prop] for prop in edit.get("delete", [])]
+        steps += [["-t", "s", str(dtb), node, prop, value] for prop, value in edit.get("set", {}).items()]
+        for step in steps:
+            run(["fdtput", *step], what=f"device tree {dtb.name} ({node})",
+                hint="apt install device-tree-compiler (scripts/install-deps.sh)")
+
+
 def device_tree(src: Path, aliases: dict[str, str]) -> bytes | Path:
     """The board's device tree for the FAT: Debian's file, or a copy with `aliases` (hardware deviceTreeAliases)
     added. The Pi 4's tree from Debian has no mmc aliases, so U-Boot and Linux number its two SD controllers in
@@ -395,8 +409,7 @@ def device_tree(src: Path, aliases: dict[str, str]) -> bytes | Path:
             if run(["fdtget", "-p", str(dtb), node], what="boot files (fdtget)", check=False).returncode != 0:
                 raise KioskError(f"boot files: {src.name} has no node {node} for the alias {name}",
                                  hint="correct deviceTreeAliases in the board's hardware file for this kernel's tree")
-            run(["fdtput", "-t", "s", str(dtb), "/aliases", name, node], what=f"boot files (fdtput {name})",
-                hint="apt install device-tree-compiler (scripts/install-deps.sh)")
+        edit_device_tree(dtb, [{"node": "/aliases", "set": dict(sorted(aliases.items()))}])
         return dtb.read_bytes()
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from kiosk.core.errors import KioskError
 from kiosk.core.run import run
+from kiosk.image.bootfiles import edit_device_tree
 from kiosk.image.mbr import boot_partition
 from kiosk.qemu.disk import fat_listing, fat_read, root_read
 
@@ -123,6 +124,8 @@ def extract_boot_files(image: Path, board: dict, dest: Path) -> BootFiles | None
             raise KioskError(f"{image}: device tree {name} (hardware/{board['name']}.json qemu.dtb) is not on the "
                              "FAT partition")
         dtb = copy(name)
+        # what the emulated machine lacks (raspi4b: the HDMI block, the firmware's GPIO expander), disabled or
+        # removed so that Debian's kernel does not stop at it; the image's own tree is never changed
         edit_device_tree(dtb, board["qemu"].get("dtbEdits", []))
     cmdline = fat_read(image, part, lower["cmdline.txt"]).decode(errors="replace").strip()
     if elf:
@@ -153,21 +156,6 @@ def qemu_env(board: dict) -> dict[str, str]:
     """The environment QEMU needs beyond kiosk's own: an unpacked QEMU's module directory."""
     unpacked = unpacked_qemu(board)
     return {} if unpacked is None else {"QEMU_MODULE_DIR": str(unpacked / "usr/lib/x86_64-linux-gnu/qemu")}
-
-
-def edit_device_tree(dtb: Path, edits: list[dict]) -> None:
-    """qemu.dtbEdits on kiosk run's copy of the FAT's device tree: what the emulated machine lacks (raspi4b: the
-    HDMI block, the firmware's GPIO expander) disabled or removed, so that Debian's kernel does not stop at it.
-    Each edit names a node and what to set (string properties), delete (properties) or whether to remove it.
-    The image's own tree is never changed."""
-    for edit in edits:
-        node = edit["node"]
-        steps = [["-r", str(dtb), node]] if edit.get("remove") else []
-        steps += [["-d", str(dtb), node, prop] for prop in edit.get("delete", [])]
-        steps += [["-t", "s", str(dtb), node, prop, value] for prop, value in edit.get("set", {}).items()]
-        for step in steps:
-            run(["fdtput", *step], what=f"kiosk run: the device tree for QEMU ({node})",
-                hint="apt install device-tree-compiler (scripts/install-deps.sh)")
 
 
 def uboot_uimage(binary: Path, load: str) -> Path:
