@@ -2,9 +2,9 @@
 
 The qemu target (GRUB under OVMF) in the default suite; raspberryPi3, raspberryPi0, raspberryPi1,
 raspberryPi2 and raspberryPi4 (Debian's U-Boot on QEMU's raspi3b, raspi0, raspi1ap, raspi2b and QEMU 10's
-raspi4b, whose machines never reset by
-themselves: the test presses QMP system_reset where a Pi would restart) in the slow suite, each an hour or
-more of emulated ARM (installs hash and write a whole slot on the emulated CPU).
+raspi4b, whose machines never reset by themselves: the test presses QMP system_reset where a Pi would
+restart) in the slow suite, each an hour or more of emulated ARM (installs hash and write a whole slot on
+the emulated CPU).
 
 One device, booted once (module fixture), then in file order:
 - its first boot commits slot A (kiosk-slot-commit.service: the health check, then rauc mark-good);
