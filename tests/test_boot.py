@@ -38,7 +38,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -745,8 +744,6 @@ def test_stopping_kiosk_run_removes_its_copy(kiosk):
 
 # ---------------------------------------------------------------- kiosk run without booting
 
-KERNEL_VERSION = {"armel": "6.1.0-28-rpi", "armhf": "6.1.0-28-armmp", "arm64": "6.1.0-28-arm64",
-                  "amd64": "6.1.0-28-amd64"}
 @pytest.mark.root
 @pytest.mark.xdist_group("boot-disk-full")
 def test_a_full_host_disk_is_said_not_a_silent_pause(boot_key, tmp_path_factory, tmp_path):
@@ -806,20 +803,11 @@ def fake_image(tmp_path: Path, board_name: str) -> Path:
     console = " ".join(f"console={c}" for c in consoles(board))
     if board["bootloader"] == "grub-efi":   # the firmware boots GRUB from the disk: nothing for QEMU to take
         files = {"grubenv": b"# GRUB Environment Block\n"}
-    elif board["bootloader"] == "direct-kernel":
-        files = {"vmlinuz": b"kernel", "initrd.img": b"initrd",
-                 "cmdline.txt": f"{console} root={root} rw net.ifnames=0 rootwait quiet splash\n".encode()}
-    else:
-        version = KERNEL_VERSION[board["architecture"]]
+    else:   # the firmware's kernel is U-Boot, which loads a slot's kernel and initrd
         cmdline = f" {console} root={root} rw fsck.repair=yes net.ifnames=0 cma=64M rootwait quiet splash\n"
-        if board.get("uboot"):   # A/B: the firmware's kernel is U-Boot, which loads a slot's kernel and initrd
-            uboot = Path(board["uboot"]["binary"]).name
-            files = {uboot: b"kernel", "config.txt": f"enable_uart=1\nkernel={uboot}\n".encode(),
-                     "cmdline.txt": cmdline.encode()}
-        else:
-            files = {f"vmlinuz-{version}": b"kernel", f"initrd.img-{version}": b"initrd",
-                     "config.txt": f"enable_uart=1\nkernel=vmlinuz-{version}\ninitramfs initrd.img-{version}\n".encode(),
-                     "cmdline.txt": cmdline.encode()}
+        uboot = Path(board["uboot"]["binary"]).name
+        files = {uboot: b"kernel", "config.txt": f"enable_uart=1\nkernel={uboot}\n".encode(),
+                 "cmdline.txt": cmdline.encode()}
         for dtb in board["deviceTrees"]:
             files[Path(dtb).name] = fake_device_tree(tmp_path, board["qemu"].get("dtbEdits", []))
     elf = board["qemu"].get("ubootElf")   # QEMU's raspi0 runs U-Boot's ELF, read from the root slot

@@ -632,3 +632,37 @@ def test_sample_is_valid_against_the_real_archive():
     if "could not check the Debian archive" in result.stderr:
         pytest.skip("the Debian archive is unreachable from here")
     assert result.stderr == ""
+
+
+def test_every_board_has_root_slots_and_a_board_file_without_them_is_refused(tmp_path, monkeypatch):
+    """Whole-system updates need root slots on every board (issue 16): the hardware schema requires them, so a
+    board file without them (KIOSK_DATA_DIR names another data directory) is refused by name, not built as
+    a one-root image that kiosk update could never reach."""
+    import shutil
+
+    from kiosk.core.errors import KioskError
+    from kiosk.spec.hardware import board_names, load_board
+
+    for name in board_names():
+        board = load_board(name)
+        assert board["slotDevicePrefix"] and board["updatePackages"], name
+        assert board["bootloader"] == "grub-efi" or board["uboot"], name
+    for path in ("schemas", "hardware", "hooks"):
+        shutil.copytree(ROOT / path, tmp_path / path)
+    pi3 = json.loads((tmp_path / "hardware/raspberryPi3.json").read_text())
+    del pi3["uboot"]
+    (tmp_path / "hardware/raspberryPi3.json").write_text(json.dumps(pi3))
+    qemu = json.loads((tmp_path / "hardware/qemu.json").read_text())
+    del qemu["slotDevicePrefix"]
+    (tmp_path / "hardware/qemu.json").write_text(json.dumps(qemu))
+    monkeypatch.setenv("KIOSK_DATA_DIR", str(tmp_path))
+    load_board.cache_clear()
+    try:
+        for name, field in (("raspberryPi3", "'uboot' is a required property"),
+                            ("qemu", "'slotDevicePrefix' is a required property")):
+            with pytest.raises(KioskError) as info:
+                load_board(name)
+            assert str(info.value).splitlines()[1:] == [f"{tmp_path}/hardware/{name}.json: /: {field}"], str(info.value)
+    finally:
+        monkeypatch.delenv("KIOSK_DATA_DIR")
+        load_board.cache_clear()

@@ -264,8 +264,6 @@ def _boot_settings(spec: dict, board: dict) -> Layer:
         from kiosk.config.bootconfig import KIOSK_CMDLINE, efi_kernel_arguments
 
         return {KIOSK_CMDLINE: file(" ".join(efi_kernel_arguments(board, spec)) + "\n")}
-    if board["bootloader"] != "raspi-firmware":
-        return {}
     return {
         "/etc/default/raspi-firmware-custom": file(HEADER + firmware_custom(spec, board)),
         "/etc/default/raspi-extra-cmdline": file(extra_cmdline(board, spec)),

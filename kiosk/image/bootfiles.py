@@ -1,23 +1,19 @@
-"""What goes on the FAT partition: firmware, kernel, a native initramfs, device trees, config.txt, cmdline.txt.
+"""What goes on the FAT partition (firmware, U-Boot or GRUB, device trees, config.txt, cmdline.txt), and each
+root slot's own kernel and native initramfs.
 
 `boot_files(plan, root_dir, root=...)` returns {name on the FAT partition: bytes
 or a Path inside root_dir}; kiosk.image copies them in sorted order. It also
 writes into root_dir what the device needs to regenerate the same files
-itself after a kernel upgrade (raspi-firmware's hooks read
+itself after a firmware upgrade (raspi-firmware's hooks read
 /etc/default/raspi-firmware, /etc/default/raspi-firmware-custom and
 /etc/default/raspi-extra-cmdline), plus /boot/initrd.img-<version>.
 
-raspi-firmware boards: config.txt and cmdline.txt are exactly what Debian's
-/etc/kernel/postinst.d/z50-raspi-firmware writes from those files, so a kernel
-or firmware upgrade on the device reproduces them byte for byte; file names
-(vmlinuz-<version>, initrd.img-<version>, <soc>.dtb) are the hook's too.
-
-direct-kernel: vmlinuz, initrd.img and cmdline.txt, for `kiosk run` to pass as
--kernel/-initrd/-append.
-
-grub-efi (the qemu target, A/B): GRUB's files (kiosk.image.grub); raspi-firmware boards with
-"uboot" (A/B): the firmware's files with U-Boot as its kernel (kiosk.image.uboot). On A/B boards the
-kernel and initramfs stay in the root slot, as /vmlinuz and /initrd.img; RAUC's system.conf names the slots.
+Every board has root slots A and B, and the kernel and initramfs stay in the slot, as /vmlinuz and
+/initrd.img; RAUC's system.conf names the slots. grub-efi (the qemu target): GRUB's files
+(kiosk.image.grub). raspi-firmware boards: the firmware's files with U-Boot as its kernel
+(kiosk.image.uboot); config.txt and cmdline.txt are exactly what Debian's
+/etc/kernel/postinst.d/z50-raspi-firmware writes from those files, so a firmware upgrade on the device
+reproduces them byte for byte.
 
 The initramfs is built here, natively, in a second: busybox-static of the
 target architecture (installed by kiosk.rootfs), the kernel modules needed to
@@ -37,13 +33,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, kernel_arguments, latest_boot_file,
+from kiosk.config.bootconfig import (extra_cmdline, firmware_custom, latest_boot_file,
                                      raspi_cmdline_txt, raspi_config_txt, set_default)
 from kiosk.core import paths
 from kiosk.core.errors import KioskError
 from kiosk.core.files import write_atomic
 from kiosk.core.run import run
-from kiosk.spec.hardware import ab_slots
 
 Log = Callable[[str], None]
 
@@ -360,8 +355,7 @@ def build_initramfs(plan, root_dir: Path, version: str, *, epoch: int, log: Log)
     for name, data in _depmod(files, version).items():
         files[name] = (stat.S_IFREG | 0o644, data)
     files["etc/kiosk-modules"] = (stat.S_IFREG | 0o644, "".join(f"{rel}\n" for rel in order).encode())
-    if ab_slots(plan.board):
-        files["etc/kiosk-data"] = (stat.S_IFREG | 0o644, data_mounts().encode())
+    files["etc/kiosk-data"] = (stat.S_IFREG | 0o644, data_mounts().encode())
     # The initramfs modules must never be stale: record what they came from.
     files["etc/kiosk-initramfs"] = (stat.S_IFREG | 0o644,
                                     f"kernel {version}\nboard {plan.board['name']}\n".encode())
@@ -430,10 +424,8 @@ def boot_inputs(plan, root_dir: Path, fetch: Callable[..., None]) -> None:
                                              "modules.order")))
     wanted = module_load_order(root_dir / moddir.lstrip("/"), initramfs_modules(plan.board))
     fetch(*(f"{moddir}/{rel}" for rel in wanted))
-    if plan.board.get("uboot"):
-        fetch(f"/usr/lib/u-boot/{plan.board['uboot']['binary']}")
     if plan.board["bootloader"] == "raspi-firmware":
-        fetch("/usr/lib/raspi-firmware", "/etc/default",
+        fetch(f"/usr/lib/u-boot/{plan.board['uboot']['binary']}", "/usr/lib/raspi-firmware", "/etc/default",
               *(f"{lib}/linux-image-{version}/{dtb}" for lib in ("/usr/lib", "/lib") for dtb in plan.board["deviceTrees"]))
 
 
@@ -444,36 +436,24 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
     """
     board = plan.board
     version = kernel_version(root_dir)
-    vmlinuz = root_dir / "boot" / f"vmlinuz-{version}"
     initrd = build_initramfs(plan, root_dir, version, epoch=epoch, log=log)
     # On the device, raspi-firmware's hooks copy /boot/initrd.img-* to the FAT partition: keep ours there.
     write_atomic(root_dir / "boot" / f"initrd.img-{version}", initrd)
     files: dict[str, bytes | Path] = {}
 
-    if ab_slots(board):
-        from kiosk.image import rauc
+    from kiosk.image import rauc
 
-        write_atomic(root_dir / "etc/rauc/system.conf", rauc.system_conf(board))
-        # Each slot boots its own kernel and initramfs (grub.cfg and boot.scr name these Debian-style links).
-        for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):
-            (root_dir / link).unlink(missing_ok=True)
-            (root_dir / link).symlink_to(target)
+    write_atomic(root_dir / "etc/rauc/system.conf", rauc.system_conf(board))
+    # Each slot boots its own kernel and initramfs (grub.cfg and boot.scr name these Debian-style links).
+    for link, target in (("vmlinuz", f"boot/vmlinuz-{version}"), ("initrd.img", f"boot/initrd.img-{version}")):
+        (root_dir / link).unlink(missing_ok=True)
+        (root_dir / link).symlink_to(target)
 
     if board["bootloader"] == "grub-efi":
         from kiosk.image.grub import grub_files
 
         files.update(grub_files(board, plan.spec))
         log(f"boot files: GRUB EFI, grub.cfg, grubenv; kernel {version} and initrd.img in the root slot")
-        return files
-
-    if board["bootloader"] == "direct-kernel":
-        cmdline = " ".join([f"console={c}" for c in consoles(board)] + [f"root={root}", "rw"]
-                           + kernel_arguments(board, plan.spec)) + "\n"
-        files["vmlinuz"] = vmlinuz
-        files["initrd.img"] = initrd
-        files["cmdline.txt"] = cmdline.encode()
-        _install_direct_kernel_hook(root_dir)
-        log(f"boot files: kernel {version}, initrd.img, cmdline.txt (direct kernel boot)")
         return files
 
     firmware = root_dir / "usr/lib/raspi-firmware"
@@ -488,26 +468,20 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
         if not src.is_file():
             raise KioskError(f"boot files: device tree {dtb} is not in kernel {version} (hardware/{board['name']}.json)")
         files[Path(dtb).name] = device_tree(src, board.get("deviceTreeAliases", {}))
-    uboot = board.get("uboot")
-    if uboot:   # A/B: the firmware starts U-Boot, which boots a slot's kernel (kiosk.image.uboot)
-        from kiosk.image.uboot import fw_env_config, uboot_files
+    # The firmware starts U-Boot, which boots a slot's kernel (kiosk.image.uboot).
+    from kiosk.image.uboot import fw_env_config, uboot_files
 
-        files.update(uboot_files(board, root_dir, epoch))
-        write_atomic(root_dir / "etc/fw_env.config", fw_env_config())
-        firmware_kernel, firmware_initrd = Path(uboot["binary"]).name, None
-    else:
-        files[f"vmlinuz-{version}"] = vmlinuz
-        files[f"initrd.img-{version}"] = initrd
-        firmware_kernel, firmware_initrd = f"vmlinuz-{version}", f"initrd.img-{version}"
+    files.update(uboot_files(board, root_dir, epoch))
+    write_atomic(root_dir / "etc/fw_env.config", fw_env_config())
+    firmware_kernel = Path(board["uboot"]["binary"]).name
 
     # The on-device settings, so raspi-firmware's hooks regenerate these same files after an upgrade.
     defaults = root_dir / "etc/default/raspi-firmware"
     text = defaults.read_text() if defaults.is_file() else ""
     text = set_default(text, "CONSOLES", f'"{" ".join(consoles(board))}"')
     text = set_default(text, "ROOTPART", f'"{root}"')
-    if uboot:
-        text = set_default(text, "KERNEL", f'"{firmware_kernel}"')
-        text = set_default(text, "INITRAMFS", '"no"')
+    text = set_default(text, "KERNEL", f'"{firmware_kernel}"')
+    text = set_default(text, "INITRAMFS", '"no"')
     write_atomic(defaults, text)
     custom_path = root_dir / "etc/default/raspi-firmware-custom"
     extra_path = root_dir / "etc/default/raspi-extra-cmdline"
@@ -517,31 +491,10 @@ def boot_files(plan, root_dir: Path, *, root: str, epoch: int, log: Log = lambda
         write_atomic(extra_path, extra_cmdline(board, plan.spec))
     custom = custom_path.read_text()
     extra = extra_path.read_text()
-    files["config.txt"] = raspi_config_txt(plan.architecture, firmware_kernel, firmware_initrd, custom).encode()
+    files["config.txt"] = raspi_config_txt(plan.architecture, firmware_kernel, None, custom).encode()
     files["cmdline.txt"] = raspi_cmdline_txt(consoles(board), root, pi4=board["name"] == "raspberryPi4",
                                              extra=extra).encode()
     log(f"boot files: firmware ({sum(1 for p in firmware.iterdir())} files), "
-        + (f"U-Boot, boot.scr, uboot.env; kernel {version} and initrd.img in the root slot, " if uboot
-           else f"kernel {version}, ")
+        + f"U-Boot, boot.scr, uboot.env; kernel {version} and initrd.img in the root slot, "
         + f"{len(board['deviceTrees'])} device trees, config.txt, cmdline.txt")
     return files
-
-
-DIRECT_KERNEL_HOOK = """#!/bin/sh
-# kiosk: the qemu target boots the kernel QEMU is given (kiosk run reads it from the FAT
-# partition): after a kernel or initramfs update on the device, copy the newest there.
-set -e
-[ -d /boot/firmware ] && mountpoint -q /boot/firmware || exit 0
-latest=$(ls -1 /boot/vmlinuz-* 2>/dev/null | sort -V -r | head -1)
-[ -n "$latest" ] || exit 0
-version=${latest#/boot/vmlinuz-}
-cp "$latest" /boot/firmware/vmlinuz.new && mv /boot/firmware/vmlinuz.new /boot/firmware/vmlinuz
-if [ -e "/boot/initrd.img-$version" ]; then
-    cp "/boot/initrd.img-$version" /boot/firmware/initrd.img.new && mv /boot/firmware/initrd.img.new /boot/firmware/initrd.img
-fi
-"""
-
-
-def _install_direct_kernel_hook(root_dir: Path) -> None:
-    for hook_dir in ("etc/kernel/postinst.d", "etc/initramfs/post-update.d"):
-        write_atomic(root_dir / hook_dir / "z50-kiosk-direct-kernel", DIRECT_KERNEL_HOOK, 0o755)
