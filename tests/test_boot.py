@@ -63,13 +63,6 @@ def _has_display(board: str) -> bool:
     return bool(_board(board)["qemu"].get("display"))
 
 
-def _ab(board: str) -> bool:
-    """A/B boards: GRUB or U-Boot picks root slot A or B; a data partition holds the generations (notes/ab-update.md)."""
-    from kiosk.spec.hardware import ab_slots
-
-    return ab_slots(_board(board))
-
-
 # ---------------------------------------------------------------- one boot per board
 
 @dataclass
@@ -130,7 +123,7 @@ def kiosk(request, tmp_path_factory, boot_key):
     image, manifest = build_boot_image(spec, shared / f"boot-{board}", _cache_dir(shared),
                                        log=lambda m: print(m, flush=True))
     print(f"[{board}] image {image} in {time.monotonic() - started:.0f} s", flush=True)
-    card = _as_an_older_kiosk_made_it(image, tmp_path_factory.mktemp(f"card-{board}")) if _ab(board) else image
+    card = _as_an_older_kiosk_made_it(image, tmp_path_factory.mktemp(f"card-{board}"))
     vm = BootedVM(card, key, tmp_path_factory.mktemp(f"vm-{board}"), board=board)
     vm.start()
     try:
@@ -217,10 +210,10 @@ def test_nothing_failed(kiosk):
 
 
 def test_grow_root_filled_the_disk(kiosk):
-    """The last partition grew to the end of the (larger) disk on first boot: the root, or on A/B boards the data
-    partition (the slots keep their size)."""
+    """The last partition, the data partition, grew to the end of the (larger) disk on first boot (the slots
+    keep their size)."""
     vm = kiosk.vm
-    mount, what = ("/data", "growdata") if _ab(kiosk.board) else ("/", "growroot")
+    mount, what = "/data", "growdata"
     info = json.loads(vm.ssh("lsblk -J -b -o NAME,SIZE,START,TYPE,MOUNTPOINTS").stdout)
     disk = next(d for d in info["blockdevices"] if d["type"] == "disk" and any(
         mount in (c.get("mountpoints") or []) for c in d.get("children", [])))
@@ -232,10 +225,9 @@ def test_grow_root_filled_the_disk(kiosk):
     assert fs_bytes > grown["size"] * 0.9, "resize2fs did not grow the filesystem"
     assert vm.ssh(f"test -e /var/lib/kiosk/{what}.done && systemctl is-enabled kiosk-{what}.service",
                   check=False).stdout.strip() == "disabled"
-    if _ab(kiosk.board):
-        slots = [c for c in disk["children"] if c["name"].endswith(("2", "3"))]
-        assert len(slots) == 2 and slots[0]["size"] == slots[1]["size"] < grown["size"]
-        print(f"\n[{kiosk.board}] data partition grown to {grown['size'] >> 20} MiB ({fs_bytes >> 20} MiB file system)")
+    slots = [c for c in disk["children"] if c["name"].endswith(("2", "3"))]
+    assert len(slots) == 2 and slots[0]["size"] == slots[1]["size"] < grown["size"]
+    print(f"\n[{kiosk.board}] data partition grown to {grown['size'] >> 20} MiB ({fs_bytes >> 20} MiB file system)")
 
 
 def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
@@ -243,8 +235,6 @@ def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
     rauc.slot=A on the command line) and spent a try of it in its environment on the FAT; kiosk's initramfs
     mounted the data partition and bound the generations, the configuration repository and (through sshd's
     HostKey lines) the host keys from it."""
-    if not _ab(kiosk.board):
-        pytest.skip("the board keeps one root partition (no A/B slots yet)")
     vm = kiosk.vm
     disk = _board(kiosk.board)["slotDevicePrefix"]
     cmdline = vm.ssh("cat /proc/cmdline").stdout.split()
@@ -294,8 +284,6 @@ def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
 def test_rauc_knows_the_slots_and_that_a_is_booted(kiosk):
     """A/B: RAUC (rauc-service over D-Bus) reads the image's system.conf: the board's compatible string, slot A
     booted (from rauc.slot=A), slot B the other one."""
-    if not _ab(kiosk.board):
-        pytest.skip("the board keeps one root partition (no A/B slots yet)")
     from kiosk.config.signing import compatible
 
     out = kiosk.vm.ssh("rauc status", timeout=300).stdout
@@ -775,9 +763,8 @@ def test_a_full_host_disk_is_said_not_a_silent_pause(boot_key, tmp_path_factory,
                       extra_args=["--disk", str(small / "disk.img"), "--disk-size", "8G"]).start()
         vm.wait_for_ssh(timeout=1200)
         with contextlib.suppress(subprocess.TimeoutExpired):   # the VM pauses in the middle of it
-            # (on A/B the root slot never grows: the data partition does)
-            fill = "/data/fill" if _ab("qemu") else "/var/tmp/fill"
-            vm.ssh(f"dd if=/dev/zero of={fill} bs=1M count=1536 conv=fsync", check=False, timeout=120)
+            # (the root slot never grows: the data partition does)
+            vm.ssh("dd if=/dev/zero of=/data/fill bs=1M count=1536 conv=fsync", check=False, timeout=120)
         deadline = time.monotonic() + 120
         while "QEMU paused the device" not in vm.run_log.read_text() and time.monotonic() < deadline:
             time.sleep(1)

@@ -63,13 +63,6 @@ def _blkid(image: Path, offset: int) -> dict:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def _ab(board: str) -> bool:
-    """A/B boards: root slots A and B and a data partition (notes/ab-update.md)."""
-    from kiosk.spec.hardware import ab_slots
-
-    return ab_slots(_board(board))
-
-
 def _bmap_ranges(bmap: Path) -> list[tuple[int, int]]:
     """The block map's mapped byte ranges [start, end), read from its XML."""
     import xml.etree.ElementTree as ET
@@ -102,27 +95,21 @@ def test_partition_table(built_image, board):
     table = __import__("json").loads(subprocess.run(["sfdisk", "--json", str(img.image)], capture_output=True,
                                                     text=True, check=True).stdout)["partitiontable"]
     assert table["label"] == "dos"
-    p1, p2, *rest = table["partitions"]
+    p1, p2, p3, p4 = table["partitions"]
     assert p1["type"] == "c" and p1.get("bootable") is True
     assert p1["start"] * 512 == 4 * MiB and p1["size"] * 512 == 256 * MiB
     assert p2["type"] == "83"
     assert p2["start"] * 512 == 260 * MiB and (p2["start"] * 512) % (4 * MiB) == 0
     assert (p2["size"] * 512) % (4 * MiB) == 0
-    if _ab(board):
-        # slot A, slot B of the same size (at least 2 GiB, 256 MiB steps, twice the tree), data 128 MiB last
-        p3, p4 = rest
-        assert p3["type"] == p4["type"] == "83"
-        assert p3["start"] == p2["start"] + p2["size"] and p3["size"] == p2["size"]
-        assert p2["size"] * 512 >= 2 << 30 and (p2["size"] * 512) % (256 * MiB) == 0
-        assert p4["start"] == p3["start"] + p3["size"] and p4["size"] * 512 == 128 * MiB
-        fs_blocks = int(re.search(r"Block count:\s+(\d+)", subprocess.run(
-            ["dumpe2fs", "-h", f"{img.image}?offset={p2['start'] * 512}"], capture_output=True, text=True).stdout)[1])
-        assert p2["size"] * 512 >= fs_blocks * 4096   # slot A holds the root file system (and room beyond it)
-        last = p4
-    else:
-        assert rest == []
-        last = p2
-    assert (last["start"] + last["size"]) * 512 == img.image.stat().st_size
+    # slot A, slot B of the same size (at least 2 GiB, 256 MiB steps, twice the tree), data 128 MiB last
+    assert p3["type"] == p4["type"] == "83"
+    assert p3["start"] == p2["start"] + p2["size"] and p3["size"] == p2["size"]
+    assert p2["size"] * 512 >= 2 << 30 and (p2["size"] * 512) % (256 * MiB) == 0
+    assert p4["start"] == p3["start"] + p3["size"] and p4["size"] * 512 == 128 * MiB
+    fs_blocks = int(re.search(r"Block count:\s+(\d+)", subprocess.run(
+        ["dumpe2fs", "-h", f"{img.image}?offset={p2['start'] * 512}"], capture_output=True, text=True).stdout)[1])
+    assert p2["size"] * 512 >= fs_blocks * 4096   # slot A holds the root file system (and room beyond it)
+    assert (p4["start"] + p4["size"]) * 512 == img.image.stat().st_size
     # the disk identifier is fixed (derived from the spec), never random
     from kiosk.image.assemble import identity
     assert int(table["id"], 16) == identity(img.plan).disk_id
@@ -131,7 +118,7 @@ def test_partition_table(built_image, board):
 @pytest.mark.parametrize("board", BOARDS)
 def test_filesystems_are_clean(built_image, board, tmp_path):
     img = built_image(board)
-    (b0, bsize), (r0, rsize), *rest = partition_offsets(img.image)
+    (b0, bsize), (r0, rsize), _, (d0, dsize) = partition_offsets(img.image)
     fat = _extract(img.image, b0, bsize, tmp_path / "fat.img")
     result = subprocess.run(["fsck.vfat", "-n", str(fat)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -141,12 +128,10 @@ def test_filesystems_are_clean(built_image, board, tmp_path):
     root.unlink()
     assert _blkid(img.image, b0)["TYPE"] == "vfat"
     assert _blkid(img.image, r0)["TYPE"] == "ext4"
-    if _ab(board):
-        (s0, ssize), (d0, dsize) = rest
-        data = _extract(img.image, d0, dsize, tmp_path / "data.img")
-        result = subprocess.run(["e2fsck", "-fn", str(data)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stdout + result.stderr
-        assert _blkid(img.image, d0)["TYPE"] == "ext4" and _blkid(img.image, d0)["LABEL"] == "KIOSKDATA"
+    data = _extract(img.image, d0, dsize, tmp_path / "data.img")
+    result = subprocess.run(["e2fsck", "-fn", str(data)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _blkid(img.image, d0)["TYPE"] == "ext4" and _blkid(img.image, d0)["LABEL"] == "KIOSKDATA"
 
 
 def test_slot_b_is_empty_and_not_in_the_block_map(built_image):
@@ -223,26 +208,23 @@ def test_fstab_matches_the_filesystems(built_image, board):
     fstab = [line.split() for line in read_root_file(img.image, "/etc/fstab").decode().splitlines()
              if line.strip() and not line.startswith("#")]
     by_mount = {f[1]: f for f in fstab}
-    # A/B: both slots carry one UUID; `/` is whichever the boot loader chose (root=/dev/vdaN)
-    assert by_mount["/"][0] == ("/dev/root" if _ab(board) else f"UUID={root['UUID']}") and by_mount["/"][2] == "ext4"
-    if _ab(board):
-        assert by_mount["/data"][:4] == ["LABEL=KIOSKDATA", "/data", "ext4", "rw,noatime"]
-        assert by_mount["/var/lib/kiosk"][:4] == ["/data/kiosk/state", "/var/lib/kiosk", "none", "bind"]
-        assert by_mount["/etc/kiosk/configuration.git"][:4] == ["/data/kiosk/configuration.git",
-                                                                "/etc/kiosk/configuration.git", "none", "bind"]
-        assert by_mount["/var/log/journal"][:4] == ["/data/log/journal", "/var/log/journal", "none", "bind"]
-    else:
-        assert "/data" not in by_mount
+    # both slots carry one UUID; `/` is whichever the boot loader chose (root=/dev/vdaN)
+    assert by_mount["/"][0] == "/dev/root" and by_mount["/"][2] == "ext4"
+    assert by_mount["/data"][:4] == ["LABEL=KIOSKDATA", "/data", "ext4", "rw,noatime"]
+    assert by_mount["/var/lib/kiosk"][:4] == ["/data/kiosk/state", "/var/lib/kiosk", "none", "bind"]
+    assert by_mount["/etc/kiosk/configuration.git"][:4] == ["/data/kiosk/configuration.git",
+                                                            "/etc/kiosk/configuration.git", "none", "bind"]
+    assert by_mount["/var/log/journal"][:4] == ["/data/log/journal", "/var/log/journal", "none", "bind"]
     assert by_mount["/boot/firmware"][0] == f"UUID={boot['UUID']}" and by_mount["/boot/firmware"][2] == "vfat"
     assert root_stat(img.image, "/boot/firmware")["type"] == "directory"
 
 
 @pytest.mark.parametrize("board", BOARDS)
 def test_root_grows_on_first_boot(built_image, board):
-    """The last partition grows to fill the card once: the root, or on A/B boards the data partition
-    (a slot never grows: slot B follows slot A)."""
+    """The last partition, the data partition, grows to fill the card once (a slot never grows: slot B
+    follows slot A)."""
     img = built_image(board)
-    what, mount = ("growdata", "/data") if _ab(board) else ("growroot", "/")
+    what, mount = "growdata", "/data"
     unit = read_root_file(img.image, f"/etc/systemd/system/kiosk-{what}.service").decode()
     assert "Type=oneshot" in unit and f"ConditionPathExists=!/var/lib/kiosk/{what}.done" in unit
     link = root_stat(img.image, f"/etc/systemd/system/local-fs.target.wants/kiosk-{what}.service")
@@ -251,9 +233,8 @@ def test_root_grows_on_first_boot(built_image, board):
     assert "resize2fs" in script and "sfdisk" in script and f"{what}.done" in script
     assert f"dev=$(findmnt -n -o SOURCE {mount})\n" in script
     assert root_file_mode(img.image, f"/usr/lib/kiosk/{what}") == 0o755
-    other = "growroot" if _ab(board) else "growdata"
-    with pytest.raises(FileNotFoundError):
-        read_root_file(img.image, f"/etc/systemd/system/kiosk-{other}.service")
+    with pytest.raises(FileNotFoundError):   # the unit of one-root images before slots
+        read_root_file(img.image, "/etc/systemd/system/kiosk-growroot.service")
 
 
 # --- boot files ----------------------------------------------------------------------------------
@@ -483,11 +464,7 @@ def test_initramfs_reaches_the_root(built_image, board, tmp_path):
     img = built_image(board)
     version = _kernel_version(img)
     hw = _board(board)
-    if _ab(board):
-        initrd = read_root_file(img.image, "/initrd.img")   # each slot boots its own
-    else:
-        initrd = read_boot_file(img.image, "initrd.img" if hw["bootloader"] == "direct-kernel"
-                                else f"initrd.img-{version}")
+    initrd = read_root_file(img.image, "/initrd.img")   # each slot boots its own
     files = _cpio_list(initrd, tmp_path)
     assert files == sorted(files)  # sorted: reproducible
     assert "init" in files and "bin/busybox" in files
@@ -515,12 +492,10 @@ def test_build_leaves_no_traces(built_image, board):
     img = built_image(board)
     etc_ssh = root_listdir(img.image, "/etc/ssh")
     host_keys = [n for n in etc_ssh if n.startswith("ssh_host_")]
-    if _ab(board):   # only links to the public keys the device makes on /data at first start
-        assert host_keys == [f"ssh_host_{k}_key.pub" for k in ("ecdsa", "ed25519", "rsa")], etc_ssh
-        assert all(read_root_file(img.image, f"/etc/ssh/{n}", follow=False) == f"/data/ssh/etc/ssh/{n}".encode()
-                   for n in host_keys)
-    else:
-        assert not host_keys, etc_ssh
+    # only links to the public keys the device makes on /data at first start
+    assert host_keys == [f"ssh_host_{k}_key.pub" for k in ("ecdsa", "ed25519", "rsa")], etc_ssh
+    assert all(read_root_file(img.image, f"/etc/ssh/{n}", follow=False) == f"/data/ssh/etc/ssh/{n}".encode()
+               for n in host_keys)
     # update-initramfs is the real one again, and not diverted
     assert b"kiosk" not in read_root_file(img.image, "/usr/sbin/update-initramfs")
     diversions = read_root_file(img.image, "/var/lib/dpkg/diversions").decode()
@@ -601,10 +576,9 @@ def test_images_carry_debians_security_fixes(built_image, board, tmp_path):
 def test_all_timestamps_pinned(built_image, board):
     img = built_image(board)
     epoch = None
-    grow = "/usr/lib/kiosk/growdata" if _ab(board) else "/usr/lib/kiosk/growroot"
-    paths = ["/etc/fstab", "/etc/hostname", grow, "/", "/etc"]
-    if _ab(board):   # on the data partition
-        paths += ["/var/lib/kiosk", "/var/lib/kiosk/generations/1/nixiosk.json", "/etc/kiosk/configuration.git/HEAD"]
+    paths = ["/etc/fstab", "/etc/hostname", "/usr/lib/kiosk/growdata", "/", "/etc",
+             # on the data partition
+             "/var/lib/kiosk", "/var/lib/kiosk/generations/1/nixiosk.json", "/etc/kiosk/configuration.git/HEAD"]
     for path in paths:
         text = root_stat(img.image, path)["text"]
         times = re.findall(r"(?:ctime|atime|mtime|crtime): (0x[0-9a-f]+)", text)
@@ -902,7 +876,7 @@ def test_layout_counts_hard_links_once(tmp_path):
     used, inodes = basefs.usage(index)
     assert used < 9 << 20 and inodes == 2
     size, inode_count = basefs.size_for(used, inodes)
-    layout = layout_for(size)
+    layout = layout_for(size, used=used)
     assert layout.root_start % ALIGN == 0 and layout.root_size % ALIGN == 0 and layout.boot_start == ALIGN
     assert inode_count >= 65536 and size >= used + (256 << 20)
 

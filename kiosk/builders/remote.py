@@ -19,7 +19,6 @@ from kiosk.config.signing import signing_key
 from kiosk.core.errors import KioskError, UsageError
 from kiosk.core.files import write_json
 from kiosk.core.paths import setting
-from kiosk.spec.hardware import ab_slots, load_board
 
 NOTHING_WRITTEN = "nothing was written"
 
@@ -84,10 +83,9 @@ def remote_build(args) -> int:
                "verbose": bool(getattr(args, "verbose", False)), "upgrade": bool(getattr(args, "upgrade", False))}
     where = f"{user + '@' if user else ''}{host}{':' + str(port) if port else ''}"
     print(f"==> building on {where}", file=sys.stderr, flush=True)
-    if ab_slots(load_board(spec.data["hardware"])):
-        # The image trusts this user's update key, never the builder's own (kiosk.config.signing).
-        say = lambda m: print(f"    {m}", file=sys.stderr, flush=True)   # noqa: E731
-        request["updateCertificate"] = signing_key(log=say).cert.read_text()
+    # The image trusts this user's update key, never the builder's own (kiosk.config.signing).
+    say = lambda m: print(f"    {m}", file=sys.stderr, flush=True)   # noqa: E731
+    request["updateCertificate"] = signing_key(log=say).cert.read_text()
     started = time.monotonic()
     incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=out_dir))
     try:

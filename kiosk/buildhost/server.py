@@ -27,7 +27,6 @@ from kiosk.core.errors import InvalidSpec, KioskError, UsageError, one_line
 from kiosk.core.log import Log
 from kiosk.core.files import human_size, sha256_file
 from kiosk.core.run import run
-from kiosk.spec.hardware import ab_slots, load_board
 
 
 class _Progress:
@@ -201,16 +200,13 @@ def serve_build(req: dict, out, progress) -> None:
     """Build the image of the spec in the request here; answer with the image, .bmap, manifest, SBOM."""
     spec = _request_spec(req, progress)
     cert = req.get("updateCertificate")
-    if ab_slots(load_board(spec.data["hardware"])):
-        # An A/B image trusts one update key: the requester's. Built with this builder's own, the device
-        # would take updates from the builder's owner and refuse its own user's.
-        if not isinstance(cert, str):
-            raise UsageError(f"{spec.data['hardware']} images trust the update key of whoever asked for them, "
-                             "and the request carries no certificate",
-                             hint="update kiosk on the machine that asked (it sends updateCertificate)")
-        certificate_fingerprint(cert)
-    else:
-        cert = None
+    # An image trusts one update key: the requester's. Built with this builder's own, the device would take
+    # updates from the builder's owner and refuse its own user's.
+    if not isinstance(cert, str):
+        raise UsageError(f"{spec.data['hardware']} images trust the update key of whoever asked for them, "
+                         "and the request carries no certificate",
+                         hint="update kiosk on the machine that asked (it sends updateCertificate)")
+    certificate_fingerprint(cert)
     with _job_slot(int(req.get("maxJobs") or 1), progress):
         work = Path(tempfile.mkdtemp(prefix="build-", dir=_builder_tmp()))
         try:
@@ -232,10 +228,6 @@ def serve_bundle(req: dict, out, progress) -> None:
     from kiosk.image.bundle import make_bundle
 
     spec = _request_spec(req, progress)
-    board = load_board(spec.data["hardware"])
-    if not ab_slots(board):
-        raise UsageError(f"a {spec.data['hardware']} has no root slots to install a bundle into",
-                         hint="its packages are installed in place (the packages request)")
     cert = req.get("updateCertificate")
     if not isinstance(cert, str):
         raise UsageError("the request carries no update certificate (the one the device trusts)")

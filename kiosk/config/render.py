@@ -12,7 +12,7 @@ import json
 
 from kiosk import __version__
 from kiosk.core.paths import DATA_HOST_KEYS
-from kiosk.spec.hardware import ab_slots, load_board
+from kiosk.spec.hardware import load_board
 from kiosk.config.bootconfig import extra_cmdline, firmware_custom
 from kiosk.config.display import (cursor_theme, display, kiosk_environment, mode_files, rotation_flags,
                                   screen_files, self_healing, touch_rule)
@@ -70,7 +70,7 @@ def render(spec: dict) -> Layer:
     layer.update(_identity(spec))
     layer.update(_locale(spec))
     layer.update(_network(spec))
-    layer.update(_ssh(spec, board))
+    layer.update(_ssh(spec))
     layer.update(_users(spec))
     layer.update(_display(spec, board))
     layer.update(_agent())
@@ -147,14 +147,12 @@ def _network(spec: dict) -> Layer:
     return layer
 
 
-def _ssh(spec: dict, board: dict) -> Layer:
+def _ssh(spec: dict) -> Layer:
     keys = "".join(parse_public_key(k).line() + "\n" for k in spec["authorizedKeys"])
-    # A/B boards keep the host keys on the data partition: the device keeps its identity across slots.
-    keygen, host_keys = "/usr/bin/ssh-keygen -A", ""
-    if ab_slots(board):
-        keygen = f"/usr/bin/ssh-keygen -A -f {DATA_HOST_KEYS}"
-        host_keys = "".join(f"HostKey {DATA_HOST_KEYS}/etc/ssh/ssh_host_{kind}_key\n"
-                            for kind in ("ecdsa", "ed25519", "rsa"))
+    # The host keys live on the data partition: the device keeps its identity across slots.
+    keygen = f"/usr/bin/ssh-keygen -A -f {DATA_HOST_KEYS}"
+    host_keys = "".join(f"HostKey {DATA_HOST_KEYS}/etc/ssh/ssh_host_{kind}_key\n"
+                        for kind in ("ecdsa", "ed25519", "rsa"))
     return {
         "/etc/ssh/sshd_config.d/kiosk.conf": file(
             HEADER + "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitEmptyPasswords no\n"

@@ -32,7 +32,7 @@ LEGACY_BUILDER_KEY = "/etc/kiosk/builder_ed25519"
 BUILDERS_KNOWN_HOSTS = "/etc/kiosk/builders_known_hosts"
 BUILDERS_SSH_CONFIG = "/etc/kiosk/builders_ssh_config"
 
-# A/B boards (kiosk.spec.hardware.ab_slots): what must survive a switch of root slot lives on the data partition,
+# What must survive a switch of root slot (notes/ab-update.md) lives on the data partition,
 # mounted at DATA_MOUNT and bound where the system expects it (kiosk's initramfs mounts all of it before
 # systemd starts, so PID 1 already reads the generation's units and hostname; fstab names them too).
 DATA_MOUNT = "/data"

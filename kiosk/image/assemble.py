@@ -1,8 +1,8 @@
-"""The SD card image: MBR, a FAT32 firmware partition, an ext4 root, and its block map.
+"""The SD card image: MBR, four partitions, and its block map.
 
-A/B boards (kiosk.spec.hardware.ab_slots) get four partitions instead: the FAT, root slot A (the
-root file system), root slot B (the same size, all zeros: the block map skips it) and the data
-partition (ext4 KIOSKDATA, kiosk.image.datafs), which grows to fill the card on first boot.
+The FAT32 firmware partition, root slot A (the ext4 root file system), root slot B (the same size, all
+zeros: the block map skips it) and the data partition (ext4 KIOSKDATA, kiosk.image.datafs), which grows
+to fill the card on first boot. Every board has the slots (notes/ab-update.md).
 
 No mounting, no loop devices, no root: the image is a sparse file; the root
 file system is written into it at its offset by the caller (a copy of the
@@ -58,8 +58,8 @@ class Identity:
     disk_id: int          # MBR disk signature (PARTUUID prefix)
     boot_serial: str      # FAT volume id, 8 hex digits (fstab: XXXX-XXXX)
     root_uuid: str        # ext4 UUID (the directory hash seed is the cached base's: basefs)
-    data_uuid: str = ""   # A/B: the data partition's ext4 UUID ...
-    data_hash_seed: str = ""   # ... and its directory hash seed
+    data_uuid: str        # the data partition's ext4 UUID ...
+    data_hash_seed: str   # ... and its directory hash seed
 
     @property
     def boot_uuid(self) -> str:
@@ -87,17 +87,9 @@ class Layout:
     boot_start: int
     boot_size: int
     root_start: int
-    root_size: int        # the root file system (on A/B boards: in slot A, which may be larger)
-    slot_size: int = 0    # A/B: each root slot's partition; 0: one root partition of root_size
-    data_size: int = 0    # A/B: the data partition
-
-    @property
-    def ab(self) -> bool:
-        return self.slot_size > 0
-
-    @property
-    def root_part_size(self) -> int:
-        return self.slot_size or self.root_size
+    root_size: int        # the root file system, in slot A (which may be larger)
+    slot_size: int        # each root slot's partition
+    data_size: int        # the data partition (in the image: it grows on the device)
 
     @property
     def slot_b_start(self) -> int:
@@ -109,7 +101,7 @@ class Layout:
 
     @property
     def total(self) -> int:
-        return self.data_start + self.data_size if self.ab else self.root_start + self.root_size
+        return self.data_start + self.data_size
 
 
 def slot_size_for(root_size: int, used: int) -> int:
@@ -119,12 +111,10 @@ def slot_size_for(root_size: int, used: int) -> int:
     return -(-size // SLOT_STEP) * SLOT_STEP
 
 
-def layout_for(root_size: int, *, ab: bool = False, used: int = 0) -> Layout:
-    """FAT 256 MiB at 4 MiB, then the root file system (its size is the cached base's, basefs.size_for);
-    A/B: slot A holding it, slot B as large, then the data partition."""
+def layout_for(root_size: int, *, used: int) -> Layout:
+    """FAT 256 MiB at 4 MiB, then slot A holding the root file system (its size is the cached base's,
+    basefs.size_for; `used` its bytes in use), slot B as large, then the data partition."""
     boot_start = ALIGN
-    if not ab:
-        return Layout(boot_start, BOOT_SIZE, boot_start + BOOT_SIZE, root_size)
     return Layout(boot_start, BOOT_SIZE, boot_start + BOOT_SIZE, root_size, slot_size_for(root_size, used), DATA_SIZE)
 
 
@@ -172,18 +162,18 @@ WantedBy=local-fs.target
 """
 
 
-def grow_unit(ab: bool) -> tuple[str, str, str]:
-    """(unit name, script, unit text) of the grow-once unit: the root partition, or on A/B boards the data
-    partition (the last one; a root slot never grows: slot B follows slot A)."""
+GROW_PATH = "/usr/lib/kiosk/growdata"
+
+
+def grow_unit() -> tuple[str, str, str]:
+    """(unit name, script, unit text) of the grow-once unit: the data partition (the last one; a root slot
+    never grows: slot B follows slot A)."""
     from kiosk.core.paths import DATA_MOUNT
 
-    name, mount, what = (("kiosk-growdata", DATA_MOUNT, "data partition") if ab else
-                         ("kiosk-growroot", "/", "root filesystem"))
-    stamp = f"/var/lib/kiosk/{name.split('-')[1]}.done"
-    script = f"/usr/lib/kiosk/{name.split('-')[1]}"
-    mounts = f"{mount} /var/lib/kiosk" if ab else "/var/lib/kiosk"
-    return (f"{name}.service", GROW_SCRIPT.format(mount=mount, stamp=stamp, unit=f"{name}.service"),
-            GROW_UNIT.format(what=what, script=script, stamp=stamp, mounts=mounts))
+    unit, stamp = "kiosk-growdata.service", "/var/lib/kiosk/growdata.done"
+    return (unit, GROW_SCRIPT.format(mount=DATA_MOUNT, stamp=stamp, unit=unit),
+            GROW_UNIT.format(what="data partition", script=GROW_PATH, stamp=stamp,
+                             mounts=f"{DATA_MOUNT} /var/lib/kiosk"))
 
 
 HOST_KEY_TYPES = ("ecdsa", "ed25519", "rsa")
@@ -203,21 +193,18 @@ WantedBy=multi-user.target
 """
 
 
-def fstab(ident: Identity, ab: bool) -> str:
-    """This image's partitions. A/B: `/` is whichever slot the boot loader chose (both carry the same UUID),
-    and the data partition with its binds (kiosk's initramfs checks and mounts them before systemd starts:
+def fstab(ident: Identity) -> str:
+    """This image's partitions: `/` is whichever slot the boot loader chose (both carry the same UUID), and
+    the data partition with its binds (kiosk's initramfs checks and mounts them before systemd starts:
     pass 0, systemd finds them mounted)."""
     from kiosk.core.paths import DATA_BINDS, DATA_LABEL, DATA_MOUNT
 
-    root = "/dev/root" if ab else f"UUID={ident.root_uuid}"
-    text = ("# Written by kiosk at image build: the partitions of this image.\n"
+    return ("# Written by kiosk at image build: the partitions of this image.\n"
             "# <file system>\t<mount point>\t<type>\t<options>\t<dump>\t<pass>\n"
-            f"{root}\t/\text4\trw,noatime,errors=remount-ro\t0\t1\n"
-            f"UUID={ident.boot_uuid}\t{BOOT_MOUNT}\tvfat\trw,noatime,umask=0022,nofail\t0\t2\n")
-    if ab:
-        text += f"LABEL={DATA_LABEL}\t{DATA_MOUNT}\text4\trw,noatime\t0\t0\n"
-        text += "".join(f"{DATA_MOUNT}/{source}\t{target}\tnone\tbind\t0\t0\n" for source, target in DATA_BINDS)
-    return text
+            "/dev/root\t/\text4\trw,noatime,errors=remount-ro\t0\t1\n"
+            f"UUID={ident.boot_uuid}\t{BOOT_MOUNT}\tvfat\trw,noatime,umask=0022,nofail\t0\t2\n"
+            f"LABEL={DATA_LABEL}\t{DATA_MOUNT}\text4\trw,noatime\t0\t0\n"
+            + "".join(f"{DATA_MOUNT}/{source}\t{target}\tnone\tbind\t0\t0\n" for source, target in DATA_BINDS))
 
 
 def _enable(root_dir: Path, target: str, unit: str) -> None:
@@ -229,26 +216,26 @@ def _enable(root_dir: Path, target: str, unit: str) -> None:
     link.symlink_to(f"/etc/systemd/system/{unit}")
 
 
-def write_root_files(root_dir: Path, ident: Identity, ab: bool = False) -> None:
-    """/etc/fstab for this image's partitions, and the grow-once unit (enabled); A/B: the data mount point and
-    the host keys' public halves where ssh tools look for them (the keys are made on /data at first start)."""
+def write_root_files(root_dir: Path, ident: Identity) -> None:
+    """/etc/fstab for this image's partitions, the grow-once unit and the slot's commit unit (enabled), the
+    data mount point, and the host keys' public halves where ssh tools look for them (the keys are made on
+    /data at first start)."""
     from kiosk.core.paths import DATA_HOST_KEYS, DATA_MOUNT
 
-    write_atomic(root_dir / "etc/fstab", fstab(ident, ab))
+    write_atomic(root_dir / "etc/fstab", fstab(ident))
     (root_dir / BOOT_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    unit, script, text = grow_unit(ab)
-    write_atomic(root_dir / "usr/lib/kiosk" / unit.split("-")[1].removesuffix(".service"), script, 0o755)
+    unit, script, text = grow_unit()
+    write_atomic(root_dir / GROW_PATH.lstrip("/"), script, 0o755)
     write_atomic(root_dir / "etc/systemd/system" / unit, text)
     _enable(root_dir, "local-fs.target", unit)
-    if ab:
-        # kiosk.device.slots: the verdict on a newly installed system (RAUC mark-good / mark-bad)
-        write_atomic(root_dir / "etc/systemd/system/kiosk-slot-commit.service", SLOT_COMMIT_UNIT)
-        _enable(root_dir, "multi-user.target", "kiosk-slot-commit.service")
-        (root_dir / DATA_MOUNT.lstrip("/")).mkdir(exist_ok=True)
-        for kind in HOST_KEY_TYPES:
-            pub = root_dir / f"etc/ssh/ssh_host_{kind}_key.pub"
-            pub.unlink(missing_ok=True)
-            pub.symlink_to(f"{DATA_HOST_KEYS}/etc/ssh/ssh_host_{kind}_key.pub")
+    # kiosk.device.slots: the verdict on a newly installed system (RAUC mark-good / mark-bad)
+    write_atomic(root_dir / "etc/systemd/system/kiosk-slot-commit.service", SLOT_COMMIT_UNIT)
+    _enable(root_dir, "multi-user.target", "kiosk-slot-commit.service")
+    (root_dir / DATA_MOUNT.lstrip("/")).mkdir(exist_ok=True)
+    for kind in HOST_KEY_TYPES:
+        pub = root_dir / f"etc/ssh/ssh_host_{kind}_key.pub"
+        pub.unlink(missing_ok=True)
+        pub.symlink_to(f"{DATA_HOST_KEYS}/etc/ssh/ssh_host_{kind}_key.pub")
 
 
 # --- filesystems ---------------------------------------------------------------------------------
@@ -259,11 +246,10 @@ def write_partition_table(image: Path, layout: Layout, ident: Identity) -> None:
         f"label-id: 0x{ident.disk_id:08x}\n"
         "unit: sectors\n\n"
         f"start={layout.boot_start // SECTOR}, size={layout.boot_size // SECTOR}, type=c, bootable\n"
-        f"start={layout.root_start // SECTOR}, size={layout.root_part_size // SECTOR}, type=83\n"
+        f"start={layout.root_start // SECTOR}, size={layout.slot_size // SECTOR}, type=83\n"
+        f"start={layout.slot_b_start // SECTOR}, size={layout.slot_size // SECTOR}, type=83\n"   # slot B, empty
+        f"start={layout.data_start // SECTOR}, size={layout.data_size // SECTOR}, type=83\n"
     )
-    if layout.ab:   # slot B (empty) and the data partition
-        script += (f"start={layout.slot_b_start // SECTOR}, size={layout.slot_size // SECTOR}, type=83\n"
-                   f"start={layout.data_start // SECTOR}, size={layout.data_size // SECTOR}, type=83\n")
     _run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(image)], stage="image (partition table)",
          input=script)
 
@@ -384,7 +370,7 @@ def assemble(layout: Layout, image: Path, boot: dict[str, bytes | Path], out_ima
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     parts = (f"root slots A and B {layout.slot_size // MiB} MiB each (A's file system {layout.root_size // MiB} "
-             f"MiB), data {layout.data_size // MiB} MiB" if layout.ab else f"root {layout.root_size // MiB} MiB")
+             f"MiB), data {layout.data_size // MiB} MiB")
     log(f"image: {out_image.name}: {layout.total // MiB} MiB (FAT {layout.boot_size // MiB} MiB, {parts}); "
         f"MBR + FAT {time.monotonic() - started:.1f} s")
     started = time.monotonic()

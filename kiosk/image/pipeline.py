@@ -139,16 +139,16 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
     """Make a base tree this spec's system: the configuration layer, boot files, the kiosk package,
     generation 1, users, builders' files, fstab, the system's manifest and SBOM (`packages`: what the base
     holds). Returns (FAT files, configuration.git commit).
-    A/B boards: what goes on the data partition (generation 1, configuration.git) is moved out of the
-    tree into the new directory `data` (kiosk.image.datafs), and the slot trusts update_cert (PEM): RAUC
-    installs only bundles signed with the key of that certificate.
+    What goes on the data partition (generation 1, configuration.git) is moved out of the tree into the
+    new directory `data` (kiosk.image.datafs), and the slot trusts update_cert (PEM): RAUC installs only
+    bundles signed with the key of that certificate.
 
     The one configure step: the fast path runs it on a sparse tree, the whole-tree reference
     (keep_root) on the unpacked base. The umask is fixed so the modes never depend on the caller's.
     """
     from kiosk.config.layer import apply_layer
     from kiosk.image import assemble, bootfiles, datafs
-    from kiosk.spec.hardware import ab_slots
+    from kiosk.image.rauc import RAUC_CERTIFICATE
 
     umask = os.umask(0o022)
     try:
@@ -159,20 +159,17 @@ def configure_tree(root: Path, spec, spec_text: str, layer: dict, plan, out_dir:
         if spec.data.get("builders") or (spec.data.get("localSystem") or {}).get("hostName"):
             from kiosk.builders.keys import prepare_device_for_builders  # builders known_hosts, ssh config
             prepare_device_for_builders(root, spec.data, out_dir, log, epoch=epoch)
-        assemble.write_root_files(root, ident, ab_slots(plan.board))
+        assemble.write_root_files(root, ident)
         write_system_files(root, plan, Path(assemble.image_name(plan)).stem, packages, epoch=epoch, seed=spec.digest)
-        if ab_slots(plan.board):
-            from kiosk.image.rauc import RAUC_CERTIFICATE
-
-            if not update_cert:
-                raise KioskError("an A/B image needs the update certificate its devices will trust",
-                                 hint="this is a bug in the build, please report it")
-            cert = root / RAUC_CERTIFICATE.lstrip("/")
-            cert.parent.mkdir(parents=True, exist_ok=True)
-            cert.write_text(update_cert)
-            for path in (cert, cert.parent):
-                os.utime(path, (epoch, epoch))
-            datafs.split(root, data, epoch=epoch)
+        if not update_cert:
+            raise KioskError("an image needs the update certificate its devices will trust",
+                             hint="this is a bug in the build, please report it")
+        cert = root / RAUC_CERTIFICATE.lstrip("/")
+        cert.parent.mkdir(parents=True, exist_ok=True)
+        cert.write_text(update_cert)
+        for path in (cert, cert.parent):
+            os.utime(path, (epoch, epoch))
+        datafs.split(root, data, epoch=epoch)
     finally:
         os.umask(umask)
     return boot, commit
@@ -188,7 +185,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     keep_root: also make the whole root tree there the slow way (the base unpacked, then the same
     configure step), for tests that compare it with the image; as root only.
     compress: "zst" or "xz": also write the image compressed (image/compress.py).
-    update_cert: the PEM certificate an A/B image trusts for update bundles; by default the user's own
+    update_cert: the PEM certificate the image trusts for update bundles; by default the user's own
     (kiosk.config.signing, made on first use). A builder building for someone else is given theirs.
     upgrade: build the cached base again when the archive has moved on (rootfs.base_rootfs).
     """
@@ -196,7 +193,6 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     from kiosk.config.render import render
     from kiosk.image import assemble, basefs, datafs, overlay, rootfs
     from kiosk.image.compress import compress_image
-    from kiosk.spec.hardware import ab_slots
     from kiosk.spec.plan import make_plan
 
     log = log or Log()
@@ -216,7 +212,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
     work = scratch_work_dir()
     out_image = out_dir / assemble.image_name(plan)
     image = assemble.scratch_path(out_image, "tmp")
-    layout = assemble.layout_for(base.size, ab=ab_slots(plan.board), used=base.used)
+    layout = assemble.layout_for(base.size, used=base.used)
     pool = ThreadPoolExecutor(max_workers=1)
     sparse = None
     try:
@@ -224,11 +220,10 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
         copying = pool.submit(basefs.copy, base, image, layout.root_start, layout.total)
         ident = assemble.identity(plan)
         with log.timed("configure"):
-            if ab_slots(plan.board):
-                if update_cert is None:
-                    update_cert = signing.signing_key(log=log).cert.read_text()
-                log(f"update bundles: the image trusts the key of certificate "
-                    f"{signing.certificate_fingerprint(update_cert)[:23]}...")
+            if update_cert is None:
+                update_cert = signing.signing_key(log=log).cert.read_text()
+            log(f"update bundles: the image trusts the key of certificate "
+                f"{signing.certificate_fingerprint(update_cert)[:23]}...")
             sparse = overlay.Sparse(index, work / "root")
             configure_inputs(plan, sparse)
             pkg_dicts = package_dicts(rootfs.installed_packages(tar))
@@ -242,9 +237,7 @@ def build(spec, spec_text: str, out_dir: Path, *, verbose: bool = False, log: Lo
             copying.result()
             copied = time.monotonic()
             overlay.write(image, layout.root_start, changes, index, work, epoch=epoch, uuid=ident.root_uuid)
-            if layout.ab:
-                datafs.write(image, layout.data_start, layout.data_size, work / "data", work, ident=ident,
-                             epoch=epoch)
+            datafs.write(image, layout.data_start, layout.data_size, work / "data", work, ident=ident, epoch=epoch)
             log(f"image: root file system: base copied (waited {copied - started:.1f} s), changes written "
                 f"in {time.monotonic() - copied:.1f} s")
             image_sha = assemble.assemble(layout, image, boot, out_image, epoch=epoch, ident=ident, log=log)

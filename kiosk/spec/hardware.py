@@ -10,10 +10,6 @@ from kiosk.core.errors import KioskError
 
 # Nixiosk targets that are the same thing here under another name.
 ALIASES = {"qemu-no-virtfs": "qemu"}
-def ab_slots(board: dict) -> bool:
-    """Whether the board's images have root slots A and B and a data partition (else one root partition):
-    GRUB (EFI) or U-Boot chooses the slot (notes/ab-update.md)."""
-    return board["bootloader"] == "grub-efi" or bool(board.get("uboot"))
 
 
 def board_names() -> list[str]:
