@@ -661,6 +661,29 @@ def test_builders_check_reports_up_and_down(lab):
 
 
 @pytest.mark.root
+def test_builders_check_counts_only_what_a_builder_can_build_images_for(lab, tmp_path):
+    """A device asks a builder for its whole new system (every board has root slots): a builder whose apt
+    could download .debs but that cannot build an image (no mmdebstrap there) cannot build for it, and
+    check says so instead of "ok"."""
+    from sshd_harness import VENV_BIN
+
+    tools = tmp_path / "apt-only"
+    tools.mkdir()
+    for name in ("apt-get", "dpkg", "sh", "env"):
+        (tools / name).symlink_to(shutil.which(name))
+    lab = lab([{"host": "127.0.0.1", "env": {"PATH": f"{VENV_BIN}:{tools}"}}])
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root), "--json")
+    assert r.returncode == 1, r.stderr
+    row = json.loads(r.stdout)["builders"][0]
+    assert (row["reachable"], row["ok"], row["buildsForDevice"]) == (True, False, False), row
+    assert row["apt"] and row["imageArchitectures"] == [] and row["architectures"] == [], row
+    assert row["error"] == "builds no system of amd64 arm64 armel armhf (scripts/install-deps.sh build there)", row
+    r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))
+    assert "builds no system of amd64 arm64 armel armhf" in r.stdout.splitlines()[1], r.stdout
+    assert r.stdout.splitlines()[2] == "lobby (raspberryPi0, armel): 0 of 1 builder(s) can build for it", r.stdout
+
+
+@pytest.mark.root
 def test_a_builder_that_refuses_the_device_key_says_how_to_authorize_it(lab, tmp_path):
     lab = lab([{"host": "127.0.0.1", "authorize": False}])
     r = kiosk_cli("builders", "check", str(lab.spec_file), "--root", str(lab.root))

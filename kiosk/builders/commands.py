@@ -116,10 +116,14 @@ def check_builder(b: Builder, key: Path | None, known_hosts: Path | None, tcp: t
                  "version"):
         row[name] = header.get(name)
     row["kioskVersion"] = row.pop("version")
-    row["architectures"] = [a for a in row["architectures"] or [] if a in b.systems]
+    # Every board has root slots: a device asks a builder for its whole new system (an update bundle), so
+    # what counts is what the builder can build images for (mmdebstrap, qemu-user for foreign ones), not
+    # what apt there could download.
+    row["architectures"] = [a for a in row["imageArchitectures"] or [] if a in b.systems]
     row["ok"] = bool(row["architectures"])
     if not row["ok"]:
-        row["error"] = "apt is not installed there" if not header.get("apt") else "none of its systems"
+        row["error"] = ("apt is not installed there" if not header.get("apt") else
+                        f"builds no system of {' '.join(b.systems)} (scripts/install-deps.sh build there)")
     return row
 
 
