@@ -347,7 +347,7 @@ def test_a_bundle_signed_by_another_key_is_refused_and_nothing_switches(device, 
     from kiosk.core.errors import KioskError
     from kiosk.core.log import Log
 
-    log = Log(out=open(os.devnull, "w"))
+    log = Log(out=sys.stdout)   # RAUC's lines, shown when the test fails
     with pytest.raises(KioskError, match="not signed by the key this device trusts"):
         _ship_and_install(device, bundle, log, key=other)
     assert boot_env(vm, device.board) == before
@@ -364,7 +364,7 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     vm = device.vm
     wait_until("slot B committed", lambda: committed(vm, "B"), timeout=600)
     bundle = _bundle(device, tmp_path, break_program=False)
-    _ship_and_install(device, bundle, Log(out=open(os.devnull, "w")))
+    _ship_and_install(device, bundle, Log(out=sys.stdout))   # RAUC's lines, shown when the test fails
     seen = vm.serial.read_text(errors="replace").count("kiosk-ab: booting slot A")
     with HungRebootReset(vm):   # (raspi machines: the reset a Pi does by itself)
         vm.ssh("systemctl reboot", check=False)

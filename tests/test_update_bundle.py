@@ -128,6 +128,37 @@ def test_a_bundle_carries_the_images_root_byte_for_byte_and_only_its_key_opens_i
         bundle_info(out, other.cert)
 
 
+def test_only_a_refused_signature_is_said_to_be_the_wrong_key(tmp_path, cache):
+    """rauc_install's words for RAUC's failures, from real RAUC output: a bundle signed by another key is
+    BundleRefused ("not signed by the key this device trusts"); a failure after the signature was verified
+    (RAUC said "Verifying bundle signature..." first, as in every install) is the failure it is. Seen: a
+    chunked install on raspberryPi3 that failed after its signature checked was reported as the wrong key."""
+    from kiosk.device.slots import BundleRefused, rauc_install
+
+    own = signing.signing_key()
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "rootfs.ext4").write_bytes(os.urandom(200_000))
+    (content / "manifest.raucm").write_text("[update]\ncompatible=kiosk-test\nversion=1\n[bundle]\nformat=verity\n"
+                                            "[image.rootfs]\nfilename=rootfs.ext4\n")
+    out = tmp_path / "test.raucb"
+    subprocess.run(["rauc", "bundle", "--cert", str(own.cert), "--key", str(own.key), str(content), str(out)],
+                   check=True, capture_output=True)
+    os.environ["KIOSK_CACHE_DIR"] = str(tmp_path / "other-cache")   # (the fixture's monkeypatch restores it)
+    other = signing.signing_key()
+    said = []
+    with pytest.raises(BundleRefused, match="not signed by the key this device trusts"):
+        rauc_install(["rauc", "info", "--keyring", str(other.cert), str(out)], said.append)
+    assert any("signature verification failed" in line for line in said), said
+    said.clear()
+    with pytest.raises(KioskError) as failed:
+        rauc_install(["rauc", "extract", "--keyring", str(own.cert), str(out), str(tmp_path / "no/such/dir")],
+                     said.append)
+    assert not isinstance(failed.value, BundleRefused), failed.value
+    assert any("Verifying bundle signature" in line for line in said), said
+    assert str(failed.value).startswith("rauc install on the device failed: "), failed.value
+
+
 def test_the_bundles_hook_gives_the_new_slot_the_running_machine_id(tmp_path):
     """What RAUC runs after writing the slot (`hook slot-post-install`, the slot mounted; the booted update test
     sees the same id after the switch): the id copied whole, and only for the root slot's post-install."""
