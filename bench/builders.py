@@ -4,9 +4,10 @@ same change resolved and applied locally on the device harness.
 
 Both paths end in the same `dpkg --install` into a device root (a directory with a dpkg database
 made by dpkg); they differ in who runs apt:
-  remote  BuilderInstaller.install: TCP probe, ssh to a real sshd on loopback (ed25519 keys,
-          the device's key restricted to `kiosk builder-serve`), apt on the builder against the
-          device's dpkg status, tar back, verify, dpkg --install;
+  remote  the device asks its builders (fetch_from_builders, the `packages` request a device made
+          before root slots sends; tests/builders_fixture.debs_from_builders): TCP probe, ssh to a real
+          sshd on loopback (ed25519 keys, the device's key restricted to `kiosk builder-serve`), apt on
+          the builder against the device's dpkg status, tar back, verify, dpkg --install;
   local   the same apt resolution (fetch_packages) run on the device itself, then dpkg --install:
           what a board that can build for itself does, without ssh.
 Each run installs kiosk-test-hello (+ its arch:all dependency) and is undone with dpkg --purge.
@@ -55,7 +56,7 @@ def main() -> int:
     os.environ["KIOSK_CACHE_DIR"] = str(tmp / "cache")
     os.environ["KIOSK_TEST_UNSIGNED_MIRROR"] = "1"  # the loopback test archive is unsigned
 
-    from builders_fixture import dpkg_installed, init_dpkg, write_archive
+    from builders_fixture import debs_from_builders, dpkg_installed, init_dpkg, write_archive
     from fake_mirror import Server
     from sshd_harness import Device, keygen
 
@@ -95,12 +96,13 @@ def main() -> int:
         assert dpkg_installed(root) == {"kiosk-test-kiosk": "1.0"}
 
     def remote() -> None:
-        fetch.BuilderInstaller(spec).install(root, wanted, spec, log_lines.append)
+        with tempfile.TemporaryDirectory(dir=tmp) as work:
+            assert debs_from_builders(root, spec, wanted, Path(work), log_lines.append) is not None, log_lines
 
     def local() -> None:
         request = fetch.package_request(root, spec, wanted)
-        with fetch._incoming(root) as work:
-            entries = apt.fetch_packages(request, work, log_lines.append)
+        with tempfile.TemporaryDirectory(dir=tmp) as work:
+            entries = apt.fetch_packages(request, Path(work), log_lines.append)
             fetch.install_debs(root, entries, wanted, log_lines.append)
 
     known = tmp / "known_hosts"

@@ -109,3 +109,21 @@ def dpkg_installed(root: Path) -> dict[str, str]:
     out = subprocess.run(["dpkg-query", f"--admindir={root / 'var/lib/dpkg'}", "-W", "-f",
                           "${Package}\t${Version}\t${db:Status-Abbrev}\n"], capture_output=True, text=True).stdout
     return {n: v for n, v, s in (line.split("\t") for line in out.splitlines()) if s.strip() == "ii"}
+
+
+def debs_from_builders(root: Path, data: dict, packages: list[str], work: Path, log) -> list[dict] | None:
+    """A device asking its builders in order (fetch_from_builders, the loop every system request takes)
+    with the `packages` request a device made before root slots still sends, and what came installed
+    with dpkg (install_debs, a self-building board's step). The .debs, None when no builder gave them."""
+    from kiosk.device import fetch
+
+    def debs(header: dict, files: dict, argv: list[str]) -> tuple[list[dict], str]:
+        by_name = {f["name"]: f for f in header["files"]}
+        entries = [dict(by_name[name], path=files[name]) for name in header.get("install") or list(by_name)]
+        return entries, f"{len(entries)} .deb(s), checksums verified"
+
+    request = fetch.package_request(root, data, packages)
+    entries = fetch.fetch_from_builders(root, data, request, work, log, accept=debs)
+    if entries is not None:
+        fetch.install_debs(root, entries, list(request["packages"]), log)
+    return entries

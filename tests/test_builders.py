@@ -1,5 +1,8 @@
-"""Remote builders (issue 8): a small board's package changes resolved and fetched by a builder over real
-OpenSSH, verified, and installed with dpkg into the device root; failover, refusals, `kiosk builders check`.
+"""Remote builders (issue 8): a device asking its builders in order over real OpenSSH (failover, refusals,
+the authorize hint), a builder's answer verified, `kiosk builders check`, the device's key. The request
+here is the cheap `packages` one (devices made before root slots still send it: .debs resolved by the
+builder's apt, installed with dpkg into the device root); the `bundle` request of a system push goes
+through the same loop, built for real in tests/test_system_trial.py.
 
 Builders are real sshd instances on loopback (tests/sshd_harness.Device: a throwaway sshd whose sessions
 have this checkout's `kiosk` on PATH), authorized with `kiosk builders authorize` (forced command); one is
@@ -25,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from builders_fixture import dpkg_installed, init_dpkg, write_archive
+from builders_fixture import debs_from_builders, dpkg_installed, init_dpkg, write_archive
 from conftest import kiosk_cli
 from fake_mirror import Server
 from sshd_harness import Client, Device, free_port, keygen, remote_lines, snapshot
@@ -38,7 +41,6 @@ from kiosk.builders.wire import BadAnswer, receive_payload
 from kiosk.core.errors import Refused, UsageError
 from kiosk.core.files import write_in_root
 from kiosk.core.paths import BUILDER_KEY
-from kiosk.device import store
 
 EPOCH = 1700000000
 ARCH = {"raspberryPi0": "armel", "raspberryPi3": "arm64", "qemu": "amd64"}
@@ -160,11 +162,6 @@ def lab(tmp_path, archive, keys):
     yield make
     for one in made:
         one.close()
-
-
-def without_state(snap: dict) -> dict:
-    """The device except kiosk's generation bookkeeping (a failed push records a failed generation)."""
-    return {k: v for k, v in snap.items() if not k.startswith("var/lib/kiosk")}
 
 
 # ---------------------------------------------------------------- the spec's builders (no root, no network)
@@ -491,56 +488,55 @@ def test_remote_build_unreachable_builder_writes_nothing(tmp_path, archive, keys
     assert list((tmp_path / "out").iterdir()) == []
 
 
-# ---------------------------------------------------------------- pushes over real ssh (root)
+# ---------------------------------------------------------------- a device asks its builders (root)
+
+def ask_for_packages(lab, packages: list[str]) -> tuple[list[dict] | None, list[str]]:
+    """The lab's device asks its builders for .debs (builders_fixture.debs_from_builders): (.debs, log)."""
+    from kiosk.spec.load import loads
+
+    lines: list[str] = []
+    work = lab.tmp / "incoming"
+    work.mkdir()
+    try:
+        entries = debs_from_builders(lab.root, loads(json.dumps(lab.spec), "nixiosk.json").data, packages, work,
+                                     lines.append)
+    finally:
+        shutil.rmtree(work)
+    return entries, lines
+
 
 @pytest.mark.root
-def test_package_change_is_built_remotely_after_failover(lab):
+def test_the_next_builder_answers_when_the_first_is_down(lab):
     lab = lab([{"host": "localhost", "up": False, "speed": 2}, {"host": "127.0.0.1", "speed": 1}])
-    before = dpkg_installed(lab.root)
-    assert before == {"kiosk-test-kiosk": "1.0"}
-    r, lines = lab.push(packages=["kiosk-test-hello"])
-    assert r.returncode == 0, r.stderr
-    start = lines.index("==> packages")
-    assert lines[start + 1] == "    installing with builders: kiosk-test-hello"
+    assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0"}
+    entries, lines = ask_for_packages(lab, ["kiosk-test-hello"])
+    assert entries is not None, lines
     # the faster builder is down: one line, and the next one is used
-    assert lines[start + 2] == f"    builder {lab.label(0)} unreachable (connection refused); trying {lab.label(1)}..."
+    assert lines[0] == f"builder {lab.label(0)} unreachable (connection refused); trying {lab.label(1)}..."
     b2 = lab.label(1)
-    assert f"    {b2}: apt: 2 package(s) for armel, 1.5 KiB, in" in "\n".join(lines)
-    assert any(line.startswith(f"    builder {b2}: 2 .deb(s), ") and "checksums verified" in line for line in lines)
-    assert "    dpkg --install kiosk-test-libhello_1.0_all.deb kiosk-test-hello_1.0_armel.deb" in lines
-    assert "    installed: kiosk-test-hello 1.0" in lines
-    assert lines.index("    installed: kiosk-test-hello 1.0") < lines.index("==> switch to generation 2")
+    assert f"{b2}: apt: 2 package(s) for armel, 1.5 KiB, in" in "\n".join(lines)
+    assert any(line.startswith(f"builder {b2}: 2 .deb(s), ") and "checksums verified" in line for line in lines)
+    assert "dpkg --install kiosk-test-libhello_1.0_all.deb kiosk-test-hello_1.0_armel.deb" in lines
+    assert "installed: kiosk-test-hello 1.0" in lines
     assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0", "kiosk-test-hello": "1.0",
                                         "kiosk-test-libhello": "1.0"}
     assert (lab.root / "usr/share/kiosk-test-hello/hello.txt").read_text() == "hello from kiosk-test-hello 1.0 (armel)\n"
-    assert store.pointer(lab.root) == 2 and store.current(lab.root).meta["status"] == "active"
-    assert not (lab.root / "var/cache").exists()  # the transfer's directory is gone
-
     # a second package with the same dependency: only what the device lacks comes back
-    r, lines = lab.push(packages=["kiosk-test-hello", "kiosk-test-other"])
-    assert r.returncode == 0, r.stderr
-    assert "    dpkg --install kiosk-test-other_1.0_armel.deb" in lines
-    assert any(line.startswith(f"    {b2}: apt: 1 package(s) for armel, ") and line.endswith(": kiosk-test-other")
+    entries, lines = ask_for_packages(lab, ["kiosk-test-hello", "kiosk-test-other"])
+    assert [e["name"] for e in entries] == ["kiosk-test-other_1.0_armel.deb"], lines
+    assert any(line.startswith(f"{b2}: apt: 1 package(s) for armel, ") and line.endswith(": kiosk-test-other")
                for line in lines)
-    assert set(dpkg_installed(lab.root)) == {"kiosk-test-kiosk", "kiosk-test-hello", "kiosk-test-libhello",
-                                            "kiosk-test-other"}
 
 
 @pytest.mark.root
-def test_all_builders_down_the_push_fails_and_the_device_is_unchanged(lab):
+def test_with_every_builder_down_nothing_comes_and_nothing_changes(lab):
     lab = lab([{"host": "localhost", "up": False, "speed": 2}, {"host": "127.0.0.1", "up": False}])
     before = snapshot(lab.root)
-    r, lines = lab.push(packages=["kiosk-test-hello"])
-    assert r.returncode != 0
-    assert f"    builder {lab.label(0)} unreachable (connection refused); trying {lab.label(1)}..." in lines
-    assert f"    builder {lab.label(1)} unreachable (connection refused); no builder left" in lines
-    assert "generation 2 failed: no builder could provide kiosk-test-hello for armel; nothing was installed " \
-           "(a raspberryPi0 cannot resolve packages itself); start a builder, see kiosk builders check" in \
-           "\n".join(lines)
-    assert lines[-1] == "==> push refused: the new generation could not be prepared; nothing on the device was changed"
-    assert without_state(snapshot(lab.root)) == without_state(before)
-    assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0"}
-    assert store.pointer(lab.root) == 1
+    entries, lines = ask_for_packages(lab, ["kiosk-test-hello"])
+    assert entries is None
+    assert lines == [f"builder {lab.label(0)} unreachable (connection refused); trying {lab.label(1)}...",
+                     f"builder {lab.label(1)} unreachable (connection refused); no builder left"]
+    assert snapshot(lab.root) == before
 
 
 @pytest.mark.root
@@ -548,8 +544,8 @@ def test_all_builders_down_the_push_fails_and_the_device_is_unchanged(lab):
 def test_a_corrupted_transfer_is_refused(lab, damage):
     lab = lab([{"host": "127.0.0.1", "env": {"KIOSK_BUILDER_TEST_CORRUPT": damage}}])
     before = snapshot(lab.root)
-    r, lines = lab.push(packages=["kiosk-test-hello"])
-    assert r.returncode != 0
+    entries, lines = ask_for_packages(lab, ["kiosk-test-hello"])
+    assert entries is None
     refusal = [line for line in lines if " REFUSED: " in line]
     assert len(refusal) == 1, lines
     if damage == "payload":  # damaged after the builder hashed the stream
@@ -557,21 +553,19 @@ def test_a_corrupted_transfer_is_refused(lab, damage):
     else:  # the stream is what the builder sent, but a .deb in it is not what the manifest says
         assert "kiosk-test-libhello_1.0_all.deb: checksum mismatch" in refusal[0]
     assert refusal[0].endswith("nothing from it is used; no builder left")
-    assert not any(line.startswith("    dpkg") for line in lines)
-    assert without_state(snapshot(lab.root)) == without_state(before)
-    assert dpkg_installed(lab.root) == {"kiosk-test-kiosk": "1.0"}
+    assert snapshot(lab.root) == before
 
 
 @pytest.mark.root
 def test_a_builder_with_the_wrong_host_key_is_refused(lab):
     lab = lab([{"host": "127.0.0.1", "wrong_host_key": True}])
     before = snapshot(lab.root)
-    r, lines = lab.push(packages=["kiosk-test-hello"])
-    assert r.returncode != 0
-    assert f"    builder {lab.label(0)} refused (its host key does not match publicHostKey in the spec; not trusted " \
+    entries, lines = ask_for_packages(lab, ["kiosk-test-hello"])
+    assert entries is None
+    assert f"builder {lab.label(0)} refused (its host key does not match publicHostKey in the spec; not trusted " \
            "(a reinstalled builder, or someone in between)); no builder left" in lines
     assert "Accepted publickey" not in lab.servers[0].log.read_text()  # the device never logged in
-    assert without_state(snapshot(lab.root)) == without_state(before)
+    assert snapshot(lab.root) == before
 
 
 @pytest.mark.root
@@ -614,26 +608,19 @@ def test_a_config_only_push_contacts_no_builder(lab):
 
 
 @pytest.mark.root
-def test_a_board_that_builds_for_itself_falls_back_to_apt(lab):
-    lab = lab([{"host": "127.0.0.1", "up": False}], hardware="raspberryPi3")
-    r, lines = lab.push(packages=["kiosk-test-hello"])
-    assert r.returncode == 0, r.stderr
-    assert f"    builder {lab.label(0)} unreachable (connection refused); no builder left" in lines
-    assert "    raspberryPi3 can build for itself: resolving with apt on the device" in lines
-    assert "    installed: kiosk-test-hello 1.0" in lines
-    assert (lab.root / "usr/share/kiosk-test-hello/hello.txt").read_text() == "hello from kiosk-test-hello 1.0 (arm64)\n"
-
-
-@pytest.mark.root
-def test_allow_local_build_false_refuses_instead_of_building_on_the_device(lab):
-    lab = lab([{"host": "127.0.0.1", "up": False}], hardware="raspberryPi3")
+def test_a_push_that_changes_the_system_of_a_device_without_root_slots_is_refused(lab):
+    """A device that did not boot from a root slot (its image predates them) takes configuration pushes
+    only: a package added is refused before anything changes, and no builder is asked."""
+    lab = lab([{"host": "127.0.0.1"}])
     before = snapshot(lab.root)
-    r, lines = lab.push(packages=["kiosk-test-hello"], allowLocalBuild=False)
+    seen = lab.connections(0)
+    r, lines = lab.push(packages=["kiosk-test-hello"])
     assert r.returncode != 0
-    assert "    raspberryPi3 can build for itself: resolving with apt on the device" not in lines
-    assert "generation 2 failed: no builder could provide kiosk-test-hello for arm64 and allowLocalBuild is false; " \
-           "nothing was installed; start a builder, see kiosk builders check" in "\n".join(lines)
-    assert without_state(snapshot(lab.root)) == without_state(before)
+    assert "nixiosk.json: /packages: +kiosk-test-hello changes the system, and this device has no root slot to " \
+           "install a new one into; build and flash a new image for it (./deploy.sh /dev/mmcblk0): its root " \
+           "slots take new systems" in lines, lines
+    assert lines[-1] == "==> push refused: this change needs a new image; nothing on the device was changed"
+    assert snapshot(lab.root) == before and lab.connections(0) == seen
 
 
 @pytest.mark.root
@@ -693,10 +680,10 @@ def test_a_builder_that_refuses_the_device_key_says_how_to_authorize_it(lab, tmp
     hint = f"{label} does not accept this device's key; there, as root, run: echo '{lab.public}' | " \
            "kiosk builders authorize --key -"
     assert r.stdout.splitlines()[-1] == hint
-    # a push needing packages says the same
-    r, lines = lab.push(packages=["kiosk-test-hello"])
-    assert r.returncode != 0
-    assert f"    authorize this device there (as root): echo '{lab.public}' | kiosk builders authorize --key -" in lines
+    # a device asking it for anything says the same
+    entries, lines = ask_for_packages(lab, ["kiosk-test-hello"])
+    assert entries is None
+    assert f"authorize this device there (as root): echo '{lab.public}' | kiosk builders authorize --key -" in lines
     # the hint's command, as given (with the test builder's authorized_keys), lets it in
     command = hint.split("run: ", 1)[1] + f" --authorized-keys {lab.servers[0].tmp / 'authorized_keys'}"
     done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=60,

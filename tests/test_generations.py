@@ -18,7 +18,7 @@ from test_spec import ED25519, RSA
 
 from kiosk.core.errors import InvalidSpec, KioskError
 from kiosk.core.log import Log
-from kiosk.device import activation, links, packages, pending, provision, recover, store, switch
+from kiosk.device import activation, links, pending, provision, recover, store, switch
 from kiosk.core import paths as resources
 from kiosk.config.render import render
 from kiosk.spec.load import check
@@ -416,22 +416,6 @@ def test_unconfirmed_push_is_undone_by_the_next_push(device, recording):
     # and one git did record is confirmed
     pending.write_pending(root, pending.repo_main(root), 1, None, pid=2 ** 22 + 7)
     assert recover.resolve_pending(root, activation.from_env(root), log) == "confirmed"
-
-
-# ---------------------------------------------------------------- packages
-
-def test_ensure_packages_installs_only_what_is_added(device, tmp_path):
-    recorder = activation.RecordingActivator(tmp_path / "rec.json", device)
-    installer = packages.default_installer(device, {}, recorder)
-    lines = []
-    added = packages.ensure_packages(device, ["cog", "foot"], ["cog", "htop", "kodi"], {}, lines.append, installer)
-    assert added == ["htop", "kodi"]
-    assert json.loads((tmp_path / "rec.json").read_text())["installs"] == [["htop", "kodi"]]
-    assert lines == ["no longer named (left installed, not used): foot", "installing with recording: htop kodi"]
-    assert packages.ensure_packages(device, ["cog"], ["cog"], {}, lines.append, installer) == []
-    # a tree that is not the running system never runs apt
-    assert isinstance(packages.default_installer(device, {}), packages.Installer)
-    assert packages.default_installer(device, {}).name == "none"
 
 
 def set_status(root, number, status):

@@ -84,7 +84,7 @@ def test_what_makes_a_push_a_new_system_and_how_its_packages_are_said():
 
 
 def test_a_board_without_slots_never_starts_a_trial(device):
-    assert system.slot_here(device) is None   # no rauc.slot= on its command line: packages go in place
+    assert system.slot_here(device) is None   # no rauc.slot= on its command line: pushes refuse system changes
     booted(device, "A")
     assert system.slot_here(device) == "A"
 
@@ -306,7 +306,8 @@ def test_a_builder_builds_the_system_as_a_bundle_signed_with_the_key_the_device_
                                                                                       monkeypatch):
     """builder-serve's `bundle` request over real OpenSSH, as a device's push makes it: kiosk build's pipeline
     on the builder (the test cache), the bundle received, its signature checked against the device's
-    certificate; a device trusting another key gets the builder's refusal and nothing."""
+    certificate, from the second builder when the first is down; a device trusting another key gets the
+    builder's refusal and nothing."""
     import shutil
 
     from boottools import boot_spec
@@ -329,8 +330,9 @@ def test_a_builder_builds_the_system_as_a_bundle_signed_with_the_key_the_device_
     keys = key_set(tmp_path, ["host", "client"])
     port = free_port()
     spec = boot_spec("qemu", keys["client_pub"], host="bundle-builder")
-    spec["builders"] = [{"hostName": "127.0.0.1", "port": port, "systems": ["amd64"],
-                         "publicHostKey": " ".join(keys["host_pub"].split()[:2])}]
+    down = free_port()   # a faster builder that is down: the device says so and asks the next
+    spec["builders"] = [{"hostName": "127.0.0.1", "port": p, "systems": ["amd64"], "speedFactor": speed,
+                         "publicHostKey": " ".join(keys["host_pub"].split()[:2])} for p, speed in ((down, 2), (port, 1))]
     text = json.dumps(spec, indent=2) + "\n"
     data = loads(text, "nixiosk.json").data
     (tmp_path / "builder").mkdir()
@@ -355,6 +357,7 @@ def test_a_builder_builds_the_system_as_a_bundle_signed_with_the_key_the_device_
         bundle, header, argv = system.fetch_bundle(root, data, text, upgrade=False, work=tmp_path / "work",
                                                    log=lines.append)
         said = "\n".join(lines)
+        assert f"builder 127.0.0.1:{down} unreachable (connection refused); trying 127.0.0.1:{port}..." in lines, said
         assert "127.0.0.1:%d: ==> rootfs" % port in said and "127.0.0.1:%d: ==> bundle" % port in said, said
         assert f"builder 127.0.0.1:{port}: bundle " in said and "signature checked" in said, said
         info = slots.bundle_info(bundle, cert)

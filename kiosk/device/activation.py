@@ -404,7 +404,7 @@ def _has_child(pid: str) -> bool:
 class RecordingActivator(Activator):
     """Records every call in a JSON file; fails units as the file says. For tests.
 
-    The file: {"calls": [[method, arg], ...], "fail": [{"unit": U, "reason": R, "when": TEXT}], "installs": [...]}.
+    The file: {"calls": [[method, arg], ...], "fail": [{"unit": U, "reason": R, "when": TEXT}]}.
     A "fail" rule applies to health checks of U (and to starting it) while the running generation's
     nixiosk.json contains TEXT (always when "when" is absent). The file is locked around each change,
     so concurrent switches (which the device lock serialises anyway) never lose a record.
@@ -490,15 +490,6 @@ class RecordingActivator(Activator):
         self.record("health", list(units))
         failing = self._failing()
         return [f"{u}: {failing[u]}" for u in units if u in failing]
-
-    def install(self, root: Path, packages: list[str], spec: dict, log) -> None:
-        """Records installs too, as an installer (kiosk.device.packages.default_installer picks it in tests)."""
-        def add(d):
-            d.setdefault("installs", []).append(list(packages))
-            return [p for p in packages if p in d.get("failInstall", [])]
-        bad = self._update(add)
-        if bad:
-            raise KioskError(f"apt-get install failed: E: Unable to locate package {bad[0]}")
 
 
 def from_env(root: Path) -> Activator:

@@ -1,8 +1,9 @@
 """`kiosk hook pre-receive|post-receive`: what configuration.git's hooks run on every push.
 
 The whole deployment happens in pre-receive, BEFORE git moves the ref: validate
-the pushed nixiosk.json, build generation N, install packages, switch, activate,
-health-check, and on failure roll back. The hook's exit status decides the push:
+the pushed nixiosk.json, build generation N, switch, activate, health-check, and on
+failure roll back; a push that changes the system itself (packages, /debian) instead
+starts a try of the new system in the other root slot (kiosk.device.system). The hook's exit status decides the push:
 a refused spec or a rolled-back switch exits non-zero, so git refuses the push,
 main stays where it was, and `git push` fails and says why. (A post-receive hook
 cannot fail a push: the ref would already point at a commit the device rejected.)
@@ -38,7 +39,6 @@ from kiosk.core.log import Log
 from kiosk.core.paths import device_root
 from kiosk.device import activation, system
 from kiosk.device.lock import device_lock, lock_timeout
-from kiosk.device.packages import default_installer, ensure_packages
 from kiosk.device.pending import clear_pending, read_pending, repo_main, write_pending
 from kiosk.device.recover import recover, resolve_pending
 from kiosk.device.store import BRANCH, current, reason_line, state_dir, update_meta, write_generation
@@ -163,6 +163,19 @@ def in_place_problems(spec: dict, running: dict) -> list[Problem]:
     return problems
 
 
+def without_slots(changes: list[str]) -> list[Problem]:
+    """A device booted without a root slot (an image made before every board had them) cannot take a new
+    system: a push there changes the configuration only, and a system change needs a new image."""
+    hint = "build and flash a new image for it (./deploy.sh /dev/mmcblk0): its root slots take new systems"
+    problems = []
+    for change in changes:
+        pointer, what = ("/packages", change.removeprefix("packages ") + " ") if change.startswith("packages ") \
+            else (change, "")
+        problems.append(Problem(pointer, f"{what}changes the system, and this device has no root slot to install "
+                                         "a new one into", hint))
+    return problems
+
+
 def _refuse(log: Log, lines: list[str], why: str) -> int:
     for line in lines:
         log.raw(line)
@@ -246,13 +259,19 @@ def pre_receive(stdin, log: Log) -> int:
             raise KioskError(f"the running generation {cur.number}'s own nixiosk.json cannot be read "
                              f"({exc.problems[0].message if exc.problems else exc})",
                              hint="kiosk rollback on the device, then push again") from None
+        plan = make_plan(data)
+        old_packages = cur.meta.get("packages", [])
+        added = sorted(set(plan.packages) - set(old_packages))
+        removed = sorted(set(old_packages) - set(plan.packages))
         lines = [p.line(SPEC_FILE) for p in in_place_problems(data, running_spec)]
+        changes = [] if lines else system.system_changes(running_spec, data, added, removed)
+        if changes and not system.slot_here(root):
+            lines = [p.line(SPEC_FILE) for p in without_slots(changes)]
         if lines:
             return _refuse(log, lines, "this change needs a new image")
 
         # from here on the device changes: keep the last push's log for whoever lost the connection
         log.tee_to(state_dir(root) / "push.log")
-        plan = make_plan(data)
         layer = render(data)
         gen = write_generation(root, spec_text, layer, commit=new, packages=plan.packages,
                                     previous=cur.number)
@@ -260,12 +279,8 @@ def pre_receive(stdin, log: Log) -> int:
         sw = Switch(root, cur, gen, mode="switch", purpose="push", activator=activator, log=log)
         for line in sw.changes():
             log(line)
-        old_packages = cur.meta.get("packages", [])
-        added = sorted(set(plan.packages) - set(old_packages))
-        removed = sorted(set(old_packages) - set(plan.packages))
         log("packages: " + (" ".join([f"+{p}" for p in added] + [f"-{p}" for p in removed]) or "no change"))
-        changes = system.system_changes(running_spec, data, added, removed) if system.slot_here(root) else []
-        if changes:   # an A/B board: the new system is built whole (by a builder, or by the device in a copy of its root) and tried in the other slot, never apt in place
+        if changes:   # the new system is built whole (by a builder, or by the device in a copy of its root) and tried in the other slot, never apt in place
             try:
                 sw.preflight()
                 system.start_trial(root, gen, cur, commit=new, old_commit=old, data=data, spec_text=spec_text,
@@ -280,10 +295,6 @@ def pre_receive(stdin, log: Log) -> int:
             return 0
         try:
             sw.preflight()
-            if added or removed:
-                log.stage("packages")
-                ensure_packages(root, old_packages, plan.packages, data, log,
-                                     default_installer(root, data, activator))
         except KioskError as exc:
             update_meta(gen, status="failed", reason=reason_line(exc))
             _prune(root, log)

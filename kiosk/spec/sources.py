@@ -2,7 +2,7 @@
 its updates suite.
 
 One answer for every apt that works for a device: mmdebstrap building the image (kiosk.image.rootfs),
-the sources.list it leaves on the device, apt on the device during a push (kiosk.device.packages) and
+the sources.list it leaves on the device, apt on a device that builds its system itself (kiosk.device.selfbuild) and
 a builder resolving packages for it (kiosk.builders.apt). Debian publishes its security fixes only in
 `<suite>-security` (on its own mirror) and its stable updates in `<suite>-updates`: an image built from
 the suite alone carries none of them. A frozen appliance may turn either off in the spec
