@@ -29,6 +29,7 @@ import io
 import json
 import lzma
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,6 +145,7 @@ def main() -> int:
     finally:
         builder.close()
         server.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     for name in ("remote", "local", "ssh", "serve"):
         figures[name + "Median"] = round(statistics.median(figures[name]), 3)
     if args.json:
