@@ -16,7 +16,10 @@ One device, booted once (module fixture), then in file order:
   "rolled back" with the health check's reason;
 - a bundle signed by another key: refused by RAUC on the device, nothing switched;
 - (slow) a try cut short by a reset (what the watchdog does to a hang): the boot loader falls back, and
-  the old slot records why.
+  the old slot records why;
+- (slow) a power cut during the install: the running slot boots, the half-written one is never chosen.
+The fallback cases take whichever slot runs (settled()), so each also runs alone after the first boot:
+-k "first_boot or power_cut" is a Pi's hour less than the whole module.
 Run: pytest tests/test_update_boot.py --basetemp=/var/tmp/updatebt (KIOSK_TEST_CACHE_DIR set).
 """
 
@@ -154,6 +157,22 @@ def device_ssh(vm: BootedVM) -> list[str]:
 def committed(vm: BootedVM, slot: str) -> bool:
     status = slot_status(vm)
     return status["booted"] == slot and (status["record"].get(slot) or {}).get("state") == "good"
+
+
+OTHER = {"A": "B", "B": "A"}
+PARTITION = {"A": 2, "B": 3}             # kiosk.image.assemble's layout: FAT, slot A, slot B, data
+RAUC_SLOT = {"A": "rootfs.0", "B": "rootfs.1"}
+
+
+def settled(vm: BootedVM) -> tuple[str, str]:
+    """(the slot the device runs, once committed; the other one). The fallback cases work from whichever slot
+    the cases before them left, so each also runs alone after the first boot (-k), an hour less on a Pi."""
+    def good() -> str | None:
+        status = slot_status(vm)
+        return status["booted"] if (status["record"].get(status["booted"]) or {}).get("state") == "good" else None
+
+    running = wait_until("the running slot committed", good, timeout=600)
+    return running, OTHER[running]
 
 
 def test_the_first_boot_commits_slot_a(device):
@@ -311,25 +330,25 @@ def test_a_system_that_cannot_run_the_program_is_rolled_back_by_the_device(devic
 
     monkeypatch.setenv("KIOSK_UPDATE_BOOT_SECONDS", boot_seconds(device))
     vm = device.vm
-    wait_until("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    running, other = settled(vm)
     bundle = _bundle(device, tmp_path, break_program=True)
     ssh = device_ssh(vm)
     lines = []
     with HungRebootReset(vm):
-        kept, status = deliver(ssh, bundle, "A", Log(out=type("Out", (), {"write": lambda s, t: lines.append(t),
-                                                                            "flush": lambda s: None})()),
+        kept, status = deliver(ssh, bundle, other, Log(out=type("Out", (), {"write": lambda s, t: lines.append(t),
+                                                                              "flush": lambda s: None})()),
                                _chunked(device, bundle))
     assert not kept
-    assert status["booted"] == "B"
-    record = status["record"]["A"]
+    assert status["booted"] == running
+    record = status["record"][other]
     assert record["state"] == "bad" and "kiosk.service" in record["reason"], record
-    assert report("dev", "A", "broken-1", kept, status) == 1
-    assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == f"{device.disk}3"
+    assert report("dev", other, "broken-1", kept, status) == 1
+    assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == f"{device.disk}{PARTITION[running]}"
     env = boot_env(vm, device.board)
-    assert passed_over(env, "A"), env    # mark-bad: the boot loader will not choose A
+    assert passed_over(env, other), env    # mark-bad: the boot loader will not choose it
     slots = kiosk_status(device)["slots"]
-    assert slots["booted"] == "B" and slots["slots"]["A"]["state"] == "bad", slots
-    assert "kiosk.service" in slots["slots"]["A"]["reason"], slots
+    assert slots["booted"] == running and slots["slots"][other]["state"] == "bad", slots
+    assert "kiosk.service" in slots["slots"][other]["reason"], slots
     vm.wait_for_program("/usr/bin/foot", timeout=300)
 
 
@@ -362,29 +381,30 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     from kiosk.core.log import Log
 
     vm = device.vm
-    wait_until("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    running, other = settled(vm)
     bundle = _bundle(device, tmp_path, break_program=False)
     _ship_and_install(device, bundle, Log(out=sys.stdout))   # RAUC's lines, shown when the test fails
-    seen = vm.serial.read_text(errors="replace").count("kiosk-ab: booting slot A")
+    booting = f"kiosk-ab: booting slot {other}"
+    seen = vm.serial.read_text(errors="replace").count(booting)
     with HungRebootReset(vm):   # (raspi machines: the reset a Pi does by itself)
         vm.ssh("systemctl reboot", check=False)
-        wait_until("the boot loader booting slot A", lambda: vm.serial.read_text(errors="replace").count(
-            "kiosk-ab: booting slot A") > seen, timeout=300, every=1)
-    time.sleep(10)                     # slot A's kernel is starting: no verdict can have been given
+        wait_until(f"the boot loader booting slot {other}", lambda: vm.serial.read_text(errors="replace").count(
+            booting) > seen, timeout=300, every=1)
+    time.sleep(10)                     # the new slot's kernel is starting: no verdict can have been given
     reset(vm)
     def judged():
         try:
             status = slot_status(vm)
         except (AssertionError, subprocess.TimeoutExpired, ValueError):   # still booting
             return False
-        return status["booted"] == "B" and (status["record"].get("A") or {}).get("state") == "bad"
+        return status["booted"] == running and (status["record"].get(other) or {}).get("state") == "bad"
 
-    wait_until("back on slot B with a verdict on A", judged, timeout=900)
-    record = slot_status(vm)["record"]["A"]
+    wait_until(f"back on slot {running} with a verdict on {other}", judged, timeout=900)
+    record = slot_status(vm)["record"][other]
     from kiosk.device.slots import FALLBACK_REASON
     assert record["reason"] == FALLBACK_REASON, record
     env = boot_env(vm, device.board)
-    assert first_slot(env) == "B" and marked_bad(env, "A"), env   # A never tried again; B first
+    assert first_slot(env) == running and marked_bad(env, other), env   # never tried again; the old slot first
     vm.wait_for_program("/usr/bin/foot", timeout=300)
 
 
@@ -401,7 +421,8 @@ def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, 
     from kiosk.update.commands import INSTALL, INSTALL_CHUNKED, _ship
 
     vm = device.vm
-    wait_until("slot B committed", lambda: committed(vm, "B"), timeout=600)
+    running, other = settled(vm)
+    copying = f"Copying image to {RAUC_SLOT[other]}"
     generations = json.loads(vm.ssh("kiosk generations --json").stdout)
     main = vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout
     bundle = _bundle(device, tmp_path, break_program=False)
@@ -414,16 +435,16 @@ def test_a_power_cut_during_the_install_leaves_the_running_slot_booting(device, 
         said = []
         for line in install.stdout:
             said.append(line)
-            if "Copying image to rootfs.0" in line:
+            if copying in line:
                 break
-        assert any("Copying image to rootfs.0" in line for line in said), said
+        assert any(copying in line for line in said), said
         time.sleep(3)                     # the slot is being written
         vm.power_cycle()                  # QEMU killed, then booted again on the same disk
         install.kill()
     vm.wait_for_ssh(timeout=900)
-    wait_until("slot B committed again", lambda: committed(vm, "B"), timeout=600)
-    assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == f"{device.disk}3"
+    wait_until(f"slot {running} committed again", lambda: committed(vm, running), timeout=600)
+    assert vm.ssh("findmnt -no SOURCE /").stdout.strip() == f"{device.disk}{PARTITION[running]}"
     assert json.loads(vm.ssh("kiosk generations --json").stdout) == generations
     assert vm.ssh("git -C /etc/kiosk/configuration.git rev-parse main").stdout == main
-    assert marked_bad(boot_env(vm, device.board), "A")
+    assert marked_bad(boot_env(vm, device.board), other)
     vm.wait_for_program("/usr/bin/foot", timeout=300)
