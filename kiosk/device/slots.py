@@ -93,6 +93,18 @@ def bundle_info(bundle: Path, cert: Path) -> dict:
 
 SIGNATURE_REFUSED = ("signature verification failed", "failed to verify x509 cert")
 
+# RAUC 1.8 (bookworm's) lends system.conf's storepath to the first bundle its service checks and frees it
+# with that bundle, so the same service's next install reads freed memory: "Copying image to rootfs.0
+# failed", "RAUC service disappeared" (fixed in RAUC 1.11.1, rauc/rauc#1320). Seen on raspberryPi3 after
+# a refused bundle. Every install kiosk starts stops the service first; D-Bus starts a fresh one.
+FRESH_RAUC = "systemctl stop rauc.service"
+
+
+def install_here(bundle: Path) -> list[str]:
+    """`rauc install BUNDLE` on this device, by a fresh RAUC service (FRESH_RAUC); the path is an argument,
+    never shell text."""
+    return ["sh", "-c", f'{FRESH_RAUC}; exec rauc install "$1"', "sh", str(bundle)]
+
 
 class BundleRefused(KioskError):
     """RAUC on the device refused the bundle's signature: shipping it another way changes nothing."""

@@ -33,8 +33,8 @@ from kiosk.core.log import Log
 from kiosk.core.paths import RAUC_CHUNK_PORT, RAUC_CHUNK_STORE
 from kiosk.core.run import run
 from kiosk.device.pending import process_start, repo_main
-from kiosk.device.slots import (FALLBACK_REASON, BundleRefused, booted_slot, bundle_info, other, rauc_install,
-                                rauc_mark, rauc_status, read_record)
+from kiosk.device.slots import (FALLBACK_REASON, BundleRefused, booted_slot, bundle_info, install_here, other,
+                                rauc_install, rauc_mark, rauc_status, read_record)
 from kiosk.device.store import (DamagedState, generation, read_state, repo_dir, set_pointer, state_dir,
                                 update_meta, write_state)
 from kiosk.device.switch import update_default_marker
@@ -170,14 +170,14 @@ def _install(root: Path, bundle: Path, header: dict, argv: list[str], log: Log) 
     fetched from the builder that made it, through RAUC's chunk store address on this device."""
     store = header.get("chunkStore")
     if not isinstance(store, str):
-        rauc_install(["rauc", "install", str(bundle)], log)
+        rauc_install(install_here(bundle), log)
         return
     from kiosk.builders.client import ChunkSession
     from kiosk.builders.chunkstore import ChunkServer
 
     with ChunkSession(argv, store, relay=lambda line: log(f"builder: {line}")) as session, \
             ChunkServer(source=session.get, port=RAUC_CHUNK_PORT) as relay, relay.reporting(log):
-        rauc_install(["rauc", "install", str(bundle)], log)
+        rauc_install(install_here(bundle), log)
     count, size = relay.figures()
     whole = int((header.get("chunks") or {}).get("wholeBundle") or 0)
     log(f"shipped {human_size(bundle.stat().st_size + size)} in all: the index bundle "

@@ -30,7 +30,7 @@ from kiosk.core.log import Log
 from kiosk.core.run import run, start
 from kiosk.image.rauc import RAUC_CHUNK_STORE
 from kiosk.net import reach
-from kiosk.device.slots import BundleRefused, rauc_install
+from kiosk.device.slots import FRESH_RAUC, BundleRefused, rauc_install
 from kiosk.builders.chunkstore import ChunkServer
 from kiosk.image.bundle import make_chunked, store_size
 from kiosk.update.chunks import WAIT_FOR_STORE, forwarded
@@ -39,7 +39,7 @@ INCOMING = "/data/kiosk/incoming"
 BUNDLE = f"{INCOMING}/update.raucb"
 # Fixed remote commands: nothing from the spec or the command line reaches the device's shell.
 RECEIVE = f"mkdir -p {INCOMING} && cat > {BUNDLE}.part && sync {BUNDLE}.part && mv -f {BUNDLE}.part {BUNDLE}"
-INSTALL = f"rauc install {BUNDLE} 2>&1; rc=$?; rm -f {BUNDLE}; exit $rc"
+INSTALL = f"{FRESH_RAUC}; rauc install {BUNDLE} 2>&1; rc=$?; rm -f {BUNDLE}; exit $rc"   # slots.FRESH_RAUC: why
 BOOT_ID = "cat /proc/sys/kernel/random/boot_id"
 SLOT_STATUS = "kiosk slot status --json"
 SPEC_ON_DEVICE = "git -C /etc/kiosk/configuration.git show main:nixiosk.json"
