@@ -324,7 +324,7 @@ def test_rauc_18_takes_one_install_per_service_so_kiosk_starts_a_fresh_one(tmp_p
 
     if os.geteuid() != 0:
         pytest.skip("RAUC mounts the bundle (a loop device): root")
-    assert FRESH_RAUC == "systemctl stop rauc.service" and install_here(Path("/b"))[-1] == "/b"
+    assert FRESH_RAUC == "systemctl stop rauc.service"
     own = signing.signing_key()
     os.environ["KIOSK_CACHE_DIR"] = str(tmp_path / "other-cache")   # (the fixture's monkeypatch restores it)
     other = signing.signing_key()
@@ -402,7 +402,9 @@ esac
             first.terminate()                      # FRESH_RAUC on a device: systemctl stop rauc.service...
             first.wait(timeout=30)
             service()                              # ...and D-Bus starts a new one for the install
-            fresh = install("own")
+            # kiosk's own command (this machine has no systemd: its systemctl fails, and the install goes on)
+            fresh = subprocess.run(install_here(chunked["own"][0]), env=env, capture_output=True, text=True,
+                                   timeout=300)
             assert fresh.returncode == 0, fresh.stdout + fresh.stderr
             assert (system / "slotB").read_bytes() == new
             count, _ = server.figures()
