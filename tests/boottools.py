@@ -194,8 +194,9 @@ class BootedVM:
         """Boot; on `port` (a power cycle keeps the device's address, as a real one does) or a free one."""
         self._close_shared()
         self.port = port or _free_port()
-        for path in (self.qmp, self.serial):
-            path.unlink(missing_ok=True)
+        self.qmp.unlink(missing_ok=True)
+        if self.serial.exists():   # a power cycle: the last run's console is kept, console() reads on across it
+            self.serial.rename(self.work / f"serial-{len(list(self.work.glob('serial-*.log'))) + 1}.log")
         argv = [sys.executable, "-m", "kiosk", "run", str(self.image), "--headless", "--ssh-port", str(self.port),
                 "--qmp", str(self.qmp), "--serial-log", str(self.serial), *self.extra_args]
         self.started = time.monotonic()
@@ -331,12 +332,20 @@ class BootedVM:
                                      f"{last.stdout + last.stderr if last else 'timed out'}")
             time.sleep(interval)
 
+    def console(self) -> str:
+        """All the serial console said since the first start, across power cycles (each start writes a new
+        serial.log; the earlier runs' are serial-1.log, serial-2.log, ...); "" before any."""
+        runs = sorted(self.work.glob("serial-*.log"), key=lambda p: int(p.stem.split("-")[1]))
+        text = ""
+        for path in [*runs, self.serial]:
+            try:
+                text += path.read_text(errors="replace")
+            except FileNotFoundError:   # between a power cycle's stop and QEMU's new file
+                pass
+        return text
+
     def tail(self, lines: int = 40) -> str:
-        try:
-            text = self.serial.read_text(errors="replace")
-        except OSError:
-            return "(no serial log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join(self.console().splitlines()[-lines:]) or "(no serial log)"
 
     # -- the kiosk
     def program_pid(self, executable: str) -> int | None:
@@ -448,7 +457,7 @@ class HungRebootReset:
         since: dict = {}
         again = 0   # presses since the last boot that came
         while not self.stop.wait(5):
-            hung = self._hung_since(self.vm.serial.read_text(errors="replace"), since)
+            hung = self._hung_since(self.vm.console(), since)
             if hung is None:   # no restart, or a boot came after it
                 again = 0
             elif time.monotonic() - hung > self.grace:

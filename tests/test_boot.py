@@ -272,7 +272,7 @@ def test_ab_boots_slot_a_with_the_data_partition_under_it(kiosk):
         assert env["BOOT_ORDER"] == "A B" and env["BOOT_B_LEFT"] == "0", env
         assert env["BOOT_A_LEFT"] == "2" or (env["BOOT_A_LEFT"] == "3" and kept), (kept, env)
         # U-Boot's own console is in the serial log (raspi0: its mini UART, muxed with Linux's PL011)
-        console = vm.serial.read_text(errors="replace")
+        console = vm.console()
         assert "kiosk-ab: booting slot A (mmc 0:2), A_LEFT=2 B_LEFT=0" in console, vm.tail()
         if _board(kiosk.board)["qemu"].get("ubootElf"):   # no firmware tree: kiosk run's file on its copy's FAT
             dtb = _board(kiosk.board)["qemu"]["dtb"]

@@ -363,7 +363,7 @@ def test_a_hung_kernel_is_reset_by_the_watchdog(screen):
     vm.ssh("sync; sysctl -q -w kernel.panic=0; nohup sh -c 'sleep 2; echo c > /proc/sysrq-trigger' >/dev/null 2>&1 &",
            timeout=60, shared=False)
     hung = time.monotonic()
-    wait_until("the kernel panicked (serial console)", lambda: "Kernel panic" in vm.serial.read_text(errors="replace"),
+    wait_until("the kernel panicked (serial console)", lambda: "Kernel panic" in vm.console(),
                timeout=120, every=2)
     vm._close_shared()
 
@@ -383,10 +383,10 @@ def test_a_hung_kernel_is_reset_by_the_watchdog(screen):
     # the firmware's part: q35 + OVMF under TCG sometimes never comes back from a reset (notes/ab-update.md,
     # trap 6; the CI saw it here: nothing for 900 s). A real machine's reset line works, so past 240 s
     # without the boot loader's first line the harness power-cycles, and says so.
-    seen = len(vm.serial.read_text(errors="replace"))
+    seen = len(vm.console())
     try:
         wait_until("the boot loader after the watchdog's reset",
-                   lambda: "kiosk-ab:" in vm.serial.read_text(errors="replace")[seen:], timeout=240, every=5)
+                   lambda: "kiosk-ab:" in vm.console()[seen:], timeout=240, every=5)
     except AssertionError:
         print("[screen] no boot loader 240 s after the watchdog's reset (QEMU's q35 + OVMF reset hang): "
               "power cycle", flush=True)

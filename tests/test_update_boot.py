@@ -390,11 +390,11 @@ def test_a_try_cut_short_by_a_reset_falls_back_and_the_old_slot_says_why(device,
     bundle = _bundle(device, tmp_path, break_program=False)
     _ship_and_install(device, bundle, Log(out=sys.stdout))   # RAUC's lines, shown when the test fails
     booting = f"kiosk-ab: booting slot {other}"
-    seen = vm.serial.read_text(errors="replace").count(booting)
+    seen = vm.console().count(booting)   # (across power cycles: a raspi machine's reset is one)
     with HungRebootReset(vm):   # (raspi machines: the reset a Pi does by itself)
         vm.ssh("systemctl reboot", check=False)
-        wait_until(f"the boot loader booting slot {other}", lambda: vm.serial.read_text(errors="replace").count(
-            booting) > seen, timeout=300, every=1)
+        wait_until(f"the boot loader booting slot {other}", lambda: vm.console().count(booting) > seen,
+                   timeout=300, every=1)
     time.sleep(10)                     # the new slot's kernel is starting: no verdict can have been given
     reset(vm)
     def judged():
