@@ -1,7 +1,7 @@
 """Remote builders (issue 8), the client side: a small board hands package work to a bigger machine
 over SSH, and a laptop hands a whole image build to one.
 
-A push or `kiosk update` that changes a device's system, on the device (kiosk.device.system.fetch_system
+A push that changes a device's system (its packages, /debian), on the device (kiosk.device.system.fetch_bundle
 through kiosk.device.fetch.fetch_from_builders):
 
   1. candidates: select.effective_builders(spec) (`builders` plus Nixiosk's `localSystem`), by
