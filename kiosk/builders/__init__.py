@@ -1,5 +1,5 @@
-"""Remote builders (issue 8), the client side: a small board hands package work to a bigger machine
-over SSH, and a laptop hands a whole image build to one.
+"""Remote builders (issue 8), the client side: a device hands the build of its new system to a bigger
+machine over SSH, and a laptop hands a whole image build to one.
 
 A push that changes a device's system (its packages, /debian), on the device (kiosk.device.system.fetch_bundle
 through kiosk.device.fetch.fetch_from_builders):
