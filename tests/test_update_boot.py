@@ -159,7 +159,6 @@ def committed(vm: BootedVM, slot: str) -> bool:
     return status["booted"] == slot and (status["record"].get(slot) or {}).get("state") == "good"
 
 
-OTHER = {"A": "B", "B": "A"}
 PARTITION = {"A": 2, "B": 3}             # kiosk.image.assemble's layout: FAT, slot A, slot B, data
 RAUC_SLOT = {"A": "rootfs.0", "B": "rootfs.1"}
 
@@ -171,8 +170,10 @@ def settled(vm: BootedVM) -> tuple[str, str]:
         status = slot_status(vm)
         return status["booted"] if (status["record"].get(status["booted"]) or {}).get("state") == "good" else None
 
+    from kiosk.device.slots import other
+
     running = wait_until("the running slot committed", good, timeout=600)
-    return running, OTHER[running]
+    return running, other(running)
 
 
 def test_the_first_boot_commits_slot_a(device):

@@ -3,10 +3,11 @@
 The whole deployment happens in pre-receive, BEFORE git moves the ref: validate
 the pushed nixiosk.json, build generation N, switch, activate, health-check, and on
 failure roll back; a push that changes the system itself (packages, /debian) instead
-starts a try of the new system in the other root slot (kiosk.device.system). The hook's exit status decides the push:
-a refused spec or a rolled-back switch exits non-zero, so git refuses the push,
-main stays where it was, and `git push` fails and says why. (A post-receive hook
-cannot fail a push: the ref would already point at a commit the device rejected.)
+starts a try of the new system in the other root slot (kiosk.device.system). The
+hook's exit status decides the push: a refused spec or a rolled-back switch exits
+non-zero, so git refuses the push, main stays where it was, and `git push` fails and
+says why. (A post-receive hook cannot fail a push: the ref would already point at a
+commit the device rejected.)
 
 Everything the hook prints goes to the pusher as `remote:` lines while it
 happens (stderr, flushed per line).
