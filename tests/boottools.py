@@ -65,9 +65,9 @@ PROGRAM = {"package": "foot", "executable": "/usr/bin/foot", "args": NASTY_ARGS}
 
 # kiosk.service's log, cage's and the program's lines included: PAMName= puts the process in the logind
 # session's scope (session-N.scope), so `journalctl -u kiosk.service` alone misses what cage says.
+KIOSK_JOURNAL = "journalctl -b --no-pager -o cat _SYSTEMD_UNIT=kiosk.service + _COMM=cage"
 # Linux's dwc2 host driver, for each request while it thinks its root port is empty (BootedVM.usb_lost_for)
 USB_PORT_LOST = re.compile(r"dwc2 \S+: Not connected")
-KIOSK_JOURNAL = "journalctl -b --no-pager -o cat _SYSTEMD_UNIT=kiosk.service + _COMM=cage"
 # Where the boot tests keep what a person may want to look at afterwards (screenshots): not in the pytest
 # basetemp, which the next run deletes.
 ARTIFACTS = Path(os.environ.get("KIOSK_TEST_ARTIFACTS") or ROOT / "test-artifacts")

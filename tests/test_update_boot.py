@@ -120,7 +120,7 @@ def kiosk_update(device: Device, *args: str, timeout: float | None = None) -> su
     timeout = timeout or (2400 if device.board == "qemu" else 5400)
     argv = [sys.executable, "-m", "kiosk", "update", "127.0.0.1", *args, "-p", str(vm.port), "-i", str(vm.key),
             "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}"]
-    env = {**os.environ, **ssh_patience(device), "KIOSK_UPDATE_BOOT_SECONDS": boot_seconds(device)}
+    env = {**os.environ, **laptop_env(device), "KIOSK_UPDATE_BOOT_SECONDS": boot_seconds(device)}
     started = time.monotonic()
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     print(f"\n[update] kiosk update {' '.join(args)}: {time.monotonic() - started:.0f} s, exit {result.returncode}\n"
@@ -128,12 +128,13 @@ def kiosk_update(device: Device, *args: str, timeout: float | None = None) -> su
     return result
 
 
-def ssh_patience(device: Device) -> dict:
+def laptop_env(device: Device) -> dict:
     """kiosk's cache and ssh settings for a laptop command, as a user with a slow link sets them: a 60 s
     connect timeout; on the ARM1176 boards (raspberryPi0, raspberryPi1) 240 s, and keep-alives that wait
     4 minutes (KIOSK_SSH_COMMAND: ssh keeps the first value of an option, and it comes before kiosk's own
-    15 s x 4). Their emulated CPU stalls for a minute or more under a busy host ("soft lockup - CPU#0
-    stuck for 79s"), which failed `kiosk update` at its first ssh in every raspberryPi0 run (notes/ab-update.md)."""
+    15 s x 4). Their emulated CPU stalls for minutes, on a quiet host too ("soft lockup - CPU#0 stuck for
+    79s" ... "501s"), which failed `kiosk update` at its first ssh in every raspberryPi0 run before this
+    (notes/ab-update.md)."""
     env = {"KIOSK_CACHE_DIR": str(device.cache), "KIOSK_SSH_CONNECT_TIMEOUT": "60"}
     if device.board in ("raspberryPi0", "raspberryPi1"):
         env.update(KIOSK_SSH_CONNECT_TIMEOUT="240", KIOSK_SSH_COMMAND="ssh -o ServerAliveCountMax=16")
@@ -152,7 +153,7 @@ def kiosk_status(device: Device) -> dict:
     vm = device.vm
     argv = [sys.executable, "-m", "kiosk", "status", "127.0.0.1", "-p", str(vm.port), "-i", str(vm.key),
             "--ssh-option", f"UserKnownHostsFile={vm.known_hosts()}", "--json"]
-    env = {**os.environ, **ssh_patience(device)}
+    env = {**os.environ, **laptop_env(device)}
     result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode in (0, 1), result.stderr
     return json.loads(result.stdout)
