@@ -36,7 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from boottools import ROOT, BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image, reset, wait_until
+from boottools import (ARM1176_BOARDS, ROOT, BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image, reset,
+                       wait_until)
 from imagetools import _cache_dir, _shared_dir
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
 
@@ -136,7 +137,7 @@ def laptop_env(device: Device) -> dict:
     79s" ... "501s"), which failed `kiosk update` at its first ssh in every raspberryPi0 run before this
     (notes/ab-update.md)."""
     env = {"KIOSK_CACHE_DIR": str(device.cache), "KIOSK_SSH_CONNECT_TIMEOUT": "60"}
-    if device.board in ("raspberryPi0", "raspberryPi1"):
+    if device.board in ARM1176_BOARDS:
         env.update(KIOSK_SSH_CONNECT_TIMEOUT="240", KIOSK_SSH_COMMAND="ssh -o ServerAliveCountMax=16")
     return env
 
