@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +167,23 @@ def build_boot_image(spec: dict, out_dir: Path, cache_dir: Path, *, log=print) -
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)
         os.close(lock)
+
+
+@contextlib.contextmanager
+def removed_when_passed(session, paths: list[Path]):
+    """Run the block; then remove `paths` (as the list is then) if it ended normally and no test failed meanwhile.
+
+    For a boot module's fixture: its image, card copy and VM disk are ~1 GB each, and a run used to keep them
+    all until it ended. The CI machine's disk filled that way (every later mkdir failed: "could not create
+    numbered dir ... after 10 tries"). A failure keeps them for a look, as tmp_path_retention_policy = "failed"
+    does for tmp_path. `session.testsfailed` counts errors and failures on this worker; loadgroup keeps a
+    module fixture's tests on one worker.
+    """
+    failed = session.testsfailed
+    yield
+    if session.testsfailed == failed:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _free_port() -> int:

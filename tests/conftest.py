@@ -26,6 +26,14 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_report_header(config):
+    """The free disk where the run's images and VMs go: a full disk fails tests far from its cause (QEMU
+    pauses, mkdir fails), and a CI log that names the free space says at once whether that was it."""
+    import tempfile
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    return f"disk: {free / 2**30:.1f} GiB free in {tempfile.gettempdir()} (a default run needs ~25 GiB at its peak)"
+
+
 @pytest.fixture(scope="session")
 def fake_mirror(tmp_path_factory):
     """A local Debian mirror over real HTTP; specs point debian.mirror at it."""

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import pytest
 
-from boottools import ARTIFACTS, KIOSK_JOURNAL, BootedVM, boot_spec, build_boot_image, wait_until
+from boottools import (ARTIFACTS, KIOSK_JOURNAL, BootedVM, boot_spec, build_boot_image, removed_when_passed,
+                       wait_until)
 from imagetools import _cache_dir, _shared_dir
 from sshd_harness import free_port
 from test_boot import _push, boot_key  # noqa: F401 (boot_key: the session's SSH key fixture)
@@ -91,7 +92,7 @@ class Screen:
 
 
 @pytest.fixture(scope="module")
-def screen(tmp_path_factory, boot_key):  # noqa: F811 (the imported fixture)
+def screen(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixture)
     if os.geteuid() != 0:
         pytest.skip("building images needs root (the CI runs as root)")
     key, public = boot_key
@@ -103,16 +104,19 @@ def screen(tmp_path_factory, boot_key):  # noqa: F811 (the imported fixture)
     spec = boot_spec("qemu", public, host="screen-qemu", program=program)
     spec["display"] = {"rotation": 90, "mode": "1024x768@60", "cursor": "hidden", "blanking": "never"}
     image, _ = build_boot_image(spec, shared / "boot-screen", _cache_dir(shared), log=lambda m: print(m, flush=True))
-    work = tmp_path_factory.mktemp("vm-screen")
-    vm = BootedVM(image, key, work, board="qemu")
-    vm.start()
-    try:
-        print(f"[screen] ssh after {vm.wait_for_ssh(timeout=900):.0f} s", flush=True)
-        vm.wait_for_program("/usr/bin/foot", timeout=900)
-        yield Screen(vm, spec, server, work)
-    finally:
-        server.stop()
-        vm.stop()
+    # its image and VM disk: ~2 GB that go when the module passes (removed_when_passed)
+    scratch = [shared / "boot-screen", tmp_path_factory.mktemp("vm-screen")]
+    with removed_when_passed(request.session, scratch):
+        work = scratch[1]
+        vm = BootedVM(image, key, work, board="qemu")
+        vm.start()
+        try:
+            print(f"[screen] ssh after {vm.wait_for_ssh(timeout=900):.0f} s", flush=True)
+            vm.wait_for_program("/usr/bin/foot", timeout=900)
+            yield Screen(vm, spec, server, work)
+        finally:
+            server.stop()
+            vm.stop()
 
 
 # ---------------------------------------------------------------- pictures

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from boottools import BootedVM, boot_spec, build_boot_image, wait_until
+from boottools import BootedVM, boot_spec, build_boot_image, removed_when_passed, wait_until
 from imagetools import _cache_dir, _shared_dir
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
 from test_system_push_boot import Lab, _booted_again, _generations, _main, _number, _push, _slot, _spec, _status, other
@@ -39,24 +39,26 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     shared = _shared_dir(tmp_path_factory)
     cache = _cache_dir(shared)
     work = tmp_path_factory.mktemp(f"selfbuild-{board}")
+    scratch = [shared / f"boot-selfbuild-{board}", work]   # image, VM disk, clones: removed_when_passed
     spec = boot_spec(board, public, host=f"selfbuild-{board.lower()}")
     assert not spec.get("builders") and spec.get("allowLocalBuild", True)
     image, _ = build_boot_image(spec, shared / f"boot-selfbuild-{board}", cache, log=lambda m: print(m, flush=True))
-    vm = BootedVM(image, key, work / "vm", board=board)
-    vm.start()
-    try:
-        print(f"[selfbuild {board}] ssh after {vm.wait_for_ssh(timeout=1800):.0f} s", flush=True)
-        wait_until("slot A committed", lambda: committed(vm, "A"), timeout=1800)
-        if board != "qemu":
-            # A Pi has no clock of its own and takes the time from NTP; this sandbox reaches no NTP server (only
-            # Debian's archive), so the harness sets the clock as timesyncd would on a network. Without it apt
-            # refuses the archive ("Release file ... is not valid yet"), and the push says so with that hint.
-            vm.ssh(f"date -u -s @{int(time.time())}")
-        client = vm.git_client(work / "client")
-        clone = client.clone(vm.repo_url, "configuration")
-        yield Lab(vm, spec, None, clone, client, board, cache)
-    finally:
-        vm.stop()
+    with removed_when_passed(request.session, scratch):
+        vm = BootedVM(image, key, work / "vm", board=board)
+        vm.start()
+        try:
+            print(f"[selfbuild {board}] ssh after {vm.wait_for_ssh(timeout=1800):.0f} s", flush=True)
+            wait_until("slot A committed", lambda: committed(vm, "A"), timeout=1800)
+            if board != "qemu":
+                # A Pi has no clock of its own and takes the time from NTP; this sandbox reaches no NTP server (only
+                # Debian's archive), so the harness sets the clock as timesyncd would on a network. Without it apt
+                # refuses the archive ("Release file ... is not valid yet"), and the push says so with that hint.
+                vm.ssh(f"date -u -s @{int(time.time())}")
+            client = vm.git_client(work / "client")
+            clone = client.clone(vm.repo_url, "configuration")
+            yield Lab(vm, spec, None, clone, client, board, cache)
+        finally:
+            vm.stop()
 
 
 def _try(lab: Lab, pushed: dict, message: str) -> tuple[str, list[str], str]:

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from boottools import BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image, wait_until
+from boottools import (BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image, removed_when_passed,
+                       wait_until)
 from conftest import kiosk_cli
 from imagetools import _cache_dir, _shared_dir
 from sshd_harness import Device as SshServer, free_port, keygen, remote_lines
@@ -78,6 +79,7 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     shared = _shared_dir(tmp_path_factory)
     cache = _cache_dir(shared)
     work = tmp_path_factory.mktemp(f"syspush-{board}")
+    scratch = [shared / f"boot-syspush-{board}", work]   # image, VM disk, builder, clones: removed_when_passed
     host_key = work / "builder_host_ed25519"
     host_pub = keygen(host_key, "builder@test")
     port = free_port()
@@ -104,24 +106,25 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     # update key is the one the image trusts; its pipeline caches are warm).
     (work / "builder").mkdir()
     builder = SshServer(work / "builder", spec, public, host_key, port=port, env=env)
-    vm = BootedVM(image, key, work / "vm", board=board)
-    vm.start()
-    try:
-        print(f"[syspush {board}] ssh after {vm.wait_for_ssh(timeout=900):.0f} s", flush=True)
-        wait_until("slot A committed", lambda: committed(vm, "A"), timeout=900)
-        device_key = vm.ssh("kiosk builders key").stdout.strip()
-        r = kiosk_cli("builders", "authorize", "--key", "-", "--authorized-keys",
-                      str(work / "builder" / "authorized_keys"), input=device_key)
-        assert r.returncode == 0, r.stderr
-        client = vm.git_client(work / "client")
-        clone = client.clone(vm.repo_url, "configuration")
-        yield Lab(vm, spec, builder, clone, client, board, cache, mirror)
-    finally:
-        vm.stop()
-        builder.close()
-        if server:
-            server.close()
-            forget(cache, server.url)
+    with removed_when_passed(request.session, scratch):
+        vm = BootedVM(image, key, work / "vm", board=board)
+        vm.start()
+        try:
+            print(f"[syspush {board}] ssh after {vm.wait_for_ssh(timeout=900):.0f} s", flush=True)
+            wait_until("slot A committed", lambda: committed(vm, "A"), timeout=900)
+            device_key = vm.ssh("kiosk builders key").stdout.strip()
+            r = kiosk_cli("builders", "authorize", "--key", "-", "--authorized-keys",
+                          str(work / "builder" / "authorized_keys"), input=device_key)
+            assert r.returncode == 0, r.stderr
+            client = vm.git_client(work / "client")
+            clone = client.clone(vm.repo_url, "configuration")
+            yield Lab(vm, spec, builder, clone, client, board, cache, mirror)
+        finally:
+            vm.stop()
+            builder.close()
+            if server:
+                server.close()
+                forget(cache, server.url)
 
 
 def forget(cache: Path, mirror_url: str) -> None:

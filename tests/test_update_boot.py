@@ -36,8 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from boottools import (ARM1176_BOARDS, ROOT, BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image, reset,
-                       wait_until)
+from boottools import (ARM1176_BOARDS, ROOT, BootedVM, HungRebootReset, boot_env, boot_spec, build_boot_image,
+                       removed_when_passed, reset, wait_until)
 from imagetools import _cache_dir, _shared_dir
 from test_boot import boot_key  # noqa: F401 (the session's SSH key fixture)
 
@@ -74,14 +74,17 @@ def device(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fix
     spec = boot_spec(board, public, host=f"update-{board.lower()}")
     cache = _cache_dir(shared)
     image, _ = build_boot_image(spec, shared / f"boot-update-{board}", cache, log=lambda m: print(m, flush=True))
-    work = tmp_path_factory.mktemp(f"vm-update-{board}")
-    vm = BootedVM(image, key, work, board=board)
-    vm.start()
-    try:
-        print(f"[update {board}] ssh after {vm.wait_for_ssh(timeout=900):.0f} s", flush=True)
-        yield Device(board, vm, spec, cache, work)
-    finally:
-        vm.stop()
+    # its image and VM disk (~3 GB with the bundles) go when the board's tests pass (removed_when_passed)
+    scratch = [shared / f"boot-update-{board}", tmp_path_factory.mktemp(f"vm-update-{board}")]
+    with removed_when_passed(request.session, scratch):
+        work = scratch[1]
+        vm = BootedVM(image, key, work, board=board)
+        vm.start()
+        try:
+            print(f"[update {board}] ssh after {vm.wait_for_ssh(timeout=900):.0f} s", flush=True)
+            yield Device(board, vm, spec, cache, work)
+        finally:
+            vm.stop()
 
 
 # The boot loaders' slot variables, read the same way: GRUB's ORDER/<slot>_OK/<slot>_TRY, U-Boot's
