@@ -301,7 +301,8 @@ class BootedVM:
     def ssh(self, command: str, *, timeout: float | None = None, check: bool = True, options=(),
             shared: bool = True) -> subprocess.CompletedProcess:
         """Run `command` on the device; `timeout` defaults to 300 s, 900 s on the ARM1176 boards (their stalls)."""
-        timeout = timeout or (900 if self.board in ARM1176_BOARDS else 300)
+        if timeout is None:
+            timeout = 900 if self.board in ARM1176_BOARDS else 300
         for attempt in range(3):
             if not options and shared:
                 try:

@@ -30,8 +30,9 @@ def pytest_report_header(config):
     """The free disk where the run's images and VMs go: a full disk fails tests far from its cause (QEMU
     pauses, mkdir fails), and a CI log that names the free space says at once whether that was it."""
     import tempfile
-    free = shutil.disk_usage(tempfile.gettempdir()).free
-    return f"disk: {free / 2**30:.1f} GiB free in {tempfile.gettempdir()} (a default run needs ~25 GiB at its peak)"
+    where = tempfile.gettempdir()
+    free = shutil.disk_usage(where).free
+    return f"disk: {free / 2**30:.1f} GiB free in {where} (a default run needs ~25 GiB at its peak)"
 
 
 @pytest.fixture(scope="session")

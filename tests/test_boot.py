@@ -124,10 +124,11 @@ def kiosk(request, tmp_path_factory, boot_key):
                                        log=lambda m: print(m, flush=True))
     print(f"[{board}] image {image} in {time.monotonic() - started:.0f} s", flush=True)
     # the card copy and the VM's disk: ~2 GB that go when the board's tests pass (removed_when_passed)
-    scratch = [tmp_path_factory.mktemp(f"card-{board}"), tmp_path_factory.mktemp(f"vm-{board}")]
+    card_dir, vm_dir = tmp_path_factory.mktemp(f"card-{board}"), tmp_path_factory.mktemp(f"vm-{board}")
+    scratch = [card_dir, vm_dir]
     with removed_when_passed(request.session, scratch):
-        card = _as_an_older_kiosk_made_it(image, scratch[0])
-        vm = BootedVM(card, key, scratch[1], board=board)
+        card = _as_an_older_kiosk_made_it(image, card_dir)
+        vm = BootedVM(card, key, vm_dir, board=board)
         vm.start()
         try:
             try:

@@ -103,11 +103,11 @@ def screen(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fix
                "args": ["--", "/usr/bin/python3", "-c", LOADER, url]}
     spec = boot_spec("qemu", public, host="screen-qemu", program=program)
     spec["display"] = {"rotation": 90, "mode": "1024x768@60", "cursor": "hidden", "blanking": "never"}
-    image, _ = build_boot_image(spec, shared / "boot-screen", _cache_dir(shared), log=lambda m: print(m, flush=True))
+    image_dir = shared / "boot-screen"
+    image, _ = build_boot_image(spec, image_dir, _cache_dir(shared), log=lambda m: print(m, flush=True))
+    work = tmp_path_factory.mktemp("vm-screen")
     # its image and VM disk: ~2 GB that go when the module passes (removed_when_passed)
-    scratch = [shared / "boot-screen", tmp_path_factory.mktemp("vm-screen")]
-    with removed_when_passed(request.session, scratch):
-        work = scratch[1]
+    with removed_when_passed(request.session, [image_dir, work]):
         vm = BootedVM(image, key, work, board="qemu")
         vm.start()
         try:

@@ -39,11 +39,11 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     shared = _shared_dir(tmp_path_factory)
     cache = _cache_dir(shared)
     work = tmp_path_factory.mktemp(f"selfbuild-{board}")
-    scratch = [shared / f"boot-selfbuild-{board}", work]   # image, VM disk, clones: removed_when_passed
+    image_dir = shared / f"boot-selfbuild-{board}"
     spec = boot_spec(board, public, host=f"selfbuild-{board.lower()}")
     assert not spec.get("builders") and spec.get("allowLocalBuild", True)
-    image, _ = build_boot_image(spec, shared / f"boot-selfbuild-{board}", cache, log=lambda m: print(m, flush=True))
-    with removed_when_passed(request.session, scratch):
+    image, _ = build_boot_image(spec, image_dir, cache, log=lambda m: print(m, flush=True))
+    with removed_when_passed(request.session, [image_dir, work]):   # image, VM disk, clones
         vm = BootedVM(image, key, work / "vm", board=board)
         vm.start()
         try:

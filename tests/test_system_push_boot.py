@@ -79,7 +79,7 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     shared = _shared_dir(tmp_path_factory)
     cache = _cache_dir(shared)
     work = tmp_path_factory.mktemp(f"syspush-{board}")
-    scratch = [shared / f"boot-syspush-{board}", work]   # image, VM disk, builder, clones: removed_when_passed
+    image_dir = shared / f"boot-syspush-{board}"
     host_key = work / "builder_host_ed25519"
     host_pub = keygen(host_key, "builder@test")
     port = free_port()
@@ -98,7 +98,7 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
         spec["debian"] = dict(spec.get("debian", {}), securityMirror=server.url)
         env["KIOSK_TEST_UNSIGNED_MIRROR"] = os.environ["KIOSK_TEST_UNSIGNED_MIRROR"] = "1"
     try:
-        image, _ = build_boot_image(spec, shared / f"boot-syspush-{board}", cache,
+        image, _ = build_boot_image(spec, image_dir, cache,
                                     log=lambda m: print(m, flush=True))
     finally:
         os.environ.pop("KIOSK_TEST_UNSIGNED_MIRROR", None)
@@ -106,7 +106,7 @@ def lab(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fixtur
     # update key is the one the image trusts; its pipeline caches are warm).
     (work / "builder").mkdir()
     builder = SshServer(work / "builder", spec, public, host_key, port=port, env=env)
-    with removed_when_passed(request.session, scratch):
+    with removed_when_passed(request.session, [image_dir, work]):   # image, VM disk, builder, clones
         vm = BootedVM(image, key, work / "vm", board=board)
         vm.start()
         try:

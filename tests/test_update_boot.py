@@ -73,11 +73,11 @@ def device(request, tmp_path_factory, boot_key):  # noqa: F811 (the imported fix
     shared = _shared_dir(tmp_path_factory)
     spec = boot_spec(board, public, host=f"update-{board.lower()}")
     cache = _cache_dir(shared)
-    image, _ = build_boot_image(spec, shared / f"boot-update-{board}", cache, log=lambda m: print(m, flush=True))
+    image_dir = shared / f"boot-update-{board}"
+    image, _ = build_boot_image(spec, image_dir, cache, log=lambda m: print(m, flush=True))
+    work = tmp_path_factory.mktemp(f"vm-update-{board}")
     # its image and VM disk (~3 GB with the bundles) go when the board's tests pass (removed_when_passed)
-    scratch = [shared / f"boot-update-{board}", tmp_path_factory.mktemp(f"vm-update-{board}")]
-    with removed_when_passed(request.session, scratch):
-        work = scratch[1]
+    with removed_when_passed(request.session, [image_dir, work]):
         vm = BootedVM(image, key, work, board=board)
         vm.start()
         try:
